@@ -1,0 +1,94 @@
+"""The typer application: global options, command registration, error translation at the edge."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import click
+import typer
+
+from pitr import __version__
+from pitr.cli.common import hoist_globals, is_verbose, report_error, setup_logging
+from pitr.config import Settings, load_settings
+from pitr.errors import PitrError
+
+app = typer.Typer(
+    name="pitr",
+    help="PostgreSQL point-in-time recovery: base backups, continuous WAL archiving to S3 or a "
+    "directory, and restore to any moment (with replay and proof).",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+
+@dataclass
+class GlobalOpts:
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"pitr {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main_callback(
+    ctx: typer.Context,
+    repo: Annotated[str | None, typer.Option("--repo", help="Repository: s3://bucket/prefix, file:///path or a directory [env PITR_REPO].", show_default=False)] = None,
+    config: Annotated[str | None, typer.Option("--config", help="TOML config file [env PITR_CONFIG; default /etc/pitr/pitr.toml].", show_default=False)] = None,
+    s3_endpoint: Annotated[str | None, typer.Option("--s3-endpoint", help="S3-compatible endpoint URL [env PITR_S3_ENDPOINT, AWS_ENDPOINT_URL_S3].", show_default=False)] = None,
+    verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help="More log detail on stderr (-vv: debug); tracebacks.")] = 0,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only errors on stderr.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    setup_logging(verbose, quiet)
+    ctx.obj = GlobalOpts({"repo": repo, "config": config, "s3_endpoint": s3_endpoint})
+
+
+def settings_of(ctx: typer.Context, **options: Any) -> Settings:
+    """Settings from the global options plus a command's own (None = not given)."""
+    obj = ctx.find_object(GlobalOpts)
+    merged = dict(obj.values if obj else {})
+    merged.update(options)
+    return load_settings(merged)
+
+
+def _register() -> None:
+    from pitr.cli import wal
+
+    for mod in (wal,):
+        mod.register(app)
+    for name in ("backup", "restore", "info", "maintenance"):
+        try:
+            mod = __import__(f"pitr.cli.{name}", fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name != f"pitr.cli.{name}":
+                raise
+            continue
+        mod.register(app)
+
+
+_register()
+
+
+def run(argv: list[str]) -> None:
+    args = hoist_globals(argv)
+    try:
+        app(args, prog_name="pitr", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        print("pitr: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
+    except (PitrError, KeyboardInterrupt, OSError) as e:
+        sys.exit(report_error(e, is_verbose()))
+    sys.exit(0)

@@ -1,0 +1,87 @@
+"""Shared CLI plumbing that must stay light (used by the fast wal-push/wal-fetch path too).
+
+- hoist_globals(): global options (--repo, --config, --s3-endpoint, -v, -q) may be written
+  before or after the command name; we move them to the front so one parser owns them.
+- setup_logging(), report_error(): stderr conventions (one sentence + hint; traceback with -v).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+
+from pitr.errors import PitrError
+
+# option -> takes a value
+GLOBAL_OPTIONS = {"--repo": True, "--config": True, "--s3-endpoint": True, "-v": False, "--verbose": False,
+                  "-q": False, "--quiet": False}
+
+
+def hoist_globals(argv: list[str]) -> list[str]:
+    """Move global options anywhere in argv to its front (stops at a literal '--')."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            rest.extend(argv[i:])
+            break
+        name = a.split("=", 1)[0]
+        if name in GLOBAL_OPTIONS:
+            front.append(a)
+            if GLOBAL_OPTIONS[name] and "=" not in a and i + 1 < len(argv):
+                front.append(argv[i + 1])
+                i += 1
+        elif a.startswith("-") and not a.startswith("--") and len(a) > 2 and set(a[1:]) <= {"v", "q"}:
+            front.append(a)  # -vv
+        else:
+            rest.append(a)
+        i += 1
+    return front + rest
+
+
+def log_level(verbose: int, quiet: bool) -> int:
+    if verbose:
+        return logging.DEBUG if verbose > 1 else logging.INFO
+    if quiet:
+        return logging.ERROR
+    env = os.environ.get("PITR_LOG_LEVEL", "").strip().upper()
+    if env in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        return int(getattr(logging, env))
+    return logging.WARNING
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    level = log_level(verbose, quiet)
+    root = logging.getLogger("pitr")
+    root.setLevel(level)
+    if not root.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("pitr: %(message)s"))
+        root.addHandler(h)
+    root.propagate = False
+
+
+def is_verbose() -> bool:
+    return logging.getLogger("pitr").level <= logging.INFO and logging.getLogger("pitr").level != 0
+
+
+def report_error(err: BaseException, verbose: bool) -> int:
+    """Print one sentence (+ hint) on stderr and return the exit code to use."""
+    if verbose:
+        traceback.print_exception(err, file=sys.stderr)
+    if isinstance(err, PitrError):
+        print(f"pitr: error: {err}", file=sys.stderr)
+        if err.hint:
+            print(f"hint: {err.hint}", file=sys.stderr)
+        return err.exit_code
+    if isinstance(err, KeyboardInterrupt):
+        print("pitr: interrupted", file=sys.stderr)
+        return 130
+    print(f"pitr: internal error: {type(err).__name__}: {err}", file=sys.stderr)
+    if not verbose:
+        print("hint: run again with -v for the details and report it", file=sys.stderr)
+    return 1

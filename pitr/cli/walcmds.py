@@ -1,0 +1,58 @@
+"""wal-push and wal-fetch as PostgreSQL calls them: light imports, exit codes PostgreSQL relies on.
+
+Shared by the fast path (cli/fast.py, no typer/rich) and the typer commands (for --help).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pitr.cli.common import is_verbose, report_error
+from pitr.config import Settings
+from pitr.errors import EXIT_FETCH_HARD, NotFoundError, PitrError
+
+log = logging.getLogger("pitr")
+
+
+def run_wal_push(settings: Settings, path: str) -> int:
+    from pitr.ops import archive
+    from pitr.repo.codec import parse_codec
+    from pitr.repo.meta import read_meta
+    from pitr.storage import open_storage
+
+    storage = None
+    try:
+        storage = open_storage(settings)
+        meta = read_meta(storage)
+        r = archive.push(storage, meta, Path(path), parse_codec(settings.compress))
+        log.info("%s %s (%d -> %d bytes)", r.name, r.status, r.raw_size, r.stored_size)
+        return 0
+    except (PitrError, OSError, KeyboardInterrupt) as e:
+        return report_error(e, is_verbose())
+    finally:
+        if storage is not None:
+            storage.close()
+
+
+def run_wal_fetch(settings: Settings, name: str, dest: str) -> int:
+    """0 fetched; 1 not in the archive (PostgreSQL's end of archive); >125 anything else."""
+    from pitr.ops import archive
+    from pitr.storage import open_storage
+
+    try:
+        storage = open_storage(settings)
+        archive.fetch_with_retries(storage, archive.MetaLoader(storage), name, Path(dest),
+                                   settings.fetch_retries, settings.fetch_retry_forever)
+        log.info("fetched %s", name)
+        return 0
+    except NotFoundError:
+        log.info("%s is not in the archive", name)
+        return 1
+    except KeyboardInterrupt as e:
+        report_error(e, is_verbose())
+        return EXIT_FETCH_HARD
+    except (PitrError, OSError) as e:
+        report_error(e, is_verbose())
+        # any failure but "not archived" must stop recovery, never end it early (see errors.py)
+        return EXIT_FETCH_HARD

@@ -1,0 +1,185 @@
+"""Push one WAL archive file to the repository, and fetch one back (archive/restore_command).
+
+push: validate (name, size, page header vs name and cluster) -> envelope (zstd + SHA-256) ->
+conditional put -> on "exists", compare checksums: identical is success, different is a
+conflict and nothing is overwritten. fetch: stream-decode into a temp file beside DEST, verify
+checksum, size and header, then rename into place, so PostgreSQL never sees a partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pitr.errors import (
+    AlreadyExistsError,
+    ConflictError,
+    IntegrityError,
+    NotFoundError,
+    PitrError,
+    RepoMissingError,
+    StorageError,
+    WalFileError,
+)
+from pitr.pg import walheader, walname
+from pitr.repo import codec as envelope
+from pitr.repo.format import wal_key
+from pitr.repo.meta import RepoMeta
+from pitr.storage.base import Storage
+
+log = logging.getLogger("pitr.archive")
+
+
+@dataclass(frozen=True)
+class PushResult:
+    name: str
+    key: str
+    status: str  # "stored" | "already-archived"
+    raw_size: int
+    stored_size: int
+
+
+def read_wal_file(path: Path, meta: RepoMeta) -> tuple[walname.WalName, bytes]:
+    """Read and validate a file PostgreSQL asks us to archive."""
+    w = walname.parse(path.name)
+    if w is None:
+        raise WalFileError(
+            f"{path.name} is not a WAL file name (expected a segment, .partial, .backup or .history file)",
+            "archive_command must pass %p, the path of the file PostgreSQL wants archived",
+        )
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise WalFileError(
+            f"WAL file {path} does not exist",
+            "archive_command must pass %p; PostgreSQL runs it from the data directory",
+        ) from None
+    except IsADirectoryError:
+        raise WalFileError(f"{path} is a directory, not a WAL file") from None
+    except PermissionError:
+        raise WalFileError(f"WAL file {path} is not readable by this user",
+                           "run pitr as the PostgreSQL server's OS user") from None
+    if w.kind in ("segment", "partial"):
+        why = walheader.problem(w.segment or w.name, data, meta.wal_segment_size, meta.system_identifier)
+        if why:
+            raise WalFileError(f"refusing to archive {path.name}: the file {why}",
+                               "only archive this cluster's WAL into this repository")
+    elif w.kind == "history":
+        try:
+            walname.parse_history(data.decode())
+        except (UnicodeDecodeError, ValueError):
+            raise WalFileError(f"refusing to archive {path.name}: not a timeline history file") from None
+    return w, data
+
+
+def push(storage: Storage, meta: RepoMeta, path: Path, codec: envelope.Codec) -> PushResult:
+    """Store one file durably; exit-0 semantics of archive_command (see module doc)."""
+    w, data = read_wal_file(path, meta)
+    key = wal_key(w.name)
+    sha = hashlib.sha256(data).hexdigest()
+    # history files compress to nothing worth having and are read by humans in a pinch
+    body = envelope.encode(data, codec if w.kind != "history" else envelope.Codec("none", 0))
+    try:
+        storage.put(key, body, if_absent=True)
+    except AlreadyExistsError:
+        return _compare_existing(storage, key, w.name, sha, len(data), len(body))
+    return PushResult(w.name, key, "stored", len(data), len(body))
+
+
+def _compare_existing(storage: Storage, key: str, name: str, sha: str, size: int, stored: int) -> PushResult:
+    for attempt in range(5):
+        try:
+            t = envelope.parse_trailer(storage.get_range(key, -envelope.TRAILER_SIZE), f"archived {name}")
+            break
+        except NotFoundError:
+            # a racing conditional write has not completed yet
+            time.sleep(0.2 * (attempt + 1))
+    else:
+        raise StorageError(f"{name} is reported as existing but cannot be read back")
+    if t.sha256 == sha and t.size == size:
+        log.info("%s was already archived with identical content", name)
+        return PushResult(name, key, "already-archived", size, stored)
+    raise ConflictError(
+        f"the archive already holds a different {name}; nothing was overwritten",
+        "two clusters may be archiving into one repository, or this cluster was restored without a new "
+        "timeline; check archive_command and the repository URL",
+    )
+
+
+# --------------------------------------------------------------------------- fetch
+
+def fetch(storage: Storage, meta: RepoMeta | None, name: str, dest: Path) -> int:
+    """Fetch `name` into dest atomically; NotFoundError when the archive lacks it. Returns raw size."""
+    w = walname.parse(name)
+    if w is None:
+        raise WalFileError(f"{name} is not a WAL file name")
+    key = wal_key(name)
+    src = storage.open(key)  # NotFoundError before anything is created
+    tmp = dest.parent / f".{dest.name}.pitr-{os.getpid()}"
+    try:
+        with src, open(tmp, "wb") as out:
+            t = envelope.decode_stream(src, out, f"archived {name}")
+            out.flush()
+        if w.kind in ("segment", "partial") and meta is not None:
+            with open(tmp, "rb") as f:
+                head = f.read(walheader.LONG_HEADER_SIZE)
+            why = _fetched_segment_problem(name, head, t.size, meta)
+            if why:
+                raise IntegrityError(f"archived {name} {why}")
+        os.replace(tmp, dest)
+        return t.size
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fetched_segment_problem(name: str, head: bytes, size: int, meta: RepoMeta) -> str | None:
+    if size != meta.wal_segment_size:
+        return f"is {size} bytes, not a whole {meta.wal_segment_size}-byte segment"
+    h = walheader.read_header(head)
+    if h is None:
+        return "does not start with a WAL page header"
+    if h.pageaddr != walname.segment_start_lsn(name[:24], meta.wal_segment_size):
+        return "has a page header LSN that disagrees with its name"
+    if h.sysid != meta.system_identifier:
+        return "belongs to another cluster (system identifier)"
+    return None
+
+
+def fetch_with_retries(storage: Storage, meta_loader: MetaLoader, name: str, dest: Path,
+                       retries: int, forever: bool, sleep: float = 1.0) -> int:
+    """fetch() with bounded (or endless) retries of hard failures; NotFoundError is never retried."""
+    attempt = 0
+    while True:
+        try:
+            return fetch(storage, meta_loader(), name, dest)
+        except (NotFoundError, RepoMissingError):
+            raise  # "not archived" and "no such repository" do not get better with retries
+        except (StorageError, IntegrityError) as e:
+            attempt += 1
+            if not forever and attempt > retries:
+                raise
+            delay = min(30.0, sleep * 2 ** min(attempt - 1, 5))
+            log.warning("fetching %s failed (%s); retrying in %.1fs", name, e, delay)
+            time.sleep(delay)
+        except PitrError:
+            raise
+
+
+class MetaLoader:
+    """Reads the repository metadata once (lazily) and caches it."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self._meta: RepoMeta | None = None
+
+    def __call__(self) -> RepoMeta:
+        if self._meta is None:
+            from pitr.repo.meta import read_meta
+
+            self._meta = read_meta(self._storage)
+        return self._meta

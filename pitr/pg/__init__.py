@@ -1,0 +1,1 @@
+"""PostgreSQL knowledge: WAL names and headers, base-backup layout, server sessions, recovery settings."""

@@ -1,0 +1,1 @@
+"""The repository format: keys, object envelope, metadata, manifests, catalog queries."""

@@ -1,0 +1,37 @@
+"""Object keys of the repository format and its version (docs/repository-format.md)."""
+
+from __future__ import annotations
+
+from pitr.pg import walname
+
+FORMAT_VERSION = 1
+META_KEY = "pitr.json"
+WAL_PREFIX = "wal/"
+HISTORY_PREFIX = "wal/history/"
+BACKUP_PREFIX = "backups/"
+
+
+def wal_key(name: str) -> str:
+    """wal/<timeline+log>/<name> for segments, .partial, .backup; wal/history/<name> for .history."""
+    w = walname.parse(name)
+    if w is None:
+        raise ValueError(f"not a WAL archive file name: {name!r}")
+    if w.kind == "history":
+        return HISTORY_PREFIX + name
+    return f"{WAL_PREFIX}{name[:16]}/{name}"
+
+
+def name_of_wal_key(key: str) -> str:
+    return key.rsplit("/", 1)[-1]
+
+
+def backup_dir(backup_id: str) -> str:
+    return f"{BACKUP_PREFIX}{backup_id}/"
+
+
+def manifest_key(backup_id: str) -> str:
+    return f"{BACKUP_PREFIX}{backup_id}/manifest"
+
+
+def backup_data_key(backup_id: str, n: int) -> str:
+    return f"{BACKUP_PREFIX}{backup_id}/data/{n:06d}"

@@ -1,0 +1,166 @@
+"""Local-directory backend: temp file, fsync, then rename (or link for if_absent), fsync dir."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from pitr.errors import AlreadyExistsError, NotFoundError, RepoMissingError, StorageError
+from pitr.storage.base import CHUNK, ObjectInfo, Storage
+
+TMP_PREFIX = ".tmp."
+
+
+class FsStorage(Storage):
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.display = str(self.root)
+
+    # --- helpers
+    def _path(self, key: str) -> Path:
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise StorageError(f"invalid object key {key!r}")
+        return self.root / key
+
+    def _oserror(self, e: OSError, what: str) -> StorageError:
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return StorageError(
+                f"cannot {what} in repository directory {self.root}: {e.strerror}",
+                "make the directory writable (and readable) by the OS user running pitr, e.g. postgres",
+            )
+        if e.errno == errno.ENOSPC:
+            return StorageError(f"cannot {what} in repository directory {self.root}: the disk is full")
+        return StorageError(f"cannot {what} in repository directory {self.root}: {e.strerror or e}")
+
+    def _require_root(self) -> None:
+        if not self.root.is_dir():
+            raise RepoMissingError(
+                f"repository directory {self.root} does not exist",
+                "create it (owned by the postgres OS user) or fix --repo / PITR_REPO",
+            )
+
+    @staticmethod
+    def _fsync_dir(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # --- interface
+    def put(self, key: str, data: bytes | BinaryIO, *, if_absent: bool = False) -> None:
+        self._require_root()
+        final = self._path(key)
+        tmp = final.parent / f"{TMP_PREFIX}{final.name}.{uuid.uuid4().hex[:12]}"
+        try:
+            created = not final.parent.exists()
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if created:
+                self._fsync_dir(final.parent.parent)
+            with open(tmp, "wb") as f:
+                if isinstance(data, bytes | bytearray | memoryview):
+                    f.write(data)
+                else:
+                    shutil.copyfileobj(data, f, CHUNK)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o440)  # stored objects are immutable
+            if if_absent:
+                # link() fails if the name exists, unlike rename(): exactly one racer wins
+                try:
+                    os.link(tmp, final)
+                except FileExistsError:
+                    raise AlreadyExistsError(f"object {key} already exists") from None
+                finally:
+                    tmp.unlink(missing_ok=True)
+            else:
+                os.replace(tmp, final)
+            self._fsync_dir(final.parent)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise self._oserror(e, f"write {key}") from e
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError:
+            self._require_root()
+            raise NotFoundError(f"object {key} not found in {self.root}") from None
+        except OSError as e:
+            raise self._oserror(e, f"read {key}") from e
+
+    def get_range(self, key: str, start: int, length: int | None = None) -> bytes:
+        with self.open(key) as f:
+            if start < 0:
+                f.seek(max(0, os.fstat(f.fileno()).st_size + start))
+            else:
+                f.seek(start)
+            return f.read() if length is None else f.read(length)
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            st = self._path(key).stat()
+        except FileNotFoundError:
+            self._require_root()
+            return None
+        except OSError as e:
+            raise self._oserror(e, f"read {key}") from e
+        return ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        self._require_root()
+        # walk only the directory that can hold the prefix
+        base_rel = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        base = self.root / base_rel if base_rel else self.root
+        if not base.is_dir():
+            return
+        out: list[ObjectInfo] = []
+        try:
+            for dirpath, dirnames, filenames in os.walk(base):
+                dirnames.sort()
+                rel_dir = os.path.relpath(dirpath, self.root)
+                for name in filenames:
+                    if name.startswith(TMP_PREFIX):
+                        continue
+                    key = name if rel_dir == "." else f"{rel_dir}/{name}"
+                    if key.startswith(prefix):
+                        try:
+                            st = os.stat(os.path.join(dirpath, name))
+                        except FileNotFoundError:
+                            continue
+                        out.append(ObjectInfo(key, st.st_size, st.st_mtime))
+        except OSError as e:
+            raise self._oserror(e, "list objects") from e
+        out.sort(key=lambda o: o.key)
+        yield from out
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as e:
+            raise self._oserror(e, f"delete {key}") from e
+
+    def check(self, write: bool = False) -> None:
+        self._require_root()
+        if write and not os.access(self.root, os.W_OK | os.X_OK):
+            raise StorageError(
+                f"repository directory {self.root} is not writable by this user",
+                "make it writable by the OS user running pitr (usually postgres)",
+            )
+        if not os.access(self.root, os.R_OK | os.X_OK):
+            raise StorageError(f"repository directory {self.root} is not readable by this user")
+
+    def create(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise self._oserror(e, "create the directory") from e
+        self.check(write=True)
