@@ -139,19 +139,23 @@ def timeline_path(history: list[HistoryEntry], target_tli: int, from_tli: int, f
 
 
 def segments_for(stretches: list[Stretch], until_lsn: int | None, seg_size: int) -> list[str]:
-    """Segment names needed to replay the stretches up to until_lsn (None: up to each end)."""
+    """Segment names needed to replay the stretches up to until_lsn (None: up to each end).
+
+    The segment holding a switch point is read from the new timeline (PostgreSQL copies the old
+    timeline's part into it), so an ancestor contributes segments up to the one before it."""
     names: list[str] = []
     for st in stretches:
-        end = st.end_lsn if st.end_lsn is not None else until_lsn
-        if end is None:
+        first = st.start_lsn // seg_size
+        if st.end_lsn is not None:
+            last = st.end_lsn // seg_size - 1
+            if until_lsn is not None and until_lsn < st.end_lsn:
+                last = until_lsn // seg_size
+        elif until_lsn is not None:
+            last = until_lsn // seg_size
+        else:
             break
-        last = end - 1 if st.end_lsn is not None else end
-        if until_lsn is not None:
-            last = min(last, until_lsn)
-        if last < st.start_lsn:
-            break
-        names.extend(walname.segment_range(st.timeline, st.start_lsn, last, seg_size))
-        if until_lsn is not None and until_lsn <= last:
+        names.extend(walname.seg_name(st.timeline, n, seg_size) for n in range(first, last + 1))
+        if until_lsn is not None and (st.end_lsn is None or until_lsn < st.end_lsn):
             break
     return names
 
