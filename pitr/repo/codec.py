@@ -24,7 +24,8 @@ END = b"PITR-END"
 VERSION = 1
 HEADER_SIZE = 16
 TRAILER_SIZE = 48
-_HEADER = struct.Struct(">4sBBb9x")
+_HEADER = struct.Struct(">4sBBb9s")
+_RESERVED = bytes(9)
 _TRAILER = struct.Struct(">Q32s8s")
 CODECS = {"none": 0, "zstd": 1}
 CHUNK = 1 << 20
@@ -66,7 +67,7 @@ class Trailer:
 
 
 def header_bytes(codec: Codec) -> bytes:
-    return _HEADER.pack(MAGIC, VERSION, codec.code, codec.level)
+    return _HEADER.pack(MAGIC, VERSION, codec.code, codec.level, _RESERVED)
 
 
 def trailer_bytes(size: int, digest: bytes) -> bytes:
@@ -85,7 +86,7 @@ def parse_trailer(data: bytes, what: str) -> Trailer:
 def _parse_header(data: bytes, what: str) -> int:
     if len(data) < HEADER_SIZE:
         raise IntegrityError(f"{what} is truncated (no envelope header)")
-    magic, version, code, _level = _HEADER.unpack(data[:HEADER_SIZE])
+    magic, version, code, level, reserved = _HEADER.unpack(data[:HEADER_SIZE])
     if magic != MAGIC:
         raise IntegrityError(f"{what} is not a pitr object (bad magic)")
     if version != VERSION:
@@ -93,6 +94,10 @@ def _parse_header(data: bytes, what: str) -> int:
                              "upgrade pitr")
     if code not in CODECS.values():
         raise IntegrityError(f"{what} uses an unknown codec {code}")
+    # the level is advisory (decoding does not need it) but must be plausible; reserved bytes are zero
+    # in version 1, so a damaged header is caught even where it would not change the payload
+    if (code == 0 and level != 0) or (code == 1 and not 1 <= level <= 22) or reserved != _RESERVED:
+        raise IntegrityError(f"{what} has a corrupt envelope header")
     return code
 
 
@@ -159,10 +164,14 @@ def decode(data: bytes, what: str = "object") -> bytes:
     if code == 1:
         import zstandard
 
+        dobj = zstandard.ZstdDecompressor().decompressobj()
         try:
-            raw = zstandard.ZstdDecompressor().decompressobj().decompress(body)
+            raw = dobj.decompress(body)
         except zstandard.ZstdError as e:
             raise IntegrityError(f"{what} does not decompress: {e}") from None
+        # exactly one whole frame: bytes after it (or a cut frame) mean a damaged object
+        if not dobj.eof or dobj.unused_data:
+            raise IntegrityError(f"{what} is corrupt (the compressed payload is not exactly one zstd frame)")
     else:
         raw = bytes(body)
     _verify(len(raw), hashlib.sha256(raw).hexdigest(), trailer, what)
@@ -196,10 +205,14 @@ def decode_stream(src: BinaryIO, dst: BinaryIO | None, what: str = "object", chu
             continue
         body, pending = pending[:-TRAILER_SIZE], pending[-TRAILER_SIZE:]
         if dobj is not None:
+            if dobj.eof:  # payload continues past the end of the frame
+                raise IntegrityError(f"{what} is corrupt (the compressed payload is not exactly one zstd frame)")
             try:
                 out = dobj.decompress(body)
             except Exception as e:  # noqa: BLE001 - zstandard.ZstdError
                 raise IntegrityError(f"{what} does not decompress: {e}") from None
+            if dobj.unused_data:
+                raise IntegrityError(f"{what} is corrupt (the compressed payload is not exactly one zstd frame)")
         else:
             out = body
         if out:

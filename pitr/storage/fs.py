@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,11 +39,32 @@ class FsStorage(Storage):
         return StorageError(f"cannot {what} in repository directory {self.root}: {e.strerror or e}")
 
     def _require_root(self) -> None:
-        if not self.root.is_dir():
+        try:
+            st = os.stat(self.root)
+        except (FileNotFoundError, NotADirectoryError):
             raise RepoMissingError(
                 f"repository directory {self.root} does not exist",
                 "create it (owned by the postgres OS user) or fix --repo / PITR_REPO",
-            )
+            ) from None
+        except PermissionError:
+            # a parent directory is not searchable: "does not exist" would send the user the wrong way
+            raise StorageError(
+                f"repository directory {self.root} cannot be reached by this user (permission denied on a parent)",
+                "let the OS user running pitr (usually postgres) enter every directory on the path",
+            ) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise StorageError(f"repository path {self.root} is not a directory", "fix --repo / PITR_REPO")
+
+    def _makedirs(self, d: Path) -> None:
+        """Create d and its missing parents below the root, fsyncing each new entry's directory."""
+        if d == self.root or d.is_dir():
+            return
+        self._makedirs(d.parent)
+        try:
+            d.mkdir()
+        except FileExistsError:
+            return  # a concurrent writer made it (and syncs it)
+        self._fsync_dir(d.parent)
 
     @staticmethod
     def _fsync_dir(path: Path) -> None:
@@ -58,10 +80,7 @@ class FsStorage(Storage):
         final = self._path(key)
         tmp = final.parent / f"{TMP_PREFIX}{final.name}.{uuid.uuid4().hex[:12]}"
         try:
-            created = not final.parent.exists()
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if created:
-                self._fsync_dir(final.parent.parent)
+            self._makedirs(final.parent)
             with open(tmp, "wb") as f:
                 if isinstance(data, bytes | bytearray | memoryview):
                     f.write(data)

@@ -1,0 +1,169 @@
+"""Settings: option > PITR_* environment > TOML file > default, and bad input as one ConfigError (exit 2)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from pitr import config
+from pitr.config import Settings, load_settings, parse_repo_url
+from pitr.errors import ConfigError
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_any_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", tmp_path / "absent.toml")
+    s = load_settings({}, env={})
+    assert s == Settings()
+    assert s.compress == "zstd:3" and s.fetch_retries == 3 and s.config is None
+
+
+def test_precedence_option_env_file_default(tmp_path: Path) -> None:
+    cfg = write(tmp_path / "pitr.toml", 'repo = "/from/file"\ns3-endpoint = "http://file:1"\n'
+                'compress = "zstd:5"\nfetch_retries = 7\n')
+    env = {"PITR_CONFIG": str(cfg), "PITR_S3_ENDPOINT": "http://env:2", "PITR_COMPRESS": "none"}
+    s = load_settings({"compress": "zstd:9", "repo": None}, env=env)
+    assert s.compress == "zstd:9"                 # option beats env and file
+    assert s.s3_endpoint == "http://env:2"        # env beats file
+    assert s.repo == "/from/file"                 # file beats default; a None option is "not given"
+    assert s.fetch_retries == 7
+    assert s.jobs == Settings().jobs              # default
+    assert s.config == str(cfg)
+
+
+def test_option_config_beats_env_config(tmp_path: Path) -> None:
+    a = write(tmp_path / "a.toml", 'repo = "/a"\n')
+    b = write(tmp_path / "b.toml", 'repo = "/b"\n')
+    assert load_settings({"config": str(b)}, env={"PITR_CONFIG": str(a)}).repo == "/b"
+
+
+def test_default_config_file_is_read_when_present(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", write(tmp_path / "etc.toml", 'repo = "/etc-repo"\n'))
+    s = load_settings({}, env={})
+    assert s.repo == "/etc-repo" and s.config == str(tmp_path / "etc.toml")
+
+
+def test_env_types_are_coerced() -> None:
+    s = load_settings({}, env={"PITR_CONFIG": "/dev/null", "PITR_FETCH_RETRY_FOREVER": "yes",
+                               "PITR_JOBS": "8", "PITR_WAL_WAIT_TIMEOUT": "1.5"})
+    assert s.fetch_retry_forever is True and s.jobs == 8 and s.wal_wait_timeout == 1.5
+
+
+def test_aws_endpoint_fallback_and_pitr_wins() -> None:
+    env = {"PITR_CONFIG": "/dev/null", "AWS_ENDPOINT_URL": "http://generic", "AWS_ENDPOINT_URL_S3": "http://s3"}
+    assert load_settings({}, env=env).s3_endpoint == "http://s3"
+    assert load_settings({}, env=env | {"PITR_S3_ENDPOINT": "http://pitr"}).s3_endpoint == "http://pitr"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('repo = "/x"\nbogus_key = 1\n', "unknown key 'bogus_key'"),
+        ('repo = "/x\n', "is not valid TOML"),
+        ('jobs = "many"\n', "'jobs'"),
+        ("fetch_retry_forever = 3\n", "true or false"),
+        ("config = '/other.toml'\n", "unknown key 'config'"),
+        ("[repo]\nx = 1\n", "'repo'"),
+    ],
+)
+def test_bad_config_file_is_one_config_error(tmp_path: Path, text: str, needle: str) -> None:
+    cfg = write(tmp_path / "pitr.toml", text)
+    with pytest.raises(ConfigError) as e:
+        load_settings({"config": str(cfg)}, env={})
+    assert e.value.exit_code == 2
+    assert needle in str(e.value) and str(cfg) in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_and_unreadable_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings({"config": str(tmp_path / "nope.toml")}, env={})
+    with pytest.raises(ConfigError, match="cannot be read|not readable"):
+        load_settings({"config": str(tmp_path)}, env={})  # a directory: unreadable as a file
+
+
+def test_unreadable_config_file_as_unprivileged_user(tmp_path: Path) -> None:
+    """Root reads anything, so prove the permission message as the postgres user."""
+    from tests.support.pg import make_tmpdir, rmtree_pg, run_as_postgres
+
+    d = make_tmpdir()
+    try:
+        cfg = write(d / "secret.toml", 'repo = "/x"\n')
+        cfg.chmod(0o600)  # owned by root
+        proc = run_as_postgres([Path(sys.executable).parent / "pitr", "--config", cfg,
+                                "wal-push", "000000010000000000000001"], check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert f"config file {cfg} is not readable by this user" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    finally:
+        rmtree_pg(d)
+
+
+def test_bad_env_value_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="environment variable PITR_FETCH_RETRIES") as e:
+        load_settings({}, env={"PITR_CONFIG": "/dev/null", "PITR_FETCH_RETRIES": "three"})
+    assert e.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("settings", "needle"),
+    [({"s3_addressing": "sideways"}, "s3_addressing"), ({"jobs": 0}, "jobs"), ({"fetch_retries": -1}, "fetch_retries")],
+)
+def test_invalid_values(settings: dict[str, object], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_settings(settings, env={"PITR_CONFIG": "/dev/null"})
+
+
+def test_unknown_option_is_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown setting 'nope'"):
+        load_settings({"nope": 1}, env={"PITR_CONFIG": "/dev/null"})
+
+
+@pytest.mark.parametrize(
+    ("url", "kind", "where"),
+    [
+        ("s3://bucket-1/some/prefix/", "s3", ("bucket-1", "some/prefix")),
+        ("s3://bucket-1", "s3", ("bucket-1", "")),
+        ("file:///var/lib/pitr", "fs", "/var/lib/pitr"),
+        ("/var/lib/pitr/", "fs", "/var/lib/pitr"),
+    ],
+)
+def test_repo_urls(url: str, kind: str, where: object) -> None:
+    loc = parse_repo_url(url)
+    assert loc.kind == kind
+    if kind == "s3":
+        assert (loc.bucket, loc.prefix) == where
+    else:
+        assert str(loc.path) == where
+
+
+def test_relative_repo_path_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert parse_repo_url("repo").path == tmp_path / "repo"
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        (None, "no repository is configured"),
+        ("   ", "no repository is configured"),
+        ("s3://", "malformed"),
+        ("s3:///prefix", "malformed"),
+        ("s3://Upper_Case/x", "invalid S3 bucket"),
+        ("s3://b/x?versionId=1", "malformed"),
+        ("file://host/path", "malformed"),
+        ("http://example.com/repo", "unsupported scheme 'http'"),
+    ],
+)
+def test_bad_repo_urls(url: str | None, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle) as e:
+        parse_repo_url(url)
+    assert e.value.exit_code == 2
+    if url is None:
+        assert e.value.hint and "PITR_REPO" in e.value.hint
