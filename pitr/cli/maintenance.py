@@ -1,0 +1,153 @@
+"""Commands that keep a repository healthy: verify, check, expire (docs/maintenance.md)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Annotated
+
+import typer
+
+from pitr.cli.render import emit, emit_json, human_bytes, human_duration
+
+log = logging.getLogger("pitr")
+
+
+def register(app: typer.Typer) -> None:
+    from pitr.cli.app import settings_of
+
+    @app.command("verify")
+    def verify_cmd(
+        ctx: typer.Context,
+        backup: Annotated[str | None, typer.Option("--backup", help="Only this backup and the WAL it needs.", show_default=False)] = None,
+        jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Objects read in parallel [config jobs].", show_default=False)] = None,
+        json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
+    ) -> None:
+        """Re-read every stored object (checksums, WAL headers), check each manifest against its objects and
+        that WAL is continuous from each backup to the archive's head. Exit 1 listing every problem."""
+        from pitr.errors import VerifyError
+        from pitr.ops.verify import VerifyOptions, verify
+        from pitr.storage import open_storage
+
+        s = settings_of(ctx, jobs=jobs)
+        storage = open_storage(s)
+        try:
+            started = time.monotonic()
+            res = verify(storage, VerifyOptions(backup, s.jobs), progress=log.info)
+            took = time.monotonic() - started
+        finally:
+            storage.close()
+        c = res.checked
+        if json_out:
+            emit_json(res.to_json())
+        else:
+            for p in res.problems:
+                emit(f"{p.kind}: {p.object}: {p.detail}")
+            emit(f"checked {c.backups} backup(s) ({c.files} files in {c.backup_objects} objects), "
+                 f"{c.wal_segments} WAL segments and {c.wal_other} other WAL files on {c.timelines} timeline(s): "
+                 f"{human_bytes(c.bytes)} read in {human_duration(took)}")
+            emit("OK" if res.ok else f"{len(res.problems)} problem(s)")
+        if not res.ok:
+            raise VerifyError(f"verify found {len(res.problems)} problem(s) in {storage.display}",
+                              "each is listed on stdout with the object it concerns")
+
+    @app.command("check")
+    def check_cmd(
+        ctx: typer.Context,
+        dbname: Annotated[str | None, typer.Option("--dbname", "-d", help="libpq conninfo of the running server [libpq env].", show_default=False)] = None,
+        max_rpo: Annotated[str | None, typer.Option("--max-rpo", help="Fail when the newest archived WAL is older than this (90s, 5m, 2h, 1d).", show_default=False)] = None,
+        timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the switched segment to reach the repository.")] = 60.0,
+        json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
+    ) -> None:
+        """Check the server's archive settings against this repository, force a WAL switch and wait until
+        that segment is archived. Exit 1 with one line per failed point naming the fix."""
+        from pitr.errors import CheckError, UsageError
+        from pitr.ops.check import CheckOptions, check, parse_duration
+        from pitr.storage import open_storage
+
+        rpo: float | None = None
+        if max_rpo is not None:
+            try:
+                rpo = parse_duration(max_rpo)
+            except ValueError as e:
+                raise UsageError(f"--max-rpo: {e}") from None
+        if timeout < 0:
+            raise UsageError("--timeout must be 0 or more seconds")
+        s = settings_of(ctx, dbname=dbname)
+        storage = open_storage(s)
+        try:
+            res = check(storage, s.dbname, CheckOptions(s.location(), timeout, rpo))
+        finally:
+            storage.close()
+        if json_out:
+            emit_json(res.to_json())
+        else:
+            for p in res.points:
+                emit(f"{'ok  ' if p.ok else 'FAIL'}  {p.line()}")
+        if not res.ok:
+            bad = [p.name for p in res.points if not p.ok]
+            raise CheckError(f"check failed on {len(bad)} point(s): {', '.join(dict.fromkeys(bad))}",
+                             "each FAIL line on stdout names the setting and the fix")
+
+    @app.command("expire")
+    def expire_cmd(
+        ctx: typer.Context,
+        retain_full: Annotated[int | None, typer.Option("--retain-full", help="Keep the N newest full backups [config retain_full].", show_default=False)] = None,
+        retain_days: Annotated[float | None, typer.Option("--retain-days", help="Keep what restores any point of the last D days [config retain_days].", show_default=False)] = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; delete nothing.")] = False,
+        json_out: Annotated[bool, typer.Option("--json", help="Machine-readable plan and result on stdout.")] = False,
+    ) -> None:
+        """Delete backups outside the retention policy and the WAL no retained backup needs. Never deletes the
+        newest backup or anything a retained backup needs to become consistent and reach the archive's head."""
+        from pitr.ops.retention import Policy, apply, gather_and_plan
+        from pitr.storage import open_storage
+
+        s = settings_of(ctx)
+        if retain_full is not None or retain_days is not None:
+            policy = Policy(retain_full, retain_days)  # the command line replaces the config's policy
+        else:
+            policy = Policy(s.retain_full, s.retain_days)
+        policy.validate()
+        storage = open_storage(s)
+        try:
+            plan = gather_and_plan(storage, policy, time.time())
+            done = None if dry_run else apply(storage, plan, progress=log.info)
+        finally:
+            storage.close()
+        if json_out:
+            out = plan.to_json() | {"dry_run": dry_run}
+            out["deleted"] = None if done is None else {"backups": done.backups, "incomplete": done.incomplete,
+                                                        "objects": done.objects, "bytes": done.bytes}
+            emit_json(out)
+            return
+        emit(f"policy: {_describe(policy)}")
+        for b in plan.backups:
+            emit(f"{b.action:<6}  {b.id}  {b.type}  {b.stop_time}  {b.reason}")
+        for i in plan.incomplete:
+            verb = "delete" if i.action == "delete" else "leave"
+            emit(f"{verb:<6}  {i.id}  incomplete  {i.objects} objects, {human_bytes(i.bytes)}: {i.reason}")
+        for t in plan.wal:
+            if t.delete_objects:
+                emit(f"WAL timeline {t.timeline}: delete {t.delete_objects} objects ({human_bytes(t.delete_bytes)}), "
+                     f"{t.first} to {t.last}: {t.reason}")
+            else:
+                emit(f"WAL timeline {t.timeline}: keep everything from {t.keep_from}")
+        for n in plan.notes:
+            emit(f"note: {n}")
+        if done is None:
+            emit("dry run: nothing was deleted")
+        elif plan.empty:
+            emit("nothing to expire")
+        else:
+            emit(f"expired {done.backups} backup(s), deleted {done.objects} objects ({human_bytes(done.bytes)})")
+
+
+def _describe(policy: object) -> str:
+    full = getattr(policy, "retain_full", None)
+    days = getattr(policy, "retain_days", None)
+    parts = []
+    if full is not None:
+        parts.append(f"keep the {full} newest full backup(s)")
+    if days is not None:
+        parts.append(f"keep every point of the last {days:g} day(s) restorable")
+    return " and ".join(parts)

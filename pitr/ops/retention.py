@@ -1,0 +1,313 @@
+"""`pitr expire`: a pure retention plan (which backups and WAL go, and why), then its execution.
+
+Backups (oldest first; the newest is always kept):
+- retain_full N: the N newest full backups stay.
+- retain_days D: every backup that became consistent within the last D days stays, plus the
+  newest one that did so before the window opened — without it the first part of the D-day
+  window (from now-D to the next backup) could not be restored.
+- both set (config file + environment): a backup stays when either rule keeps it.
+- an incremental backup that stays keeps its parent chain.
+WAL: a segment (and a .partial or .backup file, by the segment it belongs to) goes only when it
+lies before the first segment any retained backup needs on its timeline — a retained backup
+needs everything from its start segment to the archive's head on every timeline it leads to.
+On a timeline no retained backup reaches, only what lies before the oldest retained backup's
+start position goes. .history files always stay (tiny, and every later restore needs them).
+Execution deletes each expired backup's manifest first (its commit point), then its data, and
+WAL last, so an interruption never leaves a listed backup without its files or WAL.
+Backup directories without a manifest (a failed backup, an interrupted expire) are deleted when
+older than the newest complete backup and untouched for `incomplete_grace`; newer ones may be a
+backup in progress and are left alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+from pitr.errors import IntegrityError, UsageError
+from pitr.pg import walname
+from pitr.repo.catalog import WalCatalog, scan_wal
+from pitr.repo.format import BACKUP_PREFIX, manifest_key
+from pitr.repo.manifest import Manifest, read_manifest
+from pitr.repo.meta import read_meta
+from pitr.storage.base import ObjectInfo, Storage
+
+from .walreach import Histories, backup_needs, load_histories
+
+DAY = 86400.0
+INCOMPLETE_GRACE = DAY
+DELETE_BATCH = 1000
+_UNREADABLE = "run `pitr verify`; expire deletes nothing until it can read every manifest"
+
+
+@dataclass(frozen=True)
+class Policy:
+    retain_full: int | None = None
+    retain_days: float | None = None
+
+    def validate(self) -> None:
+        if self.retain_full is None and self.retain_days is None:
+            raise UsageError("no retention policy is set",
+                             "give --retain-full N or --retain-days D, or set retain_full / retain_days in the config")
+        if self.retain_full is not None and self.retain_full < 1:
+            raise UsageError(f"--retain-full must be 1 or more, not {self.retain_full}")
+        if self.retain_days is not None and (self.retain_days < 0 or not math.isfinite(self.retain_days)):
+            raise UsageError(f"--retain-days must be 0 or more, not {self.retain_days}")
+
+
+@dataclass
+class BackupDecision:
+    id: str
+    action: str  # keep | expire
+    reason: str
+    type: str
+    stop_time: str
+    stored_bytes: int
+    keys: list[str] = field(default_factory=list)  # data objects to delete after the manifest
+
+
+@dataclass
+class Incomplete:
+    id: str
+    action: str  # delete | leave
+    reason: str
+    objects: int
+    bytes: int
+    keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class WalTimeline:
+    timeline: int
+    keep_from: str | None  # the first segment kept on this timeline
+    delete_objects: int
+    delete_bytes: int
+    first: str | None
+    last: str | None
+    reason: str
+
+
+@dataclass
+class RetentionPlan:
+    policy: Policy
+    backups: list[BackupDecision] = field(default_factory=list)  # oldest first
+    incomplete: list[Incomplete] = field(default_factory=list)
+    wal: list[WalTimeline] = field(default_factory=list)
+    wal_keys: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def expired(self) -> list[BackupDecision]:
+        return [b for b in self.backups if b.action == "expire"]
+
+    @property
+    def wal_bytes(self) -> int:
+        return sum(t.delete_bytes for t in self.wal)
+
+    @property
+    def empty(self) -> bool:
+        return not self.expired and not self.wal_keys and not any(i.action == "delete" for i in self.incomplete)
+
+    def to_json(self) -> dict[str, object]:
+        def strip(d: dict[str, object]) -> dict[str, object]:
+            return {k: v for k, v in d.items() if k != "keys"}
+
+        return {
+            "policy": asdict(self.policy),
+            "backups": [strip(asdict(b)) for b in self.backups],
+            "incomplete": [strip(asdict(i)) for i in self.incomplete],
+            "wal": {"delete_objects": len(self.wal_keys), "delete_bytes": self.wal_bytes,
+                    "timelines": [asdict(t) for t in self.wal]},
+            "notes": list(self.notes),
+        }
+
+
+# --------------------------------------------------------------------------- the pure plan
+
+def _stop_epoch(m: Manifest) -> float:
+    try:
+        return datetime.fromisoformat(m.stop_time).timestamp()
+    except ValueError:
+        raise IntegrityError(f"the manifest of backup {m.id} has an invalid stop_time {m.stop_time!r}",
+                             _UNREADABLE) from None
+
+
+def choose_backups(manifests: list[Manifest], policy: Policy, now: float) -> dict[str, str]:
+    """id -> why it stays, for the backups the policy keeps (manifests oldest first)."""
+    keep: dict[str, str] = {}
+    if not manifests:
+        return keep
+    keep[manifests[-1].id] = "the newest backup (always kept)"
+    if policy.retain_full is not None:
+        fulls = [m for m in manifests if m.type == "full"]
+        for m in fulls[-policy.retain_full:]:
+            keep.setdefault(m.id, f"one of the {policy.retain_full} newest full backups")
+    if policy.retain_days is not None:
+        cutoff = now - policy.retain_days * DAY
+        anchor: Manifest | None = None
+        for m in manifests:
+            if _stop_epoch(m) > cutoff:
+                keep.setdefault(m.id, f"consistent within the last {policy.retain_days:g} days")
+            else:
+                anchor = m
+        if anchor is not None:
+            keep.setdefault(anchor.id, f"the newest backup from before the {policy.retain_days:g}-day window: "
+                                       "restoring to the window's start needs it")
+    by_id = {m.id: m for m in manifests}
+    for bid in list(keep):
+        parent = by_id[bid].parent
+        while parent is not None and parent in by_id:
+            keep.setdefault(parent, f"the parent of kept backup {bid}")
+            parent = by_id[parent].parent
+    return keep
+
+
+def plan(manifests: list[Manifest], listing: dict[str, list[ObjectInfo]], cat: WalCatalog,
+         histories: Histories, policy: Policy, now: float,
+         incomplete_grace: float = INCOMPLETE_GRACE) -> RetentionPlan:
+    """Decide what goes. manifests: complete backups, oldest first; listing: backup id -> every
+    object under its directory; now: seconds since the epoch. Touches no storage."""
+    policy.validate()
+    p = RetentionPlan(policy)
+    manifests = sorted(manifests, key=lambda m: m.id)
+    keep = choose_backups(manifests, policy, now)
+    for m in manifests:
+        objs = listing.get(m.id, [])
+        if m.id in keep:
+            p.backups.append(BackupDecision(m.id, "keep", keep[m.id], m.type, m.stop_time, m.stored_bytes))
+        else:
+            why = _expire_reason(policy)
+            keys = sorted(o.key for o in objs if o.key != manifest_key(m.id))
+            p.backups.append(BackupDecision(m.id, "expire", why, m.type, m.stop_time,
+                                            sum(o.size for o in objs), keys))
+    _plan_incomplete(p, manifests, listing, now, incomplete_grace)
+    retained = [m for m in manifests if m.id in keep]
+    if not retained:
+        p.notes.append("no complete backup exists: WAL is kept (it is expired only relative to a retained backup)")
+        return p
+    _plan_wal(p, retained, cat, histories)
+    return p
+
+
+def _expire_reason(policy: Policy) -> str:
+    parts = []
+    if policy.retain_full is not None:
+        parts.append(f"not among the {policy.retain_full} newest full backups")
+    if policy.retain_days is not None:
+        parts.append(f"older than {policy.retain_days:g} days and not needed to restore the window's start")
+    return " and ".join(parts)
+
+
+def _plan_incomplete(p: RetentionPlan, manifests: list[Manifest], listing: dict[str, list[ObjectInfo]],
+                     now: float, grace: float) -> None:
+    complete = {m.id for m in manifests}
+    newest = manifests[-1].id if manifests else None
+    for bid, objs in sorted(listing.items()):
+        if bid in complete or not objs:
+            continue
+        age = now - max(o.mtime for o in objs)
+        size = sum(o.size for o in objs)
+        keys = sorted(o.key for o in objs)
+        if newest is not None and bid < newest and age > grace:
+            p.incomplete.append(Incomplete(bid, "delete", f"no manifest and untouched for {age / 3600:.1f}h: left by a "
+                                           "failed backup or an interrupted expire", len(objs), size, keys))
+        else:
+            p.incomplete.append(Incomplete(bid, "leave", "no manifest, but it may be a backup in progress",
+                                           len(objs), size))
+
+
+def _plan_wal(p: RetentionPlan, retained: list[Manifest], cat: WalCatalog, histories: Histories) -> None:
+    seg = cat.seg_size
+    floor = min(walname.parse_lsn(m.start_lsn) // seg for m in retained)  # the oldest retained start position
+    first_needed: dict[int, int] = {}
+    for m in retained:
+        for n in backup_needs(m, cat, histories):
+            first_needed[n.timeline] = min(first_needed.get(n.timeline, n.first), n.first)
+    doomed: dict[int, list[tuple[int, str, ObjectInfo]]] = {}
+    for name, info in cat.objects.items():
+        w = walname.parse(name)
+        if w is None or w.kind == "history" or w.segment is None:
+            continue
+        pos = walname.segno(w.segment, seg)
+        if pos < first_needed.get(w.timeline, floor):
+            doomed.setdefault(w.timeline, []).append((pos, name, info))
+    for tli in sorted(set(doomed) | set(first_needed)):
+        items = sorted(doomed.get(tli, []), key=lambda x: x[1])
+        threshold = first_needed.get(tli, floor)
+        keep_from = cat.seg_name(tli, threshold)
+        if tli in first_needed:
+            reason = f"before {keep_from}, the first segment a retained backup needs on timeline {tli}"
+        else:
+            reason = (f"older than the oldest retained backup's start ({keep_from}) on a timeline no retained "
+                      f"backup reaches")
+        if not items and tli not in first_needed:
+            continue
+        p.wal.append(WalTimeline(tli, keep_from, len(items), sum(i[2].size for i in items),
+                                 items[0][1] if items else None, items[-1][1] if items else None,
+                                 reason if items else "nothing to delete"))
+        p.wal_keys.extend(i[2].key for i in items)
+
+
+# --------------------------------------------------------------------------- I/O: gather, apply
+
+@dataclass
+class Applied:
+    backups: int = 0
+    incomplete: int = 0
+    objects: int = 0
+    bytes: int = 0
+
+
+def gather_and_plan(storage: Storage, policy: Policy, now: float,
+                    incomplete_grace: float = INCOMPLETE_GRACE) -> RetentionPlan:
+    """List the repository (paginated listings, one per area), read every manifest, and plan."""
+    policy.validate()
+    meta = read_meta(storage)
+    listing: dict[str, list[ObjectInfo]] = {}
+    for o in storage.list(BACKUP_PREFIX):
+        parts = o.key.split("/")
+        if len(parts) >= 3:
+            listing.setdefault(parts[1], []).append(o)
+    ids = sorted(b for b, objs in listing.items() if any(o.key == manifest_key(b) for o in objs))
+    manifests = [read_manifest(storage, b) for b in ids]  # unreadable: IntegrityError, nothing deleted
+    for m in manifests:
+        try:
+            walname.parse_lsn(m.start_lsn)
+            walname.parse_lsn(m.stop_lsn)
+        except ValueError:
+            raise IntegrityError(f"the manifest of backup {m.id} has an invalid LSN", _UNREADABLE) from None
+    cat = scan_wal(storage, meta.wal_segment_size)
+    return plan(manifests, listing, cat, load_histories(storage, cat), policy, now, incomplete_grace)
+
+
+def apply(storage: Storage, p: RetentionPlan, progress: Callable[[str], None] | None = None) -> Applied:
+    """Execute a plan: per backup the manifest first, then its data; incomplete dirs; WAL last."""
+    say = progress or (lambda _msg: None)
+    done = Applied()
+    for b in p.expired:
+        storage.delete(manifest_key(b.id))  # from here on the backup is not listed
+        _delete(storage, b.keys)
+        done.backups += 1
+        done.objects += 1 + len(b.keys)
+        done.bytes += b.stored_bytes
+        say(f"expired backup {b.id} ({len(b.keys) + 1} objects)")
+    for i in p.incomplete:
+        if i.action == "delete":
+            _delete(storage, i.keys)
+            done.incomplete += 1
+            done.objects += len(i.keys)
+            done.bytes += i.bytes
+            say(f"deleted incomplete backup directory {i.id}")
+    _delete(storage, p.wal_keys)
+    done.objects += len(p.wal_keys)
+    done.bytes += p.wal_bytes
+    if p.wal_keys:
+        say(f"deleted {len(p.wal_keys)} WAL objects")
+    return done
+
+
+def _delete(storage: Storage, keys: list[str]) -> None:
+    for i in range(0, len(keys), DELETE_BATCH):
+        storage.delete_many(keys[i:i + DELETE_BATCH])

@@ -1,0 +1,462 @@
+"""`pitr verify`: re-read every stored object and check that the repository hangs together.
+
+Read-only. One listing of wal/ and one of backups/, then:
+1. objects: every WAL object and every backup data object is streamed through the envelope
+   decoder (size + SHA-256) by `jobs` threads, CHUNK bytes at a time, so memory stays bounded
+   whatever the object size. A WAL segment's first page header is compared with its name and
+   the repository's cluster; each file a manifest lists is compared (size, SHA-256) with the
+   envelope at its object/offset/length.
+2. manifests: each backup's manifest against the objects under its directory (missing, extra)
+   and against the repository metadata (cluster, segment size).
+3. continuity: every segment from each backup's start to the archive's head, on every timeline
+   the backup leads to, is archived; a timeline > 1 that has segments has its .history file.
+
+With a backup ID, only that backup and the WAL it needs (plus the .history files) are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import BinaryIO
+
+from pitr.errors import IntegrityError, NotFoundError
+from pitr.pg import walheader, walname
+from pitr.repo import codec as envelope
+from pitr.repo.catalog import WalCatalog, scan_wal
+from pitr.repo.format import BACKUP_PREFIX, HISTORY_PREFIX, backup_dir, manifest_key, wal_key
+from pitr.repo.manifest import FileEntry, Manifest, read_manifest
+from pitr.repo.meta import RepoMeta, read_meta
+from pitr.storage.base import ObjectInfo, Storage
+
+from .walreach import Histories, backup_needs, load_histories
+
+log = logging.getLogger("pitr.verify")
+
+EMPTY_SHA = hashlib.sha256(b"").hexdigest()
+HEAD_KEEP = 8192  # decoded bytes kept of a WAL object: the first page (header + zero check)
+HISTORY_MAX = 1 << 20  # a .history file is a few lines; keep this much to parse it
+
+# problem kinds (docs/maintenance.md)
+CORRUPT = "corrupt"  # an envelope does not decode or fails its checksum
+WAL_HEADER = "wal-header"  # a segment's page header disagrees with its name, size or cluster
+WAL_MISSING = "wal-missing"  # a segment some backup needs is not archived
+HISTORY_MISSING = "history-missing"  # a timeline > 1 has segments but no .history file
+OBJECT_MISSING = "object-missing"  # a manifest names an object that is not stored
+FILE_MISMATCH = "file-mismatch"  # an envelope decodes but not to the size/SHA-256 the manifest says
+EXTRA = "extra"  # an object under a backup's directory that its manifest does not reference
+MANIFEST = "manifest"  # a manifest that is unreadable or disagrees with the repository
+MISPLACED = "misplaced"  # a WAL object under a key other than the one its name maps to
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str
+    object: str  # the repository key it concerns
+    detail: str
+
+
+@dataclass
+class Checked:
+    backups: int = 0
+    backup_objects: int = 0
+    files: int = 0
+    wal_segments: int = 0
+    wal_other: int = 0  # .history, .backup, .partial
+    timelines: int = 0
+    bytes: int = 0  # stored bytes read
+
+
+@dataclass
+class VerifyResult:
+    problems: list[Problem] = field(default_factory=list)
+    checked: Checked = field(default_factory=Checked)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, object]:
+        return {"ok": self.ok, "problems": [asdict(p) for p in self.problems], "checked": asdict(self.checked)}
+
+
+# --------------------------------------------------------------------------- streams
+
+class _Counting:
+    """Counts the bytes read through it (the stored bytes verify reads)."""
+
+    def __init__(self, src: BinaryIO) -> None:
+        self.src = src
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.src.read(n)
+        self.count += len(b)
+        return b
+
+
+class _Window:
+    """At most `length` bytes of src; drain() consumes what decoding left unread."""
+
+    def __init__(self, src: _Counting, length: int) -> None:
+        self.src = src
+        self.left = length
+
+    def read(self, n: int = -1) -> bytes:
+        if self.left <= 0:
+            return b""
+        b = self.src.read(self.left if n < 0 else min(n, self.left))
+        self.left -= len(b)
+        return b
+
+    def drain(self) -> bool:
+        """Consume the rest of the window; False when src ended before it."""
+        while self.left > 0:
+            if not self.read(envelope.CHUNK):
+                return False
+        return True
+
+
+class _HeadSink:
+    """A write() target keeping only the first `keep` bytes (and counting the rest)."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.head = bytearray()
+
+    def write(self, b: bytes) -> int:
+        room = self.keep - len(self.head)
+        if room > 0:
+            self.head += b[:room]
+        return len(b)
+
+
+def _skip(src: _Counting, n: int) -> bool:
+    while n > 0:
+        b = src.read(min(n, envelope.CHUNK))
+        if not b:
+            return False
+        n -= len(b)
+    return True
+
+
+# --------------------------------------------------------------------------- object checks
+
+@dataclass
+class _Outcome:
+    problems: list[Problem] = field(default_factory=list)
+    bytes: int = 0
+    files: int = 0
+
+
+def segment_header_problem(name: str, head: bytes, size: int, meta: RepoMeta) -> str | None:
+    """Why a decoded segment (its first bytes and raw size) is not segment `name` of this cluster."""
+    seg_size = meta.wal_segment_size
+    if size != seg_size:
+        return f"is {size} bytes, not a whole {seg_size}-byte segment"
+    h = walheader.read_header(head)
+    if h is None:
+        if not any(head):
+            return "starts with a zeroed page, not a WAL page header"
+        return "does not start with a WAL page header"
+    if h.seg_size != seg_size:
+        return f"header says a segment size of {h.seg_size}, the repository's is {seg_size}"
+    expected = walname.segment_start_lsn(name[:24], seg_size)
+    if h.pageaddr != expected:
+        return (f"header LSN {walname.format_lsn(h.pageaddr)} disagrees with its name "
+                f"(which starts at {walname.format_lsn(expected)})")
+    if h.sysid != meta.system_identifier:
+        return f"belongs to the cluster with system identifier {h.sysid}, not the repository's {meta.system_identifier}"
+    return None
+
+
+def check_wal_object(storage: Storage, info: ObjectInfo, meta: RepoMeta) -> _Outcome:
+    """Decode one archived WAL object; check a segment's header, a .history file's syntax."""
+    out = _Outcome()
+    name = info.key.rsplit("/", 1)[-1]
+    w = walname.parse(name)
+    assert w is not None
+    try:
+        src = _Counting(storage.open(info.key))
+    except NotFoundError:
+        out.problems.append(Problem(OBJECT_MISSING, info.key, "was listed but is gone (deleted while verifying?)"))
+        return out
+    sink = _HeadSink(HISTORY_MAX if w.kind == "history" else HEAD_KEEP)
+    try:
+        with src.src:
+            t = envelope.decode_stream(src, sink, f"archived {name}")  # type: ignore[arg-type]
+    except IntegrityError as e:
+        out.problems.append(Problem(CORRUPT, info.key, str(e)))
+        return out
+    finally:
+        out.bytes = src.count
+    head = bytes(sink.head)
+    if w.kind in ("segment", "partial"):
+        why = segment_header_problem(w.segment or name, head, t.size, meta)
+        if why:
+            out.problems.append(Problem(WAL_HEADER, info.key, f"{name} {why}"))
+    elif w.kind == "history":
+        try:
+            entries = walname.parse_history(head.decode())
+        except (UnicodeDecodeError, ValueError) as e:
+            out.problems.append(Problem(CORRUPT, info.key, f"{name} is not a timeline history file: {e}"))
+        else:
+            if any(h.parent >= w.timeline for h in entries):
+                out.problems.append(Problem(CORRUPT, info.key, f"{name} names a parent timeline not older than itself"))
+    return out
+
+
+def check_data_object(storage: Storage, key: str, entries: list[FileEntry]) -> _Outcome:
+    """Stream one backup data object once, decoding each file's envelope in offset order."""
+    out = _Outcome()
+    entries = sorted(entries, key=lambda e: e.offset)
+    try:
+        raw = storage.open(key)
+    except NotFoundError:
+        out.problems.append(Problem(OBJECT_MISSING, key, "was listed but is gone (deleted while verifying?)"))
+        return out
+    src = _Counting(raw)
+    pos = 0
+    try:
+        with raw:
+            for i, e in enumerate(entries):
+                if e.offset < pos:
+                    out.problems.append(Problem(MANIFEST, key, f"the envelope of {e.path} at offset {e.offset} "
+                                                           f"overlaps the previous file's"))
+                    continue
+                if not _skip(src, e.offset - pos):
+                    out.problems.append(_truncated(key, src.count, entries[i:]))
+                    return out
+                win = _Window(src, e.length)
+                what = f"{key} (file {e.path} at offset {e.offset})"
+                try:
+                    t = envelope.decode_stream(win, None, what)  # type: ignore[arg-type]
+                except IntegrityError as err:
+                    out.problems.append(Problem(CORRUPT, key, f"file {e.path}: {err}"))
+                    t = None
+                if not win.drain():
+                    if t is None:
+                        out.problems.pop()  # the cut is the real story, not the decode error
+                    out.problems.append(_truncated(key, src.count, entries[i:]))
+                    return out
+                pos = e.offset + e.length
+                out.files += 1
+                if t is not None:
+                    want_sha = e.sha256 or (EMPTY_SHA if e.size == 0 else "")
+                    if t.size != e.size or t.sha256 != want_sha:
+                        out.problems.append(Problem(
+                            FILE_MISMATCH, key,
+                            f"file {e.path} decodes to {t.size} bytes (sha256 {t.sha256[:16]}…), the manifest says "
+                            f"{e.size} bytes (sha256 {(e.sha256 or '-')[:16]}…)"))
+    finally:
+        out.bytes = src.count
+    return out
+
+
+def _truncated(key: str, size: int, rest: list[FileEntry]) -> Problem:
+    more = f" and {len(rest) - 1} more" if len(rest) > 1 else ""
+    return Problem(CORRUPT, key, f"is truncated: it ends at byte {size}, before the end of the envelope of "
+                                 f"{rest[0].path} (offset {rest[0].offset}, {rest[0].length} bytes){more}")
+
+
+# --------------------------------------------------------------------------- manifests
+
+Groups = dict[str, list[FileEntry]]  # full object key -> the files whose envelopes it holds
+
+
+def manifest_problems(m: Manifest, meta: RepoMeta, stored: dict[str, ObjectInfo]) -> tuple[list[Problem], Groups]:
+    """A manifest against the repository: cluster, objects missing or extra. Returns the problems
+    and the entries to decode, grouped by the full key of the object holding them."""
+    mkey = manifest_key(m.id)
+    problems: list[Problem] = []
+    if m.system_identifier != meta.system_identifier:
+        problems.append(Problem(MANIFEST, mkey, f"backup {m.id} is of the cluster {m.system_identifier}, "
+                                                f"the repository's is {meta.system_identifier}"))
+    if m.wal_segment_size != meta.wal_segment_size:
+        problems.append(Problem(MANIFEST, mkey, f"backup {m.id} has WAL segments of {m.wal_segment_size} bytes, "
+                                                f"the repository's are {meta.wal_segment_size}"))
+    for lsn in (m.start_lsn, m.stop_lsn):
+        try:
+            walname.parse_lsn(lsn)
+        except ValueError:
+            problems.append(Problem(MANIFEST, mkey, f"backup {m.id} has an invalid LSN {lsn!r}"))
+    base = backup_dir(m.id)
+    groups: Groups = {}
+    for e in m.files:
+        if e.object is None:
+            if e.size != 0:
+                problems.append(Problem(MANIFEST, mkey, f"file {e.path} is {e.size} bytes but has no object"))
+            continue
+        groups.setdefault(base + e.object, []).append(e)
+    for key, entries in sorted(groups.items()):
+        if key not in stored:
+            names = ", ".join(x.path for x in entries[:3]) + (" …" if len(entries) > 3 else "")
+            problems.append(Problem(OBJECT_MISSING, key, f"backup {m.id} needs it for {len(entries)} file(s) "
+                                                         f"({names}) but it is not stored"))
+    for key in sorted(stored):
+        if key != mkey and key not in groups:
+            problems.append(Problem(EXTRA, key, f"is under backup {m.id} but its manifest does not reference it"))
+    return problems, {k: v for k, v in groups.items() if k in stored}
+
+
+# --------------------------------------------------------------------------- continuity
+
+def continuity_problems(manifests: list[Manifest], cat: WalCatalog, histories: Histories) -> list[Problem]:
+    """Missing .history files and segments the backups need, one problem per missing run of
+    consecutive segments (with no backups: holes inside each timeline's archived range)."""
+    problems: list[Problem] = []
+    for tli, tl in sorted(cat.timelines.items()):
+        if tli > 1 and tl.segnos and tli not in cat.history_files:
+            problems.append(Problem(HISTORY_MISSING, wal_key(walname.history_name(tli)),
+                                    f"timeline {tli} has archived segments but no history file, so no restore "
+                                    f"can follow it"))
+    have = {tli: set(tl.segnos) for tli, tl in cat.timelines.items()}
+    # (timeline, segno) -> (ids of the backups needing it, needed for consistency)
+    missing: dict[tuple[int, int], tuple[list[str], bool]] = {}
+    for m in manifests:
+        try:
+            needs = backup_needs(m, cat, histories)
+        except ValueError:
+            continue  # invalid LSNs: reported as a manifest problem
+        for n in needs:
+            got = have.get(n.timeline, set())
+            for s in range(n.first, n.last + 1):
+                if s in got:
+                    continue
+                ids, cons = missing.get((n.timeline, s), ([], False))
+                if m.id not in ids:
+                    ids.append(m.id)
+                cons = cons or (n.consistent_upto is not None and s <= n.consistent_upto)
+                missing[(n.timeline, s)] = (ids, cons)
+    if not manifests:
+        for tli, tl in cat.timelines.items():
+            for a, b in tl.gaps():
+                for s in range(a, b + 1):
+                    missing[(tli, s)] = ([], False)
+    problems.extend(_missing_runs(missing, cat))
+    return problems
+
+
+def _missing_runs(missing: dict[tuple[int, int], tuple[list[str], bool]], cat: WalCatalog) -> list[Problem]:
+    out: list[Problem] = []
+    run: list[tuple[int, int]] = []
+
+    def flush() -> None:
+        if not run:
+            return
+        tli, first = run[0]
+        last = run[-1][1]
+        ids = sorted({i for s in run for i in missing[(tli, s[1])][0]})
+        consistent = any(missing[(tli, s[1])][1] for s in run)
+        first_name = cat.seg_name(tli, first)
+        count = last - first + 1
+        span = first_name if count == 1 else f"{first_name} to {cat.seg_name(tli, last)} ({count} segments)"
+        if ids:
+            why = "to become consistent" if consistent else "to reach the archive's head"
+            who = f"; backup{'s' if len(ids) > 1 else ''} {', '.join(ids)} need{'' if len(ids) > 1 else 's'} it {why}"
+        else:
+            who = "; a hole inside the archived WAL of this timeline"
+        out.append(Problem(WAL_MISSING, wal_key(first_name), f"missing {span} on timeline {tli}{who}"))
+        run.clear()
+
+    for tli, s in sorted(missing):
+        if run and (run[-1][0] != tli or run[-1][1] + 1 != s):
+            flush()
+        run.append((tli, s))
+    flush()
+    return out
+
+
+# --------------------------------------------------------------------------- the operation
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    backup_id: str | None = None
+    jobs: int = 2
+
+
+def verify(storage: Storage, opts: VerifyOptions, progress: Callable[[str], None] | None = None) -> VerifyResult:
+    """Check the repository; never writes. Raises only when it cannot look at all (metadata
+    missing, storage unreachable, an unknown --backup ID)."""
+    meta = read_meta(storage)
+    res = VerifyResult()
+    say = progress or (lambda _msg: None)
+
+    # one listing of backups/: manifests and the objects under each backup directory
+    by_backup: dict[str, dict[str, ObjectInfo]] = {}
+    for o in storage.list(BACKUP_PREFIX):
+        parts = o.key.split("/")
+        if len(parts) >= 3:
+            by_backup.setdefault(parts[1], {})[o.key] = o
+    ids = sorted(i for i, objs in by_backup.items() if manifest_key(i) in objs)
+    if opts.backup_id is not None:
+        if opts.backup_id not in ids:
+            raise NotFoundError(f"backup {opts.backup_id} does not exist in {storage.display}",
+                                "list the backups with `pitr info`")
+        ids = [opts.backup_id]
+
+    manifests: list[Manifest] = []
+    data_tasks: list[tuple[str, list[FileEntry]]] = []
+    for bid in ids:
+        try:
+            m = read_manifest(storage, bid)
+        except IntegrityError as e:
+            res.problems.append(Problem(MANIFEST, manifest_key(bid), str(e)))
+            continue
+        except NotFoundError:
+            continue  # expired while we looked
+        manifests.append(m)
+        probs, groups = manifest_problems(m, meta, by_backup.get(bid, {}))
+        res.problems.extend(probs)
+        data_tasks.extend(sorted(groups.items()))
+    res.checked.backups = len(ids)
+
+    cat = scan_wal(storage, meta.wal_segment_size)
+    histories = load_histories(storage, cat)
+    res.checked.timelines = len(set(cat.timelines) | set(cat.history_files))
+    for name, info in sorted(cat.objects.items()):
+        if info.key != wal_key(name):
+            res.problems.append(Problem(MISPLACED, info.key, f"{name} belongs under {wal_key(name)}; "
+                                                             f"wal-fetch will not find it"))
+
+    if opts.backup_id is None:
+        wal_objects = [o for _n, o in sorted(cat.objects.items())]
+    else:
+        needs = backup_needs(manifests[0], cat, histories) if manifests else []
+        wanted = {cat.seg_name(n.timeline, s) for n in needs for s in range(n.first, n.last + 1)}
+        wanted |= {walname.history_name(t) for t in cat.history_files}
+        wal_objects = [cat.objects[n] for n in sorted(wanted) if n in cat.objects]
+    res.problems.extend(continuity_problems(manifests, cat, histories))
+
+    say(f"reading {len(wal_objects)} WAL objects and {len(data_tasks)} backup objects with {opts.jobs} threads")
+    pool = ThreadPoolExecutor(max_workers=max(1, opts.jobs), thread_name_prefix="pitr-verify")
+    try:
+        wal_futs = [pool.submit(check_wal_object, storage, o, meta) for o in wal_objects]
+        data_futs = [pool.submit(check_data_object, storage, k, es) for k, es in data_tasks]
+        for fut, o in zip(wal_futs, wal_objects, strict=True):
+            r = fut.result()  # a StorageError (endpoint down) ends the run: nothing can be judged
+            res.problems.extend(r.problems)
+            res.checked.bytes += r.bytes
+            if o.key.startswith(HISTORY_PREFIX) or not _is_segment(o.key):
+                res.checked.wal_other += 1
+            else:
+                res.checked.wal_segments += 1
+        for fut in data_futs:
+            r = fut.result()
+            res.problems.extend(r.problems)
+            res.checked.bytes += r.bytes
+            res.checked.files += r.files
+            res.checked.backup_objects += 1
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    res.checked.files += sum(1 for m in manifests for e in m.files if e.object is None and e.size == 0)
+    res.problems.sort(key=lambda p: (p.object, p.kind, p.detail))
+    return res
+
+
+def _is_segment(key: str) -> bool:
+    w = walname.parse(key.rsplit("/", 1)[-1])
+    return w is not None and w.kind == "segment"
