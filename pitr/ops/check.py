@@ -156,12 +156,26 @@ def _server_points(pg: PgSession, ours: RepoLocation, res: CheckResult) -> bool:
     if library:  # PostgreSQL 15+: a library takes precedence over archive_command
         ok = res.add("archive_library", False, f"is '{library}', so archive_command is not used",
                      "set archive_library = '' and restart the server") and ok
-    cmd_ok, found, fix = judge_archive_command(pg.setting("archive_command"), ours)
-    ok = res.add("archive_command", cmd_ok, found, fix) and ok
+    command: str | None = pg.setting("archive_command")
+    if command == "(disabled)":  # what the server shows while archive_mode is off: read the config files
+        command = _configured_archive_command(pg)
+    if command is not None:
+        cmd_ok, found, fix = judge_archive_command(command, ours)
+        ok = res.add("archive_command", cmd_ok, found, fix) and ok
     level = pg.setting("wal_level")
     level_ok = res.add("wal_level", level in ("replica", "logical"), f"is {level}",
                        "set wal_level = replica in postgresql.conf and restart the server")
     return ok and level_ok
+
+
+def _configured_archive_command(pg: PgSession) -> str | None:
+    """archive_command as the config files set it (pg_file_settings; None when not readable)."""
+    try:
+        rows = pg.query("select setting from pg_file_settings where name = 'archive_command' and error is null"
+                        " order by seqno desc limit 1")
+    except PitrError:
+        return None  # not a superuser: the archive_mode line already says what to fix first
+    return str(rows[0][0]) if rows else ""
 
 
 def _repo_points(storage: Storage, server: ServerInfo | None, res: CheckResult) -> RepoMeta | None:
