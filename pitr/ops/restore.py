@@ -1,0 +1,198 @@
+"""`pitr restore`: rebuild a data directory from a base backup and configure (or run) recovery.
+
+The recipe, in order (docs/restore.md):
+  1. plan      read the repo (manifests, one WAL listing, timeline histories) and choose the
+               backup (restore_plan); every refusal about the target or the WAL happens here
+  2. check     the destination (restore_dest): not a running server's, empty unless --delta,
+               writable, an owner that is not root, enough free space
+  3. mark      write `pitr-restore.incomplete` first (with --delta, remove pg_control too), so an
+               interrupted restore never looks complete or startable
+  4. files     --jobs workers fetch, verify and write every file (restore_files)
+  5. finish    backup_label, tablespace_map, recovery settings + recovery.signal, fsync, then
+               global/pg_control LAST; remove the marker
+  6. replay    with --replay, run PostgreSQL until it reaches the target (restore_replay)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pitr.errors import IntegrityError
+from pitr.ops.restore_dest import (
+    MARKER,
+    PG_CONTROL,
+    ROOT_SKIP,
+    Layout,
+    check_destination,
+    clean_for_delta,
+    fsync_dir,
+    prepare_tree,
+    render_tablespace_map,
+    root_mode,
+    tablespace_locations,
+    write_marker,
+    write_small,
+)
+from pitr.ops.restore_files import FileStats, Item, write_files
+from pitr.ops.restore_plan import Plan, Target, make_plan
+from pitr.ops.restore_replay import ReplayResult, ReplaySpec, replay
+from pitr.pg import walname
+from pitr.pg.recovery import render_restore_command, write_recovery
+from pitr.repo.catalog import WalCatalog, read_history, scan_wal
+from pitr.repo.manifest import list_manifests
+from pitr.repo.meta import RepoMeta, read_meta
+from pitr.storage.base import Storage
+
+log = logging.getLogger("pitr.restore")
+__all__ = ["MARKER", "RestoreOptions", "RestoreResult", "load_plan", "recovery_settings", "run_restore"]
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    pgdata: Path
+    target: Target
+    timeline: str = "latest"  # latest | current | N
+    backup_id: str | None = None
+    action: str = "promote"
+    jobs: int = 2
+    delta: bool = False
+    dry_run: bool = False
+    archive_mode: str = "preserve"  # preserve | off
+    tablespace_map: Mapping[str, Path] = field(default_factory=dict)  # oid -> new location
+    pitr_argv: Sequence[str] = ("pitr",)  # how PostgreSQL calls this pitr (absolute path)
+    repo_url: str | None = None  # the repo settings restore_command repeats (no secrets)
+    s3_endpoint: str | None = None
+    config_path: str | None = None
+    replay: bool = False
+    replay_timeout: float | None = None
+    pg_bin: str | None = None
+    server_env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RestoreResult:
+    plan: Plan
+    pgdata: Path
+    dry_run: bool
+    files: FileStats | None = None
+    recovery_settings: dict[str, str] = field(default_factory=dict)
+    replay: ReplayResult | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        d: dict[str, object] = {"pgdata": str(self.pgdata), "dry_run": self.dry_run} | self.plan.to_json()
+        if self.files is not None:
+            f = self.files
+            d["files"] = {"written": f.files_written, "bytes_written": f.bytes_written, "kept": f.files_kept,
+                          "bytes_kept": f.bytes_kept, "removed": f.removed, "stored_bytes_read": f.stored_bytes_read,
+                          "seconds": round(f.seconds, 3),
+                          "mib_per_second": round(_mibps(f.bytes_written + f.bytes_kept, f.seconds), 1),
+                          "bad_page_files": f.bad_page_files}
+        if self.recovery_settings:
+            d["recovery_settings"] = self.recovery_settings
+        d["replay"] = self.replay.to_json() if self.replay else None
+        d["seconds"] = round(self.seconds, 3)
+        d["notes"] = self.plan.notes + self.notes
+        return d
+
+
+def _mibps(n: int, secs: float) -> float:
+    return n / (1 << 20) / secs if secs > 0 else 0.0
+
+
+def load_plan(storage: Storage, opts: RestoreOptions) -> tuple[Plan, RepoMeta]:
+    """Read what planning needs (metadata, manifests, one WAL listing, history files) and plan."""
+    meta = read_meta(storage)
+    manifests = [m for m in list_manifests(storage) if m.system_identifier == meta.system_identifier]
+    catalog = scan_wal(storage, meta.wal_segment_size)
+    histories = _histories(storage, catalog)
+    plan = make_plan(manifests, catalog, histories, opts.target, opts.timeline, opts.backup_id)
+    return plan, meta
+
+
+def _histories(storage: Storage, catalog: WalCatalog) -> dict[int, list[walname.HistoryEntry]]:
+    out = {}
+    for tli in catalog.history_files:
+        try:
+            out[tli] = read_history(storage, tli)
+        except ValueError as e:
+            raise IntegrityError(f"the archived history file of timeline {tli} is malformed: {e}") from None
+    return out
+
+
+def recovery_settings(plan: Plan, opts: RestoreOptions) -> dict[str, str]:
+    s = {"restore_command": render_restore_command(opts.pitr_argv, opts.repo_url, opts.s3_endpoint,
+                                                   opts.config_path)}
+    s |= plan.target.recovery_settings()
+    if plan.target.kind != "latest":
+        s["recovery_target_action"] = opts.action
+    s["recovery_target_timeline"] = plan.timeline_spec
+    if opts.archive_mode == "off":
+        s["archive_mode"] = "off"
+    return s
+
+
+def run_restore(storage: Storage, opts: RestoreOptions, progress: Callable[[int, int], None] | None = None,
+                on_phase: Callable[[str], None] | None = None) -> RestoreResult:
+    """Plan, check, write, configure recovery and (with replay) run it. Nothing is touched on refusal."""
+    t0 = time.monotonic()
+    phase = on_phase or (lambda _msg: None)
+    plan, _meta = load_plan(storage, opts)
+    m = plan.backup
+    layout = Layout(opts.pgdata.absolute(), tablespace_locations(m, opts.tablespace_map))
+    settings = recovery_settings(plan, opts)
+    if opts.dry_run:
+        return RestoreResult(plan, layout.pgdata, True, recovery_settings=settings, seconds=time.monotonic() - t0)
+    owner = check_destination(opts.pgdata, opts.delta, m, layout)
+    data_mode = root_mode(m)
+    dir_mode = 0o750 if data_mode & 0o050 else 0o700
+
+    phase(f"restoring backup {m.id} into {layout.pgdata}")
+    write_marker(layout.pgdata, m, owner, data_mode)
+    removed = 0
+    if opts.delta:
+        (layout.pgdata / PG_CONTROL).unlink(missing_ok=True)  # never startable while half-updated
+        removed = clean_for_delta(m, layout)
+    prepare_tree(m, layout, owner, dir_mode)
+    items = [Item(f, layout.dest(f.path)) for f in m.files
+             if f.path != PG_CONTROL and not ("/" not in f.path and f.path in ROOT_SKIP)]
+    control = next((f for f in m.files if f.path == PG_CONTROL), None)
+    if control is None:
+        raise IntegrityError(f"backup {m.id} has no global/pg_control in its manifest")
+    stats = write_files(storage, m, items, opts.jobs, owner, opts.delta, progress)
+    stats.removed = removed
+
+    phase("writing backup_label, tablespace_map and recovery settings")
+    write_small(layout.pgdata / "backup_label", m.backup_label.encode(), owner, 0o600)
+    tsmap = render_tablespace_map(m, layout.tablespaces)
+    if tsmap:
+        write_small(layout.pgdata / "tablespace_map", tsmap.encode(), owner, 0o600)
+    else:
+        (layout.pgdata / "tablespace_map").unlink(missing_ok=True)
+    for name in ("recovery.conf", "postmaster.pid", "postmaster.opts"):
+        (layout.pgdata / name).unlink(missing_ok=True)
+    write_recovery(layout.pgdata, settings, owner)
+    for root in layout.roots():
+        for dirpath, _dirs, _files in os.walk(root):
+            fsync_dir(Path(dirpath))
+    # pg_control last: until it exists PostgreSQL refuses to start on the directory
+    cstats = write_files(storage, m, [Item(control, layout.pgdata / PG_CONTROL)], 1, owner, False)
+    stats.add(cstats)
+    stats.seconds += cstats.seconds
+    fsync_dir(layout.pgdata / "global")
+    (layout.pgdata / MARKER).unlink()
+    fsync_dir(layout.pgdata)
+    result = RestoreResult(plan, layout.pgdata, False, stats, settings)
+    log.info("restored %d files (%d kept) in %.1fs", stats.files_written, stats.files_kept, stats.seconds)
+    if opts.replay:
+        phase("starting PostgreSQL to replay WAL to the target")
+        result.replay = replay(storage, plan, layout.pgdata, owner, ReplaySpec(
+            opts.action, opts.archive_mode, opts.replay_timeout, opts.pg_bin, opts.server_env))
+    result.seconds = time.monotonic() - t0
+    return result

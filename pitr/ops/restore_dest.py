@@ -1,0 +1,318 @@
+"""Where a restore writes and whether it may: the destination's layout and every check on it.
+
+- Layout maps manifest paths to the data directory or to tablespace locations (--tablespace-map).
+- check_destination refuses, before anything is written: a running server's directory, a
+  non-empty one without --delta (or with --delta, one that is not a data directory), a non-empty
+  tablespace location, an owner that is root, a directory this user cannot write, too little space.
+- The marker file `pitr-restore.incomplete` is written first and removed last, so an interrupted
+  restore is recognisable; prepare_tree makes directories (with the manifest's modes, and the
+  ones a base backup leaves out) and tablespace links; clean_for_delta removes what the backup
+  does not have.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from pitr.errors import RestoreError, UsageError
+from pitr.repo.manifest import Manifest
+
+MARKER = "pitr-restore.incomplete"
+PG_CONTROL = "global/pg_control"
+# Written by the finish step (from the manifest's fields), never copied from the file list.
+ROOT_SKIP = {"postmaster.pid", "postmaster.opts", "backup_label", "tablespace_map", "recovery.signal",
+             "standby.signal", "recovery.conf", "backup_label.old", "tablespace_map.old", MARKER}
+# Directories a base backup leaves out (or leaves empty) that PostgreSQL needs to start.
+REQUIRED_DIRS = ("pg_wal", "pg_wal/archive_status", "pg_replslot", "pg_dynshmem", "pg_notify", "pg_serial",
+                 "pg_snapshots", "pg_stat_tmp", "pg_subtrans", "pg_logical", "pg_logical/snapshots",
+                 "pg_logical/mappings", "pg_twophase", "pg_commit_ts", "pg_multixact",
+                 "pg_multixact/members", "pg_multixact/offsets", "pg_xact", "pg_stat", "pg_tblspc", "global",
+                 "base")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each manifest path goes: the data dir, or a tablespace location."""
+
+    pgdata: Path
+    tablespaces: dict[str, Path]  # oid -> location (after --tablespace-map)
+
+    def dest(self, rel: str) -> Path:
+        parts = rel.split("/")
+        if len(parts) >= 3 and parts[0] == "pg_tblspc" and parts[1] in self.tablespaces:
+            return self.tablespaces[parts[1]].joinpath(*parts[2:])
+        return self.pgdata / rel
+
+    def is_link(self, rel: str) -> bool:
+        parts = rel.split("/")
+        return len(parts) == 2 and parts[0] == "pg_tblspc" and parts[1] in self.tablespaces
+
+    def roots(self) -> list[Path]:
+        return [self.pgdata, *self.tablespaces.values()]
+
+
+def tablespace_locations(m: Manifest, remap: Mapping[str, Path]) -> dict[str, Path]:
+    locs = {t.oid: Path(t.location) for t in m.tablespaces}
+    if not locs and m.tablespace_map:
+        for line in m.tablespace_map.splitlines():
+            oid, _, path = line.partition(" ")
+            if oid.isdigit() and path:
+                locs[oid] = Path(path)
+    unknown = sorted(set(remap) - set(locs))
+    if unknown:
+        raise UsageError(f"--tablespace-map names tablespace {unknown[0]}, which backup {m.id} does not have",
+                         f"its tablespaces are: {', '.join(sorted(locs)) or 'none'}")
+    return {oid: Path(remap.get(oid, p)).absolute() for oid, p in locs.items()}
+
+
+def render_tablespace_map(m: Manifest, locs: Mapping[str, Path]) -> str | None:
+    if not m.tablespace_map:
+        return None
+    out = []
+    for line in m.tablespace_map.splitlines():
+        oid, sep, _path = line.partition(" ")
+        out.append(f"{oid} {locs[oid]}" if sep and oid in locs else line)
+    return "\n".join(out) + "\n"
+
+
+def live_postmaster(pgdata: Path) -> int | None:
+    """The pid in pgdata/postmaster.pid when that process is alive (a running server), else None."""
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0].strip())
+    except (OSError, ValueError):
+        return None
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, someone else's
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        if "postgres" not in comm and "postmaster" not in comm:
+            return None  # a recycled pid: the lock file is stale
+    except OSError:
+        pass
+    return pid
+
+
+def nearest_existing(path: Path) -> Path:
+    p = path
+    while not p.exists():
+        if p.parent == p:
+            break
+        p = p.parent
+    return p
+
+
+def data_owner(pgdata: Path) -> tuple[int, int] | None:
+    """As root: whom to give the files (DIR's owner, else its parent's); refuses root. Else None."""
+    if os.geteuid() != 0:
+        return None
+    ref = pgdata if pgdata.exists() else nearest_existing(pgdata.parent)
+    st = ref.stat()
+    if st.st_uid == 0:
+        raise RestoreError(f"{ref} is owned by root, and PostgreSQL refuses to run as root",
+                           f"chown {ref} to the PostgreSQL OS user (e.g. chown postgres: {ref}) and run again")
+    return st.st_uid, st.st_gid
+
+
+def check_destination(pgdata: Path, delta: bool, m: Manifest, layout: Layout) -> tuple[int, int] | None:
+    """Every refusal about the destination, before anything is written. Returns the owner to use."""
+    d = pgdata
+    if d.exists() and not d.is_dir():
+        raise RestoreError(f"{d} exists and is not a directory", "give --pgdata a directory path")
+    if d.is_dir():
+        pid = live_postmaster(d)
+        if pid is not None:
+            raise RestoreError(f"{d} belongs to a running PostgreSQL server (pid {pid}); a restore would "
+                               "destroy it", "stop that server first, or restore into another directory")
+        entries = sorted(os.listdir(d))
+        if entries and not delta:
+            why = ("an earlier restore into it was interrupted" if MARKER in entries else "it is not empty")
+            raise RestoreError(f"refusing to restore into {d}: {why}",
+                               "use --delta to restore over it (keeping files that match), or give an empty "
+                               "or new directory")
+        if entries and delta and not ({"PG_VERSION", MARKER} & set(entries)):
+            raise RestoreError(f"refusing --delta on {d}: it does not look like a PostgreSQL data directory "
+                               "(no PG_VERSION), so pitr will not delete its contents",
+                               "give the cluster's data directory, or an empty or new directory")
+        if entries and delta:
+            _check_same_version(d, m)
+    for oid, loc in layout.tablespaces.items():
+        if loc == d or d in loc.parents:
+            continue  # a location inside the data dir is covered by the data dir's checks
+        if loc.exists() and not loc.is_dir():
+            raise RestoreError(f"the location {loc} of tablespace {oid} exists and is not a directory")
+        if loc.is_dir() and os.listdir(loc) and not delta:
+            raise RestoreError(f"the location {loc} of tablespace {oid} is not empty",
+                               f"restore it elsewhere with --tablespace-map {oid}=/new/dir, or use --delta")
+    owner = data_owner(d)
+    for root in layout.roots():
+        ref = nearest_existing(root)
+        if os.geteuid() != 0 and not os.access(ref, os.W_OK | os.X_OK):
+            raise RestoreError(f"{ref} is not writable by this user",
+                               "run the restore as the PostgreSQL OS user that owns the directory")
+    if not delta:
+        _check_space(m, layout)
+    return owner
+
+
+def _check_same_version(d: Path, m: Manifest) -> None:
+    try:
+        have = (d / "PG_VERSION").read_text().strip()
+    except OSError:
+        return
+    if have and have != str(m.pg_version):
+        raise RestoreError(f"refusing --delta on {d}: it holds PostgreSQL {have} and the backup is PostgreSQL "
+                           f"{m.pg_version}", "restore into an empty directory")
+
+
+def _check_space(m: Manifest, layout: Layout) -> None:
+    need: dict[int, int] = {}
+    where: dict[int, Path] = {}
+    for f in m.files:
+        root = nearest_existing(layout.dest(f.path).parent)
+        try:
+            dev = root.stat().st_dev
+        except OSError:
+            continue
+        need[dev] = need.get(dev, 0) + f.size
+        where.setdefault(dev, root)
+    for dev, n in need.items():
+        free = shutil.disk_usage(where[dev]).free
+        if n > free:
+            raise RestoreError(f"not enough free space for the restore: it needs {n >> 20} MiB on the filesystem "
+                               f"of {where[dev]}, which has {free >> 20} MiB free",
+                               "free some space or restore elsewhere")
+
+
+def root_mode(m: Manifest) -> int:
+    for d in m.directories:
+        if d.path in ("", "."):
+            return 0o750 if d.mode & 0o050 else 0o700
+    return 0o700
+
+
+def write_marker(pgdata: Path, m: Manifest, owner: tuple[int, int] | None, mode: int) -> None:
+    pgdata.mkdir(parents=True, exist_ok=True)
+    os.chmod(pgdata, mode)
+    if owner:
+        os.chown(pgdata, *owner)
+    body = json.dumps({"backup": m.id, "pid": os.getpid(), "started": time.time(),
+                       "note": "a pitr restore into this directory has not completed; do not start PostgreSQL "
+                               "on it. Restore again (with --delta to keep what is already here)."}) + "\n"
+    write_small(pgdata / MARKER, body.encode(), owner, 0o600)
+    fsync_dir(pgdata)
+    fsync_dir(pgdata.parent)
+
+
+def write_small(path: Path, data: bytes, owner: tuple[int, int] | None, mode: int) -> None:
+    if path.is_symlink() or path.is_dir():
+        remove_path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    try:
+        os.fchmod(fd, mode)
+        if owner:
+            os.fchown(fd, *owner)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_path(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)
+
+
+def _mkdir(path: Path, mode: int, owner: tuple[int, int] | None) -> None:
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+    path.mkdir(mode=mode, parents=True, exist_ok=True)
+    os.chmod(path, mode)
+    if owner:
+        os.chown(path, *owner)
+
+
+def prepare_tree(m: Manifest, layout: Layout, owner: tuple[int, int] | None, dir_mode: int) -> None:
+    """Directories with the manifest's modes, tablespace locations and links, required dirs."""
+    for loc in layout.tablespaces.values():
+        _mkdir(loc, dir_mode, owner)
+    for d in sorted(m.directories, key=lambda x: x.path.count("/")):
+        if d.path in ("", ".") or layout.is_link(d.path):
+            continue
+        _mkdir(layout.dest(d.path), (d.mode & 0o7777) or dir_mode, owner)
+    for rel in REQUIRED_DIRS + (("pg_wal/summaries",) if m.pg_version >= 17 else ()):
+        p = layout.pgdata / rel
+        if not p.is_dir():
+            _mkdir(p, dir_mode, owner)
+    parents = {layout.dest(f.path).parent for f in m.files}
+    for p in sorted(parents, key=lambda x: len(x.parts)):
+        if not p.is_dir():
+            _mkdir(p, dir_mode, owner)
+    for oid, loc in layout.tablespaces.items():
+        link = layout.pgdata / "pg_tblspc" / oid
+        if link.is_symlink() and os.readlink(link) == str(loc):
+            continue
+        if link.is_symlink() or link.exists():
+            remove_path(link)
+        os.symlink(loc, link)
+        if owner:
+            os.lchown(link, *owner)
+
+
+def clean_for_delta(m: Manifest, layout: Layout) -> int:
+    """--delta: remove what the backup does not have (pg_wal contents included). Returns the count."""
+    want_files = {layout.dest(f.path) for f in m.files}
+    want_dirs = {layout.dest(d.path) for d in m.directories if not layout.is_link(d.path)}
+    want_dirs |= {layout.pgdata / r for r in REQUIRED_DIRS} | {layout.pgdata / "pg_wal/summaries"}
+    want_dirs |= {p for f in want_files for p in f.parents}
+    links = {layout.pgdata / "pg_tblspc" / oid for oid in layout.tablespaces}
+    keep_root = {layout.pgdata / n for n in (MARKER, "postgresql.auto.conf")}
+    removed = 0
+    for root in layout.roots():
+        if not root.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+            base = Path(dirpath)
+            for name in filenames + [n for n in dirnames if (base / n).is_symlink()]:
+                p = base / name
+                if p in want_files or p in keep_root or p in links:
+                    continue
+                p.unlink()
+                removed += 1
+            for name in dirnames:
+                p = base / name
+                if p.is_symlink() or p in want_dirs or p in links:
+                    continue
+                if any(p == r for r in layout.roots()):
+                    continue
+                shutil.rmtree(p, ignore_errors=True)
+                removed += 1
+    return removed

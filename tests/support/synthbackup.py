@@ -1,0 +1,150 @@
+"""An independent base backup for restore tests: online, non-exclusive, written straight into the
+repository layout (manifest + envelopes, small files bundled, large ones alone) without `pitr backup`.
+
+It follows PostgreSQL's documented low-level backup API (pg_backup_start / copy / pg_backup_stop on
+one connection), so restore tests do not depend on the backup code they would otherwise share bugs
+with. Runs as root (reads the postgres-owned data dir directly).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+
+from pitr.pg import walname
+from pitr.repo import codec as envelope
+from pitr.repo.format import backup_data_key
+from pitr.repo.manifest import DirEntry, FileEntry, Manifest, Tablespace, write_manifest
+from pitr.storage.base import Storage
+
+SKIP_DIR_CONTENTS = {"pg_wal", "pg_replslot", "pg_dynshmem", "pg_notify", "pg_serial", "pg_snapshots",
+                     "pg_stat_tmp", "pg_subtrans"}
+SKIP_FILES = {"postmaster.pid", "postmaster.opts", "backup_label", "tablespace_map", "recovery.signal",
+              "standby.signal", "postgresql.auto.conf.tmp"}
+BUNDLE_FILE_MAX = 64 << 10
+BUNDLE_MAX = 1 << 20
+
+
+class _Writer:
+    def __init__(self, storage: Storage, backup_id: str) -> None:
+        self.storage, self.id = storage, backup_id
+        self.n = 0
+        self.bundle = bytearray()
+        self.bundle_entries: list[FileEntry] = []
+        self.stored = 0
+
+    def _next_key(self) -> tuple[str, str]:
+        self.n += 1
+        key = backup_data_key(self.id, self.n)
+        return key, key.split("/", 2)[2]  # "data/000001"
+
+    def add(self, e: FileEntry, data: bytes) -> None:
+        env = envelope.encode(data, envelope.Codec("zstd", 1))
+        if len(data) <= BUNDLE_FILE_MAX:
+            e.offset, e.length = len(self.bundle), len(env)
+            self.bundle += env
+            self.bundle_entries.append(e)
+            if len(self.bundle) >= BUNDLE_MAX:
+                self.flush()
+            return
+        key, rel = self._next_key()
+        self.storage.put(key, env)
+        e.object, e.offset, e.length = rel, 0, len(env)
+        self.stored += len(env)
+
+    def flush(self) -> None:
+        if not self.bundle_entries:
+            return
+        key, rel = self._next_key()
+        self.storage.put(key, bytes(self.bundle))
+        for e in self.bundle_entries:
+            e.object = rel
+        self.stored += len(self.bundle)
+        self.bundle = bytearray()
+        self.bundle_entries = []
+
+
+def _walk(root: Path, prefix: str, files: list[tuple[str, Path]], dirs: list[DirEntry],
+          tablespaces: list[Tablespace] | None) -> None:
+    for dirpath, dirnames, filenames in os.walk(root):
+        base = Path(dirpath)
+        rel = base.relative_to(root).as_posix()
+        relp = prefix + ("" if rel == "." else rel)
+        dirs.append(DirEntry(relp.rstrip("/") or ".", stat.S_IMODE(base.stat().st_mode)))
+        top = relp.rstrip("/").split("/")[-1] if relp else ""
+        if prefix == "" and rel in SKIP_DIR_CONTENTS:
+            dirnames[:] = []
+            continue
+        for d in list(dirnames):
+            p = base / d
+            if p.is_symlink() and tablespaces is not None and rel == "pg_tblspc":
+                loc = Path(os.readlink(p))
+                tablespaces.append(Tablespace(d, str(loc)))
+                dirnames.remove(d)
+                _walk(loc, f"pg_tblspc/{d}/", files, dirs, None)
+        for f in filenames:
+            if prefix == "" and rel == "." and f in SKIP_FILES:
+                continue
+            if f.startswith("pgsql_tmp") or top == "pgsql_tmp":
+                continue
+            files.append(((f"{relp.rstrip('/')}/{f}" if relp.rstrip("/") else f), base / f))
+
+
+def synth_backup(conninfo: str, pgdata: Path, storage: Storage, backup_id: str | None = None) -> Manifest:
+    """Take an online backup of the cluster at pgdata (archive_command must reach `storage`)."""
+    backup_id = backup_id or datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    t0 = time.monotonic()
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        ver = int(conn.execute("show server_version_num").fetchone()[0])  # type: ignore[index]
+        sysid = int(conn.execute("select system_identifier from pg_control_system()").fetchone()[0])  # type: ignore[index]
+        segsize = int(conn.execute("select setting from pg_settings where name = 'wal_segment_size'")
+                      .fetchone()[0])  # type: ignore[index]
+        checksums = conn.execute("show data_checksums").fetchone()[0] == "on"  # type: ignore[index]
+        fn = "pg_backup_start(%s, true)" if ver >= 150000 else "pg_start_backup(%s, true, false)"
+        row = conn.execute(f"select l::text, pg_walfile_name(l), clock_timestamp() from {fn} l",
+                           (backup_id,)).fetchone()
+        assert row is not None
+        start_lsn, start_wal, start_time = str(row[0]), str(row[1]), row[2]
+        files: list[tuple[str, Path]] = []
+        dirs: list[DirEntry] = []
+        tablespaces: list[Tablespace] = []
+        _walk(pgdata, "", files, dirs, tablespaces)
+        w = _Writer(storage, backup_id)
+        entries = []
+        total = 0
+        for rel, path in files:
+            try:
+                data = path.read_bytes()
+                st = path.stat()
+            except FileNotFoundError:
+                continue  # dropped during the backup: WAL replay knows
+            e = FileEntry(rel, len(data), hashlib.sha256(data).hexdigest() if data else "",
+                          stat.S_IMODE(st.st_mode), st.st_mtime, None)
+            if data:
+                w.add(e, data)
+            entries.append(e)
+            total += len(data)
+        w.flush()
+        stop_fn = ("pg_backup_stop(wait_for_archive => true)" if ver >= 150000
+                   else "pg_stop_backup(false, true)")
+        row = conn.execute(f"select b.lsn::text, b.labelfile, b.spcmapfile, clock_timestamp() from {stop_fn} b"
+                           ).fetchone()
+        assert row is not None
+        stop_lsn, label, spcmap, stop_time = str(row[0]), str(row[1]), row[2], row[3]
+    tli = int(start_wal[:8], 16)
+    m = Manifest(
+        id=backup_id, type="full", system_identifier=sysid, pg_version=ver // 10000, pg_version_num=ver,
+        wal_segment_size=segsize, timeline=tli, start_lsn=start_lsn, stop_lsn=stop_lsn, start_wal=start_wal,
+        stop_wal=walname.segment_of_lsn(tli, walname.parse_lsn(stop_lsn), segsize),
+        start_time=start_time.astimezone(UTC).isoformat(), stop_time=stop_time.astimezone(UTC).isoformat(),
+        compress="zstd:1", backup_label=label, tablespace_map=str(spcmap) if spcmap else None,
+        checksums_enabled=checksums, files=entries, directories=dirs, tablespaces=tablespaces, bytes=total,
+        stored_bytes=w.stored, duration=time.monotonic() - t0, pitr_version="synth")
+    write_manifest(storage, m)
+    return m
