@@ -64,6 +64,8 @@ class Settings:
     spool_path: str | None = None
     # restore-side prefetch of the next segments
     prefetch: int = 0
+    # restore --replay: PostgreSQL bin directory (default: found by the backup's major version)
+    pg_bin: str | None = None
     retain_full: int | None = None
     retain_days: float | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
