@@ -5,6 +5,7 @@ All SQL pitr sends lives here, with the 13/14 vs 15+ differences in one place.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,16 @@ class ServerInfo:
     @property
     def major(self) -> int:
         return self.version_num // 10000
+
+
+@dataclass(frozen=True)
+class BackupStop:
+    """What pg_backup_stop returns: the stop LSN and the two files a restore must write."""
+
+    lsn: int
+    backup_label: str
+    tablespace_map: str | None  # None when the cluster has no tablespaces
+    time: datetime.datetime
 
 
 class PgSession:
@@ -75,6 +86,39 @@ class PgSession:
         from pitr.pg.walname import parse_lsn
 
         return str(rows[0][0]), parse_lsn(str(rows[0][1]))
+
+    # --- non-exclusive base backup (this connection must stay open from start to stop: closing it
+    # aborts the backup on the server, which is what an interrupted `pitr backup` relies on)
+    def backup_start(self, label: str, fast: bool) -> tuple[int, datetime.datetime]:
+        """Start a non-exclusive backup; returns (start LSN, server time)."""
+        if self.conn.info.server_version >= 150000:
+            sql = "select pg_backup_start(%s, %s)::text, clock_timestamp()"
+        else:
+            sql = "select pg_start_backup(%s, %s, false)::text, clock_timestamp()"
+        lsn, at = self.query(sql, (label, fast))[0]
+        from pitr.pg.walname import parse_lsn
+
+        return parse_lsn(str(lsn)), at
+
+    def backup_stop(self) -> BackupStop:
+        """Finish the backup without waiting for archiving (pitr waits on its own repository)."""
+        if self.conn.info.server_version >= 150000:
+            sql = ("select b.lsn::text, b.labelfile, b.spcmapfile, clock_timestamp()"
+                   " from pg_backup_stop(wait_for_archive => false) b")
+        else:
+            sql = ("select b.lsn::text, b.labelfile, b.spcmapfile, clock_timestamp()"
+                   " from pg_stop_backup(false, false) b")
+        lsn, label, spcmap, at = self.query(sql)[0]
+        from pitr.pg.walname import parse_lsn
+
+        return BackupStop(parse_lsn(str(lsn)), str(label), str(spcmap) if spcmap else None, at)
+
+    def create_restore_point(self, name: str) -> tuple[int, str]:
+        """pg_create_restore_point(name): (its LSN, the WAL segment holding it)."""
+        lsn, wal = self.query("select l::text, pg_walfile_name(l) from pg_create_restore_point(%s) l", (name,))[0]
+        from pitr.pg.walname import parse_lsn
+
+        return parse_lsn(str(lsn)), str(wal)
 
     def close(self) -> None:
         try:

@@ -160,6 +160,19 @@ def segments_for(stretches: list[Stretch], until_lsn: int | None, seg_size: int)
     return names
 
 
+def present_wal(storage: Storage, names: list[str]) -> set[str]:
+    """Which of the named WAL files the archive holds: one listing per wal/<timeline+log>/ folder
+    involved (a backup's range spans one or two), instead of one request per segment."""
+    wanted = set(names)
+    found: set[str] = set()
+    for folder in sorted({wal_key(n).rsplit("/", 1)[0] + "/" for n in wanted}):
+        for o in storage.list(folder):
+            name = o.key.rsplit("/", 1)[-1]
+            if name in wanted:
+                found.add(name)
+    return found
+
+
 def backups(storage: Storage) -> list[Manifest]:
     """Complete backups, oldest first."""
     return list_manifests(storage)

@@ -1,0 +1,334 @@
+"""`pitr backup` and `pitr restore-point`: an online base backup, and a named recovery point.
+
+backup, as a recipe of named steps on ONE connection held from start to stop:
+  1. check      repository initialized and ours; primary; archiving on; PGDATA is this server's
+  2. claim      a unique backup ID (conditional write of backups/<ID>/started)
+  3. start      pg_backup_start (15+) / pg_start_backup non-exclusive (13-14), fast checkpoint
+  4. copy       scan PGDATA + tablespaces (backup_files), pipeline into the repo (backup_store),
+                page checksums verified as files stream past; pg_control last
+  5. stop       pg_backup_stop / pg_stop_backup: backup_label + tablespace_map; the server
+                switches WAL
+  6. wal        wait until every segment from start to stop is in the archive (timeout)
+  7. commit     write the manifest (the commit point), drop the claim marker
+Any failure or signal before 7: the connection is closed (which aborts the backup on the
+server), the objects written so far are deleted (best effort), and no manifest exists, so the
+backup is never listed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pitr import __version__
+from pitr.errors import AlreadyExistsError, BackupError, Interrupted, PitrError, PostgresError, UsageError
+from pitr.ops.backup_files import ScanOptions, scan
+from pitr.ops.backup_store import Pipeline, Progress, StoreOptions, is_internal_abort
+from pitr.pg import layout, walname
+from pitr.pg.conn import PgSession, ServerInfo
+from pitr.repo import codec as envelope
+from pitr.repo.catalog import present_wal
+from pitr.repo.format import backup_dir
+from pitr.repo.manifest import Manifest, write_manifest
+from pitr.repo.meta import check_cluster, read_meta
+from pitr.storage.base import Storage
+
+log = logging.getLogger("pitr.backup")
+
+BACKUP_TYPES = ("full", "incr")
+
+
+@dataclass(frozen=True)
+class BackupOptions:
+    codec: envelope.Codec
+    jobs: int = 2
+    pgdata: str | None = None  # default: the server's data_directory
+    fast: bool = True  # fast (immediate) checkpoint at start: a backup run by hand should start now
+    archive_timeout: float = 300.0  # how long to wait for the backup's WAL to reach the archive
+    type: str = "full"
+
+
+@dataclass
+class BackupResult:
+    manifest: Manifest
+    objects: int
+    vanished: list[str] = field(default_factory=list)
+
+    @property
+    def bad_pages(self) -> dict[str, list[int]]:
+        return {f.path: f.bad_pages for f in self.manifest.files if f.bad_pages}
+
+
+@dataclass(frozen=True)
+class ServerFacts:
+    """What the backup needs to know about the server, read once at the start."""
+
+    info: ServerInfo
+    archive_mode: str
+    data_checksums: bool
+    block_size: int
+    relseg_blocks: int
+    catalog_version: int
+    stats_temp_directory: str | None
+
+
+def server_facts(pg: PgSession) -> ServerFacts:
+    info = pg.info()
+    row = pg.query(
+        "select current_setting('archive_mode'), current_setting('data_checksums'),"
+        " current_setting('block_size')::int, current_setting('segment_size'),"
+        " (select catalog_version_no from pg_control_system()),"
+        " current_setting('stats_temp_directory', true)"
+    )[0]
+    block = int(row[2])
+    return ServerFacts(info, str(row[0]), str(row[1]) == "on", block, _size(str(row[3]), block) // block,
+                       int(row[4]), str(row[5]) if row[5] else None)
+
+
+def _size(text: str, block: int) -> int:
+    """segment_size shows as '1GB' (or a block count on old servers)."""
+    units = {"kB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
+    for u, mult in units.items():
+        if text.endswith(u):
+            return int(text[: -len(u)]) * mult
+    return int(text) * block
+
+
+# --------------------------------------------------------------------------- steps
+
+def check_server(storage: Storage, facts: ServerFacts, want_archive: bool = True) -> None:
+    meta = read_meta(storage)
+    check_cluster(meta, facts.info.system_identifier, storage)
+    if facts.info.in_recovery:
+        raise BackupError("the server is a standby (in recovery); pitr backs up a primary only",
+                          "run pitr backup against the primary server")
+    if want_archive and facts.archive_mode == "off":
+        raise BackupError("archive_mode is off, so the backup's WAL would never reach the archive",
+                          "set archive_mode = on and archive_command = 'pitr wal-push %p', restart, "
+                          "then run `pitr check`")
+
+
+def resolve_pgdata(given: str | None, facts: ServerFacts) -> Path:
+    """The data directory to read: --pgdata / PGDATA, else the server's own; must be this server's."""
+    server_dir = Path(facts.info.data_directory)
+    path = Path(given) if given else server_dir
+    control = path / layout.CONTROL_FILE
+    try:
+        with open(control, "rb") as f:
+            sysid = int.from_bytes(f.read(8), "little")
+    except FileNotFoundError:
+        raise BackupError(f"{path} is not a PostgreSQL data directory (no {layout.CONTROL_FILE})",
+                          f"the server's data directory is {server_dir}; pitr backup runs on the database "
+                          "host and reads it directly") from None
+    except PermissionError:
+        raise BackupError(f"cannot read the data directory {path}: permission denied",
+                          "run pitr backup as the PostgreSQL server's OS user (e.g. postgres)") from None
+    if sysid != facts.info.system_identifier:
+        raise BackupError(f"{path} belongs to another cluster than the server pitr is connected to "
+                          f"({sysid} vs {facts.info.system_identifier})",
+                          f"use --pgdata {server_dir} or fix --dbname / PGHOST / PGPORT")
+    return path
+
+
+def new_backup_id(now: dt.datetime, taken: Callable[[str], bool]) -> str:
+    """20261125T221530F; if taken, 20261125T221530F-2, -3, … (still sorts by time)."""
+    base = now.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%S") + "F"
+    n = 1
+    while True:
+        bid = base if n == 1 else f"{base}-{n}"
+        if not taken(bid):
+            return bid
+        n += 1
+
+
+def claim_backup_id(storage: Storage, now: dt.datetime) -> str:
+    """Reserve an ID with a conditional write, so two concurrent backups never share a directory."""
+    marker = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": _iso(now)}).encode()
+
+    def taken(bid: str) -> bool:
+        if any(True for _ in storage.list(backup_dir(bid))):
+            return True
+        try:
+            storage.put(started_key(bid), marker, if_absent=True)
+        except AlreadyExistsError:
+            return True
+        return False
+
+    return new_backup_id(now, taken)
+
+
+def started_key(backup_id: str) -> str:
+    """Marker of a backup in progress (or interrupted); never read as a backup (no manifest)."""
+    return backup_dir(backup_id) + "started"
+
+
+def parse_backup_label(text: str) -> tuple[int, int, str]:
+    """(start LSN, timeline, start WAL file) from a backup_label's text."""
+    m = re.search(r"^START WAL LOCATION: ([0-9A-F]+/[0-9A-F]+) \(file ([0-9A-F]{24})\)", text, re.M)
+    t = re.search(r"^START TIMELINE: (\d+)", text, re.M)
+    if not m:
+        raise BackupError("the backup_label PostgreSQL returned has no START WAL LOCATION line")
+    lsn = walname.parse_lsn(m.group(1))
+    tli = int(t.group(1)) if t else walname.timeline_of(m.group(2))
+    return lsn, tli, m.group(2)
+
+
+def wait_for_wal(storage: Storage, names: list[str], timeout: float, what: str,
+                 archiver_status: Callable[[], str | None] | None = None,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> None:
+    """Return once every named segment is archived; BackupError naming the first missing one after timeout."""
+    deadline = clock() + timeout
+    pending = list(names)
+    delay = 0.1
+    while pending:
+        have = present_wal(storage, pending)
+        pending = [n for n in pending if n not in have]
+        if not pending:
+            return
+        if clock() >= deadline:
+            status = archiver_status() if archiver_status else None
+            raise BackupError(
+                f"WAL segment {pending[0]} needed by {what} did not reach the archive within {timeout:g}s"
+                + (f" ({status})" if status else ""),
+                "check archive_command (it must be 'pitr wal-push %p' with this repository) and the server log; "
+                "`pitr check` tests archiving end to end",
+            )
+        sleep(delay)
+        delay = min(1.0, delay * 2)
+
+
+def archiver_status(pg: PgSession) -> Callable[[], str | None]:
+    def status() -> str | None:
+        try:
+            rows = pg.query("select last_failed_wal, last_failed_time, last_archived_wal from pg_stat_archiver")
+        except PitrError:
+            return None
+        if not rows or not rows[0][0]:
+            return "PostgreSQL reports no failed archive attempts; is archiving slow or stuck?"
+        failed, at, last_ok = rows[0]
+        when = at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if at else "?"
+        return f"PostgreSQL's archiver last failed on {failed} at {when}; last archived: {last_ok or 'none'}"
+    return status
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _cleanup(storage: Storage, backup_id: str) -> None:
+    """Best effort: remove what an unfinished backup wrote (a missing manifest already hides it)."""
+    try:
+        keys = [o.key for o in storage.list(backup_dir(backup_id)) if not o.key.endswith("/manifest")]
+        storage.delete_many(keys)
+    except Exception as e:  # noqa: BLE001 - cleanup must not mask the real failure
+        log.warning("could not delete the partial backup %s (%s); `pitr expire` can remove it later", backup_id, e)
+
+
+# --------------------------------------------------------------------------- recipe
+
+def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: Progress | None = None,
+                abort: threading.Event | None = None) -> BackupResult:
+    """Run the whole recipe (module doc). On any failure the session is closed and nothing is listed."""
+    if opts.type != "full":
+        raise UsageError(f"backup type {opts.type!r} is not supported yet; only full backups are",
+                         "use --type full (the default)")
+    t0 = time.monotonic()
+    facts = server_facts(pg)
+    check_server(storage, facts)
+    pgdata = resolve_pgdata(opts.pgdata, facts)
+    backup_id = claim_backup_id(storage, dt.datetime.now(dt.UTC))
+    log.info("backup %s: starting (%s checkpoint)", backup_id, "fast" if opts.fast else "spread")
+    stopped = False
+    try:
+        start_lsn, start_time = pg.backup_start(f"pitr backup {backup_id}", opts.fast)
+        log.info("backup %s: started at %s", backup_id, walname.format_lsn(start_lsn))
+        major = facts.info.major
+        found = scan(pgdata, ScanOptions(
+            version_dir=layout.tablespace_version_dir(major, facts.catalog_version),
+            checksums=facts.data_checksums, relseg_blocks=facts.relseg_blocks, block_size=facts.block_size,
+            extra_empty=tuple(x for x in [layout.stats_temp_rel(facts.stats_temp_directory, str(pgdata))] if x),
+        ))
+        pipe = Pipeline(storage, StoreOptions(backup_id, opts.codec, opts.jobs, start_lsn, facts.block_size),
+                        found.total_bytes, progress, abort)
+        pipe.run(found.files)
+        pipe.run(found.last)  # pg_control after everything else
+        stop = pg.backup_stop()
+        stopped = True
+        label_lsn, tli, start_wal = parse_backup_label(stop.backup_label)
+        seg = facts.info.wal_segment_size
+        wal = walname.segment_range(tli, label_lsn, stop.lsn, seg)
+        log.info("backup %s: stopped at %s; waiting for %d WAL segment(s) to be archived", backup_id,
+                 walname.format_lsn(stop.lsn), len(wal))
+        wait_for_wal(storage, wal, opts.archive_timeout, f"backup {backup_id}", archiver_status(pg))
+        res = pipe.result
+        files = sorted(res.entries, key=lambda e: e.path)
+        m = Manifest(
+            id=backup_id, type="full", system_identifier=facts.info.system_identifier, pg_version=major,
+            pg_version_num=facts.info.version_num, wal_segment_size=seg, timeline=tli,
+            start_lsn=walname.format_lsn(label_lsn), stop_lsn=walname.format_lsn(stop.lsn),
+            start_wal=start_wal, stop_wal=walname.segment_of_lsn(tli, stop.lsn, seg),
+            start_time=_iso(start_time), stop_time=_iso(stop.time), compress=str(opts.codec),
+            backup_label=stop.backup_label, tablespace_map=stop.tablespace_map,
+            checksums_enabled=facts.data_checksums, files=files, directories=found.dirs,
+            tablespaces=found.tablespaces, bytes=res.raw_bytes, stored_bytes=res.stored_bytes,
+            duration=0.0, pitr_version=__version__,
+            extra={"block_size": facts.block_size, "objects": res.objects, "vanished": len(res.vanished),
+                   "pgdata": str(pgdata)},
+        )
+        m.duration = round(time.monotonic() - t0, 3)
+        write_manifest(storage, m)  # the commit point
+    except BaseException as e:
+        if not stopped:
+            pg.close()  # ends the session: the server aborts the non-exclusive backup
+        _cleanup(storage, backup_id)
+        if is_internal_abort(e) or isinstance(e, KeyboardInterrupt):
+            raise Interrupted(f"backup {backup_id} was interrupted; the server's backup was aborted and "
+                              "nothing was listed") from None
+        if isinstance(e, PostgresError) and not stopped:
+            raise BackupError(f"backup {backup_id} failed: {e}", e.hint) from None
+        raise
+    try:
+        storage.delete(started_key(backup_id))
+    except PitrError:
+        pass
+    log.info("backup %s: complete (%d files, %d bytes)", backup_id, len(m.files), m.bytes)
+    return BackupResult(m, res.objects, res.vanished)
+
+
+# --------------------------------------------------------------------------- restore point
+
+@dataclass(frozen=True)
+class RestorePoint:
+    name: str
+    lsn: int
+    wal: str  # segment holding the restore point record
+    archived: bool  # waited until that segment reached the archive
+
+
+def create_restore_point(storage: Storage, pg: PgSession, name: str, wait: bool = True,
+                         timeout: float = 300.0) -> RestorePoint:
+    """pg_create_restore_point(name); then switch WAL and wait for that segment to be archived, so
+    `restore --target-name NAME` works immediately."""
+    if not name or len(name.encode()) >= 64:
+        raise UsageError(f"restore point name {name!r} must be 1 to 63 bytes long")
+    facts = server_facts(pg)
+    check_server(storage, facts, want_archive=wait)
+    lsn, wal = pg.create_restore_point(name)
+    if not wait:
+        return RestorePoint(name, lsn, wal, False)
+    closed, _ = pg.switch_wal()
+    seg = facts.info.wal_segment_size
+    first = walname.segno(wal, seg)
+    last = max(first, walname.segno(closed, seg))
+    names = [walname.seg_name(walname.timeline_of(wal), n, seg) for n in range(first, last + 1)]
+    wait_for_wal(storage, names, timeout, f"restore point {name!r}", archiver_status(pg))
+    return RestorePoint(name, lsn, wal, True)
