@@ -6,6 +6,11 @@ import sys
 
 
 def main() -> None:
+    from pitr.cli.asyncwal import quick
+
+    rc = quick(sys.argv[1:])  # async/prefetch answers already on disk: standard library only
+    if rc is not None:
+        sys.exit(rc)
     from pitr.cli.fast import try_fast
 
     rc = try_fast(sys.argv[1:])

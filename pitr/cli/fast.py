@@ -6,10 +6,49 @@ Handles exactly `[globals] wal-push PATH` and `[globals] wal-fetch NAME DEST`; a
 
 from __future__ import annotations
 
-from pitr.cli.common import GLOBAL_OPTIONS, hoist_globals, report_error, setup_logging
+from pitr.cli.common import GLOBAL_OPTIONS, hoist_globals, is_verbose, report_error, setup_logging
 
 
 def try_fast(argv: list[str]) -> int | None:
+    """Run wal-push / wal-fetch here and return the exit code; None hands argv to the typer CLI.
+
+    A restore_command's exit status 1..125 makes PostgreSQL end recovery and promote, so for
+    wal-fetch every way of failing here (bad arguments, an unexpected exception) exits above 125.
+    """
+    fetch = _command_of(argv) == "wal-fetch"
+    try:
+        rc = _try_fast(argv)
+    except BaseException as e:  # noqa: BLE001 - the exit status is the whole interface
+        if not fetch or isinstance(e, SystemExit) and e.code == 0:
+            raise
+        from pitr.errors import EXIT_FETCH_HARD
+
+        report_error(e, is_verbose())
+        return EXIT_FETCH_HARD
+    if rc is None and fetch and not {"-h", "--help"} & set(argv):
+        from pitr.errors import EXIT_FETCH_HARD, UsageError
+
+        report_error(UsageError("wal-fetch takes exactly two arguments, NAME and DEST (and only global options)",
+                                "use restore_command = 'pitr wal-fetch %f %p'"), False)
+        return EXIT_FETCH_HARD
+    return rc
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The first word that is neither a global option nor its value."""
+    args = hoist_globals(argv)
+    i = 0
+    while i < len(args):
+        name = args[i].split("=", 1)[0]
+        if not args[i].startswith("-"):
+            return args[i]
+        if GLOBAL_OPTIONS.get(name) and "=" not in args[i]:
+            i += 1
+        i += 1
+    return None
+
+
+def _try_fast(argv: list[str]) -> int | None:
     args = hoist_globals(argv)
     opts: dict[str, str] = {}
     verbose = 0
@@ -36,6 +75,10 @@ def try_fast(argv: list[str]) -> int | None:
             return None
         i += 1
     rest = args[i:]
+    if rest and rest[0] in ("_wal-push-daemon", "_wal-prefetch"):  # internal helpers (cli/asyncwal.py)
+        from pitr.cli import asyncwal
+
+        return asyncwal.helper_main(rest[0], args[:i], rest[1:], opts)
     if not rest or rest[0] not in ("wal-push", "wal-fetch") or any(r.startswith("-") for r in rest[1:]):
         return None
     cmd, pos = rest[0], rest[1:]

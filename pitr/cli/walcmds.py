@@ -10,12 +10,18 @@ from pathlib import Path
 
 from pitr.cli.common import is_verbose, report_error
 from pitr.config import Settings
-from pitr.errors import EXIT_FETCH_HARD, NotFoundError, PitrError
+from pitr.errors import EXIT_FETCH_HARD, NotFoundError
 
 log = logging.getLogger("pitr")
 
 
 def run_wal_push(settings: Settings, path: str) -> int:
+    if settings.archive_async:
+        from pitr.cli.asyncwal import run_async_push
+
+        rc = run_async_push(settings, path)  # None: not a file PostgreSQL queued; push it here
+        if rc is not None:
+            return rc
     from pitr.ops import archive
     from pitr.repo.codec import parse_codec
     from pitr.repo.meta import read_meta
@@ -28,7 +34,7 @@ def run_wal_push(settings: Settings, path: str) -> int:
         r = archive.push(storage, meta, Path(path), parse_codec(settings.compress))
         log.info("%s %s (%d -> %d bytes)", r.name, r.status, r.raw_size, r.stored_size)
         return 0
-    except (PitrError, OSError, KeyboardInterrupt) as e:
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - one sentence on stderr, never a bare traceback
         return report_error(e, is_verbose())
     finally:
         if storage is not None:
@@ -40,11 +46,20 @@ def run_wal_fetch(settings: Settings, name: str, dest: str) -> int:
     from pitr.ops import archive
     from pitr.storage import open_storage
 
+    if settings.prefetch > 0:
+        from pitr.cli import asyncwal
+
+        if asyncwal.serve_prefetched(settings, name, dest):
+            return 0
     try:
         storage = open_storage(settings)
         archive.fetch_with_retries(storage, archive.MetaLoader(storage), name, Path(dest),
                                    settings.fetch_retries, settings.fetch_retry_forever)
         log.info("fetched %s", name)
+        if settings.prefetch > 0:
+            from pitr.cli import asyncwal
+
+            asyncwal.kick_prefetch(settings, name, dest)
         return 0
     except NotFoundError:
         log.info("%s is not in the archive", name)
@@ -52,7 +67,7 @@ def run_wal_fetch(settings: Settings, name: str, dest: str) -> int:
     except KeyboardInterrupt as e:
         report_error(e, is_verbose())
         return EXIT_FETCH_HARD
-    except (PitrError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - PitrError, OSError, and any bug alike
         report_error(e, is_verbose())
         # any failure but "not archived" must stop recovery, never end it early (see errors.py)
         return EXIT_FETCH_HARD

@@ -1,0 +1,282 @@
+"""Async wal-push and prefetching wal-fetch, as PostgreSQL calls them, plus their helper processes.
+
+- quick(): the first thing `pitr` runs. For `[globals] wal-push PATH` whose file the async helper
+  already stored, and `[globals] wal-fetch NAME DEST` whose segment was prefetched, it answers
+  with the standard library only (no typer, rich, boto3 or even the settings parser). Anything it
+  is not sure about returns None and the normal path decides.
+- run_async_push(): the wal-push foreground in async mode: start the helper if needed and wait
+  until it acknowledged this file (or reports its error).
+- serve_prefetched() / kick_prefetch(): wal-fetch's use of the prefetch spool.
+- helper_main(): the hidden `_wal-push-daemon` and `_wal-prefetch` commands (see ops/pushd.py,
+  ops/prefetch.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from pitr.ops import spool
+
+PUSH_HELPER = "_wal-push-daemon"
+PREFETCH_HELPER = "_wal-prefetch"
+HELPERS = (PUSH_HELPER, PREFETCH_HELPER)
+WAIT_LIMIT = 900.0  # an archive_command that never returns blocks PostgreSQL's shutdown
+MAX_SPAWNS = 3
+
+
+def quick(argv: list[str]) -> int | None:
+    """0 when the answer is already on local disk; None to let the normal path decide."""
+    try:
+        if len(argv) >= 2 and argv[-2] == "wal-push":
+            return _quick_push(argv)
+        if len(argv) >= 3 and argv[-3] == "wal-fetch":
+            return _quick_fetch(argv)
+    except Exception:  # noqa: BLE001 - never fail here: the normal path will say what is wrong
+        return None
+    return None
+
+
+def _quick_push(argv: list[str]) -> int | None:
+    glob = spool.split_global_args(argv, 1)
+    path = argv[-1]
+    if glob is None:
+        return None
+    sdir = spool.archive_spool_dir(os.environ.get("PITR_SPOOL_PATH"), path)
+    if not os.path.exists(sdir / f"{os.path.basename(path)}.ok"):
+        return None
+    return 0 if spool.acknowledged(sdir, path, spool.fingerprint(glob, os.environ)) else None
+
+
+def _quick_fetch(argv: list[str]) -> int | None:
+    glob = spool.split_global_args(argv, 2)
+    name, dest = argv[-2], argv[-1]
+    if glob is None or len(name) != 24:
+        return None
+    pdir = spool.prefetch_spool_dir(os.environ.get("PITR_SPOOL_PATH"), dest)
+    spool.await_inflight(pdir, name)
+    if not os.path.exists(pdir / f"{name}.meta"):
+        return None
+    fp = spool.fingerprint(glob, os.environ)
+    spool.write_want(pdir, name)  # first, so the prefetcher keeps `name` and moves its window on
+    why = spool.take_prefetched(pdir, name, dest, fp)
+    if why is None:
+        _ensure_prefetcher(glob, pdir)
+        return 0
+    if why != "absent":
+        print(f"pitr: warning: {why}", file=sys.stderr)
+    return None
+
+
+# --------------------------------------------------------------------------- wal-push, async mode
+
+def _global_args() -> list[str]:
+    """This process's global options in the standard order (what its helpers are started with)."""
+    from pitr.cli.common import hoist_globals
+
+    args = hoist_globals(sys.argv[1:])
+    for i, a in enumerate(args):
+        if a in ("wal-push", "wal-fetch"):
+            return args[:i]
+    return []
+
+
+def run_async_push(settings: object, path: str) -> int | None:
+    """Wait for the helper to store `path`; None when the file is not PostgreSQL's (push it in sync)."""
+    from pitr.cli.common import is_verbose, report_error
+    from pitr.errors import PitrError, StorageError
+
+    wal = Path(path)
+    if not (wal.parent / "archive_status" / f"{wal.name}.ready").exists():
+        return None
+    sdir = spool.archive_spool_dir(getattr(settings, "spool_path", None), wal)
+    glob = _global_args()
+    fp = spool.fingerprint(glob, os.environ)
+    try:
+        sdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return report_error(StorageError(f"cannot create the spool directory {sdir}: {e.strerror}",
+                                         "set spool_path to a directory the postgres user can write"),
+                            is_verbose())
+    spool.drop_stale_ok(sdir, wal, fp)
+    spawned = 0
+    next_look = 0.0
+    delay = 0.002
+    deadline = time.monotonic() + WAIT_LIMIT
+    log_path = sdir / f"{spool.PUSHD}.log"
+    while True:
+        if spool.acknowledged(sdir, wal, fp):
+            return 0
+        err = spool.take_error(sdir, wal.name) or spool.take_error(sdir, spool.PUSHD)
+        if err:
+            return report_error(PitrError(err[0], err[1]), is_verbose())
+        now = time.monotonic()
+        if now >= next_look:
+            state = spool.helper_state(sdir, spool.PUSHD)
+            if state is None:
+                if spawned >= MAX_SPAWNS:
+                    return report_error(PitrError(
+                        f"the async archiver stopped without storing {wal.name}",
+                        f"see {log_path}; or set archive_async = false"), is_verbose())
+                _trim_log(log_path)
+                spool.start_helper(sys.executable, glob, PUSH_HELPER,
+                                   [os.path.abspath(wal.parent), os.path.abspath(sdir)], log_path)
+                spawned += 1
+                next_look = now + 5.0
+            elif state != fp:
+                spool.request_stop(sdir, spool.PUSHD)  # it runs with outdated settings
+                next_look = now + 0.2
+            else:
+                next_look = now + 1.0
+        if now > deadline:
+            return report_error(PitrError(f"the async archiver did not store {wal.name} within "
+                                          f"{WAIT_LIMIT:.0f}s", f"see {log_path}"), is_verbose())
+        time.sleep(delay)
+        delay = min(0.02, delay * 1.5)
+
+
+def _trim_log(path: Path, limit: int = 1 << 20) -> None:
+    try:
+        if path.stat().st_size > limit:
+            path.unlink()
+    except OSError:
+        pass
+
+
+# --------------------------------------------------------------------------- wal-fetch prefetch
+
+def serve_prefetched(settings: object, name: str, dest: str) -> bool:
+    """True when `name` was served from the prefetch spool (verified)."""
+    import logging
+
+    pdir = spool.prefetch_spool_dir(getattr(settings, "spool_path", None), dest)
+    if len(name) != 24:
+        return False
+    spool.await_inflight(pdir, name)
+    if not (pdir / f"{name}.meta").exists():
+        return False
+    try:
+        spool.write_want(pdir, name)
+        why = spool.take_prefetched(pdir, name, dest, spool.fingerprint(_global_args(), os.environ))
+    except OSError:
+        return False
+    if why is None:
+        kick_prefetch(settings, name, dest)
+        return True
+    if why != "absent":
+        logging.getLogger("pitr").warning("%s", why)
+    return False
+
+
+def kick_prefetch(settings: object, name: str, dest: str) -> None:
+    """Record `name` as PostgreSQL's latest request and make sure a prefetcher is running."""
+    import logging
+
+    if len(name) != 24:
+        return  # history files and the like: nothing follows them
+    pdir = spool.prefetch_spool_dir(getattr(settings, "spool_path", None), dest)
+    try:
+        spool.write_want(pdir, name)
+        _ensure_prefetcher(_global_args(), pdir)
+    except OSError as e:
+        logging.getLogger("pitr").warning("cannot start prefetching into %s: %s", pdir, e)
+
+
+def _ensure_prefetcher(glob: list[str], pdir: Path) -> None:
+    if spool.helper_state(pdir, spool.PREFETCHD) is None:
+        log_path = pdir / f"{spool.PREFETCHD}.log"
+        _trim_log(log_path)
+        spool.start_helper(sys.executable, glob, PREFETCH_HELPER, [os.path.abspath(pdir), os.getcwd()], log_path)
+
+
+# --------------------------------------------------------------------------- helper processes
+
+def helper_main(command: str, global_args: list[str], pos: list[str], opts: dict[str, str]) -> int:
+    """Entry of the hidden helper commands (started detached, stdout/stderr = their log file)."""
+    import logging
+
+    from pitr.cli.common import setup_logging
+
+    setup_logging(1, False)
+    for h in logging.getLogger("pitr").handlers:
+        h.setFormatter(logging.Formatter(f"%(asctime)s pitr {command[1:]}[{os.getpid()}]: %(message)s"))
+    if command == PUSH_HELPER and len(pos) == 2:
+        return _push_helper(global_args, Path(pos[0]), Path(pos[1]), opts)
+    if command == PREFETCH_HELPER and len(pos) == 2:
+        return _prefetch_helper(global_args, Path(pos[0]), Path(pos[1]), opts)
+    print(f"pitr: error: {command} is an internal command", file=sys.stderr)
+    return 2
+
+
+def _push_helper(glob: list[str], pg_wal: Path, sdir: Path, opts: dict[str, str]) -> int:
+    import logging
+
+    from pitr.config import load_settings
+    from pitr.errors import PitrError
+    from pitr.ops import pushd
+    from pitr.repo.codec import parse_codec
+    from pitr.repo.meta import read_meta
+    from pitr.storage import open_storage
+
+    log = logging.getLogger("pitr")
+    fd = spool.take_lock(sdir, spool.PUSHD)
+    if fd is None:
+        return 0  # another helper is running
+    fp = spool.fingerprint(glob, os.environ)  # before the settings are read (see spool.fingerprint)
+    spool.publish_fingerprint(fd, fp)
+    storage = None
+    try:
+        settings = load_settings(opts)
+        jobs = max(1, settings.archive_push_jobs)
+        storage = open_storage(settings, max_connections=jobs + 2)
+        meta = read_meta(storage)
+        cfg = pushd.PushdConfig(pg_wal, sdir, fp, jobs, parse_codec(settings.compress))
+        log.info("started: %d jobs into %s", jobs, storage.display)
+        stats = pushd.serve(storage, meta, cfg, pushd.keep_going_checks(
+            cfg, pg_wal.parent, lambda: spool.fingerprint(glob, os.environ)))
+        log.info("exiting (%s): %d pushed, %d failed", stats.reason, stats.pushed, stats.failed)
+        return 0
+    except PitrError as e:
+        spool.write_error(sdir, spool.PUSHD, f"the async archiver cannot start: {e}", e.hint)
+        log.error("cannot start: %s", e)
+        return 1
+    finally:
+        if storage is not None:
+            storage.close()
+
+
+def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, str]) -> int:
+    import logging
+
+    from pitr.config import load_settings
+    from pitr.errors import PitrError
+    from pitr.ops import prefetch
+    from pitr.repo.meta import read_meta
+    from pitr.storage import open_storage
+
+    log = logging.getLogger("pitr")
+    fd = spool.take_lock(pdir, spool.PREFETCHD)
+    if fd is None:
+        return 0
+    fp = spool.fingerprint(glob, os.environ)
+    spool.publish_fingerprint(fd, fp)
+    storage = None
+    try:
+        settings = load_settings(opts)
+        jobs = max(1, min(settings.prefetch, settings.jobs))
+        storage = open_storage(settings, max_connections=jobs + 2)
+        meta = read_meta(storage)
+        cfg = prefetch.PrefetchConfig(pdir, fp, settings.prefetch, jobs)
+        log.info("started: %d segments ahead, %d jobs, from %s", settings.prefetch, jobs, storage.display)
+        reason, fetched = prefetch.serve(storage, meta, cfg, prefetch.keep_going_checks(pgdata, pdir))
+        log.info("exiting (%s): %d segments prefetched", reason, fetched)
+        return 0
+    except PitrError as e:
+        log.error("cannot prefetch: %s", e)  # wal-fetch itself still works without us
+        return 1
+    finally:
+        prefetch.clear(pdir)
+        if storage is not None:
+            storage.close()

@@ -1,0 +1,184 @@
+"""The WAL prefetcher: keeps the next segments of recovery on local disk before PostgreSQL asks.
+
+Started on demand by `pitr wal-fetch` when `prefetch` > 0 and gone when idle or when recovery
+ended. It reads the spool's `want` file (the name PostgreSQL asked for last) and keeps the next
+`count` segments of the same timeline in the spool: each is stream-decoded (size and SHA-256
+checked against the envelope trailer), its first page header checked against its name and the
+cluster, renamed into place, and described by NAME.meta, which the foreground checks again before
+it hands the file over. Files outside the window (consumed, skipped, other timelines) are deleted.
+A timeline switch simply moves the window: files are only ever served under their own name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from pitr.errors import IntegrityError, NotFoundError, PitrError
+from pitr.ops import spool
+from pitr.pg import walname
+from pitr.repo import codec as envelope
+from pitr.repo.format import wal_key
+from pitr.repo.meta import RepoMeta
+from pitr.storage.base import Storage
+
+log = logging.getLogger("pitr.prefetch")
+
+IDLE_EXIT = 30.0  # seconds without a new request before the prefetcher exits
+MISSING_RECHECK = 5.0  # a segment not yet archived is looked for again after this long
+
+
+@dataclass(frozen=True)
+class PrefetchConfig:
+    spool: Path
+    fingerprint: str
+    count: int
+    jobs: int
+    idle_exit: float = IDLE_EXIT
+    poll: float = 0.02
+
+
+def window(want: str | None, count: int, seg_size: int) -> list[str]:
+    """The segments after `want` on its timeline (empty unless want is a plain segment name)."""
+    if want is None or count <= 0:
+        return []
+    w = walname.parse(want)
+    if w is None or w.kind != "segment":
+        return []
+    no = walname.segno(want, seg_size)
+    return [walname.seg_name(w.timeline, no + i, seg_size) for i in range(1, count + 1)]
+
+
+def fetch_one(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig, name: str) -> None:
+    """Fetch name into the spool, verified, then describe it in NAME.meta. NotFoundError if absent."""
+    src = storage.open(wal_key(name))
+    tmp = cfg.spool / spool.partial_name(name)
+    try:
+        with src, open(tmp, "wb") as raw:
+            out = _CrcWriter(raw)
+            t = envelope.decode_stream(src, out, f"archived {name}")
+        with open(tmp, "rb") as f:
+            head = f.read(64)
+        why = spool.segment_problem(name, head, t.size, meta.system_identifier, meta.wal_segment_size)
+        if why:
+            raise IntegrityError(f"archived {name} {why}")
+        os.replace(tmp, cfg.spool / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    spool.write_marker(cfg.spool / f"{name}.meta", {
+        "fp": cfg.fingerprint, "size": str(t.size), "sha256": t.sha256, "crc32": str(out.crc),
+        "sysid": str(meta.system_identifier), "seg_size": str(meta.wal_segment_size)})
+
+
+class _CrcWriter:
+    """Writes through, keeping a CRC-32 of what was written (the foreground's cheap re-check)."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self.crc = 0
+
+    def write(self, b: bytes) -> int:
+        self.crc = zlib.crc32(b, self.crc)
+        return self._out.write(b)
+
+
+def serve(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig,
+          keep_going: Callable[[], str | None]) -> tuple[str, int]:
+    """Keep the window filled until idle or told to stop; returns why it stopped and how many it fetched."""
+    inflight: dict[Future[None], str] = {}
+    missing: dict[str, float] = {}
+    failed: dict[str, float] = {}
+    last_want: str | None = None
+    last_change = time.monotonic()
+    next_check = 0.0
+    reason: str | None = None
+    fetched = 0
+    with ThreadPoolExecutor(max_workers=cfg.jobs, thread_name_prefix="prefetch") as pool:
+        while True:
+            now = time.monotonic()
+            want = spool.read_want(cfg.spool)
+            if want != last_want:
+                last_want, last_change = want, now
+            wanted = window(want, cfg.count, meta.wal_segment_size)
+            busy = set(inflight.values())
+            _prune(cfg.spool, set(wanted) | ({want} if want else set()) | busy)
+            if reason is None:
+                for name in wanted:
+                    if len(inflight) >= cfg.jobs:
+                        break
+                    if name in busy or (cfg.spool / f"{name}.meta").exists():
+                        continue
+                    if missing.get(name, 0.0) > now or failed.get(name, 0.0) > now:
+                        continue
+                    inflight[pool.submit(fetch_one, storage, meta, cfg, name)] = name
+            if inflight:
+                finished, _ = wait(list(inflight), timeout=cfg.poll * 5, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    name = inflight.pop(fut)
+                    try:
+                        fut.result()
+                        fetched += 1
+                    except NotFoundError:
+                        missing[name] = time.monotonic() + MISSING_RECHECK
+                    except (PitrError, OSError) as e:
+                        log.warning("prefetching %s failed: %s", name, e)
+                        failed[name] = time.monotonic() + 2.0
+                continue
+            if now >= next_check:
+                next_check = now + 1.0
+                if reason is None:
+                    reason = keep_going()
+            if reason is not None:
+                return reason, fetched
+            if now - last_change > cfg.idle_exit:
+                return "idle", fetched
+            time.sleep(cfg.poll)
+
+
+def _prune(spool_dir: Path, keep: set[str]) -> None:
+    """Delete prefetched files PostgreSQL will not ask for next (consumed, skipped, other timeline)."""
+    try:
+        entries = list(os.scandir(spool_dir))
+    except FileNotFoundError:
+        return
+    for e in entries:
+        name = e.name
+        if name.endswith(".meta"):
+            name = name[:-5]
+        elif name.startswith(".") and name.endswith(".part"):
+            name = name[1:-5]
+        if len(name) != 24 or name in keep or walname.parse(name) is None:
+            continue
+        try:
+            os.unlink(e.path)
+        except FileNotFoundError:
+            pass
+
+
+def clear(spool_dir: Path) -> None:
+    """Remove every prefetched file (on exit: nothing will use them)."""
+    _prune(spool_dir, set())
+    (spool_dir / "want").unlink(missing_ok=True)
+
+
+def keep_going_checks(pgdata: Path, spool_dir: Path) -> Callable[[], str | None]:
+    """Stop once recovery is over (PostgreSQL removes recovery.signal/standby.signal at its end)."""
+    signals = [pgdata / "recovery.signal", pgdata / "standby.signal"]
+    in_recovery = any(p.exists() for p in signals)
+
+    def check() -> str | None:
+        if spool.stop_requested(spool_dir, spool.PREFETCHD):
+            return "asked to stop"
+        if in_recovery and not any(p.exists() for p in signals):
+            return "recovery ended"
+        return None
+
+    return check

@@ -1,0 +1,367 @@
+"""Spool directories of the async archiver and the WAL prefetcher, and the foreground's light checks.
+
+archive_command and restore_command run once per WAL file, so what they do before answering must
+be cheap: this module imports only light standard-library modules and never a storage SDK.
+
+Async archiving (spool dir default `pg_wal/pitr_spool`; PostgreSQL ignores sub-directories of
+pg_wal and base backups skip pg_wal's contents):
+    NAME.ok       the helper stored NAME durably; binds the settings fingerprint and the file's
+                  identity (device, inode, size, mtime) so a stale or foreign marker never
+                  acknowledges different bytes or another repository
+    NAME.error    the helper's last failure for NAME (message, hint), reported once by the next call
+    pushd.error   the helper could not start (bad settings, repository unreachable, ...)
+    pushd.lock    flock held by the running helper; its content is that helper's fingerprint
+    pushd.stop    asks the running helper to exit (its settings are outdated)
+
+Prefetch (spool dir default `pg_wal/pitr_prefetch`):
+    NAME          a segment fetched ahead, verified against its envelope trailer (size, SHA-256)
+                  and page header; NAME.meta (written after it) holds the fingerprint, the size,
+                  the trailer's SHA-256, a CRC-32 of the bytes written and the cluster identity;
+                  size, CRC-32 and header are checked again before the file goes to PostgreSQL
+    want          the name PostgreSQL asked for last; the prefetcher fetches what follows it
+    prefetch.lock flock held by the running prefetcher
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+ARCHIVE_SPOOL = "pitr_spool"
+PREFETCH_SPOOL = "pitr_prefetch"
+PUSHD = "pushd"
+PREFETCHD = "prefetch"
+DEFAULT_CONFIG = "/etc/pitr/pitr.toml"  # same default as pitr.config (not imported: it is heavy)
+_VALUE_OPTIONS = ("--repo", "--config", "--s3-endpoint")
+_NOISE = {"-v", "-q", "--verbose", "--quiet"}
+# env that feeds Settings and names the repository; credentials do not change where bytes go
+_ENV_PREFIXES = ("PITR_",)
+_ENV_NAMES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+_LONG_HEADER = struct.Struct("<HHIQI4xQII")
+XLP_LONG_HEADER = 0x0002
+
+
+# --------------------------------------------------------------------------- locations
+
+def archive_spool_dir(spool_path: str | None, wal_path: str | os.PathLike[str]) -> Path:
+    """Where markers for this cluster live: spool_path/archive, else pg_wal/pitr_spool."""
+    if spool_path:
+        return Path(spool_path) / "archive"
+    return Path(os.path.abspath(os.path.dirname(os.fspath(wal_path)) or ".")) / ARCHIVE_SPOOL
+
+
+def prefetch_spool_dir(spool_path: str | None, dest: str | os.PathLike[str]) -> Path:
+    """Where prefetched segments wait: spool_path/prefetch, else beside DEST (pg_wal)/pitr_prefetch."""
+    if spool_path:
+        return Path(spool_path) / "prefetch"
+    return Path(os.path.abspath(os.path.dirname(os.fspath(dest)) or ".")) / PREFETCH_SPOOL
+
+
+def config_file(global_args: list[str], env: Mapping[str, str]) -> str:
+    for i, a in enumerate(global_args):
+        if a == "--config" and i + 1 < len(global_args):
+            return global_args[i + 1]
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+    return env.get("PITR_CONFIG") or DEFAULT_CONFIG
+
+
+def fingerprint(global_args: list[str], env: Mapping[str, str]) -> str:
+    """A digest of everything that decides the settings: global options, PITR_* env, config file.
+
+    Settings are a pure function of these inputs, so equal fingerprints mean the same repository
+    and the same async/prefetch choice, without paying for parsing the settings.
+    """
+    import hashlib
+
+    args = [a for a in global_args if not _is_noise(a)]
+    cfg = config_file(global_args, env)
+    try:
+        st = os.stat(cfg)
+        cfg_sig = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        cfg_sig = "-"
+    envs = sorted((k, v) for k, v in env.items()
+                  if (k.startswith(_ENV_PREFIXES) and k != "PITR_LOG_LEVEL") or k in _ENV_NAMES)
+    text = repr((args, envs, cfg, cfg_sig))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _is_noise(arg: str) -> bool:
+    """-v/-q style flags change only logging, never where WAL goes."""
+    return arg in _NOISE or (arg[:1] == "-" and arg[1:2] != "-" and set(arg[1:]) <= {"v", "q"})
+
+
+def split_global_args(argv: list[str], npos: int) -> list[str] | None:
+    """argv = [global options...] COMMAND POS... -> the global options, or None when not that shape."""
+    head = argv[: len(argv) - npos - 1]
+    i = 0
+    while i < len(head):
+        a = head[i]
+        if a in _VALUE_OPTIONS:
+            i += 2
+            continue
+        if not a.startswith("-"):
+            return None
+        i += 1
+    return head if i == len(head) else None
+
+
+# --------------------------------------------------------------------------- markers
+
+def file_identity(st: os.stat_result) -> str:
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def write_marker(path: Path, fields: Mapping[str, str]) -> None:
+    """Write key=value lines atomically (temp + rename): a reader sees all of it or nothing."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(f"{k}={v}\n" for k, v in fields.items()))
+    os.replace(tmp, path)
+
+
+def read_marker(path: Path) -> dict[str, str] | None:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        k, eq, v = line.partition("=")
+        if eq:
+            out[k] = v
+    return out
+
+
+def acknowledged(spool: Path, wal_path: str | os.PathLike[str], fp: str) -> bool:
+    """True when the helper stored exactly this file under these settings (NAME.ok matches)."""
+    name = os.path.basename(os.fspath(wal_path))
+    m = read_marker(spool / f"{name}.ok")
+    if not m or m.get("fp") != fp:
+        return False
+    try:
+        st = os.stat(wal_path)
+    except OSError:
+        return False
+    return m.get("file") == file_identity(st)
+
+
+def write_ok(spool: Path, name: str, fp: str, identity: str, status: str) -> None:
+    write_marker(spool / f"{name}.ok", {"fp": fp, "file": identity, "status": status,
+                                         "time": f"{time.time():.3f}"})
+    try:
+        (spool / f"{name}.error").unlink()
+    except FileNotFoundError:
+        pass
+
+
+def write_error(spool: Path, name: str, message: str, hint: str | None) -> None:
+    fields = {"message": message.replace("\n", " ")}
+    if hint:
+        fields["hint"] = hint.replace("\n", " ")
+    write_marker(spool / f"{name}.error", fields)
+
+
+def take_error(spool: Path, name: str) -> tuple[str, str | None] | None:
+    """The recorded failure for name, removed so that the next attempt starts clean."""
+    path = spool / f"{name}.error"
+    m = read_marker(path)
+    if m is None:
+        return None
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return None  # someone else reported it
+    return m.get("message", "the async archiver failed"), m.get("hint")
+
+
+# --------------------------------------------------------------------------- helper processes
+
+def helper_state(spool: Path, helper: str) -> str | None:
+    """None when no helper holds `helper`.lock, else the fingerprint it wrote into the lock."""
+    import fcntl
+
+    path = spool / f"{helper}.lock"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def take_lock(spool: Path, helper: str) -> int | None:
+    """Become the one running helper: the locked fd (kept open for life), or None if taken."""
+    import fcntl
+
+    spool.mkdir(parents=True, exist_ok=True)
+    fd = os.open(spool / f"{helper}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def request_stop(spool: Path, helper: str) -> None:
+    (spool / f"{helper}.stop").touch()
+
+
+def stop_requested(spool: Path, helper: str) -> bool:
+    """True (once) when someone asked the helper to exit."""
+    try:
+        (spool / f"{helper}.stop").unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def drop_stale_ok(spool: Path, wal_path: str | os.PathLike[str], fp: str) -> None:
+    """Remove NAME.ok when it does not acknowledge this file under these settings."""
+    name = os.path.basename(os.fspath(wal_path))
+    if (spool / f"{name}.ok").exists() and not acknowledged(spool, wal_path, fp):
+        _discard(spool / f"{name}.ok")
+
+
+def publish_fingerprint(fd: int, fp: str) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, fp.encode(), 0)
+
+
+def start_helper(python: str, global_args: list[str], command: str, args: Iterable[str], log: Path) -> None:
+    """Start `pitr [globals] COMMAND ARGS` detached (own session, no inherited stdio), not waited for."""
+    import subprocess
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        subprocess.Popen([python, "-m", "pitr", *global_args, command, *args],
+                         stdin=subprocess.DEVNULL, stdout=out, stderr=out, close_fds=True,
+                         start_new_session=True)
+
+
+# --------------------------------------------------------------------------- prefetch
+
+def segment_problem(name: str, head: bytes, size: int, sysid: int, seg_size: int) -> str | None:
+    """Why a prefetched file is not segment `name` of cluster `sysid` (None when it is)."""
+    if size != seg_size:
+        return f"is {size} bytes, not {seg_size}"
+    if len(head) < _LONG_HEADER.size:
+        return "is truncated"
+    magic, info, _tli, pageaddr, _rem, h_sysid, h_seg, _blck = _LONG_HEADER.unpack_from(head, 0)
+    if magic & 0xFF00 != 0xD100 or not info & XLP_LONG_HEADER:
+        return "does not start with a WAL page header"
+    log_no, seg_no = int(name[8:16], 16), int(name[16:24], 16)
+    expected = (log_no * (0x100000000 // seg_size) + seg_no) * seg_size
+    if pageaddr != expected:
+        return "has a page header LSN that disagrees with its name"
+    if h_sysid != sysid or h_seg != seg_size:
+        return "belongs to another cluster"
+    return None
+
+
+def take_prefetched(pdir: Path, name: str, dest: str | os.PathLike[str], fp: str) -> str | None:
+    """Move a verified prefetched `name` to dest atomically.
+
+    Returns None when served, "absent" when there is nothing usable prefetched for name, or a
+    sentence saying why the prefetched file was rejected (it is deleted then).
+    """
+    import mmap
+    import zlib
+
+    meta_path, data_path = pdir / f"{name}.meta", pdir / name
+    m = read_marker(meta_path)
+    if m is None:
+        return "absent"
+    if m.get("fp") != fp:
+        _discard(meta_path, data_path)
+        return "absent"  # fetched under other settings: not ours to judge
+    try:
+        size, crc = int(m["size"]), int(m["crc32"])
+        sysid, seg_size = int(m["sysid"]), int(m["seg_size"])
+        with open(data_path, "rb") as f:
+            actual = os.fstat(f.fileno()).st_size
+            if actual != size or size == 0:
+                why: str | None = f"is {actual} bytes, not {size}"
+            else:
+                # the bytes were verified against the envelope's SHA-256 when fetched; the CRC-32
+                # taken then proves they are still those bytes (no copy: the page cache is hashed)
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                    why = "fails its checksum" if zlib.crc32(mm) != crc else segment_problem(
+                        name, mm[: _LONG_HEADER.size], size, sysid, seg_size)
+    except FileNotFoundError:
+        _discard(meta_path)
+        return "absent"
+    except (OSError, KeyError, ValueError):
+        _discard(meta_path, data_path)
+        return "absent"
+    if why:
+        _discard(meta_path, data_path)
+        return f"the prefetched copy of {name} {why}; fetching it from the repository"
+    dest = os.fspath(dest)
+    try:
+        os.replace(data_path, dest)
+    except FileNotFoundError:
+        _discard(meta_path)
+        return "absent"  # the prefetcher pruned it meanwhile
+    except OSError:
+        # another file system: copy beside dest, then rename (PostgreSQL never sees a partial file)
+        import shutil
+
+        tmp = os.path.join(os.path.dirname(dest) or ".", f".{os.path.basename(dest)}.pitr-{os.getpid()}")
+        try:
+            shutil.copyfile(data_path, tmp)
+            os.replace(tmp, dest)
+        except BaseException:
+            _discard(Path(tmp))
+            raise
+        _discard(data_path)
+    _discard(meta_path)
+    return None
+
+
+def _discard(*paths: Path) -> None:
+    for p in paths:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def partial_name(name: str) -> str:
+    """The prefetcher's file for `name` while it is being fetched (one prefetcher at a time)."""
+    return f".{name}.part"
+
+
+def await_inflight(pdir: Path, name: str, limit: float = 10.0) -> None:
+    """If the prefetcher is fetching `name` right now, wait for it rather than fetch it twice."""
+    part, meta = pdir / partial_name(name), pdir / f"{name}.meta"
+    deadline = time.monotonic() + limit
+    delay = 0.002
+    while os.path.exists(part) and not os.path.exists(meta) and time.monotonic() < deadline:
+        time.sleep(delay)
+        delay = min(0.02, delay * 1.5)
+
+
+def write_want(pdir: Path, name: str) -> None:
+    pdir.mkdir(parents=True, exist_ok=True)
+    tmp = pdir / f".want.{os.getpid()}"
+    tmp.write_text(name)
+    os.replace(tmp, pdir / "want")
+
+
+def read_want(pdir: Path) -> str | None:
+    try:
+        return (pdir / "want").read_text().strip() or None
+    except OSError:
+        return None

@@ -1,0 +1,203 @@
+"""Async archiving: one wal-push call pushes every .ready file through a warm helper; markers are honest.
+
+What a user checks: every segment PostgreSQL produced under load is in the repository, byte for
+byte; a segment the helper did not store is never acknowledged (outage); an already-stored
+segment is acknowledged without importing boto3/typer/rich; a stale or foreign marker is not
+trusted; the helper's errors reach PostgreSQL through the next call.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pitr.ops import archive, spool
+from pitr.pg import walname
+from pitr.repo.meta import read_meta
+from pitr.storage.s3 import S3Storage
+from tests.support import walgen
+from tests.support.pg import PgCluster, make_tmpdir, rmtree_pg, run_as_postgres
+from tests.support.s3 import MotoServer
+
+PITR = str(Path(sys.executable).parent / "pitr")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PITR_", "AWS_ENDPOINT"))}
+    return env | extra
+
+
+def _stop_helpers(sdir: Path, helper: str = spool.PUSHD) -> None:
+    """Tests stop what they start: ask the helper to exit and wait until its lock is free."""
+    if not sdir.is_dir():
+        return
+    spool.request_stop(sdir, helper)
+    deadline = time.monotonic() + 15
+    while spool.helper_state(sdir, helper) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert spool.helper_state(sdir, helper) is None, "helper did not stop"
+
+
+# --------------------------------------------------------------------------- without a server
+
+@pytest.fixture
+def fake_pgdata() -> Iterator[tuple[Path, Path]]:
+    """(pgdata with pg_wal/archive_status, initialised fs repo) for a fake cluster."""
+    base = make_tmpdir("pitr-spool-")
+    pgdata = base / "data"
+    (pgdata / "pg_wal" / "archive_status").mkdir(parents=True)
+    walgen.fs_repo(base / "repo")
+    yield pgdata, base / "repo"
+    _stop_helpers(pgdata / "pg_wal" / spool.ARCHIVE_SPOOL)
+    rmtree_pg(base)
+
+
+def _queue(pgdata: Path, names: list[str], seed: int = 0) -> None:
+    for n in names:
+        (pgdata / "pg_wal" / n).write_bytes(walgen.segment(n, seed=seed))
+        (pgdata / "pg_wal" / "archive_status" / f"{n}.ready").touch()
+
+
+def test_lookahead_ack_without_heavy_imports_and_stale_markers(fake_pgdata: tuple[Path, Path]) -> None:
+    pgdata, repo = fake_pgdata
+    env = _env(PITR_REPO=str(repo), PITR_ARCHIVE_ASYNC="true", PITR_ARCHIVE_PUSH_JOBS="2")
+    a, b, c = walgen.names(3, 3)
+    _queue(pgdata, [a, b, c])
+    store = walgen.FsStorage(repo)
+
+    r = subprocess.run([PITR, "wal-push", f"pg_wal/{a}"], cwd=pgdata, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    # the one call stored the other queued files too (look-ahead), each verifiable byte for byte
+    deadline = time.monotonic() + 30
+    while not all((pgdata / "pg_wal" / spool.ARCHIVE_SPOOL / f"{n}.ok").exists() for n in (b, c)):
+        assert time.monotonic() < deadline, "look-ahead segments were not pushed"
+        time.sleep(0.05)
+    meta = read_meta(store)
+    for n in (a, b, c):
+        out = pgdata / f"back-{n}"
+        archive.fetch(store, meta, n, out)
+        assert out.read_bytes() == (pgdata / "pg_wal" / n).read_bytes()
+
+    # b is acknowledged from its marker alone: no settings parser, typer, rich or boto3 imported
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "pitr", "wal-push", f"pg_wal/{b}"],
+                       cwd=pgdata, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if "|" in line}
+    assert not imported & {"boto3", "botocore", "typer", "rich", "click", "pitr.config", "zstandard"}
+
+    # a marker whose file changed (same name, new bytes) acknowledges nothing: the conflict surfaces
+    (pgdata / "pg_wal" / c).write_bytes(walgen.segment(c, seed=1))
+    r = subprocess.run([PITR, "wal-push", f"pg_wal/{c}"], cwd=pgdata, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1
+    assert f"already holds a different {c}" in r.stderr
+    assert "Traceback" not in r.stderr
+
+    # a marker written for one repository does not acknowledge for another (settings changed)
+    other = pgdata.parent / "other-repo"
+    other.mkdir()
+    r = subprocess.run([PITR, "wal-push", f"pg_wal/{b}"], cwd=pgdata, env=env | {"PITR_REPO": str(other)},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "not initialized" in r.stderr
+    assert not list(other.rglob(b))
+
+
+# --------------------------------------------------------------------------- with a server
+
+
+def _archiving_cluster(cluster_factory, moto_server: MotoServer, bucket: str, name: str = "pg") -> PgCluster:  # type: ignore[no-untyped-def]
+    c: PgCluster = cluster_factory(name)
+    c.initdb("archive_mode = on\narchive_command = 'pitr wal-push %p'\nwal_keep_size = 1GB\n")
+    env = moto_server.env() | {"PITR_REPO": f"s3://{bucket}/db", "PITR_ARCHIVE_ASYNC": "1",
+                               "PITR_ARCHIVE_PUSH_JOBS": "2"}
+    c.start(env=env)
+    run_as_postgres([PITR, "init"], env=env | c.env())
+    return c
+
+
+def _check_archive(c: PgCluster, moto_server: MotoServer, bucket: str, first: str, last: str) -> list[str]:
+    """Every segment first..last is in the bucket and decodes to the bytes still in pg_wal."""
+    store = S3Storage(bucket, "db", endpoint=moto_server.endpoint)
+    meta = read_meta(store)
+    keys = {o.key.rsplit("/", 1)[-1] for o in store.list("wal/")}
+    tli = walname.timeline_of(first)
+    want = [walname.seg_name(tli, n) for n in range(walname.segno(first), walname.segno(last) + 1)]
+    missing = [n for n in want if n not in keys]
+    assert not missing, f"gap in the archive: {missing}"
+    out = c.base / "fetched"
+    for n in want:
+        archive.fetch(store, meta, n, out)
+        assert out.read_bytes() == (c.data / "pg_wal" / n).read_bytes(), n
+    return want
+
+
+@pytest.mark.slow
+def test_async_archiving_keeps_up_under_pgbench(cluster_factory, moto_server: MotoServer, s3_bucket: str,  # type: ignore[no-untyped-def]
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in moto_server.env().items():
+        monkeypatch.setenv(k, v)
+    c = _archiving_cluster(cluster_factory, moto_server, s3_bucket)
+    first = str(c.scalar("select pg_walfile_name(pg_current_wal_lsn())"))
+    c.pgbench(["-i", "-s", "1", "-q"])
+    stop = threading.Event()
+
+    def switcher() -> None:  # many short segments: a deep .ready queue for the helper
+        while not stop.wait(0.1):
+            c.switch_wal()
+
+    t = threading.Thread(target=switcher)
+    t.start()
+    try:
+        c.pgbench(["-c", "2", "-T", "4", "-n"])
+    finally:
+        stop.set()
+        t.join()
+    last = c.switch_wal()
+    c.wait_archived(last, timeout=120)
+    segs = _check_archive(c, moto_server, s3_bucket, first, last)
+    assert len(segs) >= 20
+    log = (c.data / "pg_wal" / spool.ARCHIVE_SPOOL / "pushd.log").read_text()
+    assert "started: 2 jobs" in log  # the helper did the pushing
+    assert c.scalar("select failed_count from pg_stat_archiver") == 0
+    c.stop()
+    _stop_helpers(c.data / "pg_wal" / spool.ARCHIVE_SPOOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pg_version", ["15"], indirect=True, ids=["pg15"])
+def test_outage_never_acknowledges_unstored_and_catches_up(cluster_factory, moto_server: MotoServer,  # type: ignore[no-untyped-def]
+                                                           s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in moto_server.env().items():
+        monkeypatch.setenv(k, v)
+    c = _archiving_cluster(cluster_factory, moto_server, s3_bucket)
+    sdir = c.data / "pg_wal" / spool.ARCHIVE_SPOOL
+    first = c.switch_wal()
+    c.wait_archived(first)
+    moto_server.outage()
+    try:
+        during = [c.switch_wal() for _ in range(3)]
+        deadline = time.monotonic() + 60
+        while c.scalar("select failed_count from pg_stat_archiver") == 0:
+            assert time.monotonic() < deadline, "archive_command did not fail during the outage"
+            time.sleep(0.2)
+        for _ in range(10):  # the helper keeps retrying: never an .ok for what it could not store
+            assert not [n for n in during if (sdir / f"{n}.ok").exists()]
+            assert c.scalar("select last_archived_wal from pg_stat_archiver") == first
+            time.sleep(0.2)
+        assert "cannot reach the S3 endpoint" in c.log_text()  # the helper's error, surfaced by PostgreSQL
+    finally:
+        moto_server.recover()
+    last = c.switch_wal()  # wakes the archiver, which may be sleeping after repeated failures
+    c.wait_archived(last, timeout=120)
+    _check_archive(c, moto_server, s3_bucket, first, last)
+    c.stop()
+    _stop_helpers(sdir)
