@@ -6,7 +6,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-import click
 import typer
 
 from pitr import __version__
@@ -80,15 +79,22 @@ _register()
 def run(argv: list[str]) -> None:
     args = hoist_globals(argv)
     try:
-        app(args, prog_name="pitr", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        print("pitr: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
+        # not standalone: an Exit raised by a command comes back as its exit code
+        rc = app(args, prog_name="pitr", standalone_mode=False)
     except (PitrError, KeyboardInterrupt, OSError) as e:
         sys.exit(report_error(e, is_verbose()))
-    sys.exit(0)
+    except Exception as e:  # noqa: BLE001 - usage errors, Abort, or a bug: never a bare traceback
+        sys.exit(_click_failure(e))
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _click_failure(e: Exception) -> int:
+    """Typer >= 0.16 vendors click (typer._click), older typer raises click's own: match both by name."""
+    names = {c.__name__ for c in type(e).__mro__}
+    if "Abort" in names:
+        print("pitr: interrupted", file=sys.stderr)
+        return 130
+    if "ClickException" in names:
+        e.show()  # type: ignore[attr-defined]
+        return 2 if "UsageError" in names else int(getattr(e, "exit_code", 1))
+    return report_error(e, is_verbose())
