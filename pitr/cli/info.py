@@ -1,0 +1,164 @@
+"""Commands: info (alias list) — the repository's backups, WAL, recoverable window and RPO.
+
+The --json shape is documented in docs/info-json.md; change both together.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any
+
+import typer
+
+from pitr.cli.render import emit, emit_json, human_bytes, human_duration, table
+
+INFO_JSON_VERSION = 1
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _human_time(iso: str | None) -> str:
+    if not iso:
+        return "-"
+    t = dt.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def to_json(r: Any) -> dict[str, Any]:
+    """The documented JSON object (docs/info-json.md) of an ops.info.InfoReport."""
+    from pitr.pg import walname
+
+    backups = []
+    for b in r.backups:
+        m = b.manifest
+        item: dict[str, Any] = {"id": b.id, "status": b.status}
+        if m is not None:
+            item.update({
+                "type": m.type, "timeline": m.timeline, "start_time": m.start_time, "stop_time": m.stop_time,
+                "start_lsn": m.start_lsn, "stop_lsn": m.stop_lsn, "start_wal": m.start_wal, "stop_wal": m.stop_wal,
+                "bytes": m.bytes, "stored_bytes": m.stored_bytes, "files": len(m.files), "duration": m.duration,
+                "compress": m.compress, "pg_version": m.pg_version, "checksums_enabled": m.checksums_enabled,
+                "bad_pages": b.bad_pages,
+            })
+        if b.missing_wal:
+            item["missing_wal"] = b.missing_wal
+        if b.problem:
+            item["problem"] = b.problem
+        backups.append(item)
+    w = r.window
+    latest = w.latest
+    return {
+        "version": INFO_JSON_VERSION,
+        "repo": r.repo,
+        "cluster": {"system_identifier": str(r.meta.system_identifier), "pg_version": r.meta.pg_version,
+                    "wal_segment_size": r.meta.wal_segment_size, "repo_format": r.meta.format,
+                    "initialized": r.meta.created},
+        "now": _iso(r.now),
+        "backups": backups,
+        "wal": {
+            "timelines": [{
+                "timeline": t.timeline, "first": t.first, "last": t.last, "count": t.count,
+                "gaps": [{"first": g.first, "last": g.last, "count": g.count} for g in t.gaps],
+                "newest_arrival": _iso(t.newest_arrival), "partials": t.partials, "history": t.has_history,
+            } for t in r.timelines],
+            "newest": r.newest_wal,
+            "newest_arrival": _iso(r.newest_arrival),
+        },
+        "recoverable": {
+            "earliest_time": w.earliest_time, "earliest_backup": w.earliest_backup, "earliest_lsn": w.earliest_lsn,
+            "latest_time": _iso(latest.arrival) if latest else None,
+            "latest_lsn": walname.format_lsn(latest.end_lsn) if latest else None,
+            "latest_wal": latest.wal if latest else None,
+            "latest_timeline": latest.timeline if latest else None,
+            "latest_is_upper_bound": True,
+        },
+        "rpo_seconds": None if r.rpo_seconds is None else round(r.rpo_seconds, 3),
+    }
+
+
+def render_text(r: Any) -> str:
+    lines = [f"repository  {r.repo}",
+             f"cluster     {r.meta.system_identifier} (PostgreSQL {r.meta.pg_version}, "
+             f"{r.meta.wal_segment_size >> 20} MiB WAL segments)", ""]
+    if r.backups:
+        rows = []
+        for b in r.backups:
+            m = b.manifest
+            if m is None:
+                rows.append([b.id, "-", "-", "-", "-", "-", "-", "-", "-", "-", "unreadable"])
+                continue
+            status = b.status if b.status != "wal-missing" else f"WAL missing ({b.missing_wal})"
+            if b.bad_pages:
+                status += f", {b.bad_pages} bad page(s)"
+            rows.append([b.id, m.type, str(m.timeline), _human_time(m.start_time), _human_time(m.stop_time),
+                         m.start_lsn, m.stop_lsn, human_bytes(m.bytes), human_bytes(m.stored_bytes),
+                         human_duration(m.duration), status])
+        lines.append("backups (times in UTC)")
+        lines.append(table(["id", "type", "tli", "start", "stop", "start lsn", "stop lsn", "size", "stored",
+                            "took", "status"], rows))
+    else:
+        lines.append("backups: none yet (take one with `pitr backup`)")
+    lines.append("")
+    segs = [t for t in r.timelines if t.count]
+    if segs:
+        rows = []
+        for t in r.timelines:
+            gaps = ", ".join(f"{g.first}..{g.last} ({g.count})" if g.count > 1 else g.first for g in t.gaps)
+            rows.append([str(t.timeline), t.first or "-", t.last or "-", str(t.count), gaps or "none",
+                         _human_time(_iso(t.newest_arrival))])
+        lines.append("archived WAL")
+        lines.append(table(["tli", "first", "last", "segments", "gaps", "newest arrival"], rows))
+    else:
+        lines.append("archived WAL: none yet (check archive_command with `pitr check`)")
+    lines.append("")
+    w = r.window
+    if w.earliest_time and w.latest:
+        lines.append(f"recoverable  {_human_time(w.earliest_time)} UTC (backup {w.earliest_backup}) .. "
+                     f"{_human_time(_iso(w.latest.arrival))} UTC at the latest (WAL {w.latest.wal}, timeline "
+                     f"{w.latest.timeline})")
+        lines.append("             the end is an upper bound: the arrival time of the newest WAL segment "
+                     "a restore can reach")
+    else:
+        lines.append("recoverable  nothing yet: no backup with all its WAL archived")
+    rpo = r.rpo_seconds
+    lines.append(f"RPO          {human_duration(rpo)}" + (" (age of the newest archived WAL segment)"
+                                                         if rpo is not None else " (no WAL archived)"))
+    return "\n".join(lines)
+
+
+def register(app: typer.Typer) -> None:
+    from pitr.cli.app import settings_of
+
+    def run(ctx: typer.Context, json_out: bool) -> None:
+        from pitr.ops.info import gather
+        from pitr.storage import open_storage
+
+        storage = open_storage(settings_of(ctx))
+        try:
+            report = gather(storage)
+        finally:
+            storage.close()
+        if json_out:
+            emit_json(to_json(report))
+        else:
+            emit(render_text(report))
+
+    @app.command("info")
+    def info_cmd(
+        ctx: typer.Context,
+        json_out: Annotated[bool, typer.Option("--json", help="Machine-readable report on stdout (docs/info-json.md).")] = False,
+    ) -> None:
+        """Backups, archived WAL per timeline (with gaps), the recoverable window and the current RPO."""
+        run(ctx, json_out)
+
+    @app.command("list")
+    def list_cmd(
+        ctx: typer.Context,
+        json_out: Annotated[bool, typer.Option("--json", help="Machine-readable report on stdout (docs/info-json.md).")] = False,
+    ) -> None:
+        """Alias of `pitr info`."""
+        run(ctx, json_out)
