@@ -252,9 +252,12 @@ def remove_path(path: Path) -> None:
 
 
 def _mkdir(path: Path, mode: int, owner: tuple[int, int] | None) -> None:
+    """Make path (and missing parents, with the same mode and owner); replace a file or link there."""
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         path.unlink()
-    path.mkdir(mode=mode, parents=True, exist_ok=True)
+    if not path.parent.is_dir():
+        _mkdir(path.parent, mode, owner)
+    path.mkdir(mode=mode, exist_ok=True)
     os.chmod(path, mode)
     if owner:
         os.chown(path, *owner)

@@ -328,12 +328,12 @@ def _wal_plan(m: Manifest, tli: int, path: list[Stretch], catalog: WalCatalog, t
                           "archive more WAL (pitr check forces a switch) or choose an earlier target")
     if target.kind == "time":
         assert target.time is not None
-        # S3 reports arrival times in whole seconds: allow for the truncation
-        tt = target.time.timestamp() - 1.0
-        if gap is not None and later and (end_time is None or end_time < tt):
+        tt = target.time.timestamp()
+        slack = 1.0  # S3 reports arrival times in whole seconds
+        if gap is not None and later and (end_time is None or end_time + slack < tt):
             raise TargetError(f"the archive has a gap: WAL segment {gap} is missing before the target time",
                               f"the latest reachable time is about {_fmt_epoch(end_time)}")
-        if end_time is None or end_time < tt:
+        if end_time is None or end_time + slack < tt:
             raise TargetError(f"the target time {format_time(target.time)} is past the archive (the newest "
                               f"WAL on its path arrived at {_fmt_epoch(end_time)})",
                               "wait for more WAL to be archived (pitr check forces a switch) or choose an "

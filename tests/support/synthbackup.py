@@ -32,8 +32,8 @@ BUNDLE_MAX = 1 << 20
 
 
 class _Writer:
-    def __init__(self, storage: Storage, backup_id: str) -> None:
-        self.storage, self.id = storage, backup_id
+    def __init__(self, storage: Storage, backup_id: str, bundle_file_max: int = BUNDLE_FILE_MAX) -> None:
+        self.storage, self.id, self.bundle_file_max = storage, backup_id, bundle_file_max
         self.n = 0
         self.bundle = bytearray()
         self.bundle_entries: list[FileEntry] = []
@@ -46,7 +46,7 @@ class _Writer:
 
     def add(self, e: FileEntry, data: bytes) -> None:
         env = envelope.encode(data, envelope.Codec("zstd", 1))
-        if len(data) <= BUNDLE_FILE_MAX:
+        if len(data) <= self.bundle_file_max:
             e.offset, e.length = len(self.bundle), len(env)
             self.bundle += env
             self.bundle_entries.append(e)
@@ -148,3 +148,49 @@ def synth_backup(conninfo: str, pgdata: Path, storage: Storage, backup_id: str |
         stored_bytes=w.stored, duration=time.monotonic() - t0, pitr_version="synth")
     write_manifest(storage, m)
     return m
+
+
+def fake_repo(storage: Storage, files: dict[str, bytes], *, modes: dict[str, int] | None = None,
+              backup_id: str = "20260301T120000Z", segments: range = range(2, 6), sysid: int = 7000000000000000001,
+              tablespaces: dict[str, str] | None = None, bundle_max: int = BUNDLE_FILE_MAX) -> Manifest:
+    """A repository holding one backup of made-up files (no PostgreSQL), for file-level restore tests.
+
+    The backup is consistent at segment 2 of timeline 1; `segments` are archived (content is not
+    read by a restore's planning)."""
+    from pitr.repo.format import META_KEY, wal_key
+    from pitr.repo.meta import new_meta
+
+    storage.create()
+    storage.put(META_KEY, new_meta(sysid, 15, walname.DEFAULT_SEG_SIZE).to_json())
+    for no in segments:
+        storage.put(wal_key(walname.seg_name(1, no)), envelope.encode(b"wal", envelope.Codec("none", 0)))
+    modes = modes or {}
+    w = _Writer(storage, backup_id, bundle_max)
+    entries = []
+    for rel, data in files.items():
+        e = FileEntry(rel, len(data), hashlib.sha256(data).hexdigest() if data else "", modes.get(rel, 0o600),
+                      1767225600.0, None)
+        if data:
+            w.add(e, data)
+        entries.append(e)
+    w.flush()
+    dirs = sorted({str(Path(r).parent) for r in files if "/" in r})
+    ts = tablespaces or {}
+    m = Manifest(
+        id=backup_id, type="full", system_identifier=sysid, pg_version=15, pg_version_num=150000,
+        wal_segment_size=walname.DEFAULT_SEG_SIZE, timeline=1, start_lsn="0/2000028", stop_lsn="0/2000100",
+        start_wal=walname.seg_name(1, 2), stop_wal=walname.seg_name(1, 2),
+        start_time="2026-03-01T11:59:58+00:00", stop_time="2026-03-01T12:00:00+00:00", compress="zstd:1",
+        backup_label="START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n",
+        tablespace_map="".join(f"{oid} {loc}\n" for oid, loc in ts.items()) or None,
+        checksums_enabled=True, files=entries,
+        directories=[DirEntry(".", 0o700)] + [DirEntry(d, 0o700) for d in dirs if not _is_ts_link(d, ts)],
+        tablespaces=[Tablespace(o, loc) for o, loc in ts.items()], bytes=sum(len(v) for v in files.values()),
+        stored_bytes=w.stored)
+    write_manifest(storage, m)
+    return m
+
+
+def _is_ts_link(d: str, ts: dict[str, str]) -> bool:
+    parts = d.split("/")
+    return len(parts) == 2 and parts[0] == "pg_tblspc" and parts[1] in ts
