@@ -24,7 +24,7 @@ from pitr.repo.meta import new_meta
 from pitr.storage.fs import FsStorage
 from pitr.storage.memory import MemoryStorage
 from pitr.storage.s3 import S3Storage
-from tests.support.maint import Repo, flip_byte, pg15_cluster, snapshot, start_repo, synthetic_backup
+from tests.support.maint import Repo, backup, data_keys, flip_byte, pg15_cluster, snapshot, start_repo
 from tests.support.pg import PgCluster
 from tests.support.s3 import MotoServer
 
@@ -194,8 +194,8 @@ def problems_of(repo: Repo, *args: str) -> tuple[int, list[dict[str, str]], str]
 
 def test_verify_names_corrupt_wal_corrupt_backup_file_and_gap(fs_repo: Repo) -> None:
     repo = fs_repo
-    repo.churn(2)
-    m = synthetic_backup(repo)
+    repo.churn(1)
+    m = backup(repo)
     repo.churn(4)
     r = repo.pitr("verify")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -206,7 +206,7 @@ def test_verify_names_corrupt_wal_corrupt_backup_file_and_gap(fs_repo: Repo) -> 
     assert len(after) >= 4
     corrupt_wal, gap, swapped, donor = after[0], after[1], after[2], after[3]
     flip_byte(repo.storage, wal_key(corrupt_wal), repo.storage.stat(wal_key(corrupt_wal)).size // 2)  # type: ignore[union-attr]
-    data_key = backup_data_key(m.id, 1)
+    data_key = data_keys(repo.storage, m)[0]
     flip_byte(repo.storage, data_key, repo.storage.stat(data_key).size // 2)  # type: ignore[union-attr]
     repo.storage.delete(wal_key(gap))
     repo.storage.put(wal_key(swapped), repo.storage.get(wal_key(donor)))  # a segment under the wrong name
@@ -217,7 +217,7 @@ def test_verify_names_corrupt_wal_corrupt_backup_file_and_gap(fs_repo: Repo) -> 
     assert r.returncode == 1
     lines = r.stdout.splitlines()
     assert any(ln.startswith(f"corrupt: {wal_key(corrupt_wal)}: ") for ln in lines), r.stdout
-    assert any(ln.startswith(f"corrupt: {data_key}: ") and m.files[3].path in ln for ln in lines), r.stdout
+    assert any(ln.startswith(f"corrupt: {data_key}: the envelope of ") for ln in lines), r.stdout
     assert any(ln.startswith(f"wal-missing: {wal_key(gap)}: ") and m.id in ln for ln in lines), r.stdout
     assert any(ln.startswith(f"wal-header: {wal_key(swapped)}: ") for ln in lines), r.stdout
     assert "4 problem(s)" in r.stdout
@@ -245,7 +245,7 @@ def test_verify_on_s3_reads_everything_and_finds_a_flipped_byte(tmp_pg_dir: Path
     try:
         repo = start_repo(cluster, storage, env, pitr_exe)
         repo.churn(1)
-        m = synthetic_backup(repo)
+        m = backup(repo)
         repo.churn(2)
         r = repo.pitr("verify", "--json", "--jobs", "4")
         assert r.returncode == 0, r.stdout + r.stderr

@@ -49,7 +49,7 @@ class CheckResult:
         return all(p.ok for p in self.points)
 
     def add(self, name: str, ok: bool, detail: str, fix: str = "") -> bool:
-        self.points.append(Point(name, ok, detail, fix))
+        self.points.append(Point(name, ok, detail, "" if ok else fix))
         return ok
 
     def to_json(self) -> dict[str, object]:

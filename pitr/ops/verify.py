@@ -38,7 +38,10 @@ log = logging.getLogger("pitr.verify")
 
 EMPTY_SHA = hashlib.sha256(b"").hexdigest()
 HEAD_KEEP = 8192  # decoded bytes kept of a WAL object: the first page (header + zero check)
-HISTORY_MAX = 1 << 20  # a .history file is a few lines; keep this much to parse it
+HISTORY_MAX = 1 << 20
+# objects of a backup directory that are not data: the manifest, and the in-progress marker
+# `pitr backup` writes first and removes (best effort) after the manifest
+BACKUP_MARKERS = ("manifest", "started")  # a .history file is a few lines; keep this much to parse it
 
 # problem kinds (docs/maintenance.md)
 CORRUPT = "corrupt"  # an envelope does not decode or fails its checksum
@@ -231,11 +234,11 @@ def check_data_object(storage: Storage, key: str, entries: list[FileEntry]) -> _
                     out.problems.append(_truncated(key, src.count, entries[i:]))
                     return out
                 win = _Window(src, e.length)
-                what = f"{key} (file {e.path} at offset {e.offset})"
+                what = f"the envelope of {e.path} at offset {e.offset}"
                 try:
                     t = envelope.decode_stream(win, None, what)  # type: ignore[arg-type]
                 except IntegrityError as err:
-                    out.problems.append(Problem(CORRUPT, key, f"file {e.path}: {err}"))
+                    out.problems.append(Problem(CORRUPT, key, str(err)))
                     t = None
                 if not win.drain():
                     if t is None:
@@ -296,8 +299,9 @@ def manifest_problems(m: Manifest, meta: RepoMeta, stored: dict[str, ObjectInfo]
             names = ", ".join(x.path for x in entries[:3]) + (" …" if len(entries) > 3 else "")
             problems.append(Problem(OBJECT_MISSING, key, f"backup {m.id} needs it for {len(entries)} file(s) "
                                                          f"({names}) but it is not stored"))
+    markers = {base + name for name in BACKUP_MARKERS}
     for key in sorted(stored):
-        if key != mkey and key not in groups:
+        if key not in markers and key not in groups:
             problems.append(Problem(EXTRA, key, f"is under backup {m.id} but its manifest does not reference it"))
     return problems, {k: v for k, v in groups.items() if k in stored}
 
