@@ -37,7 +37,7 @@ class StorageError(PitrError):
 
 
 class NotFoundError(StorageError):
-    """The object (or the repository itself, for `RepoMissingError`) does not exist."""
+    """The requested object does not exist (a missing repository is RepoMissingError, never this)."""
 
 
 class RepoMissingError(StorageError):

@@ -29,6 +29,7 @@ _RESERVED = bytes(9)
 _TRAILER = struct.Struct(">Q32s8s")
 CODECS = {"none": 0, "zstd": 1}
 CHUNK = 1 << 20
+_VERIFY_HINT = "run `pitr verify` to find every damaged object"
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ def decode(data: bytes, what: str = "object") -> bytes:
         try:
             raw = dobj.decompress(body)
         except zstandard.ZstdError as e:
-            raise IntegrityError(f"{what} does not decompress: {e}") from None
+            raise IntegrityError(f"{what} is corrupt: its payload does not decompress ({e})", _VERIFY_HINT) from None
         # exactly one whole frame: bytes after it (or a cut frame) mean a damaged object
         if not dobj.eof or dobj.unused_data:
             raise IntegrityError(f"{what} is corrupt (the compressed payload is not exactly one zstd frame)")
@@ -180,8 +181,7 @@ def decode(data: bytes, what: str = "object") -> bytes:
 
 def _verify(size: int, sha: str, trailer: Trailer, what: str) -> None:
     if size != trailer.size or sha != trailer.sha256:
-        raise IntegrityError(f"{what} fails its checksum: stored bytes are corrupt",
-                             "run `pitr verify` to find every damaged object")
+        raise IntegrityError(f"{what} fails its checksum: stored bytes are corrupt", _VERIFY_HINT)
 
 
 def decode_stream(src: BinaryIO, dst: BinaryIO | None, what: str = "object", chunk: int = CHUNK) -> Trailer:
@@ -210,7 +210,8 @@ def decode_stream(src: BinaryIO, dst: BinaryIO | None, what: str = "object", chu
             try:
                 out = dobj.decompress(body)
             except Exception as e:  # noqa: BLE001 - zstandard.ZstdError
-                raise IntegrityError(f"{what} does not decompress: {e}") from None
+                raise IntegrityError(f"{what} is corrupt: its payload does not decompress ({e})",
+                                     _VERIFY_HINT) from None
             if dobj.unused_data:
                 raise IntegrityError(f"{what} is corrupt (the compressed payload is not exactly one zstd frame)")
         else:
