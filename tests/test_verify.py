@@ -233,9 +233,9 @@ def test_verify_names_corrupt_wal_corrupt_backup_file_and_gap(fs_repo: Repo) -> 
 
 # --------------------------------------------------------------------------- S3
 
-def test_verify_on_s3_reads_everything_and_finds_a_flipped_byte(tmp_pg_dir: Path, pitr_exe: Path,
-                                                                moto_server: MotoServer, s3_bucket: str,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_verify_check_and_expire_on_a_real_archive(tmp_pg_dir: Path, pitr_exe: Path, moto_server: MotoServer,
+                                                      s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cron and monitoring lines of the runbook against S3: verify, check --max-rpo 5m, expire."""
     for k, v in moto_server.env().items():
         monkeypatch.setenv(k, v)  # the in-process S3Storage the test inspects the bucket with
     prefix = f"c/{uuid.uuid4().hex[:8]}"
@@ -245,15 +245,28 @@ def test_verify_on_s3_reads_everything_and_finds_a_flipped_byte(tmp_pg_dir: Path
     try:
         repo = start_repo(cluster, storage, env, pitr_exe)
         repo.churn(1)
+        old = backup(repo)
+        repo.churn(1)
         m = backup(repo)
         repo.churn(2)
         r = repo.pitr("verify", "--json", "--jobs", "4")
         assert r.returncode == 0, r.stdout + r.stderr
         out = json.loads(r.stdout)
         assert out["ok"] is True and out["problems"] == []
-        assert out["checked"]["backups"] == 1 and out["checked"]["files"] == len(m.files)
+        assert out["checked"]["backups"] == 2 and out["checked"]["files"] == len(old.files) + len(m.files)
         assert out["checked"]["wal_segments"] == len(repo.segments())
         assert out["checked"]["bytes"] > 0
+
+        r = repo.pitr("check", "--max-rpo", "5m")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "ok    rpo:" in r.stdout and "ok    wal-switch:" in r.stdout
+
+        r = repo.pitr("expire", "--retain-full", "1")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert [o.key for o in storage.list(f"backups/{old.id}/")] == []
+        assert min(repo.segments()) == m.start_wal
+        r = repo.pitr("verify")
+        assert r.returncode == 0, r.stdout + r.stderr
 
         victim = repo.segments()[-1]
         flip_byte(storage, wal_key(victim), 100)
