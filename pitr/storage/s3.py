@@ -23,7 +23,8 @@ from pitr.storage.base import ObjectInfo, Storage
 
 MiB = 1 << 20
 _CONN_HINT = "check that the S3 endpoint is up and that --s3-endpoint / PITR_S3_ENDPOINT is right"
-_CRED_HINT = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / an instance role) for the user running pitr"
+_CRED_HINT = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / an instance role) "
+              "for the user running pitr")
 
 
 def _b64sha256(data: bytes | memoryview) -> str:
@@ -140,9 +141,9 @@ class S3Storage(Storage):
                     "create the bucket or fix --repo / PITR_REPO",
                 )
             if code in ("NoSuchKey", "404", "NotFound") or status == 404:
-                return NotFoundError(f"object {what} not found in {self.display}")
+                return NotFoundError(f"cannot {what}: no such object in {self.display}")
             if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
-                return AlreadyExistsError(f"object {what} already exists")
+                return AlreadyExistsError(f"cannot {what}: the object already exists")
             if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"):
                 return StorageError(f"S3 refused access to {self.display} ({code}) while trying to {what}", _CRED_HINT)
             msg = err.get("Message") or code
