@@ -52,7 +52,7 @@ class Settings:
     dbname: str | None = None
     compress: str = "zstd:3"
     jobs: int = 2
-    log_level: str = "info"
+    log_level: str = "warning"  # debug | info | warning | error (-v / -q override it)
     # wal-fetch: bounded retries before a hard failure (exit > 125); or retry for ever (standby)
     fetch_retries: int = 3
     fetch_retry_forever: bool = False
@@ -185,6 +185,8 @@ def load_settings(options: Mapping[str, Any] | None = None, env: Mapping[str, st
 def _validate(s: Settings) -> None:
     if s.s3_addressing not in ("auto", "path", "virtual"):
         raise ConfigError(f"s3_addressing must be auto, path or virtual, not {s.s3_addressing!r}")
+    if s.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level must be debug, info, warning or error, not {s.log_level!r}")
     if s.jobs < 1 or s.jobs > 64:
         raise ConfigError(f"jobs must be between 1 and 64, not {s.jobs}")
     if s.fetch_retries < 0:

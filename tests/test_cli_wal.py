@@ -134,6 +134,20 @@ def test_push_configuration_errors(repo: FsStorage, seg_file: Path, tmp_path: Pa
     assert repo.stat(wal_key(NAME)) is None
 
 
+def test_log_level_setting_and_flags(repo: FsStorage, seg_file: Path, tmp_path: Path) -> None:
+    """Default: a successful push is silent (PostgreSQL's log stays clean); log_level = "info" in the
+    config file shows what was done; -q beats the setting."""
+    env = {"PITR_REPO": str(repo.root)}
+    assert pitr("wal-push", seg_file, env=env).stderr == ""
+    cfg = tmp_path / "pitr.toml"
+    cfg.write_text('log_level = "info"\n')
+    r = pitr("wal-push", seg_file, env=env | {"PITR_CONFIG": str(cfg)})
+    assert r.returncode == 0 and f"pitr: {NAME} already-archived" in r.stderr
+    assert pitr("-q", "wal-push", seg_file, env=env | {"PITR_CONFIG": str(cfg)}).stderr == ""
+    assert_one_error(pitr("wal-push", seg_file, env=env | {"PITR_LOG_LEVEL": "loud"}), 2,
+                     "log_level must be debug, info, warning or error, not 'loud'")
+
+
 def test_traceback_only_with_verbose(seg_file: Path) -> None:
     env = {"PITR_REPO": "/nonexistent/pitr-repo"}
     quiet = pitr("wal-push", seg_file, env=env)

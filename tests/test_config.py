@@ -113,7 +113,8 @@ def test_bad_env_value_names_the_variable() -> None:
 
 @pytest.mark.parametrize(
     ("settings", "needle"),
-    [({"s3_addressing": "sideways"}, "s3_addressing"), ({"jobs": 0}, "jobs"), ({"fetch_retries": -1}, "fetch_retries")],
+    [({"s3_addressing": "sideways"}, "s3_addressing"), ({"jobs": 0}, "jobs"), ({"fetch_retries": -1}, "fetch_retries"),
+     ({"log_level": "chatty"}, "log_level")],
 )
 def test_invalid_values(settings: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from pitr import __version__
-from pitr.cli.common import hoist_globals, is_verbose, report_error, setup_logging
+from pitr.cli.common import apply_log_level, hoist_globals, is_verbose, report_error, setup_logging
 from pitr.config import Settings, load_settings
 from pitr.errors import PitrError
 
@@ -55,7 +55,9 @@ def settings_of(ctx: typer.Context, **options: Any) -> Settings:
     obj = ctx.find_object(GlobalOpts)
     merged = dict(obj.values if obj else {})
     merged.update(options)
-    return load_settings(merged)
+    s = load_settings(merged)
+    apply_log_level(s.log_level)
+    return s
 
 
 def _register() -> None:

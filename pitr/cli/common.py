@@ -54,7 +54,12 @@ def log_level(verbose: int, quiet: bool) -> int:
     return logging.WARNING
 
 
+_FLAGS_SET_LEVEL = False  # -v/-q given: they beat the log_level setting
+
+
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    global _FLAGS_SET_LEVEL
+    _FLAGS_SET_LEVEL = bool(verbose or quiet)
     level = log_level(verbose, quiet)
     root = logging.getLogger("pitr")
     root.setLevel(level)
@@ -63,6 +68,12 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
         h.setFormatter(logging.Formatter("pitr: %(message)s"))
         root.addHandler(h)
     root.propagate = False
+
+
+def apply_log_level(setting: str) -> None:
+    """Once settings are loaded: their log_level (PITR_LOG_LEVEL > config file) unless -v/-q was given."""
+    if not _FLAGS_SET_LEVEL:
+        logging.getLogger("pitr").setLevel(getattr(logging, setting.upper()))
 
 
 def is_verbose() -> bool:

@@ -6,7 +6,7 @@ Handles exactly `[globals] wal-push PATH` and `[globals] wal-fetch NAME DEST`; a
 
 from __future__ import annotations
 
-from pitr.cli.common import GLOBAL_OPTIONS, hoist_globals, is_verbose, report_error, setup_logging
+from pitr.cli.common import GLOBAL_OPTIONS, apply_log_level, hoist_globals, is_verbose, report_error, setup_logging
 
 
 def try_fast(argv: list[str]) -> int | None:
@@ -93,6 +93,7 @@ def _try_fast(argv: list[str]) -> int | None:
     except PitrError as e:
         rc = report_error(e, verbose > 0)
         return EXIT_FETCH_HARD if cmd == "wal-fetch" else rc
+    apply_log_level(settings.log_level)
     from pitr.cli import walcmds
 
     if cmd == "wal-push":
