@@ -129,3 +129,21 @@ def test_parse_codec_rejects(spec: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse_codec(spec)
     assert e.value.exit_code == 2
+
+
+def test_repository_format_doc_covers_the_schema() -> None:
+    """docs/repository-format.md is the spec: it names the current version and every stored field."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    from pitr.repo.format import FORMAT_VERSION
+    from pitr.repo.manifest import DirEntry, FileEntry, Manifest, Tablespace
+    from pitr.repo.meta import RepoMeta
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "repository-format.md").read_text()
+    assert doc.startswith(f"# pitr repository format, version {FORMAT_VERSION}\n")
+    assert f"- **{FORMAT_VERSION}** (" in doc  # a changelog entry for it
+    for cls in (Manifest, FileEntry, DirEntry, Tablespace, RepoMeta):
+        missing = [f.name for f in fields(cls) if f"`{f.name}`" not in doc]
+        assert missing == [], f"{cls.__name__}: {missing}"
+    assert f"u8, {codec.VERSION}" in doc and codec.MAGIC.decode() in doc and codec.END.decode() in doc

@@ -168,3 +168,19 @@ def test_bad_repo_urls(url: str | None, needle: str) -> None:
     assert e.value.exit_code == 2
     if url is None:
         assert e.value.hint and "PITR_REPO" in e.value.hint
+
+
+def test_every_setting_is_documented() -> None:
+    """docs/configuration.md has a row per Settings field, naming its environment variable and default."""
+    from dataclasses import MISSING, fields
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`"): line for line in doc.splitlines() if line.startswith("| `")}
+    for f in fields(Settings):
+        if f.name == "extra":
+            continue
+        assert f.name in rows, f"docs/configuration.md lacks a row for {f.name}"
+        assert f"`PITR_{f.name.upper()}`" in rows[f.name], f.name
+        if f.default not in (None, MISSING) and f.name != "config":
+            want = str(f.default).lower() if isinstance(f.default, bool) else str(f.default).removesuffix(".0")
+            assert f"`{want}`" in rows[f.name], (f.name, want)
