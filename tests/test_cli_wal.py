@@ -242,3 +242,18 @@ def test_init_without_server_is_one_sentence(tmp_path: Path) -> None:
     r = pitr("init", env={"PITR_REPO": str(tmp_path / "repo"), "PGHOST": str(tmp_path), "PGPORT": "1"})
     assert_one_error(r, 1, "cannot connect to PostgreSQL")
     assert not (tmp_path / "repo" / "pitr.json").exists()
+
+
+def test_s3_missing_bucket_and_unreachable_endpoint(moto_server, seg_file: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from tests.support.pg import free_port
+
+    missing = moto_server.env() | {"PITR_REPO": "s3://pitr-no-such-bucket/x", "PITR_FETCH_RETRIES": "0"}
+    assert_one_error(pitr("wal-push", seg_file, env=missing), 1, "S3 bucket 'pitr-no-such-bucket' does not exist")
+    assert_one_error(pitr("wal-fetch", NAME, tmp_path / "X", env=missing), EXIT_FETCH_HARD,
+                     "S3 bucket 'pitr-no-such-bucket' does not exist")
+    down = missing | {"PITR_S3_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    for r, code in ((pitr("wal-push", seg_file, env=down), 1),
+                    (pitr("wal-fetch", NAME, tmp_path / "X", env=down), EXIT_FETCH_HARD)):
+        assert_one_error(r, code, "cannot reach the S3 endpoint http://127.0.0.1:")
+        assert "PITR_S3_ENDPOINT" in r.stderr  # the hint says what to check
+    assert not (tmp_path / "X").exists()

@@ -264,6 +264,35 @@ def test_s3_endpoint_down_is_a_storage_error(s3_env: MotoServer, s3_bucket: str)
     assert s.get("k") == b"v"
 
 
+def test_s3_uploads_carry_their_sha256_for_the_server_to_verify(s3_env: MotoServer, s3_bucket: str) -> None:
+    """Every PutObject / UploadPart sends x-amz-checksum-sha256 of its body (AWS and MinIO reject a
+    mismatch; moto does not check, so the header itself is what is verified here)."""
+    import base64
+    import hashlib
+
+    s = make_s3(s3_env, s3_bucket, part_size=5 * MiB)
+    sent: list[tuple[str, bytes, bytes]] = []
+
+    def capture(request, **_: object) -> None:  # type: ignore[no-untyped-def]
+        body = request.body if isinstance(request.body, bytes) else request.body.read()
+        if hasattr(request.body, "seek"):
+            request.body.seek(0)
+        sent.append((request.url, request.headers.get("x-amz-checksum-sha256", b""), body))
+
+    for op in ("PutObject", "UploadPart"):
+        s.client.meta.events.register(f"before-send.s3.{op}", capture)
+    s.put("small", b"tiny object")
+    big = os.urandom(11 * MiB)
+    s.put("big", io.BytesIO(big))
+    assert len(sent) == 4  # one put, three parts
+    for url, checksum, body in sent:
+        assert checksum and base64.b64decode(checksum) == hashlib.sha256(body).digest(), url
+    parts = [big[i : i + 5 * MiB] for i in range(0, len(big), 5 * MiB)]
+    composite = hashlib.sha256(b"".join(hashlib.sha256(p).digest() for p in parts)).digest()
+    head = s.client.head_object(Bucket=s3_bucket, Key=s._k("big"), ChecksumMode="ENABLED")
+    assert base64.b64decode(head["ChecksumSHA256"].split("-")[0]) == composite
+
+
 def test_s3_listing_paginates_past_1000(s3_env: MotoServer, s3_bucket: str) -> None:
     s = make_s3(s3_env, s3_bucket, max_connections=16)
     keys = [f"wal/0000000100000000/{i:024X}" for i in range(1100)]
