@@ -10,11 +10,14 @@ PostgreSQL itself can start from the files the manifest describes and replay to 
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
+import random
 import re
 import signal
+import struct
 import subprocess
 import threading
 import time
@@ -22,16 +25,23 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
+import numpy as np
 import psycopg
 import pytest
 
+from pitr.errors import StorageError
+from pitr.ops.backup import new_backup_id
+from pitr.ops.backup_files import SourceFile
+from pitr.ops.backup_store import Pipeline, StoreOptions, is_internal_abort
+from pitr.pg import pagecheck
 from pitr.repo import codec as envelope
 from pitr.repo.format import backup_dir, wal_key
 from pitr.repo.manifest import Manifest, list_backup_ids, read_manifest
 from pitr.storage.base import Storage
 from pitr.storage.fs import FsStorage
+from pitr.storage.memory import MemoryStorage
 from pitr.storage.s3 import S3Storage
 from tests.conftest import ClusterFactory
 from tests.support.pg import PgCluster, as_pg_argv, chown_pg, pg_env, run_as_postgres
@@ -416,7 +426,7 @@ def test_restore_point_is_archived_when_the_command_returns(local: Setup, pg_ver
 
 
 @only_pg("15")
-def test_refuses_a_repository_of_another_cluster_and_incremental(local: Setup, pg_version: str,
+def test_refuses_foreign_or_uninitialized_repositories_and_incremental(local: Setup, pg_version: str,
                                                                  cluster_factory: ClusterFactory) -> None:
     other = cluster_factory("other").initdb()
     other.start()
@@ -425,4 +435,105 @@ def test_refuses_a_repository_of_another_cluster_and_incremental(local: Setup, p
     assert list_backup_ids(local.storage) == []
     r = local.pitr("backup", "--type", "incr")
     assert r.returncode == 2 and "incremental backups are not supported yet" in r.stderr
+    empty = local.base / "empty"
+    empty.mkdir()
+    chown_pg(empty)
+    r = local.pitr("backup", env={"PITR_REPO": str(empty)})
+    assert r.returncode == 1 and "is not initialized" in r.stderr and "pitr init" in r.stderr
 
+
+
+# --------------------------------------------------------------------------- the copy pipeline alone
+
+def valid_pages(n: int, first_blkno: int = 0, seed: int = 1) -> bytearray:
+    """n pages with plausible headers and correct checksums, as PostgreSQL would write them."""
+    rng = random.Random(seed)
+    out = bytearray()
+    for i in range(n):
+        page = bytearray(rng.randbytes(8192))
+        # pd_lsn (2 words), pd_checksum (set below), pd_flags, pd_lower, pd_upper, pd_special
+        struct.pack_into("<IIHHHHH", page, 0, 0, 0x1000 + i, 0, 0, 64, 4000, 8192)
+        out += page
+    sums = pagecheck.page_checksums(bytes(out), np.arange(first_blkno, first_blkno + n, dtype=np.uint64))
+    for i, c in enumerate(sums):
+        struct.pack_into("<H", out, i * 8192 + 8, int(c))
+    return out
+
+
+def test_pipeline_bundles_streams_checks_pages_and_tolerates_changing_files(tmp_path: Path) -> None:
+    pages = valid_pages(12)
+    big, small = bytearray(pages), bytearray(pages[:3 * 8192])
+    big[7 * 8192 + 3000] ^= 1
+    small[1 * 8192 + 100] ^= 1
+    files = {"base/5/100": bytes(big), "base/5/101": bytes(small), "base/5/102": b"",
+             "PG_VERSION": b"15\n", "grows": b"g" * 5000, "shrinks": b"s" * 5000, "vanishes": b"v" * 10}
+    files |= {f"base/5/{200 + i}": bytes([i]) * (3000 + i) for i in range(40)}
+    for rel, data in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    src = [SourceFile(rel, str(tmp_path / rel), len(data), rel.startswith("base/5/") and rel < "base/5/2")
+           for rel, data in sorted(files.items())]
+    (tmp_path / "grows").write_bytes(b"g" * 9000)  # grew after the scan: copied up to the scanned size
+    (tmp_path / "shrinks").write_bytes(b"s" * 100)
+    (tmp_path / "vanishes").unlink()
+    storage = MemoryStorage()
+    done: list[int] = []
+    pipe = Pipeline(storage, StoreOptions("B", envelope.Codec("zstd", 3), jobs=3, start_lsn=1 << 40,
+                                          bundle_size=32 << 10, large_file=64 << 10),
+                    sum(f.size for f in src), lambda d, t: done.append(d))
+    pipe.run(src)
+    res = pipe.result
+    got = {e.path: e for e in res.entries}
+    assert set(got) == set(files) - {"vanishes"} and res.vanished == ["vanishes"]
+    assert got["grows"].size == 5000 and got["shrinks"].size == 100 and got["base/5/102"].object is None
+    assert got["base/5/100"].bad_pages == [7] and got["base/5/101"].bad_pages == [1]  # streamed and bundled
+    assert not any(e.bad_pages for p, e in got.items() if p not in ("base/5/100", "base/5/101"))
+    assert got["base/5/100"].offset == 0 and got["base/5/100"].object != got["base/5/101"].object
+    objects = {k for k in storage.objects if k.startswith("backups/B/data/")}
+    assert len(objects) == res.objects < len(files) / 4  # small files share bundles
+    for e in got.values():  # every entry decodes from its object range to the bytes read
+        if e.object:
+            body = storage.get_range(f"backups/B/{e.object}", e.offset, e.length)
+            want = (tmp_path / e.path).read_bytes()[: e.size]
+            assert envelope.decode(body) == want and hashlib.sha256(want).hexdigest() == e.sha256
+    assert res.raw_bytes == sum(e.size for e in got.values()) and done[-1] == res.raw_bytes
+    assert res.stored_bytes == sum(len(storage.objects[k][0]) for k in objects)
+
+
+class FailingStorage(MemoryStorage):
+    def __init__(self, fail_on: int) -> None:
+        super().__init__()
+        self.puts = 0
+        self.fail_on = fail_on
+
+    def put(self, key: str, data: bytes | BinaryIO, *, if_absent: bool = False) -> None:
+        self.puts += 1
+        if self.puts == self.fail_on:
+            raise StorageError("the disk is full")
+        super().put(key, data, if_absent=if_absent)
+
+
+def test_pipeline_stops_on_the_first_failure_and_on_abort(tmp_path: Path) -> None:
+    src = []
+    for i in range(30):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(os.urandom(20000))
+        src.append(SourceFile(p.name, str(p), 20000, False))
+    opts = StoreOptions("B", envelope.Codec("zstd", 1), jobs=2, bundle_size=40000, large_file=1 << 20)
+    with pytest.raises(StorageError, match="the disk is full"):
+        Pipeline(FailingStorage(3), opts).run(src)
+    abort = threading.Event()
+    abort.set()
+    t0 = time.monotonic()
+    with pytest.raises(Exception) as err:
+        Pipeline(MemoryStorage(), opts, abort=abort).run(src)
+    assert is_internal_abort(err.value) and time.monotonic() - t0 < 5
+
+
+def test_backup_ids_sort_by_time_and_stay_unique() -> None:
+    now = dt.datetime(2026, 11, 25, 22, 15, 30, tzinfo=dt.UTC)
+    taken = {"20261125T221530F", "20261125T221530F-2"}
+    assert new_backup_id(now, lambda b: False) == "20261125T221530F"
+    bid = new_backup_id(now, lambda b: b in taken)
+    assert bid == "20261125T221530F-3"
+    assert sorted(["20261125T221529F", bid, "20261125T221531F"])[1] == bid

@@ -107,6 +107,7 @@ def register(app: typer.Typer) -> None:
                 "compress": m.compress, "checksums_enabled": m.checksums_enabled,
                 "bad_pages": bad, "bad_pages_total": sum(len(v) for v in bad.values()),
                 "vanished_files": len(res.vanished), "repo": storage.display,
+                "timings": m.extra.get("timings", {}),
             })
             return
         rate = m.bytes / m.duration if m.duration else 0.0

@@ -105,14 +105,15 @@ def _size(text: str, block: int) -> int:
 
 # --------------------------------------------------------------------------- steps
 
-def check_server(storage: Storage, facts: ServerFacts, want_archive: bool = True) -> None:
+def check_server(storage: Storage, facts: ServerFacts, what: str = "backup", want_archive: bool = True) -> None:
+    """The repository is initialized and ours; the server is a primary that archives."""
     meta = read_meta(storage)
     check_cluster(meta, facts.info.system_identifier, storage)
     if facts.info.in_recovery:
-        raise BackupError("the server is a standby (in recovery); pitr backs up a primary only",
-                          "run pitr backup against the primary server")
+        raise BackupError(f"the server is a standby (in recovery); pitr {what} needs the primary",
+                          f"run pitr {what} against the primary server")
     if want_archive and facts.archive_mode == "off":
-        raise BackupError("archive_mode is off, so the backup's WAL would never reach the archive",
+        raise BackupError(f"archive_mode is off, so the WAL pitr {what} needs would never reach the archive",
                           "set archive_mode = on and archive_command = 'pitr wal-push %p', restart, "
                           "then run `pitr check`")
 
@@ -250,6 +251,7 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
     stopped = False
     try:
         start_lsn, start_time = pg.backup_start(f"pitr backup {backup_id}", opts.fast)
+        marks = {"start": time.monotonic()}
         log.info("backup %s: started at %s", backup_id, walname.format_lsn(start_lsn))
         major = facts.info.major
         found = scan(pgdata, ScanOptions(
@@ -261,7 +263,9 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
                         found.total_bytes, progress, abort)
         pipe.run(found.files)
         pipe.run(found.last)  # pg_control after everything else
+        marks["copy"] = time.monotonic()
         stop = pg.backup_stop()
+        marks["stop"] = time.monotonic()
         stopped = True
         label_lsn, tli, start_wal = parse_backup_label(stop.backup_label)
         seg = facts.info.wal_segment_size
@@ -269,6 +273,12 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
         log.info("backup %s: stopped at %s; waiting for %d WAL segment(s) to be archived", backup_id,
                  walname.format_lsn(stop.lsn), len(wal))
         wait_for_wal(storage, wal, opts.archive_timeout, f"backup {backup_id}", archiver_status(pg))
+        marks["wal_wait"] = time.monotonic()
+        # seconds per step (checkpoint at start, copy, stop, waiting for WAL): where the time went
+        timings, prev = {}, t0
+        for step, at in marks.items():
+            timings[step] = round(at - prev, 3)
+            prev = at
         res = pipe.result
         files = sorted(res.entries, key=lambda e: e.path)
         m = Manifest(
@@ -282,7 +292,7 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
             tablespaces=found.tablespaces, bytes=res.raw_bytes, stored_bytes=res.stored_bytes,
             duration=0.0, pitr_version=__version__,
             extra={"block_size": facts.block_size, "objects": res.objects, "vanished": len(res.vanished),
-                   "pgdata": str(pgdata)},
+                   "pgdata": str(pgdata), "timings": timings},
         )
         m.duration = round(time.monotonic() - t0, 3)
         write_manifest(storage, m)  # the commit point
@@ -321,7 +331,7 @@ def create_restore_point(storage: Storage, pg: PgSession, name: str, wait: bool 
     if not name or len(name.encode()) >= 64:
         raise UsageError(f"restore point name {name!r} must be 1 to 63 bytes long")
     facts = server_facts(pg)
-    check_server(storage, facts, want_archive=wait)
+    check_server(storage, facts, "restore-point", want_archive=wait)
     lsn, wal = pg.create_restore_point(name)
     if not wait:
         return RestorePoint(name, lsn, wal, False)
