@@ -205,7 +205,8 @@ class Pipeline:
             item = self._get(uploads)
             if item is None:
                 return
-            key, body, entries = item  # type: ignore[misc]
+            assert isinstance(item, tuple)
+            key, body, entries = item
             self.storage.put(key, body)
             self._record(entries, len(body))
 
