@@ -297,7 +297,8 @@ def test_tasks_batch_neighbours_and_stream_big_files() -> None:
     tasks = plan_tasks([item("a", "data/1", 0, 100), item("b", "data/1", 100, 200), item("c", "data/1", 10 << 20, 50),
                         item("big", "data/2", 0, 20 << 20), item("e", None, 0, 0)])
     shapes = sorted((t.obj, t.start, t.length, len(t.items), t.stream) for t in tasks if t.obj)
-    assert shapes == [("data/1", 0, 300, 2, False), ("data/1", 10 << 20, 50, 1, False), ("data/2", 0, 20 << 20, 1, True)]
+    assert shapes == [("data/1", 0, 300, 2, False), ("data/1", 10 << 20, 50, 1, False),
+                      ("data/2", 0, 20 << 20, 1, True)]
     assert any(t.obj is None for t in tasks)
     assert isinstance(tasks[0], Task) and tasks[0].length == 20 << 20  # biggest first
 

@@ -347,6 +347,10 @@ def _wal_plan(m: Manifest, tli: int, path: list[Stretch], catalog: WalCatalog, t
                           f"(the last segment before the gap is {present[-1] if present else own[-1]})")
     if target.kind in ("xid", "name") and gap is not None and later:
         notes.append(f"the archive has a gap at {gap}; the target must lie before it")
+    if target.kind in ("xid", "name"):
+        notes.append(f"PostgreSQL finds this target while replaying: it must come after backup {m.id} became "
+                     f"consistent ({format_time(backup_stop_time(m))}); for an earlier one name an older "
+                     "backup with --backup")
     if target.kind == "immediate":
         present = [n for n in present if n in own] or list(own)
     if not present:
