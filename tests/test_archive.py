@@ -255,6 +255,38 @@ def test_init_idempotent_and_foreign_cluster_refused(arch_fs: Archiving, cluster
     assert a.storage.get("pitr.json") == meta_before
 
 
+def test_one_mib_segments_end_to_end(pg_version: str, cluster_factory: ClusterFactory, pitr_exe: Path) -> None:
+    """A cluster initialised with --wal-segsize=1: names, sizes and headers follow its segment size."""
+    if pg_version != "15":
+        pytest.skip("segment-size handling does not depend on the server version; run once")
+    pg = cluster_factory("seg1")
+    repo = pg.base / "repo"
+    pg.run("initdb", "-D", pg.data, "-A", "trust", "-U", "postgres", "--no-sync", "--locale=C",
+           "--encoding=UTF8", "--wal-segsize=1")
+    pg.append_conf(f"wal_level = replica\nfsync = off\narchive_mode = on\nwal_keep_size = '1GB'\n"
+                   f"archive_command = '{pitr_exe} wal-push %p'\n")
+    env = {"PITR_REPO": str(repo)}
+    pg.start(env=env)
+    r = run_as_postgres([pitr_exe, "init", "--json"], env=env | pg.env(), check=False)
+    assert r.returncode == 0, r.stderr
+    assert '"wal_segment_size": 1048576' in r.stdout
+    pg.sql("create table t as select g from generate_series(1, 50000) g")  # a few MiB of WAL
+    last = pg.switch_wal()
+    pg.wait_archived(last)
+    a = Archiving("fs", pg, pg.base, env, FsStorage(repo), pitr_exe)
+    segs = a.segments()
+    assert len(segs) >= 4 and segs[-1] == last
+    assert_no_gap(segs, 1 << 20)
+    out = pg.base / "fetched"
+    out.mkdir()
+    chown_pg(out)
+    for name in (segs[0], segs[-1]):
+        r = a.pitr("wal-fetch", name, out / name)
+        assert r.returncode == 0, r.stderr
+        assert (out / name).read_bytes() == (pg.data / "pg_wal" / name).read_bytes()
+        assert (out / name).stat().st_size == 1 << 20
+
+
 def test_endpoint_outage_then_archiver_catches_up(arch_s3: Archiving, moto_env: MotoServer) -> None:
     a = arch_s3
     pg = a.cluster
@@ -309,6 +341,7 @@ def wait_promoted(pg: PgCluster, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_fetch_hard_failure_aborts_recovery_instead_of_promoting(
         arch_s3: Archiving, moto_env: MotoServer, cluster_factory: ClusterFactory, pitr_exe: Path) -> None:
     """With S3 down mid-recovery, PostgreSQL must stop rather than take the outage for the end of the archive.
