@@ -301,8 +301,8 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
             pg.close()  # ends the session: the server aborts the non-exclusive backup
         _cleanup(storage, backup_id)
         if is_internal_abort(e) or isinstance(e, KeyboardInterrupt):
-            raise Interrupted(f"backup {backup_id} was interrupted; the server's backup was aborted and "
-                              "nothing was listed") from None
+            aborted = "" if stopped else "the server's backup was aborted and "
+            raise Interrupted(f"backup {backup_id} was interrupted; {aborted}nothing was listed") from None
         if isinstance(e, PostgresError) and not stopped:
             raise BackupError(f"backup {backup_id} failed: {e}", e.hint) from None
         raise
