@@ -204,7 +204,7 @@ def wait_for_wal(storage: Storage, names: list[str], timeout: float, what: str,
                 "`pitr check` tests archiving end to end",
             )
         sleep(delay)
-        delay = min(1.0, delay * 2)
+        delay = min(0.5, delay * 1.5)  # archive_command usually takes a fraction of a second
 
 
 def archiver_status(pg: PgSession) -> Callable[[], str | None]:
