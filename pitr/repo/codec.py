@@ -15,7 +15,7 @@ import hashlib
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from pitr.errors import ConfigError, IntegrityError
 
@@ -30,6 +30,12 @@ _TRAILER = struct.Struct(">Q32s8s")
 CODECS = {"none": 0, "zstd": 1}
 CHUNK = 1 << 20
 _VERIFY_HINT = "run `pitr verify` to find every damaged object"
+
+
+class Sink(Protocol):
+    """Where decode_stream writes raw bytes: a file, or any object with write(bytes)."""
+
+    def write(self, data: bytes, /) -> object: ...
 
 
 @dataclass(frozen=True)
@@ -184,7 +190,7 @@ def _verify(size: int, sha: str, trailer: Trailer, what: str) -> None:
         raise IntegrityError(f"{what} fails its checksum: stored bytes are corrupt", _VERIFY_HINT)
 
 
-def decode_stream(src: BinaryIO, dst: BinaryIO | None, what: str = "object", chunk: int = CHUNK) -> Trailer:
+def decode_stream(src: BinaryIO, dst: Sink | None, what: str = "object", chunk: int = CHUNK) -> Trailer:
     """Decode src into dst (None: just verify), holding back the trailer; raises IntegrityError."""
     head = src.read(HEADER_SIZE)
     code = _parse_header(head, what)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -72,7 +72,7 @@ class Storage(ABC):
         with self.open(key) as f:
             return f.read()
 
-    def delete_many(self, keys: list[str]) -> None:
+    def delete_many(self, keys: Sequence[str]) -> None:
         for k in keys:
             self.delete(k)
 

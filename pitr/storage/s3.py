@@ -14,8 +14,9 @@ import hashlib
 import io
 import os
 import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 from pitr.errors import AlreadyExistsError, NotFoundError, RepoMissingError, StorageError
@@ -97,8 +98,8 @@ class S3Storage(Storage):
         return self._client
 
     def _make_client(self) -> Any:
-        import boto3
-        from botocore.config import Config
+        import boto3  # type: ignore[import-untyped]
+        from botocore.config import Config  # type: ignore[import-untyped]
 
         style = self._addressing
         if style == "auto":
@@ -128,7 +129,7 @@ class S3Storage(Storage):
 
     # --- error translation (the one place botocore errors become PitrErrors)
     def _translate(self, e: BaseException, what: str) -> Exception:
-        from botocore import exceptions as bx
+        from botocore import exceptions as bx  # type: ignore[import-untyped]
 
         where = self.endpoint or "AWS S3"
         if isinstance(e, bx.ClientError):
@@ -212,7 +213,7 @@ class S3Storage(Storage):
         try:
             self.client.put_object(**kw)
         except Exception as e:  # noqa: BLE001
-            from botocore.exceptions import ClientError
+            from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 
             if if_absent and isinstance(e, ClientError) and e.response.get("Error", {}).get("Code") in (
                 "NotImplemented", "InvalidArgument"
@@ -235,12 +236,12 @@ class S3Storage(Storage):
         try:
             # up to 3 parts in flight: parallel uploads, bounded memory (part_size * 4)
             with ThreadPoolExecutor(max_workers=3) as pool:
-                futures = []
+                futures: deque[Future[dict[str, Any]]] = deque()
                 number = 1
                 chunk = first
                 while chunk:
                     if len(futures) >= 3:
-                        parts.append(futures.pop(0).result())
+                        parts.append(futures.popleft().result())
                     futures.append(pool.submit(self._upload_part, key, k, upload_id, number, chunk))
                     number += 1
                     chunk = rest.read(self.part_size)
@@ -312,7 +313,7 @@ class S3Storage(Storage):
     def delete(self, key: str) -> None:
         self._call(f"delete {key}", self.client.delete_object, Bucket=self.bucket, Key=self._k(key))
 
-    def delete_many(self, keys: list[str]) -> None:
+    def delete_many(self, keys: Sequence[str]) -> None:
         for i in range(0, len(keys), 1000):
             batch = [{"Key": self._k(k)} for k in keys[i : i + 1000]]
             r = self._call("delete objects", self.client.delete_objects, Bucket=self.bucket,
