@@ -1,6 +1,7 @@
 """Docker cannot run on CI's machine, so check what can be checked without it: docker/compose.yaml
 parses and wires PostgreSQL's archive_command to pitr against MinIO, the image installs pitr
-with the very `pip install` the tests use (scripts/setup.sh), and README documents the commands."""
+with the very `pip install` the tests use (scripts/setup.sh), and README documents the commands
+— the compose ones, and every command and setting pitr has."""
 
 from __future__ import annotations
 
@@ -133,3 +134,19 @@ def test_readme_documents_the_compose_backup_and_restore() -> None:
                  "docker compose -f docker/compose.yaml exec -u postgres postgres pitr backup",
                  "docker compose -f docker/compose.yaml run --rm pitr restore"):
         assert line in readme, f"README.md does not show `{line}`"
+
+
+def test_readme_tables_cover_every_command_and_setting() -> None:
+    from dataclasses import fields
+
+    from pitr.cli.app import app
+    from pitr.config import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    commands = [c.name for c in app.registered_commands if c.name]
+    assert {"init", "wal-push", "wal-fetch", "backup", "restore", "info"} <= set(commands)
+    missing = [c for c in commands if f"`pitr {c}" not in readme]
+    assert not missing, f"README's commands table lacks {missing}"
+    keys = [f.name for f in fields(Settings) if f.name != "extra"]
+    missing = [k for k in keys if f"`{k}`" not in readme and f"`--{k.replace('_', '-')}" not in readme]
+    assert not missing, f"README's configuration tables lack {missing}"
