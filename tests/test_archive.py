@@ -196,7 +196,7 @@ def test_history_partial_and_backup_files(arch: Archiving) -> None:
     a = arch
     work = a.base / f"misc-{uuid.uuid4().hex[:6]}"
     work.mkdir()
-    tli = 40 + (hash(work.name) % 1000)  # a timeline this repo has not seen
+    tli = 40 + uuid.uuid4().int % 1000  # a timeline this repo has not seen
     hist = work / walname.history_name(tli)
     hist.write_text(f"{tli - 1}\t0/5000000\tno recovery target specified\n")
     seg = a.segments()[1]
