@@ -8,7 +8,7 @@ The recipe, in order (docs/restore.md):
   3. mark      write `pitr-restore.incomplete` first (with --delta, remove pg_control too), so an
                interrupted restore never looks complete or startable
   4. files     --jobs workers fetch, verify and write every file (restore_files)
-  5. finish    backup_label, tablespace_map, recovery settings + recovery.signal, fsync, then
+  5. finish    backup_label, tablespace_map, recovery settings + recovery.signal, syncfs, then
                global/pg_control LAST; remove the marker
   6. replay    with --replay, run PostgreSQL until it reaches the target (restore_replay)
 """
@@ -16,7 +16,6 @@ The recipe, in order (docs/restore.md):
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from pitr.ops.restore_dest import (
     write_marker,
     write_small,
 )
-from pitr.ops.restore_files import FileStats, Item, write_files
+from pitr.ops.restore_files import FileStats, Item, sync_filesystems, write_files
 from pitr.ops.restore_plan import Plan, Target, make_plan
 from pitr.ops.restore_replay import ReplayResult, ReplaySpec, replay
 from pitr.pg import walname
@@ -165,7 +164,8 @@ def run_restore(storage: Storage, opts: RestoreOptions, progress: Callable[[int,
     control = next((f for f in m.files if f.path == PG_CONTROL), None)
     if control is None:
         raise IntegrityError(f"backup {m.id} has no global/pg_control in its manifest")
-    stats = write_files(storage, m, items, opts.jobs, owner, opts.delta, progress)
+    t_files = time.monotonic()
+    stats = write_files(storage, m, items, opts.jobs, owner, opts.delta, progress, fsync=False)
     stats.removed = removed
 
     phase("writing backup_label, tablespace_map and recovery settings")
@@ -178,13 +178,11 @@ def run_restore(storage: Storage, opts: RestoreOptions, progress: Callable[[int,
     for name in ("recovery.conf", "postmaster.pid", "postmaster.opts"):
         (layout.pgdata / name).unlink(missing_ok=True)
     write_recovery(layout.pgdata, settings, owner)
-    for root in layout.roots():
-        for dirpath, _dirs, _files in os.walk(root):
-            fsync_dir(Path(dirpath))
+    sync_filesystems(layout.roots())  # every file and directory entry durable before pg_control
     # pg_control last: until it exists PostgreSQL refuses to start on the directory
     cstats = write_files(storage, m, [Item(control, layout.pgdata / PG_CONTROL)], 1, owner, False)
     stats.add(cstats)
-    stats.seconds += cstats.seconds
+    stats.seconds = time.monotonic() - t_files  # files, flushed to disk, pg_control included
     fsync_dir(layout.pgdata / "global")
     (layout.pgdata / MARKER).unlink()
     fsync_dir(layout.pgdata)

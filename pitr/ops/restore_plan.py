@@ -98,7 +98,7 @@ def format_time(t: datetime, pg: bool = False) -> str:
 
 def parse_time(text: str) -> datetime:
     """python-dateutil syntax; a time without a zone is in the local zone. Returns aware UTC."""
-    from dateutil import parser, tz
+    from dateutil import parser, tz  # type: ignore[import-untyped]
 
     s = text.strip()
     if not s:
