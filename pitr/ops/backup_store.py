@@ -401,34 +401,43 @@ class _SourceReader:
 
 
 class _Pull:
-    """A read()-able view of an encode_stream iterator that remembers the trailer and the size."""
+    """A read()-able view of an encode_stream iterator that remembers the trailer and the size.
+    Holds at most one piece beyond what read() returns (an S3 part is copied once, not thrice)."""
 
     def __init__(self, pieces: Iterator[bytes]) -> None:
         self._it = pieces
-        self._buf = bytearray()
+        self._left = b""  # the unread rest of the last piece
         self._eof = False
         self.emitted = 0
         self.tail = b""
 
-    def _fill(self, n: int) -> None:
-        while not self._eof and (n < 0 or len(self._buf) < n):
-            try:
-                piece = next(self._it)
-            except StopIteration:
-                self._eof = True
-                break
-            self._buf += piece
-            keep = envelope.TRAILER_SIZE
-            self.tail = piece[-keep:] if len(piece) >= keep else (self.tail + piece)[-keep:]
+    def _next(self) -> bytes:
+        if self._eof:
+            return b""
+        try:
+            piece = next(self._it)
+        except StopIteration:
+            self._eof = True
+            return b""
+        keep = envelope.TRAILER_SIZE
+        self.tail = piece[-keep:] if len(piece) >= keep else (self.tail + piece)[-keep:]
+        return piece
 
     def read(self, n: int = -1) -> bytes:
-        self._fill(n)
-        if n < 0 or n >= len(self._buf):
-            out = bytes(self._buf)
-            self._buf.clear()
-        else:
-            out = bytes(self._buf[:n])
-            del self._buf[:n]
+        parts = [self._left] if self._left else []
+        have = len(self._left)
+        self._left = b""
+        while n < 0 or have < n:
+            piece = self._next()
+            if not piece:
+                if self._eof:
+                    break
+                continue
+            parts.append(piece)
+            have += len(piece)
+        out = b"".join(parts) if len(parts) != 1 else parts[0]
+        if 0 <= n < len(out):
+            out, self._left = out[:n], out[n:]
         self.emitted += len(out)
         return out
 
