@@ -4,8 +4,8 @@ One source cluster per (server version, repo kind) lives through the invoice sto
 by this module's tests:
 
     2,000 invoices -> backup B1 -> more work -> T (1 s of quiet each side; restore point
-    'before-sync'; LSN at T) -> a faulty sync deletes 200 invoices -> more work -> backup B2 ->
-    more work (the final state)
+    'before-sync'; LSN at T) -> a faulty sync deletes 200 invoices -> more work -> backup B2
+    (directory repo only) -> more work (the final state)
 
 Each test restores with `pitr restore` run the way a DBA runs it (as the postgres user, or as
 root) and checks what a DBA would: the invoices are back, table checksums equal those taken at
@@ -126,7 +126,8 @@ def start_story(kind: str, bindir: Path, pitr_exe: Path, moto: MotoServer | None
         assert deleted == 200
         work(src, "after T")
         src.sql("update payments set amount = amount + 1 where id % 2 = 0")
-        st.b2 = st.pitr("backup", "--dbname", src.conninfo, "--pgdata", src.data).stdout.split()[-1]
+        if kind == "fs":  # the S3 story needs only B1 (which backup a target picks is repo-independent)
+            st.b2 = st.pitr("backup", "--dbname", src.conninfo, "--pgdata", src.data).stdout.split()[-1]
         work(src, "final")
         src.sql("create index on audit_log (at)")
         st.final = st.state(src)
@@ -190,8 +191,8 @@ def vouch(pg: PgCluster) -> None:
 # --------------------------------------------------------------------------- the story
 
 def test_invoice_story(story: Story) -> None:
-    """Restore to T, between B1 and B2: B1 is used, all 2,000 invoices are back as they were at T,
-    nothing done after T is there, and PostgreSQL's own tools vouch for the copy."""
+    """Restore to T (between B1 and B2 in the directory repo: B1 is used): all 2,000 invoices are
+    back as they were at T, nothing done after T is there, and PostgreSQL's tools vouch for the copy."""
     st = story
     a = st.new_dir("a")
     out = st.restore(a.data, "--target-time", st.t, "--replay", "--archive-mode", "off")
