@@ -114,11 +114,16 @@ def register(app: typer.Typer) -> None:
 
         def phase(msg: str) -> None:
             if show:
-                print(f"pitr: {msg}", file=sys.stderr)
+                print(f"\r\x1b[Kpitr: {msg}", file=sys.stderr)
+
+        def progress(done: int, total: int) -> None:
+            if show and total:
+                print(f"\r\x1b[Kpitr: files {done * 100 // total:3d}% ({human_bytes(done)} of {human_bytes(total)})",
+                      end="", file=sys.stderr, flush=True)
 
         old = signal.signal(signal.SIGTERM, _sigterm)
         try:
-            result = run_restore(storage, opts, on_phase=phase)
+            result = run_restore(storage, opts, progress=progress, on_phase=phase)
         except KeyboardInterrupt:
             from pitr.errors import Interrupted
 
@@ -183,7 +188,10 @@ def render_text(r: Any) -> str:
         out.append(f"  replay took {human_duration(rp.seconds)}; PostgreSQL was stopped cleanly; server log {rp.log_file}")
         for n in rp.notes:
             out.append(f"  note: {n}")
-    out.append(f"total restore time (RTO): {human_duration(r.seconds)}")
+    if rp is None:
+        out.append(f"total time: {human_duration(r.seconds)} (recovery not run yet)")
+    else:
+        out.append(f"total restore time (RTO): {human_duration(r.seconds)}")
     return "\n".join(out)
 
 
