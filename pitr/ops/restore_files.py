@@ -35,6 +35,9 @@ from pitr.storage.base import Storage
 CHUNK = 8 << 20  # ranged read size of a large file's envelope
 BATCH_BYTES = 8 << 20  # small neighbouring envelopes fetched in one ranged read, up to this size
 BATCH_HOLE = 256 << 10  # read across a hole this small rather than issue another request
+# compressed bytes handed to zstd per call: PostgreSQL data often compresses 30x or more, and one
+# call's output is held whole, so this bounds memory (128 KiB -> a few MiB out per worker)
+DECODE_CHUNK = 128 << 10
 
 
 @dataclass
@@ -229,7 +232,7 @@ class FileWriter:
         e = it.entry
         what = f"backup {self.backup_id}'s copy of {e.path}"
         with self._open(it) as f:
-            trailer = envelope.decode_stream(src, f, what)  # type: ignore[arg-type]
+            trailer = envelope.decode_stream(src, f, what, chunk=DECODE_CHUNK)  # type: ignore[arg-type]
             if trailer.size != e.size or trailer.sha256 != e.sha256:
                 raise IntegrityError(f"{what} does not match its manifest entry (size or SHA-256)",
                                      "run `pitr verify`; restore from another backup with --backup")
