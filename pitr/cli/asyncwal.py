@@ -53,19 +53,20 @@ def _quick_push(argv: list[str]) -> int | None:
 def _quick_fetch(argv: list[str]) -> int | None:
     glob = spool.split_global_args(argv, 2)
     name, dest = argv[-2], argv[-1]
-    if glob is None or len(name) != 24:
+    if glob is None or not spool.is_archive_name(name):
         return None
     pdir = spool.prefetch_spool_dir(os.environ.get("PITR_SPOOL_PATH"), dest)
-    spool.await_inflight(pdir, name)
-    if not os.path.exists(pdir / f"{name}.meta"):
-        return None
+    if not os.path.isdir(pdir):
+        return None  # never prefetched here: the normal path decides whether to start
     fp = spool.fingerprint(glob, os.environ)
-    spool.write_want(pdir, name)  # first, so the prefetcher keeps `name` and moves its window on
-    why = spool.take_prefetched(pdir, name, dest, fp)
-    if why is None:
+    stamp = spool.write_want(pdir, name)  # first: the prefetcher keeps `name` and moves on past it
+    state, why = spool.ask_prefetcher(pdir, name, dest, fp, stamp)
+    if state == "served":
         _ensure_prefetcher(glob, pdir)
         return 0
-    if why != "absent":
+    if state == "missing":
+        return 1  # the prefetcher looked after this request: not in the archive
+    if why:
         print(f"pitr: warning: {why}", file=sys.stderr)
     return None
 
@@ -147,38 +148,40 @@ def _trim_log(path: Path, limit: int = 1 << 20) -> None:
 
 # --------------------------------------------------------------------------- wal-fetch prefetch
 
-def serve_prefetched(settings: object, name: str, dest: str) -> bool:
-    """True when `name` was served from the prefetch spool (verified)."""
+def serve_prefetched(settings: object, name: str, dest: str) -> int | None:
+    """0 when the prefetcher served `name`, 1 when it found it missing, None to fetch directly."""
     import logging
 
+    if not spool.is_archive_name(name):
+        return None
     pdir = spool.prefetch_spool_dir(getattr(settings, "spool_path", None), dest)
-    if len(name) != 24:
-        return False
-    spool.await_inflight(pdir, name)
-    if not (pdir / f"{name}.meta").exists():
-        return False
+    if not pdir.is_dir():
+        return None
     try:
-        spool.write_want(pdir, name)
-        why = spool.take_prefetched(pdir, name, dest, spool.fingerprint(_global_args(), os.environ))
+        glob = _global_args()
+        stamp = spool.write_want(pdir, name)
+        state, why = spool.ask_prefetcher(pdir, name, dest, spool.fingerprint(glob, os.environ), stamp)
     except OSError:
-        return False
-    if why is None:
-        kick_prefetch(settings, name, dest)
-        return True
-    if why != "absent":
+        return None
+    if state == "served":
+        _ensure_prefetcher(glob, pdir)
+        return 0
+    if state == "missing":
+        return 1
+    if why:
         logging.getLogger("pitr").warning("%s", why)
-    return False
+    return None
 
 
 def kick_prefetch(settings: object, name: str, dest: str) -> None:
     """Record `name` as PostgreSQL's latest request and make sure a prefetcher is running."""
     import logging
 
-    if len(name) != 24:
-        return  # history files and the like: nothing follows them
+    if not spool.is_archive_name(name):
+        return
     pdir = spool.prefetch_spool_dir(getattr(settings, "spool_path", None), dest)
     try:
-        spool.write_want(pdir, name)
+        spool.write_want(pdir, name, served=True)
         _ensure_prefetcher(_global_args(), pdir)
     except OSError as e:
         logging.getLogger("pitr").warning("cannot start prefetching into %s: %s", pdir, e)

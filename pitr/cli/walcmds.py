@@ -49,8 +49,10 @@ def run_wal_fetch(settings: Settings, name: str, dest: str) -> int:
     if settings.prefetch > 0:
         from pitr.cli import asyncwal
 
-        if asyncwal.serve_prefetched(settings, name, dest):
-            return 0
+        rc = asyncwal.serve_prefetched(settings, name, dest)  # 0 served, 1 not archived, None: fetch here
+        if rc is not None:
+            log.info("%s %s by the prefetcher", name, "served" if rc == 0 else "reported missing")
+            return rc
     try:
         storage = open_storage(settings)
         archive.fetch_with_retries(storage, archive.MetaLoader(storage), name, Path(dest),

@@ -42,7 +42,7 @@ class PrefetchConfig:
     count: int
     jobs: int
     idle_exit: float = IDLE_EXIT
-    poll: float = 0.02
+    poll: float = 0.005
 
 
 def window(want: str | None, count: int, seg_size: int) -> list[str]:
@@ -66,7 +66,9 @@ def fetch_one(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig, name: str) 
             t = envelope.decode_stream(src, out, f"archived {name}")
         with open(tmp, "rb") as f:
             head = f.read(64)
-        why = spool.segment_problem(name, head, t.size, meta.system_identifier, meta.wal_segment_size)
+        why = None
+        if len(name) == 24:
+            why = spool.segment_problem(name, head, t.size, meta.system_identifier, meta.wal_segment_size)
         if why:
             raise IntegrityError(f"archived {name} {why}")
         os.replace(tmp, cfg.spool / name)
@@ -92,45 +94,65 @@ class _CrcWriter:
 
 def serve(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig,
           keep_going: Callable[[], str | None]) -> tuple[str, int]:
-    """Keep the window filled until idle or told to stop; returns why it stopped and how many it fetched."""
-    inflight: dict[Future[None], str] = {}
+    """Answer requests and keep the window filled until idle or told to stop.
+
+    Returns why it stopped and how many files it fetched.
+    """
+    inflight: dict[Future[None], tuple[str, str | None]] = {}  # -> (name, stamp if a request)
     missing: dict[str, float] = {}
     failed: dict[str, float] = {}
-    last_want: str | None = None
+    last_req: tuple[str, str] | None = None
+    handled: str | None = None  # stamp of the request already taken care of
     last_change = time.monotonic()
-    next_check = 0.0
+    next_check = next_prune = 0.0
     reason: str | None = None
     fetched = 0
-    with ThreadPoolExecutor(max_workers=cfg.jobs, thread_name_prefix="prefetch") as pool:
+    # one worker more than the window may use: a request never queues behind look-ahead
+    with ThreadPoolExecutor(max_workers=cfg.jobs + 1, thread_name_prefix="prefetch") as pool:
         while True:
             now = time.monotonic()
-            want = spool.read_want(cfg.spool)
-            if want != last_want:
-                last_want, last_change = want, now
+            req = spool.read_want(cfg.spool)
+            want = req[0] if req else None
             wanted = window(want, cfg.count, meta.wal_segment_size)
-            busy = set(inflight.values())
-            _prune(cfg.spool, set(wanted) | ({want} if want else set()) | busy)
+            busy = {n for n, _ in inflight.values()}
+            if req != last_req or now >= next_prune:
+                if req != last_req:
+                    last_req, last_change = req, now
+                next_prune = now + 0.5
+                _prune(cfg.spool, set(wanted) | ({want} if want else set()) | busy)
+            if req and req[1] != handled and reason is None:
+                handled = req[1]
+                if not req[1].startswith("done") and want not in busy and not (cfg.spool / f"{want}.meta").exists():
+                    inflight[pool.submit(fetch_one, storage, meta, cfg, want)] = (want, req[1])
+                    busy.add(want)
             if reason is None:
+                window_busy = sum(1 for _, st in inflight.values() if st is None)
                 for name in wanted:
-                    if len(inflight) >= cfg.jobs:
+                    if window_busy >= cfg.jobs:
                         break
                     if name in busy or (cfg.spool / f"{name}.meta").exists():
                         continue
                     if missing.get(name, 0.0) > now or failed.get(name, 0.0) > now:
                         continue
-                    inflight[pool.submit(fetch_one, storage, meta, cfg, name)] = name
+                    inflight[pool.submit(fetch_one, storage, meta, cfg, name)] = (name, None)
+                    window_busy += 1
             if inflight:
-                finished, _ = wait(list(inflight), timeout=cfg.poll * 5, return_when=FIRST_COMPLETED)
+                finished, _ = wait(list(inflight), timeout=cfg.poll, return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    name = inflight.pop(fut)
+                    name, stamp = inflight.pop(fut)
                     try:
                         fut.result()
                         fetched += 1
                     except NotFoundError:
                         missing[name] = time.monotonic() + MISSING_RECHECK
+                        if stamp:
+                            spool.answer(cfg.spool, name, stamp, "missing")
                     except (PitrError, OSError) as e:
                         log.warning("prefetching %s failed: %s", name, e)
                         failed[name] = time.monotonic() + 2.0
+                        if stamp:
+                            spool.answer(cfg.spool, name, stamp, "failed")
+                last_change = time.monotonic()
                 continue
             if now >= next_check:
                 next_check = now + 1.0
@@ -144,18 +166,20 @@ def serve(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig,
 
 
 def _prune(spool_dir: Path, keep: set[str]) -> None:
-    """Delete prefetched files PostgreSQL will not ask for next (consumed, skipped, other timeline)."""
+    """Delete prefetched files and answers PostgreSQL will not ask for (consumed, skipped, other timeline)."""
     try:
         entries = list(os.scandir(spool_dir))
     except FileNotFoundError:
         return
     for e in entries:
         name = e.name
-        if name.endswith(".meta"):
-            name = name[:-5]
-        elif name.startswith(".") and name.endswith(".part"):
+        if name.startswith(".") and name.endswith(".part"):
             name = name[1:-5]
-        if len(name) != 24 or name in keep or walname.parse(name) is None:
+        for suffix in (".meta", ".missing", ".failed"):
+            if name.endswith(suffix):
+                name = name[: -len(suffix)]
+                break
+        if name in keep or walname.parse(name) is None:
             continue
         try:
             os.unlink(e.path)

@@ -18,7 +18,10 @@ Prefetch (spool dir default `pg_wal/pitr_prefetch`):
                   and page header; NAME.meta (written after it) holds the fingerprint, the size,
                   the trailer's SHA-256, a CRC-32 of the bytes written and the cluster identity;
                   size, CRC-32 and header are checked again before the file goes to PostgreSQL
-    want          the name PostgreSQL asked for last; the prefetcher fetches what follows it
+    want          PostgreSQL's latest request: "NAME STAMP". The prefetcher fetches NAME first
+                  (any archive file, history files too) and the segments after it; when it
+                  cannot give NAME it answers NAME.missing / NAME.failed carrying STAMP, so
+                  the waiting wal-fetch knows the answer is about its own request
     prefetch.lock flock held by the running prefetcher
 """
 
@@ -291,14 +294,14 @@ def take_prefetched(pdir: Path, name: str, dest: str | os.PathLike[str], fp: str
         sysid, seg_size = int(m["sysid"]), int(m["seg_size"])
         with open(data_path, "rb") as f:
             actual = os.fstat(f.fileno()).st_size
-            if actual != size or size == 0:
+            if actual != size or (size == 0 and len(name) == 24):
                 why: str | None = f"is {actual} bytes, not {size}"
             else:
                 # the bytes were verified against the envelope's SHA-256 when fetched; the CRC-32
                 # taken then proves they are still those bytes (no copy: the page cache is hashed)
                 with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                     why = "fails its checksum" if zlib.crc32(mm) != crc else segment_problem(
-                        name, mm[: _LONG_HEADER.size], size, sysid, seg_size)
+                        name, mm[: _LONG_HEADER.size], size, sysid, seg_size) if len(name) == 24 else None
     except FileNotFoundError:
         _discard(meta_path)
         return "absent"
@@ -343,25 +346,67 @@ def partial_name(name: str) -> str:
     return f".{name}.part"
 
 
-def await_inflight(pdir: Path, name: str, limit: float = 10.0) -> None:
-    """If the prefetcher is fetching `name` right now, wait for it rather than fetch it twice."""
-    part, meta = pdir / partial_name(name), pdir / f"{name}.meta"
-    deadline = time.monotonic() + limit
-    delay = 0.002
-    while os.path.exists(part) and not os.path.exists(meta) and time.monotonic() < deadline:
-        time.sleep(delay)
-        delay = min(0.02, delay * 1.5)
+def write_want(pdir: Path, name: str, served: bool = False) -> str:
+    """Record PostgreSQL's request for `name`; returns the request's stamp (see ask_prefetcher).
 
-
-def write_want(pdir: Path, name: str) -> None:
+    served=True: the caller already has name; only the look-ahead after it is wanted.
+    """
     pdir.mkdir(parents=True, exist_ok=True)
+    stamp = f"{'done' if served else 'ask'}-{os.getpid()}-{time.monotonic_ns()}"
     tmp = pdir / f".want.{os.getpid()}"
-    tmp.write_text(name)
+    tmp.write_text(f"{name} {stamp}")
     os.replace(tmp, pdir / "want")
+    return stamp
 
 
-def read_want(pdir: Path) -> str | None:
+def read_want(pdir: Path) -> tuple[str, str] | None:
+    """(name, stamp) of the latest request, or None."""
     try:
-        return (pdir / "want").read_text().strip() or None
+        name, _, stamp = (pdir / "want").read_text().strip().partition(" ")
     except OSError:
         return None
+    return (name, stamp) if name else None
+
+
+def is_archive_name(name: str) -> bool:
+    """A segment or timeline history name (what restore_command asks for), checked cheaply."""
+    hexdigits = "0123456789ABCDEF"
+    if len(name) == 24:
+        return all(c in hexdigits for c in name)
+    return len(name) == 16 and name.endswith(".history") and all(c in hexdigits for c in name[:8])
+
+
+def answer(pdir: Path, name: str, stamp: str, verdict: str) -> None:
+    """The prefetcher's answer to request `stamp` when it has no file to give: missing | failed."""
+    write_marker(pdir / f"{name}.{verdict}", {"stamp": stamp})
+
+
+def ask_prefetcher(pdir: Path, name: str, dest: str | os.PathLike[str], fp: str, stamp: str,
+                   limit: float = 120.0) -> tuple[str, str | None]:
+    """Let the running prefetcher (same settings) answer request `stamp` with its warm client.
+
+    Returns ("served", None), ("missing", None) when the archive lacks name (checked after the
+    request), ("rejected", why) when its file failed verification, or ("direct", None) when the
+    caller must fetch by itself (no prefetcher with these settings, or it failed).
+    """
+    deadline = time.monotonic() + limit
+    delay = 0.001
+    next_alive = 0.0  # after a first look: a verified file is served even if the helper left
+    while time.monotonic() < deadline:
+        if os.path.exists(pdir / f"{name}.meta"):
+            why = take_prefetched(pdir, name, dest, fp)
+            if why is None:
+                return "served", None
+            return ("rejected", why) if why != "absent" else ("direct", None)
+        for verdict in ("missing", "failed"):
+            m = read_marker(pdir / f"{name}.{verdict}")
+            if m is not None and m.get("stamp") == stamp:
+                _discard(pdir / f"{name}.{verdict}")
+                return (verdict, None) if verdict == "missing" else ("direct", None)
+        if time.monotonic() >= next_alive:
+            if helper_state(pdir, PREFETCHD) != fp:
+                return "direct", None
+            next_alive = time.monotonic() + 1.0
+        time.sleep(delay)
+        delay = min(0.01, delay * 1.5)
+    return "direct", None
