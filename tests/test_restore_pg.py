@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ClusterFactory
 from tests.support.pg import (
     IS_ROOT,
     PgCluster,
@@ -358,3 +359,52 @@ def test_bad_input_is_one_sentence_and_leaves_the_directory_alone(story_fs: Stor
             assert snapshot(dest) == before, args
     assert st.src.is_running() and st.src.scalar("select count(*) from invoices") == 1800
     assert os.listdir(empty) == [] and (full / "notes.txt").read_text() == "do not lose me"
+
+
+def test_independent_backup_with_a_tablespace(cluster_factory: ClusterFactory, pitr_exe: Path) -> None:
+    """A backup made without `pitr backup` (PostgreSQL's low-level API, tests/support/synthbackup.py)
+    restores too, tablespace included: the original location is busy, so it is remapped."""
+    src = cluster_factory("ts-src")
+    repo = src.base.parent / "ts-repo"
+    env = {"PITR_REPO": str(repo)}
+    src.initdb(f"archive_mode = on\narchive_command = '{pitr_exe} wal-push %p'\n")
+    src.start(env=env)
+    run_as_postgres([pitr_exe, "init", "-d", src.conninfo], env=env)
+    ts_src = src.base / "ts"
+    ts_src.mkdir()
+    chown_pg(ts_src)
+    src.sql(f"create tablespace fast location '{ts_src}'")
+    src.sql("create table hot (id int primary key, v text) tablespace fast")
+    src.sql("insert into hot select g, md5(g::text) from generate_series(1, 5000) g")
+    oid = str(src.scalar("select oid from pg_tablespace where spcname = 'fast'"))
+    from pitr.storage.fs import FsStorage
+    from tests.support.synthbackup import synth_backup
+
+    synth_backup(src.conninfo, src.data, FsStorage(repo))
+    chown_pg(repo, recursive=True)
+    src.sql("update hot set v = 'changed' where id % 7 = 0")
+    src.sql("create index on hot (v) tablespace fast")
+    final = src.table_md5("hot")
+    src.wait_archived(src.switch_wal())
+
+    dest = PgCluster(src.bindir, src.base.parent / "ts-copy", name="ts-copy")
+    argv = [pitr_exe, "restore", "--pgdata", dest.data, "--replay", "--archive-mode", "off", "--json"]
+    p = run_as_postgres(argv, env=env, check=False)
+    assert p.returncode == 1 and f"tablespace {oid} is not empty" in p.stderr and not dest.data.exists()
+    ts_new = dest.base / "ts"
+    out = json.loads(run_as_postgres([*argv, "--tablespace-map", f"{oid}={ts_new}"], env=env).stdout)
+    assert out["replay"]["reached"]
+    assert os.readlink(dest.data / "pg_tblspc" / oid) == str(ts_new)
+    # PostgreSQL rebuilt the link from tablespace_map and renamed the file when recovery started
+    assert (dest.data / "tablespace_map.old").read_text().strip() == f"{oid} {ts_new}"
+    dest.append_conf()
+    dest.start()
+    try:
+        assert dest.table_md5("hot") == final
+        where = dest.scalar("select pg_tablespace_location(oid) from pg_tablespace where spcname = 'fast'")
+        assert where == str(ts_new)
+        r = dest.run("pg_amcheck", "--install-missing", "--all", check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        dest.stop()
+    assert src.table_md5("hot") == final  # the source's tablespace was not touched
