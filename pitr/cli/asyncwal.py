@@ -155,12 +155,14 @@ def serve_prefetched(settings: object, name: str, dest: str) -> int | None:
     if not spool.is_archive_name(name):
         return None
     pdir = spool.prefetch_spool_dir(getattr(settings, "spool_path", None), dest)
-    if not pdir.is_dir():
-        return None
     try:
         glob = _global_args()
         stamp = spool.write_want(pdir, name)
-        state, why = spool.ask_prefetcher(pdir, name, dest, spool.fingerprint(glob, os.environ), stamp)
+        # start the helper now if needed and let it answer: its start-up costs what importing
+        # boto3 here would, and every later call finds it warm
+        started = _ensure_prefetcher(glob, pdir)
+        state, why = spool.ask_prefetcher(pdir, name, dest, spool.fingerprint(glob, os.environ), stamp,
+                                          grace=15.0 if started else 0.0)
     except OSError:
         return None
     if state == "served":
@@ -187,11 +189,14 @@ def kick_prefetch(settings: object, name: str, dest: str) -> None:
         logging.getLogger("pitr").warning("cannot start prefetching into %s: %s", pdir, e)
 
 
-def _ensure_prefetcher(glob: list[str], pdir: Path) -> None:
-    if spool.helper_state(pdir, spool.PREFETCHD) is None:
-        log_path = pdir / f"{spool.PREFETCHD}.log"
-        _trim_log(log_path)
-        spool.start_helper(sys.executable, glob, PREFETCH_HELPER, [os.path.abspath(pdir), os.getcwd()], log_path)
+def _ensure_prefetcher(glob: list[str], pdir: Path) -> bool:
+    """Start the prefetcher unless one runs; True when this call started it."""
+    if spool.helper_state(pdir, spool.PREFETCHD) is not None:
+        return False
+    log_path = pdir / f"{spool.PREFETCHD}.log"
+    _trim_log(log_path)
+    spool.start_helper(sys.executable, glob, PREFETCH_HELPER, [os.path.abspath(pdir), os.getcwd()], log_path)
+    return True
 
 
 # --------------------------------------------------------------------------- helper processes
@@ -278,6 +283,9 @@ def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, 
         return 0
     except PitrError as e:
         log.error("cannot prefetch: %s", e)  # wal-fetch itself still works without us
+        req = spool.read_want(pdir)
+        if req:
+            spool.answer(pdir, req[0], req[1], "failed")  # the waiting call fetches by itself now
         return 1
     finally:
         prefetch.clear(pdir)

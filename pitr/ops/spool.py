@@ -382,7 +382,7 @@ def answer(pdir: Path, name: str, stamp: str, verdict: str) -> None:
 
 
 def ask_prefetcher(pdir: Path, name: str, dest: str | os.PathLike[str], fp: str, stamp: str,
-                   limit: float = 120.0) -> tuple[str, str | None]:
+                   limit: float = 120.0, grace: float = 0.0) -> tuple[str, str | None]:
     """Let the running prefetcher (same settings) answer request `stamp` with its warm client.
 
     Returns ("served", None), ("missing", None) when the archive lacks name (checked after the
@@ -392,6 +392,7 @@ def ask_prefetcher(pdir: Path, name: str, dest: str | os.PathLike[str], fp: str,
     deadline = time.monotonic() + limit
     delay = 0.001
     next_alive = 0.0  # after a first look: a verified file is served even if the helper left
+    grace_end = time.monotonic() + grace  # a helper just started may not hold its lock yet
     while time.monotonic() < deadline:
         if os.path.exists(pdir / f"{name}.meta"):
             why = take_prefetched(pdir, name, dest, fp)
@@ -404,9 +405,10 @@ def ask_prefetcher(pdir: Path, name: str, dest: str | os.PathLike[str], fp: str,
                 _discard(pdir / f"{name}.{verdict}")
                 return (verdict, None) if verdict == "missing" else ("direct", None)
         if time.monotonic() >= next_alive:
-            if helper_state(pdir, PREFETCHD) != fp:
+            state = helper_state(pdir, PREFETCHD)
+            if state != fp and (state is not None or time.monotonic() >= grace_end):
                 return "direct", None
-            next_alive = time.monotonic() + 1.0
+            next_alive = time.monotonic() + (0.05 if state is None else 1.0)
         time.sleep(delay)
         delay = min(0.01, delay * 1.5)
     return "direct", None
