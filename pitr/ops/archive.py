@@ -80,9 +80,10 @@ def push(storage: Storage, meta: RepoMeta, path: Path, codec: envelope.Codec) ->
     """Store one file durably; exit-0 semantics of archive_command (see module doc)."""
     w, data = read_wal_file(path, meta)
     key = wal_key(w.name)
-    sha = hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256(data).digest()
+    sha = digest.hex()
     # history files compress to nothing worth having and are read by humans in a pinch
-    body = envelope.encode(data, codec if w.kind != "history" else envelope.Codec("none", 0))
+    body = envelope.encode(data, codec if w.kind != "history" else envelope.Codec("none", 0), digest)
     try:
         storage.put(key, body, if_absent=True)
     except AlreadyExistsError:

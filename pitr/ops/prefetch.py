@@ -122,9 +122,10 @@ def serve(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig,
                 _prune(cfg.spool, set(wanted) | ({want} if want else set()) | busy)
             if req and req[1] != handled and reason is None:
                 handled = req[1]
-                if not req[1].startswith("done") and want not in busy and not (cfg.spool / f"{want}.meta").exists():
-                    inflight[pool.submit(fetch_one, storage, meta, cfg, want)] = (want, req[1])
-                    busy.add(want)
+                rname = req[0]
+                if not req[1].startswith("done") and rname not in busy and not (cfg.spool / f"{rname}.meta").exists():
+                    inflight[pool.submit(fetch_one, storage, meta, cfg, rname)] = (rname, req[1])
+                    busy.add(rname)
             if reason is None:
                 window_busy = sum(1 for _, st in inflight.values() if st is None)
                 for name in wanted:

@@ -114,9 +114,12 @@ def _compressor(codec: Codec):  # type: ignore[no-untyped-def]
     return zstandard.ZstdCompressor(level=codec.level)
 
 
-def encode(raw: bytes | memoryview, codec: Codec) -> bytes:
-    """Envelope a whole in-memory object (WAL segments, manifests)."""
-    digest = hashlib.sha256(raw).digest()
+def encode(raw: bytes | memoryview, codec: Codec, digest: bytes | None = None) -> bytes:
+    """Envelope a whole in-memory object (WAL segments, manifests).
+
+    `digest` is raw's SHA-256 when the caller already has it (one pass over 16 MiB less)."""
+    if digest is None:
+        digest = hashlib.sha256(raw).digest()
     body = _compressor(codec).compress(raw) if codec.code == 1 else bytes(raw)
     return header_bytes(codec) + body + trailer_bytes(len(raw), digest)
 

@@ -8,6 +8,7 @@ Schema: docs/repository-format.md.
 
 from __future__ import annotations
 
+import builtins
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -73,13 +74,13 @@ class Manifest:
     format: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def to_json(self) -> bytes:
+    def to_json(self) -> builtins.bytes:  # `bytes` is a field name here
         d = asdict(self)
         d["system_identifier"] = str(self.system_identifier)
         return json.dumps(d, separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, data: bytes, what: str = "manifest") -> Manifest:
+    def from_json(cls, data: builtins.bytes, what: str = "manifest") -> Manifest:
         try:
             d = json.loads(data)
             if int(d.get("format", 0)) > FORMAT_VERSION:
