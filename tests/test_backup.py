@@ -423,6 +423,12 @@ def test_restore_point_is_archived_when_the_command_returns(local: Setup, pg_ver
     assert r3.returncode == 0 and re.fullmatch(r"[0-9A-F]+/[0-9A-F]+", r3.stdout.strip().splitlines()[-1])
     r4 = local.pitr("restore-point", "x" * 64)
     assert r4.returncode == 2 and "1 to 63 bytes" in r4.stderr
+    # the repository remembers both points (restore --target-name picks its backup by them)
+    info = json.loads(local.pitr("info", "--json").stdout)
+    points = {p["name"]: p for p in info["restore_points"]}
+    assert set(points) >= {"before-release-42", "quick"}
+    assert points["before-release-42"]["lsn"] == doc["lsn"] and points["before-release-42"]["timeline"] == 1
+    assert "before-release-42" in local.pitr("info").stdout
 
 
 @only_pg("15")

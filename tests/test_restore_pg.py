@@ -274,8 +274,8 @@ def test_target_actions_pause_and_shutdown(story_fs: Story, how: str) -> None:
     st = story_fs
     pg = st.new_dir(how)
     target, action = how.split("-")
-    # a restore point's position is unknown before replay, so the backup before it is named explicitly
-    args = ["--target-name", "before-sync", "--backup", st.b1] if target == "name" else ["--target-lsn", st.t_lsn]
+    # `pitr restore-point` recorded where the point is, so restore picks B1 (B2 came after it) unprompted
+    args = ["--target-name", "before-sync"] if target == "name" else ["--target-lsn", st.t_lsn]
     out = st.restore(pg.data, *args, "--target-action", action, "--replay", "--archive-mode", "off")
     rp = out["replay"]
     assert rp["reached"] and rp["action"] == action and rp["new_timeline"] is None, rp
@@ -347,6 +347,9 @@ def test_bad_input_is_one_sentence_and_leaves_the_directory_alone(story_fs: Stor
         (full, [], "not empty"),
         (st.src.data, [], "running PostgreSQL server"),
         (st.src.data, ["--delta"], "running PostgreSQL server"),
+        # a dry run answers "would it work?": the destination checks run too
+        (st.src.data, ["--delta", "--dry-run"], "running PostgreSQL server"),
+        (full, ["--dry-run"], "not empty"),
     ]
     for dest, args, words in cases:
         before = snapshot(dest) if dest != st.src.data else None

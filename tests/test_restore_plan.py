@@ -14,6 +14,7 @@ from pitr.ops.restore_plan import (
     make_plan,
     parse_target,
     parse_timeline,
+    resolve_name,
     resolve_timeline,
 )
 from pitr.pg import walname
@@ -140,6 +141,22 @@ def test_target_exactly_at_consistent_point() -> None:
     assert make_plan([B1, B2], LINEAR, {}, Target("time", time=at(200))).backup.id == "B2"
     assert make_plan([B1, B2], LINEAR, {}, Target("lsn", lsn=lsn(5))).backup.id == "B2"
     assert make_plan([B1, B2], LINEAR, {}, Target("lsn", lsn=lsn(5) - 1)).backup.id == "B1"
+
+
+def test_named_point_recorded_by_pitr_uses_the_backup_before_it() -> None:
+    """`pitr restore-point` records the point's LSN; a name only PostgreSQL knows uses the newest backup."""
+    named = Target("name", name="before-release")
+    assert make_plan([B1, B2], LINEAR, {}, named).backup.id == "B2"
+    p = make_plan([B1, B2], LINEAR, {}, resolve_name(named, lsn(4)))
+    assert p.backup.id == "B1"
+    assert p.wal_last == walname.seg_name(1, 4)  # WAL up to the point suffices
+    assert p.target.recovery_settings() == {"recovery_target_name": "before-release"}
+    assert "LSN 0/4000100" in p.target.describe()
+    assert resolve_name(named, None) == named
+    with pytest.raises(TargetError, match="before the oldest backup"):
+        make_plan([B1, B2], LINEAR, {}, resolve_name(named, lsn(1)))
+    with pytest.raises(TargetError, match="past the archive"):
+        make_plan([B1, B2], LINEAR, {}, resolve_name(named, lsn(12)))
 
 
 def test_target_before_oldest_backup() -> None:

@@ -76,6 +76,8 @@ def to_json(r: Any) -> dict[str, Any]:
             "latest_timeline": latest.timeline if latest else None,
             "latest_is_upper_bound": True,
         },
+        "restore_points": [{"name": p.name, "lsn": p.lsn, "timeline": p.timeline, "time": p.time}
+                           for p in r.restore_points],
         "rpo_seconds": None if r.rpo_seconds is None else round(r.rpo_seconds, 3),
     }
 
@@ -124,6 +126,11 @@ def render_text(r: Any) -> str:
                      "a restore can reach")
     else:
         lines.append("recoverable  nothing yet: no backup with all its WAL archived")
+    if r.restore_points:
+        lines.append("")
+        lines.append("restore points (made with `pitr restore-point`; restore with --target-name)")
+        lines.append(table(["name", "time", "lsn", "tli"],
+                           [[p.name, _human_time(p.time), p.lsn, str(p.timeline)] for p in r.restore_points]))
     rpo = r.rpo_seconds
     lines.append(f"RPO          {human_duration(rpo)}" + (" (age of the newest archived WAL segment)"
                                                          if rpo is not None else " (no WAL archived)"))

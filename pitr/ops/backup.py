@@ -36,6 +36,7 @@ from pitr.ops.backup_store import Pipeline, Progress, StoreOptions, is_internal_
 from pitr.pg import layout, walname
 from pitr.pg.conn import PgSession, ServerInfo
 from pitr.repo import codec as envelope
+from pitr.repo import restore_points
 from pitr.repo.catalog import present_wal
 from pitr.repo.format import backup_dir
 from pitr.repo.manifest import Manifest, write_manifest
@@ -333,6 +334,10 @@ def create_restore_point(storage: Storage, pg: PgSession, name: str, wait: bool 
     facts = server_facts(pg)
     check_server(storage, facts, "restore-point", want_archive=wait)
     lsn, wal = pg.create_restore_point(name)
+    # lets `restore --target-name` start from the newest backup before the point (repo/restore_points.py)
+    restore_points.record(storage, restore_points.RestorePointRecord(
+        name, walname.format_lsn(lsn), walname.timeline_of(wal),
+        dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"), facts.info.system_identifier))
     if not wait:
         return RestorePoint(name, lsn, wal, False)
     closed, _ = pg.switch_wal()

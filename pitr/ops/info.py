@@ -25,6 +25,7 @@ from pitr.pg import walname
 from pitr.repo.catalog import Stretch, WalCatalog, backup_wal, scan_wal, timeline_path
 from pitr.repo.manifest import Manifest, list_backup_ids, read_manifest
 from pitr.repo.meta import RepoMeta, read_meta
+from pitr.repo.restore_points import RestorePointRecord, list_points
 from pitr.storage.base import Storage
 
 
@@ -89,6 +90,7 @@ class InfoReport:
     newest_wal: str | None
     newest_arrival: float | None
     now: float
+    restore_points: list[RestorePointRecord] = field(default_factory=list)
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -110,8 +112,9 @@ def gather(storage: Storage, now: float | None = None) -> InfoReport:
         reaches = [r for m in usable for r in reach_from(m, cat, histories)]
         if reaches:
             window.latest = max(reaches, key=lambda r: (r.arrival, r.end_lsn))
+    points = [p for p in list_points(storage) if p.system_identifier == meta.system_identifier]
     return InfoReport(storage.display, meta, backups, timeline_summaries(cat), sorted(cat.history_files), window,
-                      cat.newest_name, cat.newest_mtime or None, now)
+                      cat.newest_name, cat.newest_mtime or None, now, points)
 
 
 def _summary(storage: Storage, bid: str, cat: WalCatalog) -> BackupSummary:

@@ -38,10 +38,11 @@ from pitr.ops.restore_dest import (
     write_small,
 )
 from pitr.ops.restore_files import FileStats, Item, sync_filesystems, write_files
-from pitr.ops.restore_plan import Plan, Target, make_plan
+from pitr.ops.restore_plan import Plan, Target, make_plan, resolve_name
 from pitr.ops.restore_replay import ReplayResult, ReplaySpec, replay
 from pitr.pg import walname
 from pitr.pg.recovery import render_restore_command, write_recovery
+from pitr.repo import restore_points
 from pitr.repo.catalog import WalCatalog, read_history, scan_wal
 from pitr.repo.manifest import list_manifests
 from pitr.repo.meta import RepoMeta, read_meta
@@ -111,7 +112,12 @@ def load_plan(storage: Storage, opts: RestoreOptions) -> tuple[Plan, RepoMeta]:
     manifests = [m for m in list_manifests(storage) if m.system_identifier == meta.system_identifier]
     catalog = scan_wal(storage, meta.wal_segment_size)
     histories = _histories(storage, catalog)
-    plan = make_plan(manifests, catalog, histories, opts.target, opts.timeline, opts.backup_id)
+    target = opts.target
+    if target.kind == "name" and target.name is not None:
+        rp = restore_points.lookup(storage, target.name)
+        if rp is not None and rp.system_identifier == meta.system_identifier:
+            target = resolve_name(target, walname.parse_lsn(rp.lsn))
+    plan = make_plan(manifests, catalog, histories, target, opts.timeline, opts.backup_id)
     return plan, meta
 
 
@@ -146,9 +152,9 @@ def run_restore(storage: Storage, opts: RestoreOptions, progress: Callable[[int,
     m = plan.backup
     layout = Layout(opts.pgdata.absolute(), tablespace_locations(m, opts.tablespace_map))
     settings = recovery_settings(plan, opts)
+    owner = check_destination(opts.pgdata, opts.delta, m, layout)  # read-only: a dry run refuses alike
     if opts.dry_run:
         return RestoreResult(plan, layout.pgdata, True, recovery_settings=settings, seconds=time.monotonic() - t0)
-    owner = check_destination(opts.pgdata, opts.delta, m, layout)
     data_mode = root_mode(m)
     dir_mode = 0o750 if data_mode & 0o050 else 0o700
 

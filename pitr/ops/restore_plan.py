@@ -53,7 +53,8 @@ class Target:
         if self.kind == "xid":
             return f"transaction {self.xid}"
         if self.kind == "name":
-            return f"restore point {self.name!r}"
+            at = f" at LSN {walname.format_lsn(self.lsn)}" if self.lsn is not None else ""
+            return f"restore point {self.name!r}{at}"
         if self.kind == "immediate":
             return "immediate (end of the backup)"
         return "end of the archive"
@@ -238,10 +239,17 @@ def _reaches(m: Manifest, target: Target) -> bool:
     if target.kind == "time":
         assert target.time is not None
         return backup_stop_time(m) <= target.time
-    if target.kind == "lsn":
-        assert target.lsn is not None
+    if target.kind in ("lsn", "name") and target.lsn is not None:
+        # a named point's LSN is known when `pitr restore-point` recorded it (resolve_name)
         return walname.parse_lsn(m.stop_lsn) <= target.lsn
     return True
+
+
+def resolve_name(target: Target, point_lsn: int | None) -> Target:
+    """A --target-name target with the LSN the repository recorded for it (None: not recorded)."""
+    if target.kind != "name" or point_lsn is None:
+        return target
+    return Target("name", name=target.name, lsn=point_lsn, given=target.given)
 
 
 def make_plan(manifests: list[Manifest], catalog: WalCatalog, histories: dict[int, list[HistoryEntry]],
@@ -297,7 +305,8 @@ def _wal_plan(m: Manifest, tli: int, path: list[Stretch], catalog: WalCatalog, t
     # 2. every segment on the path up to the end of the archive (or the target LSN)
     final = catalog.timelines.get(tli)
     last_final = final.last if final else None
-    if target.kind == "lsn":
+    at_lsn = target.lsn is not None and target.kind in ("lsn", "name")  # a name pitr recorded has an LSN
+    if at_lsn:
         until: int | None = target.lsn
     elif target.kind == "immediate":
         until = walname.parse_lsn(m.stop_lsn)
@@ -316,14 +325,14 @@ def _wal_plan(m: Manifest, tli: int, path: list[Stretch], catalog: WalCatalog, t
     gap = needed[avail] if avail < len(needed) else None
     later = any(catalog.has(n) for n in needed[avail:])  # WAL exists beyond the hole: a gap, not the end
 
-    if target.kind == "lsn" and gap is not None:
+    if at_lsn and gap is not None:
         assert target.lsn is not None
         if later:
             raise TargetError(f"the archive has a gap: WAL segment {gap} is missing on the way to "
-                              f"LSN {walname.format_lsn(target.lsn)}",
+                              f"{target.describe()}",
                               f"the latest reachable point is in {present[-1] if present else own[-1]}")
         reach = present[-1] if present else own[-1]
-        raise TargetError(f"the target LSN {walname.format_lsn(target.lsn)} is past the archive (the last "
+        raise TargetError(f"the target {target.describe()} is past the archive (the last "
                           f"archived segment on its path is {reach})",
                           "archive more WAL (pitr check forces a switch) or choose an earlier target")
     if target.kind == "time":
@@ -347,7 +356,7 @@ def _wal_plan(m: Manifest, tli: int, path: list[Stretch], catalog: WalCatalog, t
                           f"(the last segment before the gap is {present[-1] if present else own[-1]})")
     if target.kind in ("xid", "name") and gap is not None and later:
         notes.append(f"the archive has a gap at {gap}; the target must lie before it")
-    if target.kind in ("xid", "name"):
+    if target.kind == "xid" or (target.kind == "name" and not at_lsn):
         notes.append(f"PostgreSQL finds this target while replaying: it must come after backup {m.id} became "
                      f"consistent ({format_time(backup_stop_time(m))}); for an earlier one name an older "
                      "backup with --backup")
