@@ -191,7 +191,7 @@ def test_s3_multipart_completion_is_conditional(s3_env: MotoServer, s3_bucket: s
     s.put("wal/seg", b"the winner")
     data = os.urandom(11 * MiB)
     with pytest.raises(AlreadyExistsError):
-        s._put_multipart("wal/seg", data[: 5 * MiB], io.BytesIO(data[5 * MiB :]), True)  # past the check
+        s._put_multipart("wal/seg", [data[: 5 * MiB]], io.BytesIO(data[5 * MiB :]), True)  # past the check
     assert s.get("wal/seg") == b"the winner"
     assert not s.client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
 

@@ -23,6 +23,7 @@ from pitr.errors import AlreadyExistsError, NotFoundError, RepoMissingError, Sto
 from pitr.storage.base import ObjectInfo, Storage
 
 MiB = 1 << 20
+PARTS_IN_FLIGHT = 2  # per multipart upload; with --jobs uploads at once this bounds backup memory
 _CONN_HINT = "check that the S3 endpoint is up and that --s3-endpoint / PITR_S3_ENDPOINT is right"
 _CRED_HINT = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / an instance role) "
               "for the user running pitr")
@@ -200,7 +201,9 @@ class S3Storage(Storage):
             return
         if if_absent and self.stat(key) is not None:
             raise AlreadyExistsError(f"object {key} already exists")
-        self._put_multipart(key, first, data, if_absent)
+        head = [first]
+        del first  # the part list below is the only reference, so the part is freed once sent
+        self._put_multipart(key, head, data, if_absent)
 
     def _put_small(self, key: str, body: bytes, if_absent: bool) -> None:
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": self._k(key), "Body": body,
@@ -227,20 +230,21 @@ class S3Storage(Storage):
                 self._check_bucket()
             raise err from e
 
-    def _put_multipart(self, key: str, first: bytes, rest: BinaryIO, if_absent: bool) -> None:
+    def _put_multipart(self, key: str, head: list[bytes], rest: BinaryIO, if_absent: bool) -> None:
         k = self._k(key)
         up = self._call(f"write {key}", self.client.create_multipart_upload,
                         Bucket=self.bucket, Key=k, ChecksumAlgorithm="SHA256")
         upload_id = up["UploadId"]
         parts: list[dict[str, Any]] = []
         try:
-            # up to 3 parts in flight: parallel uploads, bounded memory (part_size * 4)
-            with ThreadPoolExecutor(max_workers=3) as pool:
+            # PARTS_IN_FLIGHT parts uploading plus the one being read: memory per large object is
+            # (PARTS_IN_FLIGHT + 1) * part_size, and a backup runs --jobs of these at once
+            with ThreadPoolExecutor(max_workers=PARTS_IN_FLIGHT) as pool:
                 futures: deque[Future[dict[str, Any]]] = deque()
                 number = 1
-                chunk = first
+                chunk = head.pop()
                 while chunk:
-                    if len(futures) >= 3:
+                    if len(futures) >= PARTS_IN_FLIGHT:
                         parts.append(futures.popleft().result())
                     futures.append(pool.submit(self._upload_part, key, k, upload_id, number, chunk))
                     number += 1
