@@ -28,6 +28,31 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.pg)
 
 
+HELPER_COMMANDS = ("_wal-prefetch", "_wal-push-daemon")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_pitr_helpers() -> Iterator[None]:
+    """Safety net: pitr's detached helpers exit by themselves once recovery ends or after 30 s idle;
+    any still working on a test directory (/tmp/pitr-*) when the session ends is stopped here."""
+    yield
+    import signal
+
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in argv]
+        if any(c in words for c in HELPER_COMMANDS) and any(w.startswith("/tmp/pitr-") for w in words):
+            try:
+                os.kill(int(pid), signal.SIGTERM)
+            except OSError:
+                pass
+
+
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[MotoServer]:
     server = MotoServer().start()

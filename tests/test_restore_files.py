@@ -126,7 +126,8 @@ def test_restore_as_postgres_through_the_cli(repo: Storage, work: Path, pitr_exe
     assert out["backup"]["id"] == "20260301T120000Z" and out["files"]["written"] == len(FILES) - 1
     check_restored(dest)
     conf = (dest / "postgresql.auto.conf").read_text()
-    assert f"restore_command = '{pitr_exe} --repo {work / 'repo'} wal-fetch %f %p'" in conf
+    # a restore fetches ahead by default: every call of this recovery gets the depth from the command
+    assert f"restore_command = 'PITR_PREFETCH=8 {pitr_exe} --repo {work / 'repo'} wal-fetch %f %p'" in conf
     assert "archive_mode = 'off'" in conf and "recovery_target = 'immediate'" in conf
 
 
@@ -322,16 +323,16 @@ def test_restore_command_survives_sh_and_guc_quoting(tmp_path: Path) -> None:
     odd = tmp_path / "it's 100% pitr"
     odd.mkdir()
     exe = odd / "pitr"
-    exe.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
+    exe.write_text('#!/bin/sh\nprintf "%s\\n" "prefetch=$PITR_PREFETCH"\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
     exe.chmod(0o755)
     cmd = render_restore_command([str(exe)], repo="s3://b/p q", s3_endpoint="http://127.0.0.1:9000",
-                                 config="/etc/pitr/x's.toml")
+                                 config="/etc/pitr/x's.toml", prefetch=8)
     line = f"restore_command = {guc_quote(cmd)}"
     # undo the GUC literal the way PostgreSQL reads it, then its %-substitution
     value = line.split("= ", 1)[1][1:-1].replace("''", "'")
     value = value.replace("%f", "000000010000000000000002").replace("%p", "pg_wal/RECOVERYXLOG").replace("%%", "%")
     out = subprocess.run(["/bin/sh", "-c", value], capture_output=True, text=True, check=True).stdout.splitlines()
-    assert out == ["--repo", "s3://b/p q", "--s3-endpoint", "http://127.0.0.1:9000", "--config",
+    assert out == ["prefetch=8", "--repo", "s3://b/p q", "--s3-endpoint", "http://127.0.0.1:9000", "--config",
                    "/etc/pitr/x's.toml", "wal-fetch", "000000010000000000000002", "pg_wal/RECOVERYXLOG"]
 
 

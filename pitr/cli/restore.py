@@ -48,6 +48,9 @@ def _redact_url(url: str | None) -> str | None:
     return urlunsplit((p.scheme, host, p.path, p.query, p.fragment))
 
 
+DEFAULT_RESTORE_PREFETCH = 8  # 128 MiB of 16 MiB segments in pg_wal/pitr_prefetch
+
+
 def _server_env(s: Any) -> dict[str, str]:
     """The environment the replay server runs with: ours, plus the repo settings we were given."""
     env = dict(os.environ)
@@ -84,6 +87,7 @@ def register(app: typer.Typer) -> None:
         archive_mode: Annotated[str, typer.Option("--archive-mode", metavar="MODE", help="preserve (keep the cluster's archiving) or off (drills, copies).")] = "preserve",
         tablespace_map: Annotated[list[str] | None, typer.Option("--tablespace-map", metavar="OID=DIR", help="Put tablespace OID at DIR instead of its original location (OID=DIR, repeatable).", show_default=False)] = None,
         pg_bin: Annotated[str | None, typer.Option("--pg-bin", metavar="DIR", help="PostgreSQL bin directory for --replay [default: found by version].", show_default=False)] = None,
+        prefetch: Annotated[int | None, typer.Option("--prefetch", metavar="N", help="Segments wal-fetch fetches ahead during this recovery, written into restore_command; 0 turns it off [default: the prefetch setting, or 8].", show_default=False)] = None,
         replay_timeout: Annotated[float | None, typer.Option("--replay-timeout", metavar="SECONDS", help="Give up --replay after this many seconds [default: no limit].", show_default=False)] = None,
         json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
     ) -> None:
@@ -101,6 +105,8 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--replay-timeout must be a positive number of seconds")
         if dry_run and replay:
             raise UsageError("--dry-run and --replay exclude each other")
+        if prefetch is not None and not 0 <= prefetch <= 256:
+            raise UsageError(f"--prefetch must be a number of segments from 0 to 256, not {prefetch}")
         tgt = parse_target(target_time, target_lsn, target_xid, target_name, target)
         opts = RestoreOptions(
             pgdata=Path(s.pgdata).expanduser().absolute(), target=tgt, timeline=parse_timeline(target_timeline),
@@ -108,7 +114,9 @@ def register(app: typer.Typer) -> None:
             archive_mode=archive_mode, tablespace_map=parse_tablespace_map(tablespace_map),
             pitr_argv=self_argv(), repo_url=s.location().url, s3_endpoint=_redact_url(s.s3_endpoint),
             config_path=os.path.abspath(s.config) if s.config else None, replay=replay,
-            replay_timeout=replay_timeout, pg_bin=s.pg_bin, server_env=_server_env(s))
+            replay_timeout=replay_timeout, pg_bin=s.pg_bin, server_env=_server_env(s),
+            # a restore replays a long run of WAL: fetch ahead unless told otherwise (docs/restore.md)
+            prefetch=prefetch if prefetch is not None else (s.prefetch or DEFAULT_RESTORE_PREFETCH))
         storage = open_storage(s)
         show = sys.stderr.isatty() and not json_out
 

@@ -72,6 +72,7 @@ class RestoreOptions:
     replay_timeout: float | None = None
     pg_bin: str | None = None
     server_env: Mapping[str, str] = field(default_factory=dict)
+    prefetch: int | None = None  # written into restore_command (None: left to the server's settings)
 
 
 @dataclass
@@ -133,7 +134,7 @@ def _histories(storage: Storage, catalog: WalCatalog) -> dict[int, list[walname.
 
 def recovery_settings(plan: Plan, opts: RestoreOptions) -> dict[str, str]:
     s = {"restore_command": render_restore_command(opts.pitr_argv, opts.repo_url, opts.s3_endpoint,
-                                                   opts.config_path)}
+                                                   opts.config_path, opts.prefetch)}
     s |= plan.target.recovery_settings()
     if plan.target.kind != "latest":
         s["recovery_target_action"] = opts.action
