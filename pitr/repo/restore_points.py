@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 from pitr.errors import NotFoundError
 from pitr.storage.base import Storage
@@ -47,10 +47,6 @@ class RestorePointRecord:
 def key_of(name: str) -> str:
     # names may hold '/', spaces, anything up to 63 bytes: quote every byte outside [A-Za-z0-9_.-~]
     return PREFIX + quote(name, safe="") + ".json"
-
-
-def name_of(key: str) -> str:
-    return unquote(key[len(PREFIX):].removesuffix(".json"))
 
 
 def record(storage: Storage, rp: RestorePointRecord) -> None:
