@@ -156,6 +156,9 @@ def test_traceback_only_with_verbose(seg_file: Path) -> None:
     assert loud.returncode == quiet.returncode == 1
     assert "Traceback (most recent call last)" in loud.stderr
     assert "pitr: error: repository directory /nonexistent/pitr-repo does not exist" in loud.stderr
+    # a chattier log level is not -v: still one sentence, no traceback
+    info = pitr("wal-push", seg_file, env=env | {"PITR_LOG_LEVEL": "info"})
+    assert info.returncode == 1 and "Traceback" not in info.stderr and "does not exist" in info.stderr
 
 
 def test_fetch_missing_is_exit_1_and_creates_nothing(repo: FsStorage, tmp_path: Path) -> None:

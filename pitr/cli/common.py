@@ -55,11 +55,13 @@ def log_level(verbose: int, quiet: bool) -> int:
 
 
 _FLAGS_SET_LEVEL = False  # -v/-q given: they beat the log_level setting
+_VERBOSE_FLAG = False  # -v given: the only thing that shows tracebacks (log_level=info does not)
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
-    global _FLAGS_SET_LEVEL
+    global _FLAGS_SET_LEVEL, _VERBOSE_FLAG
     _FLAGS_SET_LEVEL = bool(verbose or quiet)
+    _VERBOSE_FLAG = verbose > 0
     level = log_level(verbose, quiet)
     root = logging.getLogger("pitr")
     root.setLevel(level)
@@ -77,7 +79,8 @@ def apply_log_level(setting: str) -> None:
 
 
 def is_verbose() -> bool:
-    return logging.getLogger("pitr").level <= logging.INFO and logging.getLogger("pitr").level != 0
+    """-v was given: errors come with their traceback."""
+    return _VERBOSE_FLAG
 
 
 def report_error(err: BaseException, verbose: bool) -> int:
