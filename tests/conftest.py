@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pitr.cli.asyncwal import PREFETCH_HELPER, PUSH_HELPER
 from tests.support.pg import PgCluster, make_tmpdir, pg_bin_dirs, rmtree_pg, run_as_postgres
 from tests.support.s3 import MotoServer
 
@@ -28,7 +29,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.pg)
 
 
-HELPER_COMMANDS = ("_wal-prefetch", "_wal-push-daemon")
+HELPER_COMMANDS = (PREFETCH_HELPER, PUSH_HELPER)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -59,6 +59,12 @@ class Target:
             return "immediate (end of the backup)"
         return "end of the archive"
 
+    @property
+    def lsn_bound(self) -> int | None:
+        """The LSN recovery stops at when it is known before replay: an LSN target, or a named
+        point whose position `pitr restore-point` recorded (resolve_name)."""
+        return self.lsn if self.kind in ("lsn", "name") else None
+
     def recovery_settings(self) -> dict[str, str]:
         """The recovery_target_* setting this target becomes (empty for the end of the archive)."""
         if self.kind == "time":
@@ -239,9 +245,8 @@ def _reaches(m: Manifest, target: Target) -> bool:
     if target.kind == "time":
         assert target.time is not None
         return backup_stop_time(m) <= target.time
-    if target.kind in ("lsn", "name") and target.lsn is not None:
-        # a named point's LSN is known when `pitr restore-point` recorded it (resolve_name)
-        return walname.parse_lsn(m.stop_lsn) <= target.lsn
+    if target.lsn_bound is not None:
+        return walname.parse_lsn(m.stop_lsn) <= target.lsn_bound
     return True
 
 
@@ -305,9 +310,9 @@ def _wal_plan(m: Manifest, tli: int, path: list[Stretch], catalog: WalCatalog, t
     # 2. every segment on the path up to the end of the archive (or the target LSN)
     final = catalog.timelines.get(tli)
     last_final = final.last if final else None
-    at_lsn = target.lsn is not None and target.kind in ("lsn", "name")  # a name pitr recorded has an LSN
+    at_lsn = target.lsn_bound is not None
     if at_lsn:
-        until: int | None = target.lsn
+        until: int | None = target.lsn_bound
     elif target.kind == "immediate":
         until = walname.parse_lsn(m.stop_lsn)
     elif last_final is not None and last_final * seg >= path[-1].start_lsn:
