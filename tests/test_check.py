@@ -93,9 +93,14 @@ def test_max_rpo(repo: Repo) -> None:
     assert r.returncode == 0, r.stdout
     assert lines(r.stdout, "ok    rpo: the newest archived WAL")
 
-    # right after check's own switch nothing is unarchived: an idle server is not "stale"
-    time.sleep(1.5)
-    r = repo.pitr("check", "--json", "--max-rpo", "1s")
+    # right after check's own switch nothing is unarchived: an idle server is not "stale". The
+    # background writer may still log a running-transactions record after a switch (it does so
+    # within 15 s of any WAL activity), which is WAL not yet archived: allow for one such record.
+    for attempt in range(3):
+        time.sleep(1.5)
+        r = repo.pitr("check", "--json", "--max-rpo", "1s")
+        if r.returncode == 0 or attempt == 2:
+            break
     assert r.returncode == 0, r.stdout
     assert json.loads(r.stdout)["rpo_seconds"] == 0
 
