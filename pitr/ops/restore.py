@@ -44,7 +44,7 @@ from pitr.pg import walname
 from pitr.pg.recovery import render_restore_command, write_recovery
 from pitr.repo import restore_points
 from pitr.repo.catalog import WalCatalog, read_history, scan_wal
-from pitr.repo.manifest import list_manifests
+from pitr.repo.manifest import read_manifests
 from pitr.repo.meta import RepoMeta, read_meta
 from pitr.storage.base import Storage
 
@@ -110,7 +110,12 @@ def _mibps(n: int, secs: float) -> float:
 def load_plan(storage: Storage, opts: RestoreOptions) -> tuple[Plan, RepoMeta]:
     """Read what planning needs (metadata, manifests, one WAL listing, history files) and plan."""
     meta = read_meta(storage)
-    manifests = [m for m in list_manifests(storage) if m.system_identifier == meta.system_identifier]
+    readable, unreadable = read_manifests(storage)
+    if opts.backup_id in unreadable:
+        raise unreadable[opts.backup_id]  # the backup asked for is unusable: say why, not "does not exist"
+    for bid, err in unreadable.items():
+        log.warning("skipping backup %s: %s", bid, err)  # one bad manifest must not block the others
+    manifests = [m for m in readable if m.system_identifier == meta.system_identifier]
     catalog = scan_wal(storage, meta.wal_segment_size)
     histories = _histories(storage, catalog)
     target = opts.target
