@@ -404,7 +404,7 @@ def clean_for_delta(m: Manifest, layout: Layout) -> int:
     In a tablespace location only PG_<major>_<catalog> is cleaned, and only when DIR's own link
     already points there (check_destination refused any other non-empty location)."""
     want_files = {layout.dest(f.path) for f in m.files}
-    want_dirs = {layout.dest(d.path) for d in m.directories if not layout.is_link(d.path)}
+    want_dirs = {layout.dest(d.path) for d in m.directories if d.path != "." and not layout.is_link(d.path)}
     want_dirs |= {layout.pgdata / r for r in REQUIRED_DIRS} | {layout.pgdata / "pg_wal/summaries"}
     want_dirs |= {p for f in want_files for p in f.parents}
     links = {layout.pgdata / "pg_tblspc" / oid for oid in layout.tablespaces}
