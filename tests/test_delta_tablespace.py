@@ -127,7 +127,7 @@ def test_delta_refresh_with_a_tablespace_on_postgres(cluster_factory: ClusterFac
     chown_pg(live)
     src.sql(f"create tablespace fast location '{live}'")
     # no autovacuum on it: the live location's files must stay byte-identical while the test looks
-    src.sql("create table hot (id int primary key, v text) tablespace fast with (autovacuum_enabled = off)")
+    src.sql("create table hot (id int primary key, v text) with (autovacuum_enabled = off) tablespace fast")
     src.sql("insert into hot select g, md5(g::text) from generate_series(1, 3000) g")
     oid = str(src.scalar("select oid from pg_tablespace where spcname = 'fast'"))
     _pitr(pitr_exe, env | src.env(), "backup")
