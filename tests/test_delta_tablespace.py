@@ -138,7 +138,7 @@ def test_delta_refresh_with_a_tablespace_on_postgres(cluster_factory: ClusterFac
 
     copy = PgCluster(src.bindir, src.base.parent / "dts-copy", name="dts-copy")
     ts2 = copy.base / "ts"
-    argv = ["restore", "--pgdata", copy.data, "--replay", "--archive-mode", "off", "--json"]
+    argv: list[str | Path] = ["restore", "--pgdata", copy.data, "--replay", "--archive-mode", "off", "--json"]
     _pitr(pitr_exe, env, *argv, "--tablespace-map", f"{oid}={ts2}")
     vdir = next(p.name for p in ts2.iterdir() if p.name.startswith("PG_"))
     (ts2 / "PG_99_202501011").mkdir()

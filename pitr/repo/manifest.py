@@ -166,8 +166,8 @@ class Manifest:
 
     def tablespace_version_dir(self) -> str | None:
         """PG_<major>_<catalog>: the one directory of each tablespace location this cluster owns."""
-        for e in [*self.directories, *self.files]:
-            parts = e.path.split("/")
+        for path in [d.path for d in self.directories] + [f.path for f in self.files]:
+            parts = path.split("/")
             if len(parts) >= 3 and parts[0] == "pg_tblspc" and _VERSION_DIR.fullmatch(parts[2]):
                 return parts[2]
         return None
