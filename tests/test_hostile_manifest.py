@@ -127,6 +127,8 @@ HOSTILE: dict[str, tuple[Callable[[Manifest], None], str]] = {
     "relative location": (_ts("16400", "srv/ts"), "is not absolute"),
     "root location": (_ts("16400", "/"), "is the root directory"),
     "location with ..": (_ts("16400", "/srv/../etc"), "not in normal form"),
+    "tablespace_map with another oid": (lambda d: d.update(tablespace_map=d["tablespace_map"] + "16500 /etc\n"),
+                                        "names tablespace 16500"),
     "object outside": (lambda d: d["files"][1].update(object="../../../pitr.json"), "not a relative key"),
 }
 

@@ -123,15 +123,25 @@ class Manifest:
             if why:
                 return f"tablespace {t.oid} has the location {t.location!r}, which {why}"
             locs.append(t.location)
-        if not self.tablespaces and self.tablespace_map:
-            for line in self.tablespace_map.splitlines():
-                oid, _, loc = line.partition(" ")
-                if oid.isdigit():
-                    why = location_problem(loc)
-                    if why:
-                        return f"tablespace_map gives tablespace {oid} the location {loc!r}, which {why}"
-                    oids.add(oid)
-                    locs.append(loc)
+        if self.tablespace_map is not None and not isinstance(self.tablespace_map, str):
+            return "its tablespace_map is not a string"
+        # restored into DIR/tablespace_map, from which PostgreSQL makes pg_tblspc links: every line
+        # must name a tablespace the restore knows (and remaps), with a safe location
+        for line in (self.tablespace_map or "").splitlines():
+            if not line.strip():
+                continue
+            oid, _, loc = line.partition(" ")
+            if not oid.isdigit() or not oid.isascii():
+                return f"its tablespace_map line {line!r} does not start with a tablespace OID"
+            if self.tablespaces:
+                if oid not in oids:
+                    return f"its tablespace_map names tablespace {oid}, which is not among its tablespaces"
+                continue
+            why = location_problem(loc)
+            if why:
+                return f"tablespace_map gives tablespace {oid} the location {loc!r}, which {why}"
+            oids.add(oid)
+            locs.append(loc)
         for a in locs:
             for b in locs:
                 if a is not b and (a == b or b.startswith(a + "/")):
