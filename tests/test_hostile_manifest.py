@@ -129,6 +129,7 @@ HOSTILE: dict[str, tuple[Callable[[Manifest], None], str]] = {
     "location with ..": (_ts("16400", "/srv/../etc"), "not in normal form"),
     "tablespace_map with another oid": (lambda d: d.update(tablespace_map=d["tablespace_map"] + "16500 /etc\n"),
                                         "names tablespace 16500"),
+    "another backup's id": (lambda d: d.update(id="../../x"), "names itself '../../x'"),
     "object outside": (lambda d: d["files"][1].update(object="../../../pitr.json"), "not a relative key"),
 }
 

@@ -255,7 +255,11 @@ def read_manifest(storage: Storage, backup_id: str) -> Manifest:
     except NotFoundError:
         raise NotFoundError(f"backup {backup_id} does not exist in {storage.display}",
                             "list the backups with `pitr info`") from None
-    return Manifest.from_json(raw, f"manifest of backup {backup_id}")
+    m = Manifest.from_json(raw, f"manifest of backup {backup_id}")
+    if m.id != backup_id:  # its objects are read under backups/<id>/: it must be this directory's
+        raise IntegrityError(f"manifest of backup {backup_id} is unsafe to use: it names itself {m.id!r}",
+                             "a manifest copied from another backup or written by hand; restore another backup")
+    return m
 
 
 def list_backup_ids(storage: Storage) -> list[str]:
