@@ -287,6 +287,19 @@ def test_a_failed_directory_fsync_fails_the_restore(repo: FsStorage, work: Path,
     assert not (dest / "global/pg_control").exists()
 
 
+def test_a_full_disk_is_a_restore_error_not_an_internal_one(repo: FsStorage, work: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    def write(_fd: int, _data: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", write)
+    dest = work / "data"
+    with pytest.raises(RestoreError, match="No space left on device") as e:
+        run_restore(repo, opts(dest, tablespace_map={"16400": work / "ts"}))
+    assert "--delta" in (e.value.hint or "")
+    assert not (dest / "global/pg_control").exists()
+
+
 # --------------------------------------------------------------------------- environment errors
 
 @pytest.mark.skipif(not IS_ROOT, reason="needs a directory postgres cannot enter")
