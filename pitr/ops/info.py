@@ -16,6 +16,7 @@ The window, and why its end is an estimate:
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -27,6 +28,8 @@ from pitr.repo.manifest import Manifest, list_backup_ids, read_manifest
 from pitr.repo.meta import RepoMeta, read_meta
 from pitr.repo.restore_points import RestorePointRecord, list_points
 from pitr.storage.base import Storage
+
+log = logging.getLogger("pitr.info")
 
 
 @dataclass
@@ -121,6 +124,7 @@ def _summary(storage: Storage, bid: str, cat: WalCatalog) -> BackupSummary:
     try:
         m = read_manifest(storage, bid)
     except PitrError as e:
+        log.warning("backup %s is unreadable: %s", bid, e)  # listed as such; the others still count
         return BackupSummary(bid, "unreadable", problem=str(e))
     missing = [n for n in backup_wal(m) if not cat.has(n)]
     if missing:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pitr.errors import IntegrityError
+from pitr.errors import IntegrityError, RestoreError
 from pitr.ops.restore_dest import (
     MARKER,
     PG_CONTROL,
@@ -44,7 +44,7 @@ from pitr.pg import walname
 from pitr.pg.recovery import render_restore_command, write_recovery
 from pitr.repo import restore_points
 from pitr.repo.catalog import WalCatalog, read_history, scan_wal
-from pitr.repo.manifest import list_manifests
+from pitr.repo.manifest import Manifest, read_manifests
 from pitr.repo.meta import RepoMeta, read_meta
 from pitr.storage.base import Storage
 
@@ -110,7 +110,12 @@ def _mibps(n: int, secs: float) -> float:
 def load_plan(storage: Storage, opts: RestoreOptions) -> tuple[Plan, RepoMeta]:
     """Read what planning needs (metadata, manifests, one WAL listing, history files) and plan."""
     meta = read_meta(storage)
-    manifests = [m for m in list_manifests(storage) if m.system_identifier == meta.system_identifier]
+    readable, unreadable = read_manifests(storage)
+    if opts.backup_id in unreadable:
+        raise unreadable[opts.backup_id]  # the backup asked for is unusable: say why, not "does not exist"
+    for bid, err in unreadable.items():
+        log.warning("skipping backup %s: %s", bid, err)  # one bad manifest must not block the others
+    manifests = [m for m in readable if m.system_identifier == meta.system_identifier]
     catalog = scan_wal(storage, meta.wal_segment_size)
     histories = _histories(storage, catalog)
     target = opts.target
@@ -156,9 +161,29 @@ def run_restore(storage: Storage, opts: RestoreOptions, progress: Callable[[int,
     owner = check_destination(opts.pgdata, opts.delta, m, layout)  # read-only: a dry run refuses alike
     if opts.dry_run:
         return RestoreResult(plan, layout.pgdata, True, recovery_settings=settings, seconds=time.monotonic() - t0)
+    try:
+        stats = _write(storage, opts, m, layout, owner, settings, progress, phase)
+    except OSError as e:  # disk full, I/O error, permissions changed under us: the environment, not a bug
+        where = f" ({e.filename})" if e.filename else ""
+        raise RestoreError(f"the restore into {layout.pgdata} failed: {e.strerror or e}{where}",
+                           "fix the cause and restore again (with --delta to keep what was written); until then "
+                           f"the directory is marked incomplete ({MARKER}) and has no pg_control") from e
+    result = RestoreResult(plan, layout.pgdata, False, stats, settings)
+    log.info("restored %d files (%d kept) in %.1fs", stats.files_written, stats.files_kept, stats.seconds)
+    if opts.replay:
+        phase("starting PostgreSQL to replay WAL to the target")
+        result.replay = replay(storage, plan, layout.pgdata, owner, ReplaySpec(
+            opts.action, opts.archive_mode, opts.replay_timeout, opts.pg_bin, opts.server_env))
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def _write(storage: Storage, opts: RestoreOptions, m: Manifest, layout: Layout, owner: tuple[int, int] | None,
+           settings: Mapping[str, str], progress: Callable[[int, int], None] | None,
+           phase: Callable[[str], None]) -> FileStats:
+    """Steps 3-5 of the recipe: mark, write every file, finish with pg_control last."""
     data_mode = root_mode(m)
     dir_mode = 0o750 if data_mode & 0o050 else 0o700
-
     phase(f"restoring backup {m.id} into {layout.pgdata}")
     write_marker(layout.pgdata, m, owner, data_mode)
     removed = 0
@@ -193,11 +218,4 @@ def run_restore(storage: Storage, opts: RestoreOptions, progress: Callable[[int,
     fsync_dir(layout.pgdata / "global")
     (layout.pgdata / MARKER).unlink()
     fsync_dir(layout.pgdata)
-    result = RestoreResult(plan, layout.pgdata, False, stats, settings)
-    log.info("restored %d files (%d kept) in %.1fs", stats.files_written, stats.files_kept, stats.seconds)
-    if opts.replay:
-        phase("starting PostgreSQL to replay WAL to the target")
-        result.replay = replay(storage, plan, layout.pgdata, owner, ReplaySpec(
-            opts.action, opts.archive_mode, opts.replay_timeout, opts.pg_bin, opts.server_env))
-    result.seconds = time.monotonic() - t0
-    return result
+    return stats

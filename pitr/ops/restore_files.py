@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from pitr.errors import IntegrityError, Interrupted
+from pitr.errors import IntegrityError, Interrupted, RestoreError
 from pitr.ops.restore_dest import remove_path
 from pitr.repo import codec as envelope
 from pitr.repo.format import backup_dir
@@ -310,7 +310,8 @@ def write_files(storage: Storage, m: Manifest, items: list[Item], jobs: int, own
 
 
 def sync_filesystems(roots: Iterable[Path]) -> None:
-    """Flush every filesystem holding one of roots: syncfs(2) on Linux, else sync(2)."""
+    """Flush every filesystem holding one of roots: syncfs(2) on Linux, else sync(2). A failure
+    (EIO: written-back data was lost) fails the restore: pg_control must not follow it."""
     import ctypes
     import ctypes.util
 
@@ -320,14 +321,20 @@ def sync_filesystems(roots: Iterable[Path]) -> None:
     for root in roots:
         try:
             fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            continue
+        except OSError as e:
+            raise RestoreError(f"cannot open {root} to flush the restored files to disk: {e.strerror}",
+                               "check the filesystem and restore again") from None
         try:
             dev = os.fstat(fd).st_dev
             if dev in seen:
                 continue
             seen.add(dev)
-            if syncfs is None or syncfs(fd) != 0:
+            if syncfs is None:
                 os.sync()
+            elif syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise RestoreError(f"flushing the restored files under {root} to disk failed: {os.strerror(err)}; "
+                                   "the restore is not durable, so pg_control was not written",
+                                   "check the disk (dmesg) and restore again")
         finally:
             os.close(fd)

@@ -27,7 +27,7 @@ from pitr.errors import IntegrityError, NotFoundError
 from pitr.pg import walheader, walname
 from pitr.repo import codec as envelope
 from pitr.repo.catalog import WalCatalog, scan_wal
-from pitr.repo.format import BACKUP_PREFIX, HISTORY_PREFIX, backup_dir, manifest_key, wal_key
+from pitr.repo.format import BACKUP_PREFIX, HISTORY_PREFIX, META_KEY, backup_dir, manifest_key, wal_key
 from pitr.repo.manifest import FileEntry, Manifest, read_manifest
 from pitr.repo.meta import RepoMeta, read_meta
 from pitr.storage.base import ObjectInfo, Storage
@@ -53,6 +53,7 @@ FILE_MISMATCH = "file-mismatch"  # an envelope decodes but not to the size/SHA-2
 EXTRA = "extra"  # an object under a backup's directory that its manifest does not reference
 MANIFEST = "manifest"  # a manifest that is unreadable or disagrees with the repository
 MISPLACED = "misplaced"  # a WAL object under a key other than the one its name maps to
+EMPTY = "empty"  # no backup and no WAL at all: nothing could be restored, which is not "OK"
 
 
 @dataclass(frozen=True)
@@ -434,6 +435,9 @@ def verify(storage: Storage, opts: VerifyOptions, progress: Callable[[str], None
         wanted |= {walname.history_name(t) for t in cat.history_files}
         wal_objects = [cat.objects[n] for n in sorted(wanted) if n in cat.objects]
     res.problems.extend(continuity_problems(manifests, cat, histories))
+    if not ids and not cat.objects:
+        res.problems.append(Problem(EMPTY, META_KEY, "the repository holds no backup and no archived WAL, so "
+                                                     "nothing can be restored from it (run `pitr backup`)"))
 
     say(f"reading {len(wal_objects)} WAL objects and {len(data_tasks)} backup objects with {opts.jobs} threads")
     pool = ThreadPoolExecutor(max_workers=max(1, opts.jobs), thread_name_prefix="pitr-verify")

@@ -4,12 +4,20 @@ Stored at backups/<ID>/manifest as a zstd envelope of UTF-8 JSON. Lists every fi
 size, SHA-256 and where its envelope sits (object key relative to the backup dir, offset and
 length inside that object: small files share "bundle" objects, large ones have their own).
 Schema: docs/repository-format.md.
+
+A manifest is untrusted input (anyone who can write to the repository can write one): reading it
+ignores unknown fields (the format's evolution rule) and validates every path a restore would
+write to (`validate`), so a hostile entry is refused before anything looks at it.
 """
 
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import json
+import logging
+import posixpath
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,6 +25,8 @@ from pitr.errors import IntegrityError, NotFoundError
 from pitr.repo import codec as envelope
 from pitr.repo.format import BACKUP_PREFIX, FORMAT_VERSION, manifest_key
 from pitr.storage.base import Storage
+
+log = logging.getLogger("pitr.manifest")
 
 
 @dataclass
@@ -87,12 +97,150 @@ class Manifest:
                 raise IntegrityError(f"{what} uses format {d['format']}; this pitr reads up to {FORMAT_VERSION}",
                                      "upgrade pitr")
             d["system_identifier"] = int(d["system_identifier"])
-            d["files"] = [FileEntry(**f) for f in d["files"]]
-            d["directories"] = [DirEntry(**x) for x in d["directories"]]
-            d["tablespaces"] = [Tablespace(**t) for t in d.get("tablespaces", [])]
-            return cls(**d)
-        except (ValueError, KeyError, TypeError) as e:
+            d["files"] = [_known(FileEntry, f) for f in d["files"]]
+            d["directories"] = [_known(DirEntry, x) for x in d["directories"]]
+            d["tablespaces"] = [_known(Tablespace, t) for t in d.get("tablespaces", [])]
+            m = _known(cls, d)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise IntegrityError(f"{what} is malformed: {e}") from None
+        bad = m.problem()
+        if bad:
+            raise IntegrityError(f"{what} is unsafe to use: {bad}",
+                                 "a manifest pitr did not write, or a damaged one; restore another backup "
+                                 "with --backup and check who can write to the repository")
+        return m
+
+    def problem(self) -> str | None:
+        """Why a restore must not follow this manifest (paths that leave their root, duplicates,
+        bad tablespace OIDs or locations), or None. The rules: docs/repository-format.md §6.2."""
+        oids: set[str] = set()
+        locs: list[str] = []
+        for t in self.tablespaces:
+            if not isinstance(t.oid, str) or not t.oid.isdigit() or not t.oid.isascii() or t.oid in oids:
+                return f"tablespace OID {t.oid!r} is not a (unique) decimal number"
+            oids.add(t.oid)
+            why = location_problem(t.location)
+            if why:
+                return f"tablespace {t.oid} has the location {t.location!r}, which {why}"
+            locs.append(t.location)
+        if self.tablespace_map is not None and not isinstance(self.tablespace_map, str):
+            return "its tablespace_map is not a string"
+        # restored into DIR/tablespace_map, from which PostgreSQL makes pg_tblspc links: every line
+        # must name a tablespace the restore knows (and remaps), with a safe location
+        for line in (self.tablespace_map or "").splitlines():
+            if not line.strip():
+                continue
+            oid, _, loc = line.partition(" ")
+            if not oid.isdigit() or not oid.isascii():
+                return f"its tablespace_map line {line!r} does not start with a tablespace OID"
+            if self.tablespaces:
+                if oid not in oids:
+                    return f"its tablespace_map names tablespace {oid}, which is not among its tablespaces"
+                continue
+            why = location_problem(loc)
+            if why:
+                return f"tablespace_map gives tablespace {oid} the location {loc!r}, which {why}"
+            oids.add(oid)
+            locs.append(loc)
+        for a in locs:
+            for b in locs:
+                if a is not b and (a == b or b.startswith(a + "/")):
+                    return f"tablespace locations {a!r} and {b!r} overlap"
+        dirs: set[str] = set()
+        vdirs: set[str] = set()
+        inplace = {x.path.split("/")[1] for x in self.directories
+                   if isinstance(x.path, str) and x.path.count("/") == 1 and x.path.startswith("pg_tblspc/")}
+        oids_in = (oids, inplace)
+        for x in self.directories:
+            if x.path == ".":  # the data directory itself (its mode)
+                continue
+            why = path_problem(x.path) or _tablespace_problem(x.path, oids_in, vdirs, False)
+            if why or x.path in dirs:
+                return f"directory entry {x.path!r} {why or 'is listed twice'}"
+            if not isinstance(x.mode, int) or x.mode < 0:
+                return f"directory entry {x.path!r} has a mode that is not a whole number"
+            dirs.add(x.path)
+        files: set[str] = set()
+        for f in self.files:
+            why = path_problem(f.path) or _tablespace_problem(f.path, oids_in, vdirs, True)
+            if why or f.path in files or f.path in dirs:
+                return f"file entry {f.path!r} {why or 'is listed twice'}"
+            files.add(f.path)
+            if not all(isinstance(v, int) and v >= 0 for v in (f.size, f.mode, f.offset, f.length)):
+                return f"file entry {f.path!r} has a size, mode, offset or length that is not a whole number"
+            if f.object is not None and (not isinstance(f.object, str) or path_problem(f.object)):
+                return f"file entry {f.path!r} names the object {f.object!r}, which is not a relative key"
+        if len(vdirs) > 1:
+            return f"its tablespaces have different version directories ({', '.join(sorted(vdirs))})"
+        return None
+
+    def tablespace_version_dir(self) -> str | None:
+        """PG_<major>_<catalog>: the one directory of each tablespace location this cluster owns."""
+        for path in [d.path for d in self.directories] + [f.path for f in self.files]:
+            parts = path.split("/")
+            if len(parts) >= 3 and parts[0] == "pg_tblspc" and _VERSION_DIR.fullmatch(parts[2]):
+                return parts[2]
+        return None
+
+
+_VERSION_DIR = re.compile(r"PG_[0-9.]+_[0-9]+")
+
+
+def _tablespace_problem(path: str, oids: tuple[set[str], set[str]], vdirs: set[str], is_file: bool) -> str | None:
+    """An entry under pg_tblspc/<oid>/ must be in a tablespace of the backup, and in a linked one,
+    inside its version directory (a restore owns nothing else in a location)."""
+    parts = path.split("/")
+    if parts[0] != "pg_tblspc" or len(parts) < 2:
+        return None
+    if len(parts) == 2:
+        return "is a file in pg_tblspc/" if is_file else None  # an in-place tablespace's directory
+    linked, inplace = oids
+    if parts[1] not in linked:
+        if parts[1] in inplace:
+            return None  # an in-place tablespace: inside the data directory
+        return "is under pg_tblspc/ but names no tablespace of the backup"
+    if not _VERSION_DIR.fullmatch(parts[2]) or (is_file and len(parts) == 3):
+        return "is not inside the tablespace's PG_<version>_<catalog> directory"
+    vdirs.add(parts[2])
+    return None
+
+
+def _known(cls: Any, d: dict[str, Any]) -> Any:
+    """cls(**d) without the fields this version does not know (a newer writer's additions)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def path_problem(p: object) -> str | None:
+    """Why p is not a safe relative path (what it is not), or None."""
+    if not isinstance(p, str):
+        return "is not a string"
+    if not p:
+        return "is empty"
+    if "\0" in p:
+        return "contains a NUL byte"
+    if p.startswith("/"):
+        return "is absolute"
+    if ".." in p.split("/"):
+        return "contains '..'"
+    if posixpath.normpath(p) != p:
+        return "is not in normal form (no '.', '//' or trailing '/')"
+    return None
+
+
+def location_problem(p: object) -> str | None:
+    """Why p is not an acceptable tablespace location (what it is not), or None."""
+    if not isinstance(p, str) or not p:
+        return "is empty"
+    if "\0" in p:
+        return "contains a NUL byte"
+    if not p.startswith("/"):
+        return "is not absolute"
+    if p.startswith("//") or posixpath.normpath(p) != p or ".." in p.split("/"):
+        return "is not in normal form"
+    if p == "/":
+        return "is the root directory"
+    return None
 
 
 def write_manifest(storage: Storage, m: Manifest) -> None:
@@ -107,7 +255,11 @@ def read_manifest(storage: Storage, backup_id: str) -> Manifest:
     except NotFoundError:
         raise NotFoundError(f"backup {backup_id} does not exist in {storage.display}",
                             "list the backups with `pitr info`") from None
-    return Manifest.from_json(raw, f"manifest of backup {backup_id}")
+    m = Manifest.from_json(raw, f"manifest of backup {backup_id}")
+    if m.id != backup_id:  # its objects are read under backups/<id>/: it must be this directory's
+        raise IntegrityError(f"manifest of backup {backup_id} is unsafe to use: it names itself {m.id!r}",
+                             "a manifest copied from another backup or written by hand; restore another backup")
+    return m
 
 
 def list_backup_ids(storage: Storage) -> list[str]:
@@ -120,5 +272,24 @@ def list_backup_ids(storage: Storage) -> list[str]:
     return sorted(ids)
 
 
+def read_manifests(storage: Storage) -> tuple[list[Manifest], dict[str, IntegrityError]]:
+    """Every complete backup's manifest, oldest first, and the unreadable ones apart (by ID):
+    one damaged or hostile manifest must not make every other backup unusable."""
+    good: list[Manifest] = []
+    bad: dict[str, IntegrityError] = {}
+    for i in list_backup_ids(storage):
+        try:
+            good.append(read_manifest(storage, i))
+        except IntegrityError as e:
+            bad[i] = e
+        except NotFoundError:
+            continue  # expired between the listing and the read
+    return good, bad
+
+
 def list_manifests(storage: Storage) -> list[Manifest]:
-    return [read_manifest(storage, i) for i in list_backup_ids(storage)]
+    """The readable manifests, oldest first; each unreadable one is skipped with a warning."""
+    good, bad = read_manifests(storage)
+    for i, e in bad.items():
+        log.warning("skipping backup %s: %s", i, e)
+    return good
