@@ -202,6 +202,7 @@ def test_a_request_behind_an_inflight_lookahead_is_answered_when_it_ends(make_si
     assert proc.returncode == 1, err  # not archived: PostgreSQL's normal end of the archive
     assert time.monotonic() - t0 < 12
     assert not site.dest.exists()
+    assert (site.pdir / "prefetch.log").read_text().count("started:") == 1  # the answer came from that helper
 
 
 # --------------------------------------------------------------------------- idle helper exits
