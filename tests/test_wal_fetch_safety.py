@@ -284,3 +284,66 @@ def test_dest_that_cannot_be_written_is_one_sentence_and_128(make_site, prefetch
     assert lines[0].startswith("pitr: error: ") and str(ro / "RECOVERYXLOG") in lines[0], r.stderr
     assert "permission denied" in lines[0] and "internal error" not in r.stderr, r.stderr
     assert os.listdir(ro) == []
+
+
+# --------------------------------------------------------------------------- a real recovery
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pg_version", ["15"], indirect=True, ids=["pg15"])
+def test_recovery_stops_instead_of_promoting_when_the_repository_vanishes(  # type: ignore[no-untyped-def]
+        cluster_factory, tmp_pg_dir: Path, pitr_exe: Path) -> None:
+    """`pitr restore` (prefetch on, as it configures), the repository's mount goes away mid-replay:
+    PostgreSQL stops (restore_command exited 128) and never promotes; once the repository is back,
+    a restart resumes recovery and every row arrives."""
+    repo = tmp_pg_dir / "repo"
+    env = {"PITR_REPO": f"file://{repo}", "PITR_FETCH_RETRIES": "0"}
+    src = cluster_factory("src")
+    src.initdb(f"archive_mode = on\narchive_command = '{pitr_exe} wal-push %p'\n")
+    src.start(env=env)
+    run_as_postgres([pitr_exe, "init", "--dbname", src.conninfo], env=env)
+    run_as_postgres([pitr_exe, "backup", "--dbname", src.conninfo, "--pgdata", src.data], env=env)
+    src.sql("create table t (i int)")
+    for i in range(14):  # 14 segments with a commit each: more than the 8 the restore prefetches
+        src.sql(f"insert into t values ({i})")
+        last = src.switch_wal()
+    src.wait_archived(last)
+    src.stop()
+
+    dst = cluster_factory("dst")
+    run_as_postgres([pitr_exe, "restore", "--pgdata", dst.data], env=env)
+    # replay holds at the first commit (made minutes ago, so "1h" away) until the delay is lifted
+    dst.append_conf("recovery_min_apply_delay = '1h'\n")
+    dst.start(env=env)
+    assert dst.scalar("select pg_is_in_recovery()") is True
+    pdir = dst.data / "pg_wal" / spool.PREFETCH_SPOOL
+    deadline = time.monotonic() + 60
+    while not [e for e in os.listdir(pdir) if e.endswith(".meta")]:  # the helper is fetching ahead
+        assert time.monotonic() < deadline, dst.log_tail()
+        time.sleep(0.1)
+
+    os.rename(repo, tmp_pg_dir / "repo.away")  # unmounted: the empty mount point stays behind
+    repo.mkdir()
+    shutil.chown(repo, "postgres", "postgres")
+    dst.append_conf("recovery_min_apply_delay = 0\n")
+    dst.sql("select pg_reload_conf()")
+    deadline = time.monotonic() + 120
+    while dst.is_running():
+        assert time.monotonic() < deadline, "recovery neither stopped nor ended\n" + dst.log_tail()
+        time.sleep(0.2)
+    log = dst.log_text()
+    assert "selected new timeline ID" not in log and "archive recovery complete" not in log, log[-3000:]
+    assert "FATAL:  could not restore file" in log and "exit code 128" in log, log[-3000:]
+    state = dst.run("pg_controldata", "-D", str(dst.data)).stdout
+    assert "in archive recovery" in state, state
+
+    # the repository is back: the same server resumes recovery and reaches the end of the archive
+    repo.rmdir()
+    os.rename(tmp_pg_dir / "repo.away", repo)
+    dst.start()
+    deadline = time.monotonic() + 120
+    while dst.scalar("select pg_is_in_recovery()"):
+        assert time.monotonic() < deadline, dst.log_tail()
+        time.sleep(0.2)
+    assert dst.scalar("select count(*) from t") == 14
+    dst.stop()
+    _stop_helpers(pdir, spool.PREFETCHD)

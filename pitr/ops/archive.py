@@ -259,5 +259,12 @@ class MetaLoader:
         if self._meta is None:
             from pitr.repo.meta import read_meta
 
-            self._meta = read_meta(self._storage)
+            try:
+                self._meta = read_meta(self._storage)
+            except NotInitializedError as e:
+                # mid-recovery this is far more often a repository that went away than one never set up
+                raise NotInitializedError(
+                    f"the repository {self._storage.display} is not initialized (it holds no {META_KEY}), or it was "
+                    "unmounted, moved or wiped", "check that the repository is there and is the one the "
+                    "backup came from (`pitr init` only for a new one); then start PostgreSQL again") from e
         return self._meta
