@@ -289,14 +289,20 @@ def test_dest_that_cannot_be_written_is_one_sentence_and_128(make_site, prefetch
 # --------------------------------------------------------------------------- a real recovery
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fs", "s3"])
 @pytest.mark.parametrize("pg_version", ["15"], indirect=True, ids=["pg15"])
 def test_recovery_stops_instead_of_promoting_when_the_repository_vanishes(  # type: ignore[no-untyped-def]
-        cluster_factory, tmp_pg_dir: Path, pitr_exe: Path) -> None:
-    """`pitr restore` (prefetch on, as it configures), the repository's mount goes away mid-replay:
-    PostgreSQL stops (restore_command exited 128) and never promotes; once the repository is back,
-    a restart resumes recovery and every row arrives."""
+        cluster_factory, tmp_pg_dir: Path, pitr_exe: Path, request: pytest.FixtureRequest, kind: str) -> None:
+    """`pitr restore` (prefetch on, as it configures), the repository's mount goes away (or its S3
+    prefix is wiped) mid-replay: PostgreSQL stops (restore_command exited 128) and never promotes;
+    once the repository is back, a restart resumes recovery and every row arrives."""
     repo = tmp_pg_dir / "repo"
     env = {"PITR_REPO": f"file://{repo}", "PITR_FETCH_RETRIES": "0"}
+    if kind == "s3":
+        moto: MotoServer = request.getfixturevalue("moto_server")
+        bucket: str = request.getfixturevalue("s3_bucket")
+        env |= moto.env() | {"PITR_REPO": f"s3://{bucket}/db"}
+        saved: dict[str, bytes] = {}
     src = cluster_factory("src")
     src.initdb(f"archive_mode = on\narchive_command = '{pitr_exe} wal-push %p'\n")
     src.start(env=env)
@@ -321,9 +327,16 @@ def test_recovery_stops_instead_of_promoting_when_the_repository_vanishes(  # ty
         assert time.monotonic() < deadline, dst.log_tail()
         time.sleep(0.1)
 
-    os.rename(repo, tmp_pg_dir / "repo.away")  # unmounted: the empty mount point stays behind
-    repo.mkdir()
-    shutil.chown(repo, "postgres", "postgres")
+    if kind == "fs":
+        os.rename(repo, tmp_pg_dir / "repo.away")  # unmounted: the empty mount point stays behind
+        repo.mkdir()
+        shutil.chown(repo, "postgres", "postgres")
+    else:
+        c = moto.client()
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="db/"):
+            for o in page.get("Contents", []):
+                saved[o["Key"]] = c.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+                c.delete_object(Bucket=bucket, Key=o["Key"])
     dst.append_conf("recovery_min_apply_delay = 0\n")
     dst.sql("select pg_reload_conf()")
     deadline = time.monotonic() + 120
@@ -338,8 +351,12 @@ def test_recovery_stops_instead_of_promoting_when_the_repository_vanishes(  # ty
     assert "in archive recovery" in state, state
 
     # the repository is back: the same server resumes recovery and reaches the end of the archive
-    repo.rmdir()
-    os.rename(tmp_pg_dir / "repo.away", repo)
+    if kind == "fs":
+        repo.rmdir()
+        os.rename(tmp_pg_dir / "repo.away", repo)
+    else:
+        for key, body in saved.items():
+            c.put_object(Bucket=bucket, Key=key, Body=body)
     dst.start()
     deadline = time.monotonic() + 120
     while dst.scalar("select pg_is_in_recovery()"):
