@@ -123,7 +123,8 @@ def fetch(storage: Storage, meta: RepoMeta | None, name: str, dest: Path) -> int
     tmp = dest.parent / f".{dest.name}.pitr-{os.getpid()}"
     try:
         with src, open(tmp, "wb") as out:
-            t = envelope.decode_stream(src, out, f"archived {name}")
+            t = envelope.decode_stream(src, out, f"archived {name}", max_size=walname.max_size(
+                w.kind, meta.wal_segment_size if meta else envelope.DEFAULT_MAX_SIZE))
             out.flush()
         if w.kind in ("segment", "partial") and meta is not None:
             with open(tmp, "rb") as f:

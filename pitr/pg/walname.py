@@ -12,6 +12,9 @@ import re
 from dataclasses import dataclass
 
 DEFAULT_SEG_SIZE = 16 * 1024 * 1024
+# .history and .backup files are text of a line per ancestor timeline / a few labelled lines:
+# far below this. It bounds what pitr archives and what it will decode of them.
+SMALL_FILE_MAX = 1 << 20
 
 _SEG = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
 _PARTIAL = re.compile(r"^([0-9A-F]{24})\.partial$")
@@ -45,6 +48,12 @@ def parse(name: str) -> WalName | None:
     if m := _HISTORY.match(name):
         return WalName(name, "history", int(m.group(1), 16), None)
     return None
+
+
+def max_size(kind: str, seg_size: int) -> int:
+    """The most bytes an archive file of this kind may hold: a segment (or .partial) is at most
+    one segment; history and backup-history files are small text."""
+    return seg_size if kind in ("segment", "partial") else SMALL_FILE_MAX
 
 
 def segments_per_log(seg_size: int) -> int:

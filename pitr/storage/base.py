@@ -20,6 +20,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from pitr.errors import IntegrityError
+
 CHUNK = 1 << 20
 
 
@@ -68,9 +70,23 @@ class Storage(ABC):
         """Make the repository location exist where the backend can (a directory); else check it."""
         self.check(write=True)
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, max_size: int | None = None) -> bytes:
+        """The whole object; with max_size, an object larger than that is an IntegrityError
+        (the repository is untrusted: a planted giant must not fill memory)."""
         with self.open(key) as f:
-            return f.read()
+            if max_size is None:
+                return f.read()
+            buf = bytearray()
+            while len(buf) <= max_size:  # in pieces: read(max_size + 1) would allocate it all up front
+                piece = f.read(min(CHUNK, max_size + 1 - len(buf)))
+                if not piece:
+                    break
+                buf += piece
+            data = bytes(buf)
+        if len(data) > max_size:
+            raise IntegrityError(f"{self.display}: object {key} is larger than {max_size} bytes, more than it may hold",
+                                 "the object is corrupt or was planted; run `pitr verify`")
+        return data
 
     def delete_many(self, keys: Sequence[str]) -> None:
         for k in keys:
