@@ -135,7 +135,21 @@ def push(storage: Storage, meta: RepoMeta, path: Path, codec: envelope.Codec) ->
         storage.put(key, body, if_absent=True)
     except AlreadyExistsError:
         return _compare_existing(storage, key, w.name, sha, len(data), len(body))
+    if not storage.conditional_writes_trusted:
+        _read_back(storage, key, w.name, sha, len(data))
     return PushResult(w.name, key, "stored", len(data), len(body))
+
+
+def _read_back(storage: Storage, key: str, name: str, sha: str, size: int) -> None:
+    """On a store whose conditional create is not atomic (accepted with allow_unsafe_store), a
+    racing writer may have replaced our object: acknowledge only what the store holds now."""
+    t = envelope.parse_trailer(storage.get_range(key, -envelope.TRAILER_SIZE), f"archived {name}")
+    if t.sha256 != sha or t.size != size:
+        raise ConflictError(
+            f"another writer stored a different {name} at the same moment, and the store kept theirs",
+            "two clusters may be archiving into one repository; the store cannot refuse the second "
+            "(allow_unsafe_store is set), so check archive_command and the repository URL now",
+        )
 
 
 def _compare_existing(storage: Storage, key: str, name: str, sha: str, size: int, stored: int) -> PushResult:

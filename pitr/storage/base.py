@@ -4,7 +4,11 @@ Keys are relative, '/'-separated paths ("wal/0000000100000000/000000010000000000
 Contract (checked by tests/test_storage_contract.py on every backend):
 - put() is atomic: a reader sees either no object or the whole new one, never a partial one.
   With if_absent=True it never replaces an existing object and raises AlreadyExistsError; two
-  racing writers cannot both succeed.
+  racing writers cannot both succeed. A backend that cannot prove this of its store (an S3
+  endpoint that ignores If-None-Match, accepted with allow_unsafe_store) says so with
+  conditional_writes_trusted = False: it then looks before it writes, and callers read back what
+  they wrote (a concurrent writer can still slip in between). `pitr init` and `check --storage`
+  test the store itself (ops/storecheck.py).
 - open()/get()/get_range() raise NotFoundError for a missing key; a missing repository
   (directory, bucket) raises RepoMissingError, never NotFoundError, so callers can tell
   "not archived" from "cannot look".
@@ -23,6 +27,9 @@ from typing import BinaryIO
 from pitr.errors import IntegrityError
 
 CHUNK = 1 << 20
+UNSAFE_STORE_HINT = ("if you accept the risk, set allow_unsafe_store = true (config) or "
+                     "PITR_ALLOW_UNSAFE_STORE=true: pitr then looks before it writes and reads back after, "
+                     "which a concurrent writer can still defeat")
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,16 @@ class Storage(ABC):
 
     #: a human, secret-free description for messages ("s3://bucket/prefix", "/var/lib/pitr")
     display: str = ""
+    #: False when put(if_absent=True) only emulates an atomic conditional create (see module doc)
+    conditional_writes_trusted: bool = True
+
+    def native(self) -> Storage:
+        """This store without pitr's emulation of conditional creates (what a conformance test probes)."""
+        return self
+
+    def rejects_bad_checksum(self, key: str) -> bool | None:
+        """Whether the store refuses an upload whose declared checksum is wrong (None: not applicable)."""
+        return None
 
     @abstractmethod
     def put(self, key: str, data: bytes | BinaryIO, *, if_absent: bool = False) -> None:
@@ -91,6 +108,10 @@ class Storage(ABC):
     def delete_many(self, keys: Sequence[str]) -> None:
         for k in keys:
             self.delete(k)
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove every object under prefix (and, where the backend has them, its emptied directories)."""
+        self.delete_many([o.key for o in self.list(prefix)])
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections (optional)."""

@@ -185,6 +185,18 @@ class FsStorage(Storage):
         except OSError as e:
             raise self._oserror(e, f"delete {key}") from e
 
+    def delete_prefix(self, prefix: str) -> None:
+        super().delete_prefix(prefix)
+        top = self._path(prefix.rstrip("/"))
+        self._synced = {d for d in self._synced if not d.is_relative_to(top)}
+        try:
+            for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda w: -len(w[0])):
+                os.rmdir(dirpath)  # bottom-up: only directories that are empty
+            if top.parent != self.root:
+                top.parent.rmdir()
+        except OSError:
+            pass  # not empty (someone else's probe) or gone: nothing to tidy
+
     def check(self, write: bool = False) -> None:
         self._require_root()
         if write and not os.access(self.root, os.W_OK | os.X_OK):
