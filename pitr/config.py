@@ -48,6 +48,8 @@ class Settings:
     s3_addressing: str = "auto"  # auto | path | virtual ; auto = path style for custom endpoints
     s3_ca_bundle: str | None = None
     s3_part_size_mb: int = 16
+    # accept a store that fails the atomic conditional-create test (init, check --storage)
+    allow_unsafe_store: bool = False
     pgdata: str | None = None
     dbname: str | None = None
     compress: str = "zstd:3"

@@ -58,12 +58,34 @@ def register(app: typer.Typer) -> None:
         max_rpo: Annotated[str | None, typer.Option("--max-rpo", help="Fail when the newest archived WAL is older than this (90s, 5m, 2h, 1d).", show_default=False)] = None,
         timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the switched segment to reach the repository.")] = 60.0,
         json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
+        storage_test: Annotated[bool, typer.Option("--storage", help="Instead, run a conformance self-test of the repository's store (atomic conditional create, read-after-write, listing, multipart, checksums); no server needed.")] = False,
     ) -> None:
         """Check the server's archive settings against this repository, force a WAL switch and wait until
         that segment is archived. Exit 1 with one line per failed point naming the fix."""
         from pitr.errors import CheckError, UsageError
         from pitr.ops.check import CheckOptions, check, parse_duration
         from pitr.storage import open_storage
+
+        if storage_test:
+            from pitr.ops.storecheck import storage_check
+
+            s = settings_of(ctx, dbname=dbname)
+            storage = open_storage(s)
+            try:
+                res = storage_check(storage, s.allow_unsafe_store)
+            finally:
+                storage.close()
+            if json_out:
+                emit_json(res.to_json())
+            else:
+                for p in res.points:
+                    emit(f"{'ok  ' if p.ok else 'FAIL'}  {p.line()}")
+            if not res.ok:
+                bad = [p.name for p in res.points if not p.ok]
+                raise CheckError(f"the store behind {storage.display} lacks {len(bad)} propert"
+                                 f"{'y' if len(bad) == 1 else 'ies'}: {', '.join(bad)}",
+                                 "each FAIL line on stdout says what was seen and what to do")
+            return
 
         rpo: float | None = None
         if max_rpo is not None:

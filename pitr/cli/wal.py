@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         storage = open_storage(s)
         with PgSession(s.dbname) as pg:
             server = pg.info()
-        r = init_repo(storage, server)
+        r = init_repo(storage, server, s.allow_unsafe_store)
         m = r.meta
         if json_out:
             emit_json({"repo": storage.display, "created": r.created, "system_identifier": str(m.system_identifier),

@@ -73,17 +73,64 @@ def read_wal_file(path: Path, meta: RepoMeta) -> tuple[walname.WalName, bytes]:
         if why:
             raise WalFileError(f"refusing to archive {path.name}: the file {why}",
                                "only archive this cluster's WAL into this repository")
-    elif w.kind == "history":
-        try:
-            walname.parse_history(data.decode())
-        except (UnicodeDecodeError, ValueError):
-            raise WalFileError(f"refusing to archive {path.name}: not a timeline history file") from None
+    else:
+        why = _text_file_problem(w, data, meta.wal_segment_size)
+        if why:
+            raise WalFileError(f"refusing to archive {path.name}: the file {why}",
+                               "only archive this cluster's WAL into this repository")
     return w, data
+
+
+def _text_file_problem(w: walname.WalName, data: bytes, seg_size: int) -> str | None:
+    """What can be checked of a .history / .backup file, which carry no system identifier."""
+    if len(data) > walname.SMALL_FILE_MAX:
+        return f"is {len(data)} bytes, more than a {w.kind} file may hold ({walname.SMALL_FILE_MAX})"
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        # a backup label may be in the database's encoding; its WAL lines are ASCII either way
+        text = data.decode("latin-1") if w.kind == "backup" else ""
+        if w.kind == "history":
+            return "is not a timeline history file (not text)"
+    if w.kind == "history":
+        return walname.history_problem(w.timeline, text)
+    return walname.backup_history_problem(w.name, text, seg_size)
+
+
+def _history_conflict(storage: Storage, w: walname.WalName, data: bytes) -> str | None:
+    """A history file whose ancestry contradicts the archived history of its parent timeline is
+    another cluster's (or another branch's): where both name a timeline, they must agree on where
+    it ended. A parent history that is not archived (or unreadable) leaves nothing to compare; one
+    that names ancestors this file leaves out is tolerated, as PostgreSQL writes only the new line
+    when it could not read the parent's history."""
+    from pitr.repo.catalog import read_history
+
+    entries = walname.parse_history(data.decode())
+    parent = entries[-1].parent
+    if parent <= 1:
+        return None
+    try:
+        archived = {e.parent: e.switch_lsn for e in read_history(storage, parent)}
+    except NotFoundError:
+        return None
+    except (IntegrityError, ValueError) as err:
+        log.warning("cannot compare %s with the archived history of timeline %d: %s", w.name, parent, err)
+        return None
+    for h in entries:
+        if h.parent in archived and archived[h.parent] != h.switch_lsn:
+            return (f"disagrees with the archived history of timeline {parent}: timeline {h.parent} ended at "
+                    f"{walname.format_lsn(archived[h.parent])} there, at {walname.format_lsn(h.switch_lsn)} here")
+    return None
 
 
 def push(storage: Storage, meta: RepoMeta, path: Path, codec: envelope.Codec) -> PushResult:
     """Store one file durably; exit-0 semantics of archive_command (see module doc)."""
     w, data = read_wal_file(path, meta)
+    if w.kind == "history":
+        why = _history_conflict(storage, w, data)
+        if why:
+            raise WalFileError(f"refusing to archive {path.name}: the file {why}",
+                               "only archive this cluster's WAL into this repository")
     key = wal_key(w.name)
     digest = hashlib.sha256(data).digest()
     sha = digest.hex()
@@ -93,7 +140,21 @@ def push(storage: Storage, meta: RepoMeta, path: Path, codec: envelope.Codec) ->
         storage.put(key, body, if_absent=True)
     except AlreadyExistsError:
         return _compare_existing(storage, key, w.name, sha, len(data), len(body))
+    if not storage.conditional_writes_trusted:
+        _read_back(storage, key, w.name, sha, len(data))
     return PushResult(w.name, key, "stored", len(data), len(body))
+
+
+def _read_back(storage: Storage, key: str, name: str, sha: str, size: int) -> None:
+    """On a store whose conditional create is not atomic (accepted with allow_unsafe_store), a
+    racing writer may have replaced our object: acknowledge only what the store holds now."""
+    t = envelope.parse_trailer(storage.get_range(key, -envelope.TRAILER_SIZE), f"archived {name}")
+    if t.sha256 != sha or t.size != size:
+        raise ConflictError(
+            f"another writer stored a different {name} at the same moment, and the store kept theirs",
+            "two clusters may be archiving into one repository; the store cannot refuse the second "
+            "(allow_unsafe_store is set), so check archive_command and the repository URL now",
+        )
 
 
 def _compare_existing(storage: Storage, key: str, name: str, sha: str, size: int, stored: int) -> PushResult:
@@ -128,7 +189,8 @@ def fetch(storage: Storage, meta: RepoMeta | None, name: str, dest: Path) -> int
     tmp = dest.parent / f".{dest.name}.pitr-{os.getpid()}"
     try:
         with src, _open_dest(tmp, dest) as out:
-            t = envelope.decode_stream(src, out, f"archived {name}")
+            t = envelope.decode_stream(src, out, f"archived {name}", max_size=walname.max_size(
+                w.kind, meta.wal_segment_size if meta else envelope.DEFAULT_MAX_SIZE))
             out.flush()
         if w.kind in ("segment", "partial") and meta is not None:
             with open(tmp, "rb") as f:

@@ -64,7 +64,7 @@ def fetch_one(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig, name: str) 
     try:
         with src, open(tmp, "wb") as raw:
             out = _CrcWriter(raw)
-            t = envelope.decode_stream(src, out, f"archived {name}")
+            t = envelope.decode_stream(src, out, f"archived {name}", max_size=meta.wal_segment_size)
         with open(tmp, "rb") as f:
             head = f.read(64)
         why = None

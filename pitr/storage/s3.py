@@ -3,8 +3,10 @@
 Every upload carries a SHA-256 content checksum (x-amz-checksum-sha256) that the server verifies
 before it stores the object; large streams go up as multipart uploads whose parts each carry
 their own checksum, so a whole large object is never held in memory. Conditional writes use
-`If-None-Match: *`; where an endpoint answers that it does not implement them we fall back to
-check-then-write and remember that for this client.
+`If-None-Match: *` on a single PutObject (never a multipart completion, which some stores do not
+make atomic). An endpoint that answers it does not implement them is refused, unless the user
+accepted the risk (allow_unsafe_store: trust_conditional=False), and then, as for a store that
+ignores the header, every conditional write looks first (HEAD) and its caller reads back after.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import base64
 import hashlib
 import io
 import os
+import re
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -20,9 +23,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 from pitr.errors import AlreadyExistsError, NotFoundError, RepoMissingError, StorageError
-from pitr.storage.base import ObjectInfo, Storage
+from pitr.storage.base import UNSAFE_STORE_HINT, ObjectInfo, Storage
 
 MiB = 1 << 20
+MAX_SINGLE_PUT = 5 << 30  # S3's limit for one PutObject
 PARTS_IN_FLIGHT = 2  # per multipart upload; with --jobs uploads at once this bounds backup memory
 _CONN_HINT = "check that the S3 endpoint is up and that --s3-endpoint / PITR_S3_ENDPOINT is right"
 _CRED_HINT = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / an instance role) "
@@ -73,6 +77,7 @@ class S3Storage(Storage):
         part_size: int = 16 * MiB,
         max_connections: int = 10,
         max_attempts: int = 4,
+        trust_conditional: bool = True,
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
@@ -86,8 +91,17 @@ class S3Storage(Storage):
         self._max_attempts = max_attempts
         self._client: Any = None
         self._client_lock = threading.Lock()
-        self._conditional = True
+        self._conditional = True  # the endpoint accepts If-None-Match (it may still ignore it)
         self._bucket_ok = False
+        # False: the user accepted a store that failed the conditional-create test (allow_unsafe_store)
+        self.conditional_writes_trusted = trust_conditional
+
+    def native(self) -> S3Storage:
+        if self.conditional_writes_trusted:
+            return self
+        return S3Storage(self.bucket, self.prefix, endpoint=self.endpoint, region=self._region,
+                         addressing=self._addressing, ca_bundle=self._ca_bundle, part_size=self.part_size,
+                         max_connections=self._max_connections, max_attempts=self._max_attempts)
 
     # --- client
     @property
@@ -191,7 +205,9 @@ class S3Storage(Storage):
     # --- interface
     def put(self, key: str, data: bytes | BinaryIO, *, if_absent: bool = False) -> None:
         if isinstance(data, bytes | bytearray | memoryview):
-            if len(data) <= self.part_size:
+            # a conditional create goes up in one PUT: a conditional multipart completion is not
+            # atomic on every store (two racers both acknowledged), a conditional PutObject is
+            if len(data) <= self.part_size or (if_absent and len(data) <= MAX_SINGLE_PUT):
                 self._put_small(key, bytes(data), if_absent)
                 return
             data = io.BytesIO(data)
@@ -208,10 +224,9 @@ class S3Storage(Storage):
     def _put_small(self, key: str, body: bytes, if_absent: bool) -> None:
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": self._k(key), "Body": body,
                               "ChecksumSHA256": _b64sha256(body)}
-        if if_absent and not self._conditional:
-            if self.stat(key) is not None:
-                raise AlreadyExistsError(f"object {key} already exists")
-        elif if_absent:
+        if if_absent and not self.conditional_writes_trusted and self.stat(key) is not None:
+            raise AlreadyExistsError(f"object {key} already exists")
+        if if_absent and self._conditional:
             kw["IfNoneMatch"] = "*"
         try:
             self.client.put_object(**kw)
@@ -221,7 +236,12 @@ class S3Storage(Storage):
             if if_absent and isinstance(e, ClientError) and e.response.get("Error", {}).get("Code") in (
                 "NotImplemented", "InvalidArgument"
             ) and "IfNoneMatch" in kw:
-                # endpoint without conditional writes: check-then-write from now on
+                if self.conditional_writes_trusted:
+                    raise StorageError(
+                        f"the S3 endpoint {self.endpoint or 'AWS S3'} does not support conditional writes "
+                        "(If-None-Match), which pitr needs so that nothing archived is ever overwritten",
+                        UNSAFE_STORE_HINT) from None
+                # accepted (allow_unsafe_store): the look-before-write above is all there is
                 self._conditional = False
                 self._put_small(key, body, if_absent)
                 return
@@ -229,6 +249,19 @@ class S3Storage(Storage):
             if isinstance(err, NotFoundError):
                 self._check_bucket()
             raise err from e
+
+    def rejects_bad_checksum(self, key: str) -> bool | None:
+        body = b"pitr checksum probe"
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=body,
+                                   ChecksumSHA256=_b64sha256(body + b"!"))
+        except Exception as e:  # noqa: BLE001
+            from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+
+            if isinstance(e, ClientError) and e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 400:
+                return True  # BadDigest / InvalidRequest: the store checked and refused
+            raise self._translate(e, f"write {key}") from e
+        return False
 
     def _put_multipart(self, key: str, head: list[bytes], rest: BinaryIO, if_absent: bool) -> None:
         k = self._k(key)
@@ -285,11 +318,29 @@ class S3Storage(Storage):
         r = self._call(f"read {key}", self.client.get_object, Bucket=self.bucket, Key=self._k(key), Range=rng)
         body = r["Body"]
         try:
-            return body.read()
+            data = body.read()
         except Exception as e:  # noqa: BLE001
             raise self._translate(e, f"read {key}") from e
         finally:
             body.close()
+        return self._checked_range(key, r, data, start, length)
+
+    def _checked_range(self, key: str, r: dict[str, Any], data: bytes, start: int, length: int | None) -> bytes:
+        """The bytes asked for, whatever the endpoint did with the Range header: some (s3rver) read
+        a suffix range `bytes=-N` as `bytes=0-N`, others ignore Range and send the whole object."""
+        m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", str(r.get("ContentRange") or ""))
+        if m is None:  # the whole object came back
+            if start < 0:
+                return data[max(0, len(data) + start):]
+            return data[start:] if length is None else data[start:start + length]
+        first, total = int(m.group(1)), int(m.group(3))
+        want = max(0, total + start) if start < 0 else start
+        if first == want:
+            return data
+        if start < 0:  # a misread suffix range: ask again with explicit offsets
+            return self.get_range(key, want, total - want)
+        raise StorageError(f"the S3 endpoint {self.endpoint or 'AWS S3'} answered a read of {key} from byte "
+                           f"{start} with the bytes from {first}")
 
     def stat(self, key: str) -> ObjectInfo | None:
         try:
