@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
-from pitr.errors import AlreadyExistsError, NotFoundError, RepoMissingError, StorageError
+from pitr.errors import AlreadyExistsError, ConfigError, NotFoundError, RepoMissingError, StorageError
 from pitr.storage.base import ObjectInfo, Storage
 
 MiB = 1 << 20
@@ -58,6 +58,22 @@ class _Body(io.RawIOBase):
             self._body.close()
         finally:
             super().close()
+
+
+def _client_setup_error(e: Exception, endpoint: str | None) -> ConfigError:
+    """Why boto3 could not even build a client (a bad AWS_PROFILE, endpoint or AWS config file)."""
+    from botocore import exceptions as bx  # type: ignore[import-untyped]
+
+    if isinstance(e, bx.ProfileNotFound):
+        var = "AWS_PROFILE" if os.environ.get("AWS_PROFILE") else "AWS_DEFAULT_PROFILE"
+        return ConfigError(f"the AWS profile {e.kwargs.get('profile')!r} named by {var} does not exist in this "
+                           "user's AWS config or credentials file",
+                           f"fix or unset {var}, or add the profile to ~/.aws/config (AWS_CONFIG_FILE)")
+    if isinstance(e, ValueError) and "endpoint" in str(e).lower():
+        return ConfigError(f"the S3 endpoint {endpoint!r} is not a valid URL",
+                           "give --s3-endpoint / PITR_S3_ENDPOINT as http(s)://host[:port]")
+    return ConfigError(f"the S3 client cannot be set up from this environment: {e}",
+                       "check the AWS_* environment variables and ~/.aws/config of the user running pitr")
 
 
 class S3Storage(Storage):
@@ -116,14 +132,17 @@ class S3Storage(Storage):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        session = boto3.session.Session()
-        return session.client(
-            "s3",
-            endpoint_url=self.endpoint or None,
-            region_name=region or "us-east-1",
-            verify=self._ca_bundle or None,
-            config=cfg,
-        )
+        try:
+            session = boto3.session.Session()
+            return session.client(
+                "s3",
+                endpoint_url=self.endpoint or None,
+                region_name=region or "us-east-1",
+                verify=self._ca_bundle or None,
+                config=cfg,
+            )
+        except Exception as e:  # noqa: BLE001 - the environment's fault, not pitr's: say which setting
+            raise _client_setup_error(e, self.endpoint) from e
 
     def _k(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
