@@ -30,6 +30,16 @@ class ObjectInfo:
     mtime: float  # seconds since the epoch (UTC)
 
 
+@dataclass(frozen=True)
+class TempObject:
+    """A leftover of an interrupted write: a temp file, or an incomplete multipart upload (upload_id)."""
+
+    key: str
+    size: int
+    mtime: float  # last touched, seconds since the epoch
+    upload_id: str | None = None
+
+
 class Storage(ABC):
     """A flat key/value object store with atomic puts."""
 
@@ -75,6 +85,14 @@ class Storage(ABC):
     def delete_many(self, keys: Sequence[str]) -> None:
         for k in keys:
             self.delete(k)
+
+    def stale_temps(self, older_than: float, now: float) -> list[TempObject]:
+        """Leftovers of interrupted writes (never listed by list()) untouched for older_than seconds.
+        A write in progress keeps touching its own, so it is never among them."""
+        return []
+
+    def remove_temps(self, temps: Sequence[TempObject]) -> None:  # noqa: B027 - optional hook
+        """Remove leftovers found by stale_temps (one already gone is fine)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections (optional)."""
