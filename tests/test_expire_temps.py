@@ -86,3 +86,37 @@ def test_expire_cli_shows_and_removes_leftovers(tmp_path: Path) -> None:
     out = json.loads(r.stdout)
     assert out["temps"]["keys"] == [str(old.relative_to(repo.root))] and out["deleted"]["temps"] == 1
     assert not old.exists()
+
+
+def test_expire_aborts_abandoned_multipart_uploads_on_s3(moto_server, s3_bucket: str,  # type: ignore[no-untyped-def]
+                                                         monkeypatch) -> None:
+    import uuid
+
+    from pitr.repo.format import META_KEY
+    from pitr.repo.meta import new_meta
+    from pitr.storage.s3 import MULTIPART_GRACE, S3Storage
+
+    for k, v in moto_server.env().items():
+        monkeypatch.setenv(k, v)
+    prefix = f"t/{uuid.uuid4().hex[:6]}"
+    s3 = S3Storage(s3_bucket, prefix, endpoint=moto_server.endpoint, region="us-east-1")
+    s3.put(META_KEY, new_meta(1, 15, 16 << 20).to_json())
+    c = moto_server.client()
+    up = c.create_multipart_upload(Bucket=s3_bucket, Key=f"{prefix}/backups/B1/data/000001")
+    c.upload_part(Bucket=s3_bucket, Key=f"{prefix}/backups/B1/data/000001", UploadId=up["UploadId"], PartNumber=1,
+                  Body=b"x" * (5 << 20))
+    other = c.create_multipart_upload(Bucket=s3_bucket, Key="elsewhere/x")  # outside this repository
+    try:
+        # moto reports a fixed Initiated time: judge ages from it
+        [started] = [u["Initiated"].timestamp() for u in c.list_multipart_uploads(Bucket=s3_bucket)["Uploads"]
+                     if u["UploadId"] == up["UploadId"]]
+        assert gather_and_plan(s3, Policy(retain_full=1), started + 3600 * 2).temps == []  # may still be running
+        later = started + MULTIPART_GRACE + 60
+        p = gather_and_plan(s3, Policy(retain_full=1), later)
+        assert [(t.key, t.upload_id) for t in p.temps] == [("backups/B1/data/000001", up["UploadId"])]
+        apply(s3, p)
+        left = [u["UploadId"] for u in c.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])]
+        assert up["UploadId"] not in left and other["UploadId"] in left
+        apply(s3, p)  # already gone: fine
+    finally:
+        c.abort_multipart_upload(Bucket=s3_bucket, Key="elsewhere/x", UploadId=other["UploadId"])

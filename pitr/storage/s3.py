@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import logging
 import os
 import threading
 from collections import deque
@@ -20,9 +21,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 from pitr.errors import AlreadyExistsError, ConfigError, NotFoundError, RepoMissingError, StorageError
-from pitr.storage.base import ObjectInfo, Storage
+from pitr.storage.base import ObjectInfo, Storage, TempObject
 
 MiB = 1 << 20
+MULTIPART_GRACE = 86400.0  # an incomplete multipart upload started longer ago is abandoned (expire aborts it)
 PARTS_IN_FLIGHT = 2  # per multipart upload; with --jobs uploads at once this bounds backup memory
 _CONN_HINT = "check that the S3 endpoint is up and that --s3-endpoint / PITR_S3_ENDPOINT is right"
 _CRED_HINT = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / an instance role) "
@@ -351,6 +353,42 @@ class S3Storage(Storage):
             probe = f".pitr-write-check/{os.getpid()}-{threading.get_ident()}"
             self._put_small(probe, b"ok", False)
             self.delete(probe)
+
+    def stale_temps(self, older_than: float, now: float) -> list[TempObject]:
+        """Incomplete multipart uploads (a put() killed mid-upload) started over MULTIPART_GRACE and
+        older_than ago; their parts are billed but never listed. Without permission to list them:
+        a warning and none (expire still does its main work)."""
+        limit = max(older_than, MULTIPART_GRACE)  # S3 keeps the start time only; an upload may run for hours
+        full = self.prefix + "/" if self.prefix else ""
+        cut = len(full)
+        out: list[TempObject] = []
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=full)
+            for page in pages:
+                for u in page.get("Uploads", []):
+                    started = u["Initiated"].timestamp()
+                    if now - started > limit:
+                        out.append(TempObject(u["Key"][cut:], 0, started, u["UploadId"]))
+        except Exception as e:  # noqa: BLE001
+            err = self._translate(e, "list incomplete multipart uploads")
+            if isinstance(err, StorageError) and "refused access" in str(err):
+                logging.getLogger("pitr.storage").warning(
+                    "cannot list incomplete multipart uploads in %s (access denied); grant "
+                    "s3:ListBucketMultipartUploads so that expire can abort abandoned ones", self.display)
+                return []
+            raise err from e
+        return out
+
+    def remove_temps(self, temps: Sequence[TempObject]) -> None:
+        for t in temps:
+            if t.upload_id is None:
+                continue
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._k(t.key), UploadId=t.upload_id)
+            except Exception as e:  # noqa: BLE001
+                err = self._translate(e, f"abort the incomplete upload of {t.key}")
+                if not isinstance(err, NotFoundError):  # NoSuchUpload: finished or aborted meanwhile
+                    raise err from e
 
     def close(self) -> None:
         if self._client is not None:
