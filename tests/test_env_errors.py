@@ -135,3 +135,20 @@ def test_clear_target_times_still_parse() -> None:
     assert r.stdout.split(" ")[0:2] == ["2026-10-25", "01:30:00+00:00"]
     assert "2026-03-29 01:30:00+00:00" in r.stdout and "2026-04-13 08:00:00+00:00" in r.stdout
     assert "2026-03-01 13:30:00.050000+00:00" in r.stdout
+
+
+# --------------------------------------------------------------------------- secrets never echoed
+
+def test_error_messages_and_logs_mask_credentials(tmp_path: Path) -> None:
+    """A bad value that carries a credential is named, but the credential is not printed (defect 12)."""
+    p = pitr("--repo", "s3://bkt/x", "--s3-endpoint", "http://minio:topsecret@h:99999", "info")
+    assert_config_error(p, "s3_endpoint", "http://minio:***@h:99999")
+    assert "topsecret" not in p.stderr
+    p = pitr("-vv", "--repo", "s3://bkt/x", "--s3-endpoint", "http://minio:topsecret@h:99999", "info")
+    assert p.returncode == 2 and "topsecret" not in p.stderr and "***" in p.stderr  # -v traceback too
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_check_timeout_must_be_finite(tmp_path: Path, value: str) -> None:
+    repo = fs_repo(tmp_path / "repo")
+    assert_config_error(pitr("--repo", repo.root, "check", "--timeout", value), "--timeout must be a finite number")

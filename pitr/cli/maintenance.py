@@ -71,8 +71,8 @@ def register(app: typer.Typer) -> None:
                 rpo = parse_duration(max_rpo)
             except ValueError as e:
                 raise UsageError(f"--max-rpo: {e}") from None
-        if timeout < 0:
-            raise UsageError("--timeout must be 0 or more seconds")
+        if not 0 <= timeout < float("inf"):  # also refuses nan, which every comparison lets through
+            raise UsageError(f"--timeout must be a finite number of seconds, 0 or more, not {timeout}")
         s = settings_of(ctx, dbname=dbname)
         storage = open_storage(s)
         try:
