@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
@@ -195,7 +195,7 @@ def choose_backups(manifests: list[Manifest], policy: Policy, now: float) -> dic
 def plan(manifests: list[Manifest], listing: dict[str, list[ObjectInfo]], cat: WalCatalog,
          histories: Histories, policy: Policy, now: float,
          incomplete_grace: float = INCOMPLETE_GRACE, markers: dict[str, dict[str, object] | None] | None = None,
-         temps: list[TempObject] | None = None, temp_grace: float = TEMP_GRACE) -> RetentionPlan:
+         temps: Sequence[TempObject] | None = None, temp_grace: float = TEMP_GRACE) -> RetentionPlan:
     """Decide what goes. manifests: complete backups, oldest first; listing: backup id -> every
     object under its directory; markers: backup id -> its parsed `started` marker (None when
     unreadable) for directories without a manifest; temps: leftovers of interrupted writes;

@@ -86,7 +86,7 @@ class Storage(ABC):
         for k in keys:
             self.delete(k)
 
-    def stale_temps(self, older_than: float, now: float) -> list[TempObject]:
+    def stale_temps(self, older_than: float, now: float) -> Sequence[TempObject]:
         """Leftovers of interrupted writes (never listed by list()) untouched for older_than seconds.
         A write in progress keeps touching its own, so it is never among them."""
         return []

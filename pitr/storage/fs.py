@@ -167,7 +167,7 @@ class FsStorage(Storage):
         except OSError as e:
             raise self._oserror(e, f"delete {key}") from e
 
-    def stale_temps(self, older_than: float, now: float) -> list[TempObject]:
+    def stale_temps(self, older_than: float, now: float) -> Sequence[TempObject]:
         """`.tmp.*` files left by a put() that was killed (kill -9, power loss) before its rename."""
         self._require_root()
         out: list[TempObject] = []

@@ -354,7 +354,7 @@ class S3Storage(Storage):
             self._put_small(probe, b"ok", False)
             self.delete(probe)
 
-    def stale_temps(self, older_than: float, now: float) -> list[TempObject]:
+    def stale_temps(self, older_than: float, now: float) -> Sequence[TempObject]:
         """Incomplete multipart uploads (a put() killed mid-upload) started over MULTIPART_GRACE and
         older_than ago; their parts are billed but never listed. Without permission to list them:
         a warning and none (expire still does its main work)."""
