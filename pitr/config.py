@@ -238,7 +238,11 @@ def _validate(s: Settings, sources: Mapping[str, str]) -> None:
     if s.wal_wait_timeout <= 0:
         raise bad("wal_wait_timeout", s.wal_wait_timeout, "must be a number of seconds above 0")
     if not _valid_compress(s.compress):
-        raise bad("compress", s.compress, "must be zstd, zstd:LEVEL (LEVEL 1 to 19) or none")
+        where = sources.get("compress", "default")
+        known = s.compress.strip().lower().partition(":")[0] in ("zstd", "none")
+        what = "an invalid compression level in" if known else "unknown compression"
+        raise ConfigError(f"compress has {what} {s.compress!r} (set by {where}); it must be zstd, zstd:LEVEL "
+                          "(LEVEL 1 to 19) or none", f"correct the {where}")
     endpoint = (s.s3_endpoint or "").strip()  # empty = unset (AWS)
     m = _URL.fullmatch(endpoint) if endpoint else None
     if endpoint and m is None:

@@ -68,7 +68,7 @@ def test_wal_fetch_with_an_unknown_aws_profile_is_a_hard_failure(tmp_path: Path)
         ({"PITR_S3_PART_SIZE_MB": "1"}, ("s3_part_size_mb must be between 5 and 5120",)),
         ({"PITR_ARCHIVE_PUSH_JOBS": "0"}, ("archive_push_jobs",)),
         ({"PITR_FETCH_RETRIES": "1e9"}, ("fetch_retries",)),
-        ({"PITR_COMPRESS": "lz4"}, ("compress must be", "PITR_COMPRESS")),
+        ({"PITR_COMPRESS": "lz4"}, ("unknown compression 'lz4'", "PITR_COMPRESS")),
         ({"PITR_RETAIN_DAYS": "-1"}, ("retain_days must be 0 or more",)),
         ({"PITR_RETAIN_FULL": "0"}, ("retain_full must be 1 or more",)),
         ({"PITR_S3_ADDRESSING": "sideways"}, ("s3_addressing must be auto, path or virtual",)),
