@@ -250,6 +250,8 @@ def _validate(s: Settings, sources: Mapping[str, str]) -> None:
                   "e.g. https://minio.internal:9000; leave it unset for AWS S3")
     if m is not None and m.group(2) and not 0 < int(m.group(2)[1:]) < 65536:
         raise bad("s3_endpoint", s.s3_endpoint, "has a port number outside 1 to 65535")
+    if s.s3_ca_bundle and (s.repo or "").strip().startswith("s3://") and not os.path.isfile(s.s3_ca_bundle):
+        raise bad("s3_ca_bundle", s.s3_ca_bundle, "must name an existing PEM file readable by this user")
     if s.s3_region and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", s.s3_region):
         raise bad("s3_region", s.s3_region, "must be a region name such as us-east-1")
 

@@ -152,3 +152,10 @@ def test_error_messages_and_logs_mask_credentials(tmp_path: Path) -> None:
 def test_check_timeout_must_be_finite(tmp_path: Path, value: str) -> None:
     repo = fs_repo(tmp_path / "repo")
     assert_config_error(pitr("--repo", repo.root, "check", "--timeout", value), "--timeout must be a finite number")
+
+
+def test_missing_s3_ca_bundle_is_named(tmp_path: Path) -> None:
+    p = pitr("--repo", "s3://bkt/x", "--s3-endpoint", "https://127.0.0.1:9", "info",
+             env={"PITR_S3_CA_BUNDLE": str(tmp_path / "nope.pem")})
+    assert_config_error(p, "s3_ca_bundle must name an existing PEM file", "environment variable PITR_S3_CA_BUNDLE")
+    assert pitr("--repo", tmp_path, "info", env={"PITR_S3_CA_BUNDLE": "/nope"}).returncode != 2  # unused for fs
