@@ -147,6 +147,9 @@ def _read_toml(path: Path, explicit: bool, sources: dict[str, str]) -> dict[str,
         raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid UTF-8 (byte {e.start})",
+                          "TOML files are UTF-8 text: fix the encoding") from None
     out: dict[str, Any] = {}
     for raw_key, value in data.items():
         key = raw_key.replace("-", "_")

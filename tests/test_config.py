@@ -81,6 +81,14 @@ def test_bad_config_file_is_one_config_error(tmp_path: Path, text: str, needle: 
     assert "\n" not in str(e.value)
 
 
+def test_config_file_that_is_not_utf8(tmp_path: Path) -> None:
+    cfg = tmp_path / "pitr.toml"
+    cfg.write_bytes(b'repo = "\xff\xfe"\n')
+    with pytest.raises(ConfigError, match="is not valid UTF-8") as e:
+        load_settings({"config": str(cfg)}, env={})
+    assert str(cfg) in str(e.value) and e.value.exit_code == 2
+
+
 def test_missing_and_unreadable_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings({"config": str(tmp_path / "nope.toml")}, env={})
