@@ -230,6 +230,31 @@ def test_stale_backup_marker_is_not_honoured() -> None:
     assert {i.id: i.action for i in p.incomplete}["B2y"] == "delete"
 
 
+def test_dry_run_shows_the_backup_in_progress(tmp_path: Path) -> None:
+    """`expire --dry-run` names the running backup, where it runs and what it holds back (CLI, fs repo)."""
+    import os
+    import subprocess
+    import sys
+
+    fs = FsStorage(tmp_path / "repo")
+    fs.create()
+    fs.put(META_KEY, new_meta(1, 15, SEG).to_json())
+    for n in range(1, 13):
+        fs.put(wal_key(seg(1, n)), b"x")
+    for bid, start in (("B1", 2), ("B3", 8)):
+        write_manifest(fs, manifest(bid, 1, start, start + 1))
+    lsn = walname.format_lsn(6 * SEG + 40)
+    fs.put(started_key("B2y"), json.dumps({"pid": 4242, "host": "db1", "started": "2026-11-29T10:00:00Z",
+                                           "start_lsn": lsn}).encode())
+    env = {"PATH": os.environ["PATH"], "HOME": "/tmp", "PITR_CONFIG": "/dev/null", "PITR_REPO": str(fs.root)}
+    r = subprocess.run([str(Path(sys.executable).parent / "pitr"), "expire", "--retain-full", "1", "--dry-run"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (f"running B2y  in progress since 2026-11-29T10:00:00Z on db1 pid 4242: it needs WAL from {lsn} on"
+            in r.stdout)
+    assert f"{seg(1, 5)}: before {seg(1, 6)}" in r.stdout  # segments 6 and 7 stay for B2y
+
+
 def test_no_backups_and_bad_policies() -> None:
     r = Repo0().wal(1, 1, 5)
     p = r.plan(Policy(retain_full=1))
