@@ -93,8 +93,8 @@ def register(app: typer.Typer) -> None:
                 rpo = parse_duration(max_rpo)
             except ValueError as e:
                 raise UsageError(f"--max-rpo: {e}") from None
-        if timeout < 0:
-            raise UsageError("--timeout must be 0 or more seconds")
+        if not 0 <= timeout < float("inf"):  # also refuses nan, which every comparison lets through
+            raise UsageError(f"--timeout must be a finite number of seconds, 0 or more, not {timeout}")
         s = settings_of(ctx, dbname=dbname)
         storage = open_storage(s)
         try:
@@ -139,7 +139,8 @@ def register(app: typer.Typer) -> None:
         if json_out:
             out = plan.to_json() | {"dry_run": dry_run}
             out["deleted"] = None if done is None else {"backups": done.backups, "incomplete": done.incomplete,
-                                                        "objects": done.objects, "bytes": done.bytes}
+                                                        "objects": done.objects, "bytes": done.bytes,
+                                                        "temps": done.temps}
             emit_json(out)
             return
         emit(f"policy: {_describe(policy)}")
@@ -148,12 +149,19 @@ def register(app: typer.Typer) -> None:
         for i in plan.incomplete:
             verb = "delete" if i.action == "delete" else "leave"
             emit(f"{verb:<6}  {i.id}  incomplete  {i.objects} objects, {human_bytes(i.bytes)}: {i.reason}")
+        for ip in plan.in_progress:
+            by = f"{ip.host} pid {ip.pid}" if ip.pid is not None else ip.host
+            emit(f"{'running' if ip.honoured else 'stale':<7} {ip.id}  in progress since {ip.started} on {by}: "
+                 f"{ip.reason}")
         for t in plan.wal:
             if t.delete_objects:
                 emit(f"WAL timeline {t.timeline}: delete {t.delete_objects} objects ({human_bytes(t.delete_bytes)}), "
                      f"{t.first} to {t.last}: {t.reason}")
             else:
                 emit(f"WAL timeline {t.timeline}: keep everything from {t.keep_from}")
+        if plan.temps:
+            emit(f"temp    {len(plan.temps)} leftover temporary object(s) of interrupted writes "
+                 f"({human_bytes(sum(t.size for t in plan.temps))}): remove")
         for n in plan.notes:
             emit(f"note: {n}")
         if done is None:

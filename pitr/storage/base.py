@@ -39,6 +39,16 @@ class ObjectInfo:
     mtime: float  # seconds since the epoch (UTC)
 
 
+@dataclass(frozen=True)
+class TempObject:
+    """A leftover of an interrupted write: a temp file, or an incomplete multipart upload (upload_id)."""
+
+    key: str
+    size: int
+    mtime: float  # last touched, seconds since the epoch
+    upload_id: str | None = None
+
+
 class Storage(ABC):
     """A flat key/value object store with atomic puts."""
 
@@ -112,6 +122,14 @@ class Storage(ABC):
     def delete_prefix(self, prefix: str) -> None:
         """Remove every object under prefix (and, where the backend has them, its emptied directories)."""
         self.delete_many([o.key for o in self.list(prefix)])
+
+    def stale_temps(self, older_than: float, now: float) -> Sequence[TempObject]:
+        """Leftovers of interrupted writes (never listed by list()) untouched for older_than seconds.
+        A write in progress keeps touching its own, so it is never among them."""
+        return []
+
+    def remove_temps(self, temps: Sequence[TempObject]) -> None:  # noqa: B027 - optional hook
+        """Remove leftovers found by stale_temps (one already gone is fine)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections (optional)."""

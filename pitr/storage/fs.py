@@ -7,12 +7,12 @@ import os
 import shutil
 import stat
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from pitr.errors import AlreadyExistsError, NotFoundError, RepoMissingError, StorageError
-from pitr.storage.base import CHUNK, ObjectInfo, Storage
+from pitr.storage.base import CHUNK, ObjectInfo, Storage, TempObject
 
 TMP_PREFIX = ".tmp."
 
@@ -196,6 +196,35 @@ class FsStorage(Storage):
                 top.parent.rmdir()
         except OSError:
             pass  # not empty (someone else's probe) or gone: nothing to tidy
+
+    def stale_temps(self, older_than: float, now: float) -> Sequence[TempObject]:
+        """`.tmp.*` files left by a put() that was killed (kill -9, power loss) before its rename."""
+        self._require_root()
+        out: list[TempObject] = []
+        try:
+            for dirpath, _dirs, filenames in os.walk(self.root):
+                for name in filenames:
+                    if not name.startswith(TMP_PREFIX):
+                        continue
+                    try:
+                        st = os.lstat(os.path.join(dirpath, name))
+                    except FileNotFoundError:
+                        continue  # its writer finished (renamed or unlinked it) meanwhile
+                    if stat.S_ISREG(st.st_mode) and now - st.st_mtime > older_than:
+                        rel = os.path.relpath(os.path.join(dirpath, name), self.root)
+                        out.append(TempObject(rel, st.st_size, st.st_mtime))
+        except OSError as e:
+            raise self._oserror(e, "list temporary files") from e
+        return sorted(out, key=lambda t: t.key)
+
+    def remove_temps(self, temps: Sequence[TempObject]) -> None:
+        for t in temps:
+            if not t.key.rsplit("/", 1)[-1].startswith(TMP_PREFIX):
+                raise StorageError(f"refusing to remove {t.key!r}: not a temporary file")
+            try:
+                self._path(t.key).unlink(missing_ok=True)
+            except OSError as e:
+                raise self._oserror(e, f"remove the temporary file {t.key}") from e
 
     def check(self, write: bool = False) -> None:
         self._require_root()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import logging
 import os
 import re
 import threading
@@ -22,11 +23,12 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
-from pitr.errors import AlreadyExistsError, NotFoundError, RepoMissingError, StorageError
-from pitr.storage.base import UNSAFE_STORE_HINT, ObjectInfo, Storage
+from pitr.errors import AlreadyExistsError, ConfigError, NotFoundError, RepoMissingError, StorageError
+from pitr.storage.base import UNSAFE_STORE_HINT, ObjectInfo, Storage, TempObject
 
 MiB = 1 << 20
 MAX_SINGLE_PUT = 5 << 30  # S3's limit for one PutObject
+MULTIPART_GRACE = 86400.0  # an incomplete multipart upload started longer ago is abandoned (expire aborts it)
 PARTS_IN_FLIGHT = 2  # per multipart upload; with --jobs uploads at once this bounds backup memory
 _CONN_HINT = "check that the S3 endpoint is up and that --s3-endpoint / PITR_S3_ENDPOINT is right"
 _CRED_HINT = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / an instance role) "
@@ -62,6 +64,22 @@ class _Body(io.RawIOBase):
             self._body.close()
         finally:
             super().close()
+
+
+def _client_setup_error(e: Exception, endpoint: str | None) -> ConfigError:
+    """Why boto3 could not even build a client (a bad AWS_PROFILE, endpoint or AWS config file)."""
+    from botocore import exceptions as bx  # type: ignore[import-untyped]
+
+    if isinstance(e, bx.ProfileNotFound):
+        var = "AWS_PROFILE" if os.environ.get("AWS_PROFILE") else "AWS_DEFAULT_PROFILE"
+        return ConfigError(f"the AWS profile {e.kwargs.get('profile')!r} named by {var} does not exist in this "
+                           "user's AWS config or credentials file",
+                           f"fix or unset {var}, or add the profile to ~/.aws/config (AWS_CONFIG_FILE)")
+    if isinstance(e, ValueError) and "endpoint" in str(e).lower():
+        return ConfigError(f"the S3 endpoint {endpoint!r} is not a valid URL",
+                           "give --s3-endpoint / PITR_S3_ENDPOINT as http(s)://host[:port]")
+    return ConfigError(f"the S3 client cannot be set up from this environment: {e}",
+                       "check the AWS_* environment variables and ~/.aws/config of the user running pitr")
 
 
 class S3Storage(Storage):
@@ -130,14 +148,17 @@ class S3Storage(Storage):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        session = boto3.session.Session()
-        return session.client(
-            "s3",
-            endpoint_url=self.endpoint or None,
-            region_name=region or "us-east-1",
-            verify=self._ca_bundle or None,
-            config=cfg,
-        )
+        try:
+            session = boto3.session.Session()
+            return session.client(
+                "s3",
+                endpoint_url=self.endpoint or None,
+                region_name=region or "us-east-1",
+                verify=self._ca_bundle or None,
+                config=cfg,
+            )
+        except Exception as e:  # noqa: BLE001 - the environment's fault, not pitr's: say which setting
+            raise _client_setup_error(e, self.endpoint) from e
 
     def _k(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -383,6 +404,42 @@ class S3Storage(Storage):
             probe = f".pitr-write-check/{os.getpid()}-{threading.get_ident()}"
             self._put_small(probe, b"ok", False)
             self.delete(probe)
+
+    def stale_temps(self, older_than: float, now: float) -> Sequence[TempObject]:
+        """Incomplete multipart uploads (a put() killed mid-upload) started over MULTIPART_GRACE and
+        older_than ago; their parts are billed but never listed. Without permission to list them:
+        a warning and none (expire still does its main work)."""
+        limit = max(older_than, MULTIPART_GRACE)  # S3 keeps the start time only; an upload may run for hours
+        full = self.prefix + "/" if self.prefix else ""
+        cut = len(full)
+        out: list[TempObject] = []
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=full)
+            for page in pages:
+                for u in page.get("Uploads", []):
+                    started = u["Initiated"].timestamp()
+                    if now - started > limit:
+                        out.append(TempObject(u["Key"][cut:], 0, started, u["UploadId"]))
+        except Exception as e:  # noqa: BLE001
+            err = self._translate(e, "list incomplete multipart uploads")
+            if isinstance(err, StorageError) and "refused access" in str(err):
+                logging.getLogger("pitr.storage").warning(
+                    "cannot list incomplete multipart uploads in %s (access denied); grant "
+                    "s3:ListBucketMultipartUploads so that expire can abort abandoned ones", self.display)
+                return []
+            raise err from e
+        return out
+
+    def remove_temps(self, temps: Sequence[TempObject]) -> None:
+        for t in temps:
+            if t.upload_id is None:
+                continue
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._k(t.key), UploadId=t.upload_id)
+            except Exception as e:  # noqa: BLE001
+                err = self._translate(e, f"abort the incomplete upload of {t.key}")
+                if not isinstance(err, NotFoundError):  # NoSuchUpload: finished or aborted meanwhile
+                    raise err from e
 
     def close(self) -> None:
         if self._client is not None:
