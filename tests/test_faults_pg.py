@@ -1,0 +1,342 @@
+"""Fault suite on real PostgreSQL: kill -9 at each step of backup and restore, the disk filling up
+under a backup and a restore, and the repository vanishing in the middle of a recovery.
+
+One source cluster per server version (1 MiB WAL segments, archiving through `pitr wal-push` into
+a directory repository, one backup, then a run of later segments) is shared by the module. Each
+test ends with what a user would check:
+- nothing acknowledged that is not stored: a backup `pitr info` lists passes `pitr verify`;
+- nothing presented as complete that is not: a killed backup is not listed, a killed restore
+  leaves `pitr-restore.incomplete` in DIR, PostgreSQL will not start on it (before pg_control is
+  written), pitr refuses to restore over it without --delta, and a re-run with --delta restores
+  the final state;
+- PostgreSQL never promoted early: while the repository is gone the server stays in recovery or
+  stops, and no new timeline appears.
+The kill-step matrices run on PostgreSQL 15 only (their code paths do not depend on the server
+version); the vanished-repository recovery runs on 15 and 18.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pitr.storage.fs import FsStorage
+from tests.support.faults import MARKER, kill_env, remount, run, tmpfs
+from tests.support.pg import PgCluster, chown_pg, make_tmpdir, rmtree_pg
+
+pytestmark = pytest.mark.pg
+AFTER_BACKUP_SEGMENTS = 14  # more than restore's default look-ahead (8) past the first fetch
+
+
+@dataclass
+class Source:
+    cluster: PgCluster
+    base: Path
+    repo: Path
+    env: dict[str, str]
+    pitr_exe: Path
+    final_md5: str = ""
+    on_tmpfs: bool = False
+    n: int = 0
+
+    @property
+    def storage(self) -> FsStorage:
+        return FsStorage(self.repo)
+
+    def pitr(self, *args: str | Path, env: dict[str, str] | None = None,
+             timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        return run([self.pitr_exe, *args], self.cluster.env() | self.env | (env or {}), timeout=timeout)
+
+    def listed(self) -> list[str]:
+        r = self.pitr("info", "--json")
+        assert r.returncode == 0, r.stderr
+        return [b["id"] for b in json.loads(r.stdout)["backups"]]
+
+    def new_dir(self, name: str) -> PgCluster:
+        self.n += 1
+        return PgCluster(self.cluster.bindir, self.base / f"{name}{self.n}", name=name)
+
+
+@pytest.fixture(scope="module")
+def src(pg_bindir: Path, pitr_exe: Path) -> Iterator[Source]:
+    base = make_tmpdir("pitr-fpg-")
+    pg = PgCluster(pg_bindir, base / "src", name="src")
+    mnt = base / "repo-fs"
+    mounts = contextlib.ExitStack()
+    try:  # the repository lives on its own small filesystem, so a test can fill it up
+        mounts.enter_context(tmpfs(mnt, "256m", 0o700))
+        on_tmpfs = True
+    except pytest.skip.Exception:
+        mnt.mkdir(exist_ok=True)
+        on_tmpfs = False
+    chown_pg(mnt)
+    repo = mnt / "repo"
+    env = {"PITR_REPO": str(repo)}
+    pg.run("initdb", "-D", pg.data, "-A", "trust", "-U", "postgres", "--no-sync", "--locale=C",
+           "--encoding=UTF8", "--wal-segsize=1", "--data-checksums")
+    pg.append_conf(f"wal_level = replica\nfsync = off\narchive_mode = on\nwal_keep_size = '256MB'\n"
+                   f"archive_command = '{pitr_exe} wal-push %p'\ncheckpoint_timeout = 30min\n")
+    s = Source(pg, base, repo, env, pitr_exe, on_tmpfs=on_tmpfs)
+    try:
+        pg.start(env=env)
+        r = s.pitr("init")
+        assert r.returncode == 0, r.stderr
+        pg.sql("create table t (id int, v text)")
+        pg.sql("insert into t select g, md5(g::text) from generate_series(1, 20000) g")
+        r = s.pitr("backup")
+        assert r.returncode == 0, r.stdout + r.stderr
+        last = ""
+        for i in range(AFTER_BACKUP_SEGMENTS):
+            pg.sql(f"insert into t select g, 'after {i}' from generate_series(1, 300) g")
+            last = pg.switch_wal()
+        pg.wait_archived(last)
+        s.final_md5 = pg.table_md5("t")
+        yield s
+    finally:
+        pg.ensure_stopped()
+        mounts.close()
+        rmtree_pg(base)
+
+
+def only15(pg_version: str) -> None:
+    if pg_version != "15":
+        pytest.skip("kill-step matrix: checked on PostgreSQL 15 only (the code path does not depend on the version)")
+
+
+def wait_no_backup_session(pg: PgCluster) -> None:
+    deadline = time.monotonic() + 20
+    while pg.scalar("select count(*) from pg_stat_activity where application_name = 'pitr backup'"):
+        assert time.monotonic() < deadline, "a killed backup's session is still open on the server"
+        time.sleep(0.1)
+
+
+def wait_promoted(pg: PgCluster, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if not pg.scalar("select pg_is_in_recovery()"):
+                return
+        except Exception:  # noqa: BLE001 - not accepting connections yet
+            if not pg.is_running():
+                raise AssertionError(f"the restored server stopped\n{pg.log_tail()}") from None
+        assert time.monotonic() < deadline, pg.log_tail()
+        time.sleep(0.2)
+
+
+def start_and_check(s: Source, dest: PgCluster) -> None:
+    """Start the restored directory, let it replay to the end of the archive, compare the table."""
+    dest.append_conf()  # this copy's own port and socket
+    dest.start(env=s.env, wait=False)
+    try:
+        wait_promoted(dest)
+        assert dest.table_md5("t") == s.final_md5
+    finally:
+        dest.ensure_stopped()
+
+
+def pg_ctl_start_fails(dest: PgCluster) -> bool:
+    dest.append_conf()
+    r = dest.run("pg_ctl", "start", "-D", dest.data, "-l", dest.logfile, "-w", "-t", "20", check=False)
+    if r.returncode == 0:
+        dest.ensure_stopped()
+        return False
+    return not dest.is_running()
+
+
+# --------------------------------------------------------------------------- backup
+
+BACKUP_STEPS = {
+    "id-claimed": ("pitr.ops.backup:claim_backup_id", "after", 1, ""),
+    "some-files-stored": ("pitr.storage.fs:FsStorage.put", "after", 2, "/data/"),
+    "waiting-for-wal": ("pitr.ops.backup:wait_for_wal", "before", 1, ""),
+    "before-manifest": ("pitr.ops.backup:write_manifest", "before", 1, ""),
+    "manifest-written": ("pitr.ops.backup:write_manifest", "after", 1, ""),
+}
+
+
+@pytest.mark.parametrize("step", list(BACKUP_STEPS))
+def test_backup_killed_at_each_step(src: Source, pg_version: str, step: str) -> None:
+    only15(pg_version)
+    target, when, nth, match = BACKUP_STEPS[step]
+    before = src.listed()
+    r = src.pitr("backup", env=kill_env(target, when, nth, match))
+    assert r.returncode == -9, f"the kill point was not reached: {r.returncode}\n{r.stdout}{r.stderr}"
+    assert r.stdout.strip() == "", "a killed backup printed an ID as if it had completed"
+    after = src.listed()
+    new = [b for b in after if b not in before]
+    if step == "manifest-written":
+        assert len(new) == 1, "the manifest is the commit point: once written, the backup is listed"
+    else:
+        assert new == [], f"a backup killed at {step} is listed: {new}"
+    wait_no_backup_session(src.cluster)
+    v = src.pitr("verify")
+    assert v.returncode == 0, f"verify fails on what info lists\n{v.stdout}{v.stderr}"
+
+
+# --------------------------------------------------------------------------- restore
+
+RESTORE_STEPS = {
+    "marker-and-directories": ("pitr.ops.restore:prepare_tree", "after", 1, ""),
+    "some-files": ("pitr.ops.restore_files:_Writer._settle", "after", 30, ""),
+    "recovery-settings": ("pitr.ops.restore:write_recovery", "after", 1, ""),
+    "synced-before-pg-control": ("pitr.ops.restore:sync_filesystems", "after", 1, ""),
+    "pg-control-written": ("pitr.ops.restore:fsync_dir", "after", 1, ""),
+}
+
+
+@pytest.mark.parametrize("step", list(RESTORE_STEPS))
+def test_restore_killed_at_each_step(src: Source, pg_version: str, step: str) -> None:
+    only15(pg_version)
+    target, when, nth, match = RESTORE_STEPS[step]
+    dest = src.new_dir("rk")
+    r = src.pitr("restore", "--pgdata", dest.data, "--archive-mode", "off", env=kill_env(target, when, nth, match))
+    assert r.returncode == -9, f"the kill point was not reached: {r.returncode}\n{r.stdout}{r.stderr}"
+    assert (dest.data / MARKER).exists(), "a killed restore must leave DIR marked incomplete"
+    if step != "pg-control-written":
+        assert not (dest.data / "global" / "pg_control").exists()
+        assert pg_ctl_start_fails(dest), "PostgreSQL started on a half-restored directory"
+    again = src.pitr("restore", "--pgdata", dest.data, "--archive-mode", "off")
+    assert again.returncode != 0 and "interrupted" in again.stderr, again.stderr
+    assert (dest.data / MARKER).exists()
+    delta = src.pitr("restore", "--pgdata", dest.data, "--archive-mode", "off", "--delta")
+    assert delta.returncode == 0, delta.stderr
+    assert not (dest.data / MARKER).exists() and (dest.data / "global" / "pg_control").exists()
+    start_and_check(src, dest)
+    rmtree_pg(dest.base)
+
+
+def test_restore_onto_a_disk_that_fills_up(src: Source, pg_version: str) -> None:
+    """The destination's filesystem fills up while files are written: the restore fails, stays marked."""
+    only15(pg_version)
+    dest = src.new_dir("rfull")
+    with tmpfs(dest.base / "mnt", "200m", 0o700):
+        chown_pg(dest.base / "mnt")
+        data = dest.base / "mnt" / "data"
+        filler = dest.base / "mnt" / "filler"
+        r = src.pitr("restore", "--pgdata", data, "--archive-mode", "off",
+                     env=kill_env("pitr.ops.restore_files:_Writer._settle", "after", 20, fill=filler))
+        assert r.returncode not in (0, -9), r.stdout + r.stderr
+        assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
+        assert "space" in r.stderr.lower(), r.stderr
+        assert (data / MARKER).exists() and not (data / "global" / "pg_control").exists()
+        filler.unlink()
+        delta = src.pitr("restore", "--pgdata", data, "--archive-mode", "off", "--delta")
+        assert delta.returncode == 0, delta.stderr
+        assert not (data / MARKER).exists()
+
+
+def test_backup_into_a_repository_that_fills_up(src: Source, pg_version: str) -> None:
+    """The repository's disk fills up mid-backup: the backup fails, is not listed, verify still passes,
+    and once space is back archiving and backups work again."""
+    only15(pg_version)
+    if not src.on_tmpfs:
+        pytest.skip("the repository is not on its own tmpfs here (mount not permitted)")
+    filler = src.repo.parent / "filler"
+    before = src.listed()
+    try:
+        r = src.pitr("backup", env=kill_env("pitr.storage.fs:FsStorage.put", "after", 2, "/data/", fill=filler))
+        assert r.returncode not in (0, -9), r.stdout + r.stderr
+        assert r.stdout.strip() == ""
+        assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
+        assert "disk is full" in r.stderr, r.stderr
+        assert src.listed() == before
+    finally:
+        filler.unlink(missing_ok=True)
+    wait_no_backup_session(src.cluster)
+    v = src.pitr("verify")
+    assert v.returncode == 0, v.stdout + v.stderr
+    seg = src.cluster.switch_wal()
+    src.cluster.wait_archived(seg, timeout=90)
+    r = src.pitr("backup")
+    assert r.returncode == 0, r.stderr
+    assert len(src.listed()) == len(before) + 1
+
+
+# --------------------------------------------------------------------------- the repository vanishes
+
+GATE = """#!/bin/sh
+# restore_command for the test: run pitr's own command, then hold recovery after the first segment
+# it fetched until the test releases it (by then the repository is gone)
+f="$1"; p="$2"
+{command}
+rc=$?
+case "$f" in
+  ????????????????????????) if [ $rc -eq 0 ] && [ ! -e {gate}/released ]; then
+      touch {gate}/holding
+      while [ ! -e {gate}/released ]; do sleep 0.05; done
+  fi ;;
+esac
+exit $rc
+"""
+
+
+def gate_recovery(dest: PgCluster, gate: Path) -> None:
+    """Wrap the restore_command pitr wrote into GATE (same command, same prefetch setting)."""
+    auto = dest.data / "postgresql.auto.conf"
+    lines = auto.read_text().splitlines()
+    idx = next(i for i, line in enumerate(lines) if line.startswith("restore_command"))
+    value = lines[idx].split("=", 1)[1].strip()
+    assert value[0] == "'" and value[-1] == "'", value
+    command = value[1:-1].replace("''", "'").replace("%f", '"$f"').replace("%p", '"$p"')
+    script = gate / "restore.sh"
+    script.write_text(GATE.format(command=command, gate=gate))
+    script.chmod(0o755)
+    lines[idx] = f"restore_command = '{script} %f %p'"
+    auto.write_text("\n".join(lines) + "\n")
+    chown_pg(gate, recursive=True)
+
+
+@pytest.mark.parametrize("prefetch", ["8", "0"])
+def test_repository_vanishes_mid_recovery(src: Source, pg_version: str, prefetch: str) -> None:
+    """The repository directory disappears (unmounted, moved) after recovery fetched its first segment.
+
+    PostgreSQL must not take that for the end of the archive: it stays in recovery or stops, and
+    no new timeline appears. Once the repository is back, the same directory recovers fully.
+    """
+    dest = src.new_dir("rv")
+    r = src.pitr("restore", "--pgdata", dest.data, "--archive-mode", "off", "--prefetch", prefetch)
+    assert r.returncode == 0, r.stderr
+    gate = dest.base / "gate"
+    gate.mkdir()
+    gate_recovery(dest, gate)
+    dest.append_conf()
+    moved = src.repo.with_name("repo.gone")
+    dest.start(env=src.env | {"PITR_FETCH_RETRIES": "0"}, wait=False)
+    try:
+        deadline = time.monotonic() + 60
+        while not (gate / "holding").exists():
+            assert time.monotonic() < deadline, f"recovery never fetched a segment\n{dest.log_tail()}"
+            time.sleep(0.05)
+        time.sleep(0.5)  # let the look-ahead finish its first window while the repository is there
+        src.repo.rename(moved)
+        (gate / "released").touch()
+        deadline = time.monotonic() + 40
+        while dest.is_running() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        log = dest.log_text()
+        assert "selected new timeline ID" not in log and "archive recovery complete" not in log, log
+        assert not list((dest.data / "pg_wal").glob("*.history")), "a new timeline was created"
+        if dest.is_running():
+            assert dest.scalar("select pg_is_in_recovery()") is True
+            dest.ensure_stopped()
+    finally:
+        if moved.exists():
+            moved.rename(src.repo)
+        dest.ensure_stopped()
+    assert not list(src.storage.list("wal/00000002")), "the restored server archived a new timeline"
+    # with the repository back, the same directory recovers fully
+    (gate / "released").touch()
+    dest.start(env=src.env, wait=False)
+    try:
+        wait_promoted(dest)
+        assert dest.table_md5("t") == src.final_md5
+    finally:
+        dest.ensure_stopped()
+    rmtree_pg(dest.base)
