@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -75,8 +76,8 @@ def remount(path: Path, size: str) -> None:
 class FaultProxy:
     """127.0.0.1 TCP proxy to `upstream_port` that breaks requests whose bytes contain `needle`.
 
-    mode "cut": forward the matching request's first `keep` bytes, then close both sides (the
-    server sees a truncated request). mode "drop-response": forward the whole request, let the
+    mode "cut": forward the matching request's head and the first `keep` bytes of its body, then
+    close both sides (the server sees a truncated request). mode "drop-response": forward the whole request, let the
     server answer, then close the client's connection without passing the answer on (the server
     acted, the client cannot know). Each fault fires `times` times (-1: always); the rest passes.
     """
@@ -98,7 +99,7 @@ class FaultProxy:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def arm(self, mode: str, needle: bytes, times: int = 1, keep: int = 2048) -> None:
+    def arm(self, mode: str, needle: bytes, times: int = 1, keep: int = 512) -> None:
         with self._lock:
             self.mode, self.needle, self.times, self.keep, self.fired = mode, needle, times, keep, 0
 
@@ -129,7 +130,9 @@ class FaultProxy:
         except OSError:
             client.close()
             return
-        state = {"fault": "off", "sent": 0}
+        state: dict[str, object] = {"fault": "off"}
+        cut = bytearray()  # the matching request's bytes so far (mode "cut")
+        tail = b""
         done = threading.Event()
 
         def shut() -> None:
@@ -158,16 +161,23 @@ class FaultProxy:
                 if not data:
                     break
                 if state["fault"] == "off":
-                    state["fault"] = self._take(data)
+                    # the needle may straddle two reads: look at the end of the previous one too
+                    window = tail + data
+                    tail = window[-len(self.needle):] if self.needle else b""
+                    state["fault"] = self._take(window)
                     if state["fault"] == "cut":
-                        start = data.index(self.needle)
+                        start = max(0, window.index(self.needle) - (len(window) - len(data)))
                         up.sendall(data[:start])  # bytes of earlier requests on this connection
-                        data = data[start:]
+                        data = window[window.index(self.needle):]
                 if state["fault"] == "cut":
-                    room = self.keep - state["sent"]
-                    up.sendall(data[:room])
-                    state["sent"] += min(room, len(data))
-                    if state["sent"] >= self.keep:
+                    # the head goes through whole; of the body only `keep` bytes
+                    sent = len(cut)
+                    cut += data
+                    end = cut.find(b"\r\n\r\n")
+                    limit = end + 4 + self.keep if end >= 0 else len(cut)
+                    up.sendall(bytes(cut[sent:limit]))
+                    if end >= 0 and len(cut) >= limit:
+                        time.sleep(0.2)  # let the server read the partial body before the connection dies
                         break
                     continue
                 up.sendall(data)
