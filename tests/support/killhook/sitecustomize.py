@@ -73,19 +73,27 @@ def _fill(path: str) -> None:
     """Fill the filesystem holding path until it is full (ENOSPC), then carry on."""
     import errno
 
-    block = b"\0" * (1 << 20)
-    with open(path, "ab") as f:
+    size = 1 << 20
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    try:
         while True:
             try:
-                f.write(block)
-                f.flush()
+                os.write(fd, b"\0" * size)
             except OSError as e:
                 if e.errno != errno.ENOSPC:
                     raise
-                break
-            if len(block) > 4096 and os.statvfs(path).f_bavail * os.statvfs(path).f_frsize < (1 << 20):
-                block = b"\0" * 4096
+                if size == 512:
+                    break
+                size = 512  # top up the last free blocks
+    finally:
+        os.close(fd)
 
 
 if _SPEC:
-    _install(_SPEC)
+    try:
+        _install(_SPEC)
+    except Exception as exc:  # a kill point that cannot be installed must not pass silently
+        import sys
+
+        print(f"killhook: cannot install FAULT_KILL={_SPEC}: {exc!r}", file=sys.stderr)
+        os._exit(99)
