@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -28,8 +29,10 @@ from pathlib import Path
 import pytest
 
 from pitr.storage.fs import FsStorage
+from pitr.storage.s3 import S3Storage
 from tests.support.faults import MARKER, kill_env, remount, run, tmpfs
 from tests.support.pg import PgCluster, chown_pg, make_tmpdir, rmtree_pg
+from tests.support.s3 import MotoServer
 
 pytestmark = pytest.mark.pg
 AFTER_BACKUP_SEGMENTS = 14  # more than restore's default look-ahead (8) past the first fetch
@@ -284,9 +287,9 @@ def gate_recovery(dest: PgCluster, gate: Path) -> None:
     auto = dest.data / "postgresql.auto.conf"
     lines = auto.read_text().splitlines()
     idx = next(i for i, line in enumerate(lines) if line.startswith("restore_command"))
-    value = lines[idx].split("=", 1)[1].strip()
-    assert value[0] == "'" and value[-1] == "'", value
-    command = value[1:-1].replace("''", "'").replace("%f", '"$f"').replace("%p", '"$p"')
+    m = re.match(r"restore_command\s*=\s*'((?:[^']|'')*)'", lines[idx])
+    assert m, lines[idx]
+    command = m.group(1).replace("''", "'").replace("%f", '"$f"').replace("%p", '"$p"')
     script = gate / "restore.sh"
     script.write_text(GATE.format(command=command, gate=gate))
     script.chmod(0o755)
@@ -295,29 +298,82 @@ def gate_recovery(dest: PgCluster, gate: Path) -> None:
     chown_pg(gate, recursive=True)
 
 
-@pytest.mark.parametrize("prefetch", ["8", "0"])
-def test_repository_vanishes_mid_recovery(src: Source, pg_version: str, prefetch: str) -> None:
-    """The repository directory disappears (unmounted, moved) after recovery fetched its first segment.
+class VanishingRepo:
+    """The source's repository as seen by one restore: the directory itself, or a copy of its objects
+    under an S3 prefix (same format); gone() removes it the way an operator or an outage would."""
+
+    def __init__(self, src: Source, kind: str, moto: MotoServer | None, bucket: str | None) -> None:
+        self.src, self.kind = src, kind
+        self.moved = src.repo.with_name("repo.gone")
+        self.env = dict(src.env)
+        if kind == "s3":
+            assert moto is not None and bucket is not None
+            self.s3 = S3Storage(bucket, "prod/main", endpoint=moto.endpoint)
+            self.objects = {o.key: src.storage.get(o.key) for o in src.storage.list("")}
+            self.back()
+            self.env = moto.env() | {"PITR_REPO": f"s3://{bucket}/prod/main"}
+
+    def gone(self) -> None:
+        if self.kind == "fs":
+            self.src.repo.rename(self.moved)  # unmounted, or moved away
+        else:
+            self.s3.delete_many([o.key for o in self.s3.list("")])  # the prefix wiped
+
+    def back(self) -> None:
+        if self.kind == "fs":
+            if self.moved.exists():
+                self.moved.rename(self.src.repo)
+        else:
+            for key, data in self.objects.items():
+                self.s3.put(key, data)
+
+
+VANISH_CASES = [("fs", "8", "15"), ("fs", "8", "18"), ("s3", "8", "15"), ("s3", "0", "18")]
+
+
+@pytest.mark.parametrize(("kind", "prefetch", "only"), VANISH_CASES,
+                         ids=[f"{k}-prefetch{p}-{o}" for k, p, o in VANISH_CASES])
+def test_repository_vanishes_mid_recovery(src: Source, pg_version: str, kind: str, prefetch: str, only: str,
+                                          request: pytest.FixtureRequest) -> None:
+    """The repository disappears (directory unmounted or moved; S3 prefix wiped) after recovery fetched
+    its first segment, with restore's look-ahead on (8, the default) or off.
 
     PostgreSQL must not take that for the end of the archive: it stays in recovery or stops, and
     no new timeline appears. Once the repository is back, the same directory recovers fully.
     """
+    if pg_version != only:
+        pytest.skip(f"case run on PostgreSQL {only}")
+    moto: MotoServer | None = None
+    bucket: str | None = None
+    mp = pytest.MonkeyPatch()
+    if kind == "s3":
+        moto = request.getfixturevalue("moto_server")
+        bucket = request.getfixturevalue("s3_bucket")
+        for k, v in moto.env().items():
+            mp.setenv(k, v)
+    try:
+        _vanish_mid_recovery(src, VanishingRepo(src, kind, moto, bucket), prefetch)
+    finally:
+        mp.undo()
+
+
+def _vanish_mid_recovery(src: Source, repo: VanishingRepo, prefetch: str) -> None:
     dest = src.new_dir("rv")
-    r = src.pitr("restore", "--pgdata", dest.data, "--archive-mode", "off", "--prefetch", prefetch)
+    r = run([src.pitr_exe, "restore", "--pgdata", dest.data, "--archive-mode", "off", "--prefetch", prefetch],
+            repo.env)
     assert r.returncode == 0, r.stderr
     gate = dest.base / "gate"
     gate.mkdir()
     gate_recovery(dest, gate)
     dest.append_conf()
-    moved = src.repo.with_name("repo.gone")
-    dest.start(env=src.env | {"PITR_FETCH_RETRIES": "0"}, wait=False)
+    dest.start(env=repo.env | {"PITR_FETCH_RETRIES": "0"}, wait=False)
     try:
         deadline = time.monotonic() + 60
         while not (gate / "holding").exists():
             assert time.monotonic() < deadline, f"recovery never fetched a segment\n{dest.log_tail()}"
             time.sleep(0.05)
-        time.sleep(0.5)  # let the look-ahead finish its first window while the repository is there
-        src.repo.rename(moved)
+        time.sleep(0.5)  # let the look-ahead fill its window while the repository is there
+        repo.gone()
         (gate / "released").touch()
         deadline = time.monotonic() + 40
         while dest.is_running() and time.monotonic() < deadline:
@@ -327,15 +383,13 @@ def test_repository_vanishes_mid_recovery(src: Source, pg_version: str, prefetch
         assert not list((dest.data / "pg_wal").glob("*.history")), "a new timeline was created"
         if dest.is_running():
             assert dest.scalar("select pg_is_in_recovery()") is True
-            dest.ensure_stopped()
+        else:
+            assert "could not restore file" in log and "exit code 128" in log, log
     finally:
-        if moved.exists():
-            moved.rename(src.repo)
         dest.ensure_stopped()
-    assert not list(src.storage.list("wal/00000002")), "the restored server archived a new timeline"
+        repo.back()
     # with the repository back, the same directory recovers fully
-    (gate / "released").touch()
-    dest.start(env=src.env)
+    dest.start(env=repo.env)
     try:
         wait_promoted(dest)
         assert dest.table_md5("t") == src.final_md5
