@@ -30,7 +30,7 @@ import pytest
 
 from pitr.storage.fs import FsStorage
 from pitr.storage.s3 import S3Storage
-from tests.support.faults import MARKER, kill_env, remount, run, tmpfs
+from tests.support.faults import MARKER, kill_env, run, tmpfs
 from tests.support.pg import PgCluster, chown_pg, make_tmpdir, rmtree_pg
 from tests.support.s3 import MotoServer
 
