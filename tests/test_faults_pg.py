@@ -28,9 +28,11 @@ from pathlib import Path
 
 import pytest
 
+from pitr.ops import archive
+from pitr.repo.meta import read_meta
 from pitr.storage.fs import FsStorage
 from pitr.storage.s3 import S3Storage
-from tests.support.faults import MARKER, kill_env, run, tmpfs
+from tests.support.faults import MARKER, fill_disk, kill_env, run, tmpfs
 from tests.support.pg import PgCluster, chown_pg, make_tmpdir, rmtree_pg
 from tests.support.s3 import MotoServer
 
@@ -106,6 +108,21 @@ def src(pg_bindir: Path, pitr_exe: Path) -> Iterator[Source]:
         pg.ensure_stopped()
         mounts.close()
         rmtree_pg(base)
+
+
+def assert_acknowledged_wal_readable(s: Source) -> None:
+    """Every segment PostgreSQL counts as archived (.done) comes back from the repository byte for
+    byte, through the code path of `wal-fetch`."""
+    meta = read_meta(s.storage)
+    status = s.cluster.data / "pg_wal" / "archive_status"
+    done = sorted(p.name[:-5] for p in status.glob("*.done"))
+    assert done
+    out = s.base / "fetched"
+    out.mkdir(exist_ok=True)
+    for name in done:
+        archive.fetch(s.storage, meta, name, out / name)
+        assert (out / name).read_bytes() == (s.cluster.data / "pg_wal" / name).read_bytes(), name
+        (out / name).unlink()
 
 
 def only15(pg_version: str) -> None:
@@ -245,6 +262,8 @@ def test_backup_into_a_repository_that_fills_up(src: Source, pg_version: str) ->
         pytest.skip("the repository is not on its own tmpfs here (mount not permitted)")
     filler = src.repo.parent / "filler"
     before = src.listed()
+    pg = src.cluster
+    failed = pg.scalar("select failed_count from pg_stat_archiver")
     try:
         r = src.pitr("backup", env=kill_env("pitr.storage.fs:FsStorage.put", "after", 2, "/data/", fill=filler))
         assert r.returncode not in (0, -9), r.stdout + r.stderr
@@ -252,13 +271,25 @@ def test_backup_into_a_repository_that_fills_up(src: Source, pg_version: str) ->
         assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
         assert "disk is full" in r.stderr, r.stderr
         assert src.listed() == before
+        # PostgreSQL's archiver meets the full disk too (the failed backup freed what it had written:
+        # fill it again): it must see failures, not acknowledgements
+        fill_disk(filler)
+        pg.sql("insert into t select g, 'disk full' from generate_series(1, 300) g")
+        during = pg.switch_wal()
+        deadline = time.monotonic() + 60
+        while pg.scalar("select failed_count from pg_stat_archiver") == failed:
+            assert time.monotonic() < deadline, "the archiver never tried while the disk was full"
+            time.sleep(0.2)
+        assert (pg.data / "pg_wal" / "archive_status" / f"{during}.ready").exists()
     finally:
         filler.unlink(missing_ok=True)
     wait_no_backup_session(src.cluster)
-    v = src.pitr("verify")
-    assert v.returncode == 0, v.stdout + v.stderr
     seg = src.cluster.switch_wal()
     src.cluster.wait_archived(seg, timeout=90)
+    assert_acknowledged_wal_readable(src)
+    v = src.pitr("verify")
+    assert v.returncode == 0, v.stdout + v.stderr
+    src.final_md5 = src.cluster.table_md5("t")
     r = src.pitr("backup")
     assert r.returncode == 0, r.stderr
     assert len(src.listed()) == len(before) + 1

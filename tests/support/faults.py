@@ -11,6 +11,7 @@ store that fails mid-write.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import subprocess
@@ -67,6 +68,24 @@ def tmpfs(path: Path, size: str, mode: int = 0o777) -> Iterator[Path]:
     finally:
         if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill_disk(path: Path) -> None:
+    """Append to path until its filesystem has no space left (what FAULT_FILL does inside pitr)."""
+    size = 1 << 20
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        while True:
+            try:
+                os.write(fd, b"\0" * size)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                if size == 512:
+                    return
+                size = 512
+    finally:
+        os.close(fd)
 
 
 def remount(path: Path, size: str) -> None:
