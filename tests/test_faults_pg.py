@@ -227,6 +227,11 @@ def test_restore_killed_at_each_step(src: Source, pg_version: str, step: str) ->
     again = src.pitr("restore", "--pgdata", dest.data, "--archive-mode", "off")
     assert again.returncode != 0 and "interrupted" in again.stderr, again.stderr
     assert (dest.data / MARKER).exists()
+    if step == "some-files":  # the --delta run that finishes it can be killed too, and finished again
+        r = src.pitr("restore", "--pgdata", dest.data, "--archive-mode", "off", "--delta",
+                     env=kill_env("pitr.ops.restore_files:FileWriter._settle", "after", 60))
+        assert r.returncode == -9, r.stderr
+        assert (dest.data / MARKER).exists() and not (dest.data / "global" / "pg_control").exists()
     delta = src.pitr("restore", "--pgdata", dest.data, "--archive-mode", "off", "--delta")
     assert delta.returncode == 0, delta.stderr
     assert not (dest.data / MARKER).exists() and (dest.data / "global" / "pg_control").exists()
