@@ -412,7 +412,7 @@ def _vanish_mid_recovery(src: Source, repo: VanishingRepo, prefetch: str) -> Non
         repo.gone()
         (gate / "released").touch()
         deadline = time.monotonic() + 40
-        while dest.is_running() and time.monotonic() < deadline:
+        while dest.is_running() and time.monotonic() < deadline and "selected new timeline ID" not in dest.log_text():
             time.sleep(0.2)
         log = dest.log_text()
         assert "selected new timeline ID" not in log and "archive recovery complete" not in log, log
