@@ -31,6 +31,10 @@ from tests.support.s3 import MotoServer
 SEG = walgen.names(0x10, 1)[0]
 
 
+# archive_async is on by default; the sync cases say so (the async ones override it with ASYNC)
+SYNC = {"PITR_ARCHIVE_ASYNC": "false"}
+
+
 @dataclass
 class Site:
     """A fake cluster's pg_wal (one queued segment) and a repository initialised for it."""
@@ -90,7 +94,7 @@ def fs_site() -> Iterator[Site]:
     pgdata = _make_pgdata(base)
     storage = walgen.fs_repo(base / "repo")
     chown_pg(base / "repo", recursive=True)
-    yield Site(pgdata, storage, {"PITR_REPO": str(base / "repo")}, base / "repo")
+    yield Site(pgdata, storage, {"PITR_REPO": str(base / "repo")} | SYNC, base / "repo")
     _stop_helper(pgdata)
     rmtree_pg(base)
 
@@ -109,7 +113,7 @@ def _s3_site(moto: MotoServer, bucket: str, endpoint: str | None = None) -> Site
     pgdata = _make_pgdata(base)
     storage = S3Storage(bucket, "fault/main", endpoint=moto.endpoint)
     storage.put(META_KEY, new_meta(walgen.SYSID, 15, walgen.SEG).to_json(), if_absent=True)
-    env = moto.env() | {"PITR_REPO": f"s3://{bucket}/fault/main", "PITR_S3_ENDPOINT": endpoint or moto.endpoint}
+    env = moto.env() | {"PITR_REPO": f"s3://{bucket}/fault/main", "PITR_S3_ENDPOINT": endpoint or moto.endpoint} | SYNC
     return Site(pgdata, storage, env)
 
 
