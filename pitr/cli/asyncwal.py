@@ -226,7 +226,7 @@ def _push_helper(glob: list[str], pg_wal: Path, sdir: Path, opts: dict[str, str]
     from pitr.ops import pushd
     from pitr.repo.codec import parse_codec
     from pitr.repo.meta import read_meta
-    from pitr.storage import open_storage
+    from pitr.cli.repoopen import open_repo
 
     log = logging.getLogger("pitr")
     fd = spool.take_lock(sdir, spool.PUSHD)
@@ -238,7 +238,7 @@ def _push_helper(glob: list[str], pg_wal: Path, sdir: Path, opts: dict[str, str]
     try:
         settings = load_settings(opts)
         jobs = max(1, settings.archive_push_jobs)
-        storage = open_storage(settings, max_connections=jobs + 2)
+        storage = open_repo(settings, max_connections=jobs + 2)
         meta = read_meta(storage)
         cfg = pushd.PushdConfig(pg_wal, sdir, fp, jobs, parse_codec(settings.compress))
         log.info("started: %d jobs into %s", jobs, storage.display)
@@ -262,7 +262,7 @@ def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, 
     from pitr.errors import PitrError
     from pitr.ops import prefetch
     from pitr.repo.meta import read_meta
-    from pitr.storage import open_storage
+    from pitr.cli.repoopen import open_repo
 
     log = logging.getLogger("pitr")
     fd = spool.take_lock(pdir, spool.PREFETCHD)
@@ -274,7 +274,7 @@ def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, 
     try:
         settings = load_settings(opts)
         jobs = max(1, min(settings.prefetch, settings.jobs))
-        storage = open_storage(settings, max_connections=jobs + 2)
+        storage = open_repo(settings, max_connections=jobs + 2)
         meta = read_meta(storage)
         cfg = prefetch.PrefetchConfig(pdir, fp, settings.prefetch, jobs)
         log.info("started: %d segments ahead, %d jobs, from %s", settings.prefetch, jobs, storage.display)

@@ -27,10 +27,10 @@ def register(app: typer.Typer) -> None:
         that WAL is continuous from each backup to the archive's head. Exit 1 listing every problem."""
         from pitr.errors import VerifyError
         from pitr.ops.verify import VerifyOptions, verify
-        from pitr.storage import open_storage
+        from pitr.cli.repoopen import open_repo
 
         s = settings_of(ctx, jobs=jobs)
-        storage = open_storage(s)
+        storage = open_repo(s)
         try:
             started = time.monotonic()
             res = verify(storage, VerifyOptions(backup, s.jobs), progress=log.info)
@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
         that segment is archived. Exit 1 with one line per failed point naming the fix."""
         from pitr.errors import CheckError, UsageError
         from pitr.ops.check import CheckOptions, check, parse_duration
-        from pitr.storage import open_storage
+        from pitr.cli.repoopen import open_repo
 
         rpo: float | None = None
         if max_rpo is not None:
@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
         if timeout < 0:
             raise UsageError("--timeout must be 0 or more seconds")
         s = settings_of(ctx, dbname=dbname)
-        storage = open_storage(s)
+        storage = open_repo(s)
         try:
             res = check(storage, s.dbname, CheckOptions(s.location(), timeout, rpo))
         finally:
@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
         """Delete backups outside the retention policy and the WAL no retained backup needs. Never deletes the
         newest backup or anything a retained backup needs to become consistent and reach the archive's head."""
         from pitr.ops.retention import Policy, apply, gather_and_plan
-        from pitr.storage import open_storage
+        from pitr.cli.repoopen import open_repo
 
         s = settings_of(ctx)
         if retain_full is not None or retain_days is not None:
@@ -108,7 +108,7 @@ def register(app: typer.Typer) -> None:
         else:
             policy = Policy(s.retain_full, s.retain_days)
         policy.validate()
-        storage = open_storage(s)
+        storage = open_repo(s)
         try:
             plan = gather_and_plan(storage, policy, time.time())
             done = None if dry_run else apply(storage, plan, progress=log.info)
