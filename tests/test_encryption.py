@@ -150,7 +150,8 @@ def make_encrypted_repo(tmp_path: Path) -> tuple[FsStorage, keys.KeySource]:
     root = tmp_path / "repo"
     inner = FsStorage(root)
     src = keys.passphrase_source("pw", "PITR_ENCRYPTION_PASSPHRASE")
-    r = init_repo(RepoStorage(inner, src), ServerInfo(150010, 7300000000000000001, 16 << 20, "/data", False), encrypt=True)
+    info = ServerInfo(150010, 7300000000000000001, 16 << 20, "/data", False)
+    r = init_repo(RepoStorage(inner, src), info, encrypt=True)
     assert r.created and r.encrypted
     return inner, src
 
@@ -159,7 +160,7 @@ def test_encrypted_repo_refuses_without_key_before_reading_objects(tmp_path: Pat
     inner, src = make_encrypted_repo(tmp_path)
     RepoStorage(inner, src).put("wal/x", b"hello")
     doc = json.loads((tmp_path / "repo" / META_KEY).read_bytes())
-    assert doc["format"] == 2 and "system_identifier" not in doc and "7300000000000000001" not in json.dumps(doc)
+    assert doc["format"] == 2 and doc["system_identifier"] == "0" and "7300000000000000001" not in json.dumps(doc)
     reads: list[str] = []
 
     class Spy(FsStorage):
@@ -218,3 +219,14 @@ def test_memory_backend_through_the_layer() -> None:
     assert s.stat("a/b").size == 5 * C + 3  # type: ignore[union-attr]
     assert [o.size for o in s.list("a/")] == [5 * C + 3]
     assert b"zzzz" not in s.inner.get("a/b")  # type: ignore[attr-defined]
+
+
+def test_a_format_1_reader_asks_for_an_upgrade(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What an older pitr (reading up to format 1) does with an encrypted repository's pitr.json."""
+    from pitr.repo import meta
+
+    make_encrypted_repo(tmp_path)
+    monkeypatch.setattr(meta, "MAX_FORMAT_VERSION", 1)
+    with pytest.raises(IntegrityError, match="uses format 2; this pitr reads up to 1") as e:
+        meta.RepoMeta.from_json((tmp_path / "repo" / META_KEY).read_bytes())
+    assert e.value.hint == "upgrade pitr"

@@ -221,12 +221,12 @@ def helper_main(command: str, global_args: list[str], pos: list[str], opts: dict
 def _push_helper(glob: list[str], pg_wal: Path, sdir: Path, opts: dict[str, str]) -> int:
     import logging
 
+    from pitr.cli.repoopen import open_repo
     from pitr.config import load_settings
     from pitr.errors import PitrError
     from pitr.ops import pushd
     from pitr.repo.codec import parse_codec
     from pitr.repo.meta import read_meta
-    from pitr.cli.repoopen import open_repo
 
     log = logging.getLogger("pitr")
     fd = spool.take_lock(sdir, spool.PUSHD)
@@ -258,11 +258,11 @@ def _push_helper(glob: list[str], pg_wal: Path, sdir: Path, opts: dict[str, str]
 def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, str]) -> int:
     import logging
 
+    from pitr.cli.repoopen import open_repo
     from pitr.config import load_settings
     from pitr.errors import PitrError
     from pitr.ops import prefetch
     from pitr.repo.meta import read_meta
-    from pitr.cli.repoopen import open_repo
 
     log = logging.getLogger("pitr")
     fd = spool.take_lock(pdir, spool.PREFETCHD)

@@ -66,11 +66,11 @@ def register(app: typer.Typer) -> None:
         The backup is listed only once complete: every file stored and verified, and all the WAL from
         its start to its stop in the archive. The last line of stdout is the backup ID.
         """
+        from pitr.cli.repoopen import open_repo
         from pitr.errors import UsageError
         from pitr.ops.backup import BACKUP_TYPES, BackupOptions, take_backup
         from pitr.pg.conn import PgSession
         from pitr.repo.codec import parse_codec
-        from pitr.cli.repoopen import open_repo
 
         if type_ not in BACKUP_TYPES:
             raise UsageError(f"unknown backup type {type_!r}", "use --type full")
@@ -126,11 +126,11 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
     ) -> None:
         """Create a named restore point (pg_create_restore_point) and, by default, wait until it is archived."""
+        from pitr.cli.repoopen import open_repo
         from pitr.errors import UsageError
         from pitr.ops.backup import create_restore_point
         from pitr.pg import walname
         from pitr.pg.conn import PgSession
-        from pitr.cli.repoopen import open_repo
 
         if timeout is not None and timeout < 0:
             raise UsageError("--timeout must be 0 or more seconds")

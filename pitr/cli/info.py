@@ -141,8 +141,8 @@ def register(app: typer.Typer) -> None:
     from pitr.cli.app import settings_of
 
     def run(ctx: typer.Context, json_out: bool) -> None:
-        from pitr.ops.info import gather
         from pitr.cli.repoopen import open_repo
+        from pitr.ops.info import gather
 
         storage = open_repo(settings_of(ctx))
         try:

@@ -25,9 +25,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Re-read every stored object (checksums, WAL headers), check each manifest against its objects and
         that WAL is continuous from each backup to the archive's head. Exit 1 listing every problem."""
+        from pitr.cli.repoopen import open_repo
         from pitr.errors import VerifyError
         from pitr.ops.verify import VerifyOptions, verify
-        from pitr.cli.repoopen import open_repo
 
         s = settings_of(ctx, jobs=jobs)
         storage = open_repo(s)
@@ -61,9 +61,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Check the server's archive settings against this repository, force a WAL switch and wait until
         that segment is archived. Exit 1 with one line per failed point naming the fix."""
+        from pitr.cli.repoopen import open_repo
         from pitr.errors import CheckError, UsageError
         from pitr.ops.check import CheckOptions, check, parse_duration
-        from pitr.cli.repoopen import open_repo
 
         rpo: float | None = None
         if max_rpo is not None:
@@ -99,8 +99,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Delete backups outside the retention policy and the WAL no retained backup needs. Never deletes the
         newest backup or anything a retained backup needs to become consistent and reach the archive's head."""
-        from pitr.ops.retention import Policy, apply, gather_and_plan
         from pitr.cli.repoopen import open_repo
+        from pitr.ops.retention import Policy, apply, gather_and_plan
 
         s = settings_of(ctx)
         if retain_full is not None or retain_days is not None:

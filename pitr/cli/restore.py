@@ -92,9 +92,9 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
     ) -> None:
         """Rebuild a data directory from the nearest backup and recover it to a target (or the end of the archive)."""
+        from pitr.cli.repoopen import open_repo
         from pitr.ops.restore import MARKER, RestoreOptions, run_restore
         from pitr.ops.restore_plan import parse_action, parse_target, parse_timeline
-        from pitr.cli.repoopen import open_repo
 
         s = settings_of(ctx, pgdata=pgdata, jobs=jobs, pg_bin=pg_bin)
         if not s.pgdata:

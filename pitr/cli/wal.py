@@ -22,9 +22,9 @@ def register(app: typer.Typer) -> None:
                                               "from encryption_key_file or PITR_ENCRYPTION_PASSPHRASE.")] = False,
     ) -> None:
         """Bind the repository to this cluster (system identifier, version, WAL segment size). Idempotent."""
+        from pitr.cli.repoopen import open_repo
         from pitr.ops.init import init_repo
         from pitr.pg.conn import PgSession
-        from pitr.cli.repoopen import open_repo
 
         s = settings_of(ctx, dbname=dbname)
         storage = open_repo(s)

@@ -22,10 +22,10 @@ def run_wal_push(settings: Settings, path: str) -> int:
         rc = run_async_push(settings, path)  # None: not a file PostgreSQL queued; push it here
         if rc is not None:
             return rc
+    from pitr.cli.repoopen import open_repo
     from pitr.ops import archive
     from pitr.repo.codec import parse_codec
     from pitr.repo.meta import read_meta
-    from pitr.cli.repoopen import open_repo
 
     storage = None
     try:
@@ -43,8 +43,8 @@ def run_wal_push(settings: Settings, path: str) -> int:
 
 def run_wal_fetch(settings: Settings, name: str, dest: str) -> int:
     """0 fetched; 1 not in the archive (PostgreSQL's end of archive); >125 anything else."""
-    from pitr.ops import archive
     from pitr.cli.repoopen import open_repo
+    from pitr.ops import archive
 
     if settings.prefetch > 0:
         from pitr.cli import asyncwal

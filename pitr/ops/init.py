@@ -60,7 +60,8 @@ def _init_encrypted(storage: Storage, server: ServerInfo) -> InitResult:
         key = storage.require_key_for_init()
         data_key = os.urandom(32)
         meta = new_meta(server.system_identifier, server.major, server.wal_segment_size, encrypted=True)
-        body = encrypted_meta_json(meta, keys.wrap(data_key, key), ObjectCipher(data_key).seal(META_KEY, meta.to_json()))
+        sealed = ObjectCipher(data_key).seal(META_KEY, meta.to_json())
+        body = encrypted_meta_json(meta, keys.wrap(data_key, key), sealed)
         try:
             inner.put(META_KEY, body, if_absent=True)
             storage.adopt(data_key, body)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pitr.errors import ConfigError, IntegrityError, EncryptionKeyError
+from pitr.errors import ConfigError, EncryptionKeyError, IntegrityError
 
 CIPHER_NAME = "AES-256-GCM"
 # scrypt cost: 2^15 * 8 * 128 bytes = 32 MiB and ~0.1 s per derivation (every pitr call with a passphrase

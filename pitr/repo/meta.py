@@ -53,7 +53,9 @@ def new_meta(system_identifier: int, pg_version: int, wal_segment_size: int, enc
 
 def encrypted_meta_json(meta: RepoMeta, section: dict[str, Any], sealed: bytes) -> bytes:
     """pitr.json of an encrypted repository: format, the key section, the sealed cluster facts."""
-    doc = {"format": ENCRYPTED_FORMAT_VERSION, "encryption": section, "sealed": base64.b64encode(sealed).decode()}
+    doc = {"format": ENCRYPTED_FORMAT_VERSION, "encryption": section, "sealed": base64.b64encode(sealed).decode(),
+           # zero placeholders: a format-1 reader parses this and refuses with "upgrade pitr", not "malformed"
+           "system_identifier": "0", "pg_version": 0, "wal_segment_size": 0}
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
 
