@@ -230,3 +230,32 @@ def test_a_format_1_reader_asks_for_an_upgrade(tmp_path: Path, monkeypatch: pyte
     with pytest.raises(IntegrityError, match="uses format 2; this pitr reads up to 1") as e:
         meta.RepoMeta.from_json((tmp_path / "repo" / META_KEY).read_bytes())
     assert e.value.hint == "upgrade pitr"
+
+
+def test_wal_push_repush_and_conflict_in_an_encrypted_repo(tmp_path: Path) -> None:
+    """The identical-re-push check reads the stored trailer through the cipher (a ranged read from the end)."""
+    from pitr.errors import ConflictError
+    from pitr.ops import archive
+    from pitr.repo.codec import Codec
+    from pitr.repo.format import wal_key
+    from tests.support.walgen import SYSID, segment
+
+    inner, src = make_encrypted_repo(tmp_path)  # its cluster is walgen's SYSID
+    assert SYSID == 7300000000000000001
+    s = RepoStorage(inner, src)
+    meta = read_meta(s)
+    name = "000000010000000000000003"
+    wal = tmp_path / name
+    first = segment(name)
+    wal.write_bytes(first)
+    assert archive.push(s, meta, wal, Codec("none", 0)).status == "stored"
+    stored = (tmp_path / "repo" / wal_key(name)).read_bytes()
+    assert stored.startswith(crypto.MAGIC) and first[100:200] not in stored
+    assert archive.push(RepoStorage(inner, src), meta, wal, Codec("zstd", 3)).status == "already-archived"
+    wal.write_bytes(segment(name, seed=1))
+    with pytest.raises(ConflictError):
+        archive.push(RepoStorage(inner, src), meta, wal, Codec("none", 0))
+    assert (tmp_path / "repo" / wal_key(name)).read_bytes() == stored
+    out = tmp_path / "fetched"
+    archive.fetch(RepoStorage(inner, src), meta, name, out)
+    assert out.read_bytes() == first

@@ -133,6 +133,7 @@ class RepoStorage(Storage):
 
     def get(self, key: str) -> bytes:
         if key == META_KEY:
+            self._cipher()  # decides once, keeping the bytes: later reads of pitr.json cost no request
             with self._lock:
                 cached = self._meta
             return cached if cached is not None else self.inner.get(key)
