@@ -68,7 +68,8 @@ def test_encrypted_repository_end_to_end(kind: str, pg_version: str, pg_bindir: 
             moto = request.getfixturevalue("moto_env")
             bucket = moto.create_bucket(f"enc-{uuid.uuid4().hex[:12]}")
             key_env = {"PITR_ENCRYPTION_PASSPHRASE": "correct horse battery staple"}
-            env = {"PITR_REPO": f"s3://{bucket}/enc"} | moto.env()
+            # async archiving: the helper process reaches the key the same way (environment), never via the spool
+            env = {"PITR_REPO": f"s3://{bucket}/enc", "PITR_ARCHIVE_ASYNC": "true"} | moto.env()
             raw = S3Storage(bucket, "enc", endpoint=moto.endpoint)
         env |= {"PITR_COMPRESS": "none"}
         full = env | key_env
@@ -89,6 +90,13 @@ def test_encrypted_repository_end_to_end(kind: str, pg_version: str, pg_bindir: 
         src.sql("update secrets set v = v || '!' where id % 7 = 0")
         want = src.table_md5("secrets")
         src.wait_archived(src.switch_wal())
+        spools = [p for p in (src.data / "pg_wal").glob("pitr_*") if p.is_dir()]
+        assert bool(spools) == (kind == "s3")
+        for spool in spools:
+            for f in spool.rglob("*"):
+                if f.is_file():
+                    text = f.read_bytes()
+                    assert b"correct horse" not in text and b"PASSPHRASE" not in text, f
 
         # no object holds the marker; every object but pitr.json is ciphertext; pitr.json holds no cluster facts
         objects = list(raw.list(""))
