@@ -210,6 +210,11 @@ def test_key_rotate_rewraps(tmp_path: Path) -> None:
     assert RepoStorage(inner, new).get("backups/b/manifest") == b"m" * 100_000
     with pytest.raises(EncryptionKeyError):
         RepoStorage(inner, old).get("backups/b/manifest")
+    # a wrong current key rotates nothing
+    before = (tmp_path / "repo" / META_KEY).read_bytes()
+    with pytest.raises(EncryptionKeyError, match="does not open"):
+        rotate(RepoStorage(inner, keys.KeySource("key-file", "key file x", os.urandom(32))), old)
+    assert (tmp_path / "repo" / META_KEY).read_bytes() == before
 
 
 def test_memory_backend_through_the_layer() -> None:

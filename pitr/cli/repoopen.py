@@ -18,7 +18,6 @@ from pitr.storage.base import Storage
 PASSPHRASE_ENV = "PITR_ENCRYPTION_PASSPHRASE"
 KEY_FILE_ENV = "PITR_ENCRYPTION_KEY_FILE"
 NEW_PASSPHRASE_ENV = "PITR_NEW_ENCRYPTION_PASSPHRASE"
-LOOKED = f"encryption_key_file in the config file, {KEY_FILE_ENV} and {PASSPHRASE_ENV}"
 
 if TYPE_CHECKING:
     from pitr.repo.keys import KeySource
@@ -48,4 +47,6 @@ def open_repo(settings: Settings, *, max_connections: int | None = None) -> Stor
     from pitr.repo.sealed import RepoStorage
     from pitr.storage import open_storage
 
-    return RepoStorage(open_storage(settings, max_connections=max_connections), key_loader(settings), LOOKED)
+    cfg = f"the config file {settings.config}" if settings.config else "a config file (none was read)"
+    looked = f"encryption_key_file in {cfg}, {KEY_FILE_ENV} and {PASSPHRASE_ENV}"
+    return RepoStorage(open_storage(settings, max_connections=max_connections), key_loader(settings), looked)

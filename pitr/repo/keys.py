@@ -24,7 +24,7 @@ from typing import Any
 from pitr.errors import ConfigError, EncryptionKeyError, IntegrityError
 
 CIPHER_NAME = "AES-256-GCM"
-# scrypt cost: 2^15 * 8 * 128 bytes = 32 MiB and ~0.1 s per derivation (every pitr call with a passphrase
+# scrypt cost: 2^15 * 8 * 128 bytes = 32 MiB and 0.1-0.5 s of CPU per derivation (every pitr call with a passphrase
 # pays it once; a key file costs nothing). Stored per repository, so a later pitr may raise it.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 15, 8, 1
 _WRAP_AAD = b"pitr data key v1"
