@@ -264,3 +264,13 @@ def test_wal_push_repush_and_conflict_in_an_encrypted_repo(tmp_path: Path) -> No
     out = tmp_path / "fetched"
     archive.fetch(RepoStorage(inner, src), meta, name, out)
     assert out.read_bytes() == first
+
+
+def test_every_command_opens_its_repository_with_the_key_layer() -> None:
+    """A bare backend in a command would write clear text into an encrypted repository: only
+    cli/repoopen.open_repo may call open_storage (it wraps the backend in RepoStorage)."""
+    root = Path(__file__).resolve().parent.parent / "pitr"
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if "open_storage(" in p.read_text() and p.relative_to(root).as_posix()
+                 not in ("storage/__init__.py", "cli/repoopen.py")]
+    assert offenders == [], f"use pitr.cli.repoopen.open_repo instead of open_storage in {offenders}"
