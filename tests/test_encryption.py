@@ -195,6 +195,15 @@ def test_init_encrypt_refusals(tmp_path: Path) -> None:
         init_repo(RepoStorage(plain, keys.passphrase_source("pw", "P")), info, encrypt=True)
     assert "new prefix" in (e.value.hint or "")
     assert (tmp_path / "plain" / META_KEY).read_bytes() == before
+    # init again on an encrypted repository (with or without --encrypt): a no-op that needs the key
+    inner, src = make_encrypted_repo(tmp_path)
+    body = (tmp_path / "repo" / META_KEY).read_bytes()
+    for enc in (True, False):
+        r = init_repo(RepoStorage(inner, src), info, encrypt=enc)
+        assert not r.created and r.encrypted
+        with pytest.raises(EncryptionKeyError):
+            init_repo(RepoStorage(inner, None, "nowhere"), info, encrypt=enc)
+    assert (tmp_path / "repo" / META_KEY).read_bytes() == body
     with pytest.raises(EncryptionKeyError, match="needs a key"):
         init_repo(RepoStorage(FsStorage(tmp_path / "new"), None, "somewhere"), info, encrypt=True)
     assert not (tmp_path / "new" / META_KEY).exists()
