@@ -74,6 +74,9 @@ class Settings:
     prefetch: int = 0
     # restore --replay: PostgreSQL bin directory (default: found by the backup's major version)
     pg_bin: str | None = None
+    # encryption at rest: the key file of an encrypted repository (the passphrase comes only from the
+    # environment, PITR_ENCRYPTION_PASSPHRASE, never a setting)
+    encryption_key_file: str | None = None
     retain_full: int | None = None
     retain_days: float | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)

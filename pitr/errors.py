@@ -32,6 +32,10 @@ class ConfigError(UsageError):
     """Missing or malformed settings: repo URL, config file, unknown key (exit 2)."""
 
 
+class EncryptionKeyError(UsageError):
+    """An encrypted repository's key is missing or wrong; nothing was read or written (exit 2)."""
+
+
 class StorageError(PitrError):
     """The repository cannot be reached or used: endpoint down, credentials, permissions."""
 

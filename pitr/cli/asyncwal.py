@@ -228,12 +228,12 @@ def helper_main(command: str, global_args: list[str], pos: list[str], opts: dict
 def _push_helper(glob: list[str], pg_wal: Path, sdir: Path, opts: dict[str, str]) -> int:
     import logging
 
+    from pitr.cli.repoopen import open_repo
     from pitr.config import load_settings
     from pitr.errors import PitrError
     from pitr.ops import pushd
     from pitr.repo.codec import parse_codec
     from pitr.repo.meta import read_meta
-    from pitr.storage import open_storage
 
     log = logging.getLogger("pitr")
     fd = spool.take_lock(sdir, spool.PUSHD)
@@ -245,7 +245,7 @@ def _push_helper(glob: list[str], pg_wal: Path, sdir: Path, opts: dict[str, str]
     try:
         settings = load_settings(opts)
         jobs = max(1, settings.archive_push_jobs)
-        storage = open_storage(settings, max_connections=jobs + 2)
+        storage = open_repo(settings, max_connections=jobs + 2)
         meta = read_meta(storage)
         cfg = pushd.PushdConfig(pg_wal, sdir, fp, jobs, parse_codec(settings.compress))
         log.info("started: %d jobs into %s", jobs, storage.display)
@@ -274,11 +274,11 @@ def _idle_exit() -> float:
 def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, str]) -> int:
     import logging
 
+    from pitr.cli.repoopen import open_repo
     from pitr.config import load_settings
     from pitr.errors import PitrError
     from pitr.ops import prefetch
     from pitr.repo.meta import read_meta
-    from pitr.storage import open_storage
 
     log = logging.getLogger("pitr")
     fd = spool.take_lock(pdir, spool.PREFETCHD)
@@ -290,7 +290,7 @@ def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, 
     try:
         settings = load_settings(opts)
         jobs = max(1, min(settings.prefetch, settings.jobs))
-        storage = open_storage(settings, max_connections=jobs + 2)
+        storage = open_repo(settings, max_connections=jobs + 2)
         meta = read_meta(storage)
         cfg = prefetch.PrefetchConfig(pdir, fp, settings.prefetch, jobs, idle_exit=_idle_exit())
         log.info("started: %d segments ahead, %d jobs, from %s", settings.prefetch, jobs, storage.display)

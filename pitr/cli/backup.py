@@ -66,11 +66,11 @@ def register(app: typer.Typer) -> None:
         The backup is listed only once complete: every file stored and verified, and all the WAL from
         its start to its stop in the archive. The last line of stdout is the backup ID.
         """
+        from pitr.cli.repoopen import open_repo
         from pitr.errors import UsageError
         from pitr.ops.backup import BACKUP_TYPES, BackupOptions, take_backup
         from pitr.pg.conn import PgSession
         from pitr.repo.codec import parse_codec
-        from pitr.storage import open_storage
 
         if type_ not in BACKUP_TYPES:
             raise UsageError(f"unknown backup type {type_!r}", "use --type full")
@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
         s = settings_of(ctx, jobs=jobs, compress=compress, pgdata=pgdata, dbname=dbname,
                         wal_wait_timeout=archive_timeout)
         opts = BackupOptions(parse_codec(s.compress), s.jobs, s.pgdata, fast, s.wal_wait_timeout, type_)
-        storage = open_storage(s, max_connections=max(10, s.jobs * 4))
+        storage = open_repo(s, max_connections=max(10, s.jobs * 4))
         try:
             with _sigterm_interrupts(), PgSession(s.dbname, "pitr backup") as pg, _progress(not json_out) as prog:
                 res = take_backup(storage, pg, opts, prog)
@@ -126,16 +126,16 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
     ) -> None:
         """Create a named restore point (pg_create_restore_point) and, by default, wait until it is archived."""
+        from pitr.cli.repoopen import open_repo
         from pitr.errors import UsageError
         from pitr.ops.backup import create_restore_point
         from pitr.pg import walname
         from pitr.pg.conn import PgSession
-        from pitr.storage import open_storage
 
         if timeout is not None and timeout < 0:
             raise UsageError("--timeout must be 0 or more seconds")
         s = settings_of(ctx, dbname=dbname, wal_wait_timeout=timeout)
-        storage = open_storage(s)
+        storage = open_repo(s)
         try:
             with PgSession(s.dbname, "pitr restore-point") as pg:
                 rp = create_restore_point(storage, pg, name, wait, s.wal_wait_timeout)

@@ -141,18 +141,21 @@ def register(app: typer.Typer) -> None:
     from pitr.cli.app import settings_of
 
     def run(ctx: typer.Context, json_out: bool) -> None:
+        from pitr.cli.repoopen import open_repo
         from pitr.ops.info import gather
-        from pitr.storage import open_storage
 
-        storage = open_storage(settings_of(ctx))
+        storage = open_repo(settings_of(ctx))
         try:
             report = gather(storage)
+            encrypted = bool(getattr(storage, "encrypted", False))
         finally:
             storage.close()
         if json_out:
-            emit_json(to_json(report))
+            emit_json({**to_json(report), "encryption": {"enabled": encrypted,
+                                                          "cipher": "AES-256-GCM" if encrypted else None}})
         else:
             emit(render_text(report))
+            emit(f"Encryption   {'on (AES-256-GCM)' if encrypted else 'off'}")
 
     @app.command("info")
     def info_cmd(

@@ -25,12 +25,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Re-read every stored object (checksums, WAL headers), check each manifest against its objects and
         that WAL is continuous from each backup to the archive's head. Exit 1 listing every problem."""
+        from pitr.cli.repoopen import open_repo
         from pitr.errors import VerifyError
         from pitr.ops.verify import VerifyOptions, verify
-        from pitr.storage import open_storage
 
         s = settings_of(ctx, jobs=jobs)
-        storage = open_storage(s)
+        storage = open_repo(s)
         try:
             started = time.monotonic()
             res = verify(storage, VerifyOptions(backup, s.jobs), progress=log.info)
@@ -62,15 +62,15 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Check the server's archive settings against this repository, force a WAL switch and wait until
         that segment is archived. Exit 1 with one line per failed point naming the fix."""
+        from pitr.cli.repoopen import open_repo
         from pitr.errors import CheckError, UsageError
         from pitr.ops.check import CheckOptions, check, parse_duration
-        from pitr.storage import open_storage
 
         if storage_test:
             from pitr.ops.storecheck import storage_check
 
             s = settings_of(ctx, dbname=dbname)
-            storage = open_storage(s)
+            storage = open_repo(s)
             try:
                 res = storage_check(storage, s.allow_unsafe_store)
             finally:
@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
         if not 0 <= timeout < float("inf"):  # also refuses nan, which every comparison lets through
             raise UsageError(f"--timeout must be a finite number of seconds, 0 or more, not {timeout}")
         s = settings_of(ctx, dbname=dbname)
-        storage = open_storage(s)
+        storage = open_repo(s)
         try:
             res = check(storage, s.dbname, CheckOptions(s.location(), timeout, rpo))
         finally:
@@ -121,8 +121,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Delete backups outside the retention policy and the WAL no retained backup needs. Never deletes the
         newest backup or anything a retained backup needs to become consistent and reach the archive's head."""
+        from pitr.cli.repoopen import open_repo
         from pitr.ops.retention import Policy, apply, gather_and_plan
-        from pitr.storage import open_storage
 
         s = settings_of(ctx)
         if retain_full is not None or retain_days is not None:
@@ -130,7 +130,7 @@ def register(app: typer.Typer) -> None:
         else:
             policy = Policy(s.retain_full, s.retain_days)
         policy.validate()
-        storage = open_storage(s)
+        storage = open_repo(s)
         try:
             plan = gather_and_plan(storage, policy, time.time())
             done = None if dry_run else apply(storage, plan, progress=log.info)

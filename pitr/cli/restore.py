@@ -93,9 +93,9 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
     ) -> None:
         """Rebuild a data directory from the nearest backup and recover it to a target (or the end of the archive)."""
+        from pitr.cli.repoopen import open_repo
         from pitr.ops.restore import MARKER, RestoreOptions, run_restore
         from pitr.ops.restore_plan import parse_action, parse_target, parse_timeline
-        from pitr.storage import open_storage
 
         s = settings_of(ctx, pgdata=pgdata, jobs=jobs, pg_bin=pg_bin)
         if not s.pgdata:
@@ -118,7 +118,7 @@ def register(app: typer.Typer) -> None:
             replay_timeout=replay_timeout, pg_bin=s.pg_bin, server_env=_server_env(s),
             # a restore replays a long run of WAL: fetch ahead unless told otherwise (docs/restore.md)
             prefetch=prefetch if prefetch is not None else (s.prefetch or DEFAULT_RESTORE_PREFETCH))
-        storage = open_storage(s)
+        storage = open_repo(s)
         show = sys.stderr.isatty() and not json_out
 
         def phase(msg: str) -> None:

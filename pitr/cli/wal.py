@@ -18,23 +18,32 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         dbname: Annotated[str | None, typer.Option("--dbname", "-d", help="libpq conninfo of the running server [libpq env].")] = None,
         json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
+        encrypt: Annotated[bool, typer.Option("--encrypt", help="Encrypt every object (AES-256-GCM) under the key "
+                                              "from encryption_key_file or PITR_ENCRYPTION_PASSPHRASE.")] = False,
     ) -> None:
         """Bind the repository to this cluster (system identifier, version, WAL segment size). Idempotent."""
+        from pitr.cli.repoopen import open_repo
         from pitr.ops.init import init_repo
         from pitr.pg.conn import PgSession
-        from pitr.storage import open_storage
 
         s = settings_of(ctx, dbname=dbname)
-        storage = open_storage(s)
+        storage = open_repo(s)
         with PgSession(s.dbname) as pg:
             server = pg.info()
-        r = init_repo(storage, server, s.allow_unsafe_store)
+        r = init_repo(storage, server, allow_unsafe_store=s.allow_unsafe_store, encrypt=encrypt)
         m = r.meta
+        if r.created and r.encrypted:
+            from pitr.cli.keys import lost_key_warning
+
+            key = getattr(storage, "key_source", None)
+            lost_key_warning(storage, key.where if key else "key")
         if json_out:
             emit_json({"repo": storage.display, "created": r.created, "system_identifier": str(m.system_identifier),
-                       "pg_version": m.pg_version, "wal_segment_size": m.wal_segment_size, "format": m.format})
+                       "pg_version": m.pg_version, "wal_segment_size": m.wal_segment_size, "format": m.format,
+                       "encrypted": r.encrypted})
         else:
             what = "initialized" if r.created else "already initialized"
+            what += " (encrypted)" if r.encrypted else ""
             emit(f"repository {storage.display} {what} for cluster {m.system_identifier} "
                  f"(PostgreSQL {m.pg_version}, {m.wal_segment_size >> 20} MiB WAL segments)")
 

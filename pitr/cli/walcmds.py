@@ -22,14 +22,14 @@ def run_wal_push(settings: Settings, path: str) -> int:
         rc = run_async_push(settings, path)  # None: not a file PostgreSQL queued; push it here
         if rc is not None:
             return rc
+    from pitr.cli.repoopen import open_repo
     from pitr.ops import archive
     from pitr.repo.codec import parse_codec
     from pitr.repo.meta import read_meta
-    from pitr.storage import open_storage
 
     storage = None
     try:
-        storage = open_storage(settings)
+        storage = open_repo(settings)
         meta = read_meta(storage)
         r = archive.push(storage, meta, Path(path), parse_codec(settings.compress))
         log.info("%s %s (%d -> %d bytes)", r.name, r.status, r.raw_size, r.stored_size)
@@ -43,8 +43,8 @@ def run_wal_push(settings: Settings, path: str) -> int:
 
 def run_wal_fetch(settings: Settings, name: str, dest: str) -> int:
     """0 fetched; 1 not in the archive (PostgreSQL's end of archive); >125 anything else."""
+    from pitr.cli.repoopen import open_repo
     from pitr.ops import archive
-    from pitr.storage import open_storage
 
     if settings.prefetch > 0:
         from pitr.cli import asyncwal
@@ -54,7 +54,7 @@ def run_wal_fetch(settings: Settings, name: str, dest: str) -> int:
             log.info("%s %s by the prefetcher", name, "served" if rc == 0 else "reported missing")
             return rc
     try:
-        storage = open_storage(settings)
+        storage = open_repo(settings)
         archive.fetch_with_retries(storage, archive.MetaLoader(storage), name, Path(dest),
                                    settings.fetch_retries, settings.fetch_retry_forever)
         log.info("fetched %s", name)

@@ -253,7 +253,7 @@ def confirm_missing(storage: Storage, meta: RepoMeta, name: str) -> None:
     from pitr.repo.meta import read_meta
 
     try:
-        now = read_meta(storage)  # the fs backend raises RepoMissingError when the directory is gone
+        now = read_meta(storage, fresh=True)  # the fs backend raises RepoMissingError when the directory is gone
     except NotInitializedError:
         raise RepoMissingError(
             f"the repository {storage.display} no longer holds its metadata ({META_KEY}), so it cannot tell "

@@ -43,6 +43,9 @@ _NOISE = {"-v", "-q", "--verbose", "--quiet"}
 # env that feeds Settings and names the repository; credentials do not change where bytes go
 _ENV_PREFIXES = ("PITR_",)
 _ENV_NAMES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+# secrets stay out of the spool, even hashed (a fast hash of a passphrase invites guessing); a changed
+# passphrase does not change where WAL goes, and a wrong one makes the helper fail and say so
+_ENV_SECRETS = ("PITR_ENCRYPTION_PASSPHRASE", "PITR_NEW_ENCRYPTION_PASSPHRASE")
 _LONG_HEADER = struct.Struct("<HHIQI4xQII")
 XLP_LONG_HEADER = 0x0002
 
@@ -88,7 +91,8 @@ def fingerprint(global_args: list[str], env: Mapping[str, str]) -> str:
     except OSError:
         cfg_sig = "-"
     envs = sorted((k, v) for k, v in env.items()
-                  if (k.startswith(_ENV_PREFIXES) and k != "PITR_LOG_LEVEL") or k in _ENV_NAMES)
+                  if (k.startswith(_ENV_PREFIXES) and k != "PITR_LOG_LEVEL" and k not in _ENV_SECRETS)
+                  or k in _ENV_NAMES)
     text = repr((args, envs, cfg, cfg_sig))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 

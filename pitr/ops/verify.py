@@ -256,6 +256,9 @@ def check_data_object(storage: Storage, key: str, entries: list[FileEntry]) -> _
                             FILE_MISMATCH, key,
                             f"file {e.path} decodes to {t.size} bytes (sha256 {t.sha256[:16]}…), the manifest says "
                             f"{e.size} bytes (sha256 {(e.sha256 or '-')[:16]}…)"))
+    except IntegrityError as err:  # an encrypted object failing authentication while skipped or drained
+        if not out.problems or out.problems[-1].detail != str(err):
+            out.problems.append(Problem(CORRUPT, key, str(err)))
     finally:
         out.bytes = src.count
     return out

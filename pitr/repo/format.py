@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pitr.pg import walname
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what plain repositories and every manifest are written as
+ENCRYPTED_FORMAT_VERSION = 2  # pitr.json of an encrypted repository (docs/repository-format.md §9)
+MAX_FORMAT_VERSION = 2  # the newest repository format this pitr reads
 META_KEY = "pitr.json"
 WAL_PREFIX = "wal/"
 HISTORY_PREFIX = "wal/history/"
