@@ -188,7 +188,9 @@ class FsStorage(Storage):
     def delete_prefix(self, prefix: str) -> None:
         super().delete_prefix(prefix)
         top = self._path(prefix.rstrip("/"))
-        self._synced = {d for d in self._synced if not d.is_relative_to(top)}
+        # its parent may go too (below): forget both, or a later put would skip making them again
+        gone = top.parent if top.parent != self.root else top
+        self._synced = {d for d in self._synced if not d.is_relative_to(gone)}
         try:
             for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda w: -len(w[0])):
                 os.rmdir(dirpath)  # bottom-up: only directories that are empty
