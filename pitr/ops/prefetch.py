@@ -142,6 +142,10 @@ def serve(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig,
                         continue
                     inflight[pool.submit(fetch_one, storage, meta, cfg, name)] = (name, None)
                     window_busy += 1
+            if now >= next_check:  # before the wait below: fetches in flight must not starve this check
+                next_check = now + 1.0
+                if reason is None:
+                    reason = keep_going()
             if inflight:
                 finished, _ = wait(list(inflight), timeout=cfg.poll, return_when=FIRST_COMPLETED)
                 for fut in finished:
@@ -161,10 +165,6 @@ def serve(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig,
                         if stamp:
                             spool.answer(cfg.spool, name, stamp, "failed")
                 continue
-            if now >= next_check:
-                next_check = now + 1.0
-                if reason is None:
-                    reason = keep_going()
             if reason is not None:
                 return reason, fetched
             if now - last_change > cfg.idle_exit:
