@@ -79,7 +79,22 @@ def to_json(r: Any) -> dict[str, Any]:
         "restore_points": [{"name": p.name, "lsn": p.lsn, "timeline": p.timeline, "time": p.time}
                            for p in r.restore_points],
         "rpo_seconds": None if r.rpo_seconds is None else round(r.rpo_seconds, 3),
+        "drill": drill_json(getattr(r, "drill", None)),
     }
+
+
+def drill_json(d: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The newest drill in info's terms (docs/info-json.md): when, target, result, RTO."""
+    if not d:
+        return None
+    target = d.get("target") if isinstance(d.get("target"), dict) else {}
+    failed = [s.get("name") for s in d.get("steps") or [] if isinstance(s, dict) and s.get("passed") is False]
+    return {"id": d.get("id"), "started": d.get("started"), "finished": d.get("finished"),
+            "passed": d.get("passed"), "target": target.get("description"),
+            "backup": (d.get("backup") or {}).get("id") if isinstance(d.get("backup"), dict) else None,
+            "reached_lsn": (d.get("reached") or {}).get("lsn") if isinstance(d.get("reached"), dict) else None,
+            "rto_seconds": d.get("rto_seconds"), "rto_checks_seconds": d.get("rto_checks_seconds"),
+            "failed_steps": failed}
 
 
 def render_text(r: Any) -> str:
@@ -131,6 +146,13 @@ def render_text(r: Any) -> str:
         lines.append("restore points (made with `pitr restore-point`; restore with --target-name)")
         lines.append(table(["name", "time", "lsn", "tli"],
                            [[p.name, _human_time(p.time), p.lsn, str(p.timeline)] for p in r.restore_points]))
+    dj = drill_json(getattr(r, "drill", None))
+    if dj is None:
+        lines.append("drill        none recorded (prove a restore with `pitr drill`)")
+    else:
+        res = "passed" if dj["passed"] else f"FAILED ({', '.join(map(str, dj['failed_steps'])) or 'restore'})"
+        lines.append(f"drill        {_human_time(dj['started'])} UTC: {res}, target {dj['target'] or '-'}, "
+                     f"RTO {human_duration(dj['rto_seconds'])} (drill {dj['id']})")
     rpo = r.rpo_seconds
     lines.append(f"RPO          {human_duration(rpo)}" + (" (age of the newest archived WAL segment)"
                                                          if rpo is not None else " (no WAL archived)"))
