@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from datetime import datetime
 from typing import Any
 
 from pitr.errors import IntegrityError, NotFoundError
@@ -49,6 +50,10 @@ def read(storage: Storage, drill_id: str) -> dict[str, Any]:
         raise IntegrityError(f"drill record {drill_id} is not valid JSON: {e}") from None
     if not isinstance(d, dict) or not isinstance(d.get("passed"), bool) or not isinstance(d.get("started"), str):
         raise IntegrityError(f"drill record {drill_id} lacks its 'passed' or 'started' field")
+    try:
+        datetime.fromisoformat(d["started"].replace("Z", "+00:00"))
+    except ValueError:
+        raise IntegrityError(f"drill record {drill_id} has a malformed start time") from None
     return d
 
 
