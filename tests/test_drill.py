@@ -39,6 +39,7 @@ def repo(request: pytest.FixtureRequest, pitr_exe: Path) -> Iterator[Repo]:
     version, kind = request.param[2:].split("-")
     base = make_tmpdir("pitr-drill-t-")
     moto: MotoServer | None = None
+    mp = pytest.MonkeyPatch()  # in-process S3Storage (reading drill records) needs the credentials too
     cluster = PgCluster(pg_bin_dirs()[version], base / "src", name=f"drill-{request.param}")
     try:
         if kind == "fs":
@@ -48,6 +49,8 @@ def repo(request: pytest.FixtureRequest, pitr_exe: Path) -> Iterator[Repo]:
             moto = MotoServer().start()
             bucket = moto.create_bucket(f"drill-{uuid.uuid4().hex[:12]}")
             env = {"PITR_REPO": f"s3://{bucket}/prod"} | moto.env()
+            for k, v in moto.env().items():
+                mp.setenv(k, v)
             r = start_repo(cluster, S3Storage(bucket, "prod", endpoint=moto.endpoint), env, pitr_exe)
         cluster.sql("create table accounts (id int primary key, balance int not null)")
         cluster.sql("insert into accounts select g, 100 from generate_series(1, 100) g")
@@ -59,6 +62,7 @@ def repo(request: pytest.FixtureRequest, pitr_exe: Path) -> Iterator[Repo]:
         cluster.ensure_stopped()
         if moto is not None:
             moto.stop()
+        mp.undo()
         rmtree_pg(base)
 
 

@@ -34,10 +34,11 @@ class OneListing(Storage):
     def __init__(self, inner: Storage, hide: tuple[str, ...] = ()) -> None:
         self.inner = inner
         self.display = inner.display
-        self.objects = [o for o in inner.list("") if not o.key.startswith(hide)]
+        self.objects = list(inner.list(""))  # everything, for the repository's size
+        self.hide = hide
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        return iter([o for o in self.objects if o.key.startswith(prefix)])
+        return iter([o for o in self.objects if o.key.startswith(prefix) and not o.key.startswith(self.hide)])
 
     def put(self, key: str, data: bytes | BinaryIO, *, if_absent: bool = False) -> None:
         self.inner.put(key, data, if_absent=if_absent)
