@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from pitr.repo import drills
+from pitr.repo.manifest import list_backup_ids
 from pitr.storage.fs import FsStorage
 from pitr.storage.s3 import S3Storage
 from tests.conftest import PG_VERSIONS
@@ -57,6 +58,9 @@ def repo(request: pytest.FixtureRequest, pitr_exe: Path) -> Iterator[Repo]:
         backup(r)
         cluster.sql("update accounts set balance = 90 where id <= 10")
         r.churn(switches=12)  # a WAL chain for replay to walk (and a SIGINT to land in)
+        if kind == "fs":
+            backup(r)  # a second backup: --random-target draws between the two
+            r.churn(switches=1)  # commits after it: any drawn time has a commit to stop at
         yield r
     finally:
         cluster.ensure_stopped()
@@ -110,7 +114,7 @@ def test_drill_passes_with_checks_and_shows_in_info_check_and_metrics(repo: Repo
     else:
         assert am["passed"] in (True, None) and am["message"], am  # absent: reported, not hidden
     assert rec["rto_seconds"] > 0 and rec["rto_checks_seconds"] >= rec["rto_seconds"]
-    assert rec["bytes_restored"] > 1 << 20 and rec["wal_segments"] >= 12
+    assert rec["bytes_restored"] > 1 << 20 and rec["wal_segments"] >= 1
     assert rec["pg_version"].startswith(str(repo.cluster.major))
     assert rec["reached"]["lsn"]
     stored = drills.read(repo.storage, rec["id"])
@@ -165,6 +169,27 @@ def test_failing_check_is_recorded_and_leaves_nothing(repo: Repo) -> None:
     r = repo.pitr("metrics")
     assert "\npitr_drill_last_success 0\n" in r.stdout
 
+    # a target past the archive: the restore step fails, is recorded, nothing is left
+    r = repo.pitr("drill", "--target-lsn", "FFFF/0")
+    assert r.returncode == 1 and "failed (restore)" in r.stderr, r.stdout + r.stderr
+    last = records(repo)[-1]
+    assert last["passed"] is False and [s["name"] for s in last["steps"]] == ["restore"]
+    assert last["error"] and drill_dirs() == before and not drill_servers()
+
+
+def test_random_target_drills_a_time_inside_the_window(repo: Repo) -> None:
+    if repo.fs_root is None or repo.cluster.major != 15:
+        pytest.skip("one variant is enough for --random-target")
+    r = repo.pitr("drill", "--random-target", "--no-amcheck", "--json", "--replay-timeout", "240",
+                  "--check", "select count(*) = 100 from accounts")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rec = json.loads(r.stdout)
+    ids = list_backup_ids(repo.storage)
+    assert rec["target"]["kind"] == "time" and rec["target"]["random"] is True
+    assert rec["backup"]["id"] in ids and rec["reached"]["stop_reason"]
+    r = repo.pitr("drill", "--random-target", "--target", "immediate")
+    assert r.returncode == 2 and "exclude each other" in r.stderr
+
 
 def test_drill_into_pgdata_with_check_file_and_keep(repo: Repo, tmp_pg_dir: Path) -> None:
     if repo.fs_root is None or repo.cluster.major != 15:
@@ -190,7 +215,8 @@ def test_sigint_mid_replay_leaves_nothing_behind(repo: Repo) -> None:
     before = drill_dirs()
     n = len(records(repo))
     env = pg_env(repo.cluster.env() | repo.env)
-    p = subprocess.Popen(as_pg_argv([repo.pitr_exe, "drill", "--no-amcheck"]), env=env, cwd="/tmp",
+    first = list_backup_ids(repo.storage)[0]  # the oldest backup: the longest replay
+    p = subprocess.Popen(as_pg_argv([repo.pitr_exe, "drill", "--no-amcheck", "--backup", first]), env=env, cwd="/tmp",
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120

@@ -84,16 +84,25 @@ def to_json(r: Any) -> dict[str, Any]:
 
 
 def drill_json(d: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The newest drill in info's terms (docs/info-json.md): when, target, result, RTO."""
+    """The newest drill in info's terms (docs/info-json.md): when, target, result, RTO.
+
+    The record comes from the repository (untrusted): a field of the wrong type reads as absent."""
     if not d:
         return None
-    target = d.get("target") if isinstance(d.get("target"), dict) else {}
-    failed = [s.get("name") for s in d.get("steps") or [] if isinstance(s, dict) and s.get("passed") is False]
+
+    def obj(v: Any) -> dict[str, Any]:
+        return v if isinstance(v, dict) else {}
+
+    def num(v: Any) -> float | None:
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    raw = d.get("steps")
+    steps: list[Any] = raw if isinstance(raw, list) else []
+    failed = [obj(s).get("name") for s in steps if obj(s).get("passed") is False]
     return {"id": d.get("id"), "started": d.get("started"), "finished": d.get("finished"),
-            "passed": d.get("passed"), "target": target.get("description"),
-            "backup": (d.get("backup") or {}).get("id") if isinstance(d.get("backup"), dict) else None,
-            "reached_lsn": (d.get("reached") or {}).get("lsn") if isinstance(d.get("reached"), dict) else None,
-            "rto_seconds": d.get("rto_seconds"), "rto_checks_seconds": d.get("rto_checks_seconds"),
+            "passed": d.get("passed"), "target": obj(d.get("target")).get("description"),
+            "backup": obj(d.get("backup")).get("id"), "reached_lsn": obj(d.get("reached")).get("lsn"),
+            "rto_seconds": num(d.get("rto_seconds")), "rto_checks_seconds": num(d.get("rto_checks_seconds")),
             "failed_steps": failed}
 
 
