@@ -27,7 +27,7 @@ from pitr.storage.fs import FsStorage
 from pitr.storage.s3 import S3Storage
 from tests.conftest import PG_VERSIONS
 from tests.support.maint import Repo, backup, start_repo
-from tests.support.pg import IS_ROOT, PgCluster, as_pg_argv, make_tmpdir, pg_bin_dirs, pg_env, rmtree_pg
+from tests.support.pg import IS_ROOT, PgCluster, as_pg_argv, chown_pg, make_tmpdir, pg_bin_dirs, pg_env, rmtree_pg
 from tests.support.s3 import MotoServer
 
 pytestmark = pytest.mark.pg
@@ -53,6 +53,12 @@ def repo(request: pytest.FixtureRequest, pitr_exe: Path) -> Iterator[Repo]:
             for k, v in moto.env().items():
                 mp.setenv(k, v)
             r = start_repo(cluster, S3Storage(bucket, "prod", endpoint=moto.endpoint), env, pitr_exe)
+        if kind == "fs":  # a tablespace: its original location is the source's own, never the drill's
+            (base / "ts").mkdir()
+            chown_pg(base / "ts")
+            cluster.sql(f"create tablespace ts location '{base / 'ts'}'")
+            cluster.sql("create table ledger (id int primary key) tablespace ts")
+            cluster.sql("insert into ledger select generate_series(1, 50)")
         cluster.sql("create table accounts (id int primary key, balance int not null)")
         cluster.sql("insert into accounts select g, 100 from generate_series(1, 100) g")
         backup(r)
@@ -99,15 +105,19 @@ def test_drill_passes_with_checks_and_shows_in_info_check_and_metrics(repo: Repo
         r = repo.pitr("check", "--max-drill-age", "1d", "--timeout", "30")
         assert r.returncode == 1
         assert "FAIL  drill-age: no passing drill is recorded in the repository" in r.stdout
-    r = repo.pitr("drill", "--json", "--replay-timeout", "240",
-                  "--check", "select count(*) = 100 and sum(balance) = 9900 from accounts",
-                  "--check", "select balance > 0 from accounts")
+    checks = ["select count(*) = 100 and sum(balance) = 9900 from accounts", "select balance > 0 from accounts"]
+    if repo.fs_root is not None:
+        checks.append("select count(*) = 50 from ledger")  # restored into a relocated tablespace
+    ts_before = sorted(os.listdir(repo.fs_root.parent / "ts")) if repo.fs_root is not None else []
+    r = repo.pitr("drill", "--json", "--replay-timeout", "240", *(a for c in checks for a in ("--check", c)))
     assert r.returncode == 0, r.stdout + r.stderr
     rec = json.loads(r.stdout)
     assert rec["passed"] is True
-    checks = [s for s in rec["steps"] if s["name"] == "check"]
-    assert [c["passed"] for c in checks] == [True, True]
-    assert checks[1]["message"] == "100 row(s), all true"
+    done = [s for s in rec["steps"] if s["name"] == "check"]
+    assert [c["passed"] for c in done] == [True] * len(checks)
+    assert done[1]["message"] == "100 row(s), all true"
+    if repo.fs_root is not None:
+        assert sorted(os.listdir(repo.fs_root.parent / "ts")) == ts_before  # the source's tablespace untouched
     am = next(s for s in rec["steps"] if s["name"] == "amcheck")
     if repo.cluster.major == 15:
         assert am["passed"] is True, am  # Debian's PostgreSQL 15 ships pg_amcheck

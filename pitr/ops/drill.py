@@ -2,8 +2,9 @@
 
 The recipe (docs/drill.md):
   1. place     a new private work directory under the system temp dir (or --pgdata, new or empty)
-  2. restore   `restore --replay` machinery with archiving off: files, then PostgreSQL on a
-               private socket until the target is reached and the server promoted
+  2. restore   `restore --replay` machinery with archiving off (tablespaces relocated into the
+               private directory): files, then PostgreSQL on a private socket until the target
+               is reached and the server promoted
   3. serve     start the promoted copy again on a private socket, no TCP, trusting only that
                socket (its own pg_hba.conf), and wait until it accepts connections: the RTO
   4. amcheck   `pg_amcheck --all` of the backup's major version (heap and btree); a missing
@@ -25,14 +26,14 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pitr import __version__
 from pitr.errors import PitrError, UsageError
-from pitr.ops.restore import RestoreOptions, RestoreResult, run_restore
+from pitr.ops.restore import RestoreOptions, RestoreResult, load_plan, run_restore
 from pitr.ops.restore_plan import Target, format_time, parse_iso
 from pitr.pg.server import PrivateServer, sleep_until
 from pitr.repo import drills
@@ -66,7 +67,7 @@ class DrillOptions:
 
 @dataclass
 class Step:
-    name: str  # restore | amcheck | check
+    name: str  # restore | serve | amcheck | check
     passed: bool | None  # None: skipped (and said why)
     message: str
     seconds: float = 0.0
@@ -184,13 +185,19 @@ class _Place:
     def __init__(self, pgdata: Path | None) -> None:
         self.owner = _owner_for(pgdata)
         self.work = Path(tempfile.mkdtemp(prefix="pitr-drill-"))
+        self.pgdata = self.work / "data"
+        self.created_pgdata = False
+        try:
+            self._make(pgdata)
+        except BaseException:
+            self.remove()
+            raise
+
+    def _make(self, pgdata: Path | None) -> None:
         os.chmod(self.work, 0o700)
         if self.owner:
             os.chown(self.work, *self.owner)
-        self.created_pgdata = False
-        if pgdata is None:
-            self.pgdata = self.work / "data"
-        else:
+        if pgdata is not None:
             self.pgdata = pgdata.absolute()
             if not self.pgdata.exists():
                 self.pgdata.mkdir(mode=0o700, parents=False)
@@ -279,6 +286,7 @@ def run_drill(storage: Storage, opts: DrillOptions, on_phase: Callable[[str], No
             server_env=opts.server_env, prefetch=opts.prefetch)
         t_restore = time.monotonic()
         try:
+            ropts = _relocate_tablespaces(storage, ropts, place)
             res = run_restore(storage, ropts, on_phase=phase)
         except PitrError as e:
             steps.append(Step("restore", False, str(e) + (f" ({e.hint})" if e.hint else ""),
@@ -289,7 +297,13 @@ def run_drill(storage: Storage, opts: DrillOptions, on_phase: Callable[[str], No
         steps.append(Step("restore", True, f"restored backup {res.plan.backup.id} and replayed to "
                           f"{res.plan.target.describe()}", time.monotonic() - t_restore))
         phase("starting the promoted copy on a private socket")
-        srv, users = _serve(place, res, opts)
+        t_serve = time.monotonic()
+        try:
+            srv, users = _serve(place, res, opts)
+        except PitrError as e:  # promoted, but it does not come up again: the restore is not usable
+            steps.append(Step("serve", False, str(e), time.monotonic() - t_serve))
+            rec["error"] = str(e)
+            raise _Failed() from None
         row = _one(srv, users, opts.check_db, "select current_setting('server_version')") or \
             _one(srv, users, "postgres", "select current_setting('server_version')")
         rec["pg_version"] = str(row[0]) if row else None
@@ -321,6 +335,20 @@ def run_drill(storage: Storage, opts: DrillOptions, on_phase: Callable[[str], No
     except PitrError as e:
         out.store_error = str(e)
     return out
+
+
+def _relocate_tablespaces(storage: Storage, ropts: RestoreOptions, place: _Place) -> RestoreOptions:
+    """Every tablespace of the chosen backup goes under the drill's private directory: on the
+    production host its original location is production's own (restore would refuse it anyway)."""
+    plan, _meta = load_plan(storage, ropts)
+    spaces = plan.backup.tablespaces
+    if not spaces:
+        return ropts
+    root = place.work / "tablespaces"
+    root.mkdir(mode=0o700, exist_ok=True)
+    if place.owner:
+        os.chown(root, *place.owner)
+    return replace(ropts, tablespace_map={t.oid: root / t.oid for t in spaces})
 
 
 class _Failed(Exception):
