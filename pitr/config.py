@@ -3,12 +3,15 @@
 One frozen `Settings` object is built by the CLI and handed down as explicit values; library code
 never reads the environment or the config file itself. Config keys are the long option names with
 dashes or underscores (`s3_endpoint` or `s3-endpoint`); an unknown key, a wrong type, an
-unreadable file or a malformed repo URL is a ConfigError (exit 2).
+out-of-range value, an unreadable file or a malformed repo URL is a ConfigError (exit 2) naming
+where the value came from (option, environment variable, config file and key).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -19,6 +22,9 @@ from urllib.parse import urlsplit
 from pitr.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/pitr/pitr.toml")
+PREFETCH_MAX = 64  # segments; each helper round scans this window, so a huge value only burns CPU and disk
+S3_PART_MIN_MB, S3_PART_MAX_MB = 5, 5120  # S3's own limits on a multipart part
+WAL_WAIT_MAX = 43200.0  # 12 h: stays below expire's 24 h limit for an in-progress backup's marker
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,8 @@ class Settings:
     s3_addressing: str = "auto"  # auto | path | virtual ; auto = path style for custom endpoints
     s3_ca_bundle: str | None = None
     s3_part_size_mb: int = 16
+    # accept a store that fails the atomic conditional-create test (init, check --storage)
+    allow_unsafe_store: bool = False
     pgdata: str | None = None
     dbname: str | None = None
     compress: str = "zstd:3"
@@ -85,6 +93,8 @@ _BOOL_FALSE = {"0", "false", "no", "off", ""}
 def _coerce(key: str, value: Any, source: str) -> Any:
     """Convert a raw value from env/TOML to the field's type, or raise ConfigError."""
     ftype = str(_FIELDS[key].type)
+    if value is None and "None" in ftype:
+        return None
     try:
         if "bool" in ftype:
             if isinstance(value, bool):
@@ -96,26 +106,33 @@ def _coerce(key: str, value: Any, source: str) -> Any:
                 return False
             raise ValueError(value)
         if "int" in ftype:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            if not isinstance(value, int | float | str):
                 raise ValueError(value)
             return int(value)
         if "float" in ftype:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not isinstance(value, int | float | str):
                 raise ValueError(value)
-            return float(value)
+            f = float(value)
+            if not math.isfinite(f):
+                raise ValueError(value)
+            return f
         if value is None:
             return None
         if not isinstance(value, str | int | float):
             raise ValueError(value)
         return str(value)
-    except ValueError:
-        kind = "true or false" if "bool" in ftype else ftype.split(" |")[0].replace("str", "text")
+    except (ValueError, TypeError, OverflowError):
+        kinds = {"bool": "true or false", "int": "a whole number", "float": "a finite number", "str": "text"}
+        kind = kinds.get(ftype.split(" |")[0], ftype)
         raise ConfigError(
-            f"setting {key!r} from {source} has the invalid value {value!r}; it must be {kind}"
+            f"setting {key!r} from {source} has the invalid value {value!r}; it must be {kind}",
+            f"correct the {source}",
         ) from None
 
 
-def _read_toml(path: Path, explicit: bool) -> dict[str, Any]:
+def _read_toml(path: Path, explicit: bool, sources: dict[str, str]) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -132,6 +149,9 @@ def _read_toml(path: Path, explicit: bool) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid UTF-8 (byte {e.start})",
+                          "TOML files are UTF-8 text: fix the encoding") from None
     out: dict[str, Any] = {}
     for raw_key, value in data.items():
         key = raw_key.replace("-", "_")
@@ -139,23 +159,27 @@ def _read_toml(path: Path, explicit: bool) -> dict[str, Any]:
             known = ", ".join(sorted(k for k in _FIELDS if k != "config"))
             raise ConfigError(f"config file {path} has an unknown key {raw_key!r}", f"known keys: {known}")
         out[key] = _coerce(key, value, f"config file {path}")
+        sources[key] = f"config file {path}, key {raw_key!r}"
     return out
 
 
-def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+def _from_env(env: Mapping[str, str], sources: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in _FIELDS:
         name = "PITR_" + key.upper()
         if name in env and key != "config":
             out[key] = _coerce(key, env[name], f"environment variable {name}")
+            sources[key] = f"environment variable {name}"
     # standard fallbacks the contract names
     if "s3_endpoint" not in out:
         for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
             if env.get(name):
                 out["s3_endpoint"] = env[name]
+                sources["s3_endpoint"] = f"environment variable {name}"
                 break
     if "pgdata" not in out and env.get("PGDATA"):
         out["pgdata"] = env["PGDATA"]
+        sources["pgdata"] = "environment variable PGDATA"
     return out
 
 
@@ -167,30 +191,86 @@ def load_settings(options: Mapping[str, Any] | None = None, env: Mapping[str, st
     if unknown:
         raise ConfigError(f"unknown setting {unknown[0]!r}")
     cfg_path = opts.get("config") or env.get("PITR_CONFIG")
+    sources: dict[str, str] = {}
     if cfg_path:
-        file_values = _read_toml(Path(cfg_path), explicit=True)
+        file_values = _read_toml(Path(cfg_path), explicit=True, sources=sources)
     else:
-        file_values = _read_toml(DEFAULT_CONFIG, explicit=False)
+        file_values = _read_toml(DEFAULT_CONFIG, explicit=False, sources=sources)
         cfg_path = str(DEFAULT_CONFIG) if file_values else None
     merged: dict[str, Any] = {}
     merged.update(file_values)
-    merged.update(_from_env(env))
-    merged.update({k: _coerce(k, v, f"option --{k.replace('_', '-')}") for k, v in opts.items()})
+    merged.update(_from_env(env, sources))
+    for k, v in opts.items():
+        merged[k] = _coerce(k, v, f"option --{k.replace('_', '-')}")
+        sources[k] = f"option --{k.replace('_', '-')}"
     merged["config"] = cfg_path
     s = Settings(**merged)
-    _validate(s)
+    _validate(s, sources)
     return s
 
 
-def _validate(s: Settings) -> None:
-    if s.s3_addressing not in ("auto", "path", "virtual"):
-        raise ConfigError(f"s3_addressing must be auto, path or virtual, not {s.s3_addressing!r}")
-    if s.log_level.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"log_level must be debug, info, warning or error, not {s.log_level!r}")
-    if s.jobs < 1 or s.jobs > 64:
-        raise ConfigError(f"jobs must be between 1 and 64, not {s.jobs}")
-    if s.fetch_retries < 0:
-        raise ConfigError("fetch_retries must be 0 or more")
+_ENUMS = {"s3_addressing": ("auto", "path", "virtual"), "log_level": ("debug", "info", "warning", "error")}
+# key -> (lowest, highest) allowed, for every numeric setting (None: no bound on that side)
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "jobs": (1, 64), "archive_push_jobs": (1, 64), "fetch_retries": (0, 100), "prefetch": (0, PREFETCH_MAX),
+    "s3_part_size_mb": (S3_PART_MIN_MB, S3_PART_MAX_MB), "wal_wait_timeout": (None, WAL_WAIT_MAX),
+    "retain_full": (1, None), "retain_days": (0, None),
+}
+_URL = re.compile(r"https?://(?:[^@/\s]+@)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?(/[^\s?#]*)?", re.ASCII)
+
+
+def _validate(s: Settings, sources: Mapping[str, str]) -> None:
+    """Every value within its domain; the error names the setting, its value and where it was set."""
+
+    def bad(key: str, value: Any, must: str, hint: str | None = None) -> ConfigError:
+        where = sources.get(key, "default")
+        return ConfigError(f"{key} {must}, not {value!r} (set by {where})", hint or f"correct the {where}")
+
+    for key, allowed in _ENUMS.items():
+        value = getattr(s, key)
+        if str(value).lower() not in allowed:
+            raise bad(key, value, f"must be {', '.join(allowed[:-1])} or {allowed[-1]}")
+    for key, (lo, hi) in _RANGES.items():
+        value = getattr(s, key)
+        if value is None:
+            continue
+        if lo is not None and hi is not None and not lo <= value <= hi:
+            raise bad(key, value, f"must be between {lo:g} and {hi:g}")
+        if lo is not None and value < lo:
+            raise bad(key, value, f"must be {lo:g} or more")
+        if hi is not None and value > hi:
+            raise bad(key, value, f"must be at most {hi:g}")
+    if s.wal_wait_timeout <= 0:
+        raise bad("wal_wait_timeout", s.wal_wait_timeout, "must be a number of seconds above 0")
+    if not _valid_compress(s.compress):
+        where = sources.get("compress", "default")
+        known = s.compress.strip().lower().partition(":")[0] in ("zstd", "none")
+        what = "an invalid compression level in" if known else "unknown compression"
+        raise ConfigError(f"compress has {what} {s.compress!r} (set by {where}); it must be zstd, zstd:LEVEL "
+                          "(LEVEL 1 to 19) or none", f"correct the {where}")
+    endpoint = (s.s3_endpoint or "").strip()  # empty = unset (AWS)
+    m = _URL.fullmatch(endpoint) if endpoint else None
+    if endpoint and m is None:
+        raise bad("s3_endpoint", s.s3_endpoint, "must be an http:// or https:// URL",
+                  "e.g. https://minio.internal:9000; leave it unset for AWS S3")
+    if m is not None and m.group(2) and not 0 < int(m.group(2)[1:]) < 65536:
+        raise bad("s3_endpoint", s.s3_endpoint, "has a port number outside 1 to 65535")
+    if s.s3_ca_bundle and (s.repo or "").strip().startswith("s3://") and not os.path.isfile(s.s3_ca_bundle):
+        raise bad("s3_ca_bundle", s.s3_ca_bundle, "must name an existing PEM file readable by this user")
+    if s.s3_region and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", s.s3_region):
+        raise bad("s3_region", s.s3_region, "must be a region name such as us-east-1")
+
+
+def _valid_compress(spec: str) -> bool:
+    """The syntax repo.codec.parse_codec accepts (config may not import it: layers)."""
+    name, sep, level = spec.strip().lower().partition(":")
+    if name == "none":
+        return not sep
+    if name != "zstd":
+        return False
+    if not sep:
+        return True
+    return level.isdigit() and 1 <= int(level) <= 19
 
 
 def require_repo(s: Settings) -> RepoLocation:

@@ -55,4 +55,13 @@ else
     "${pipq[@]}" "$ROOT[test]" >&2
 fi
 chmod -R a+rX "$VENV" 2>/dev/null || true
+# s3rver (npm): the tests' S3 server that ignores If-None-Match (tests/support/s3rver.py). Optional:
+# skipped without npm or when the registry cannot be reached (those tests then skip, saying why).
+S3RVER_DIR=${PITR_S3RVER_DIR:-/var/tmp/pitr-s3rver}
+if command -v npm >/dev/null && [ ! -e "$S3RVER_DIR/node_modules/s3rver/bin/s3rver.js" ]; then
+    log "installing s3rver 3.7.1 into $S3RVER_DIR"
+    mkdir -p "$S3RVER_DIR"
+    timeout 300 npm install --silent --no-audit --no-fund --prefix "$S3RVER_DIR" s3rver@3.7.1 >&2 \
+        || log "could not install s3rver; the tests that need it will skip"
+fi
 echo "$VENV"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pitr.cli.asyncwal import PREFETCH_HELPER, PUSH_HELPER
-from tests.support.pg import PgCluster, make_tmpdir, pg_bin_dirs, rmtree_pg, run_as_postgres
+from tests.support.pg import MADE_TMPDIRS, PgCluster, make_tmpdir, pg_bin_dirs, rmtree_pg, run_as_postgres
 from tests.support.s3 import MotoServer
 
 PG_VERSIONS = [v for v in ("15", "18") if v in pg_bin_dirs()]
@@ -35,7 +35,7 @@ HELPER_COMMANDS = (PREFETCH_HELPER, PUSH_HELPER)
 @pytest.fixture(scope="session", autouse=True)
 def _stop_pitr_helpers() -> Iterator[None]:
     """Safety net: pitr's detached helpers exit by themselves once recovery ends or after 30 s idle;
-    any still working on a test directory (/tmp/pitr-*) when the session ends is stopped here."""
+    any still working on a directory this session made (make_tmpdir) when it ends is stopped here."""
     yield
     import signal
 
@@ -47,7 +47,7 @@ def _stop_pitr_helpers() -> Iterator[None]:
         except OSError:
             continue
         words = [a.decode(errors="replace") for a in argv]
-        if any(c in words for c in HELPER_COMMANDS) and any(w.startswith("/tmp/pitr-") for w in words):
+        if any(c in words for c in HELPER_COMMANDS) and any(w.startswith(d) for w in words for d in MADE_TMPDIRS):
             try:
                 os.kill(int(pid), signal.SIGTERM)
             except OSError:

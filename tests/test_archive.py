@@ -203,7 +203,9 @@ def test_history_partial_and_backup_files(arch: Archiving) -> None:
     partial = work / f"{seg}.partial"
     partial.write_bytes((a.cluster.data / "pg_wal" / seg).read_bytes())
     backup = work / f"{seg}.00000028.backup"
-    backup.write_text("START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n")
+    start = walname.segment_start_lsn(seg) + 0x28  # a .backup file must match its name (wal-push checks)
+    backup.write_text(f"START WAL LOCATION: {walname.format_lsn(start)} (file {seg})\n"
+                      f"STOP WAL LOCATION: {walname.format_lsn(start + 0x100)} (file {seg})\n")
     chown_pg(work, recursive=True)
     for f in (hist, partial, backup):
         r = a.pitr("wal-push", f)

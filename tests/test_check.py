@@ -163,6 +163,27 @@ def test_repository_points_and_unreachable_server(repo: Repo) -> None:
         rmtree_pg(foreign)
 
 
+SECRETS = ("pw3secret", "topsecret1", "urlsecret", "hunter22")
+
+
+def test_check_never_shows_the_secrets_in_archive_command(repo: Repo) -> None:
+    """archive_command is readable through check's output, its log and --json: credentials are masked."""
+    cmd = ("PGPASSWORD=pw3secret AWS_SECRET_ACCESS_KEY=topsecret1 pitr --s3-endpoint http://u:urlsecret@h:1 "
+           "wal-push --password hunter22 %p")
+    try:
+        set_archive_command(repo, cmd)
+        for args in (("check", "--timeout", "2"), ("check", "--timeout", "2", "--json"), ("-vv", "check")):
+            r = repo.pitr(*args)
+            out = r.stdout + r.stderr
+            assert "archive_command" in out
+            assert not [s for s in SECRETS if s in out], out
+        r = repo.pitr("check", "--timeout", "2")
+        [line] = [ln for ln in r.stdout.splitlines() if "archive_command:" in ln]
+        assert "PGPASSWORD=*** AWS_SECRET_ACCESS_KEY=*** pitr --s3-endpoint http://u:***@h:1" in line
+    finally:
+        set_archive_command(repo, "pitr wal-push %p")
+
+
 # --------------------------------------------------------------------------- pure parts
 
 @pytest.mark.parametrize("cmd, ok, says", [
@@ -194,3 +215,28 @@ def test_parse_duration(text: str, seconds: float) -> None:
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(text)
+
+
+@pytest.mark.parametrize("cmd, secret", [
+    ("AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY pitr wal-push %p", "wJalrXUtnFEMI"),
+    ("PITR_ENCRYPTION_PASSPHRASE='correct horse' pitr wal-push %p", "correct horse"),
+    ('PGPASSWORD="s3cr3t" pitr wal-push %p', "s3cr3t"),
+    ("pitr wal-push --password=hunter2 %p", "hunter2"),
+    ("pitr --s3-endpoint https://minio:miniosecret@minio.local:9000 wal-push %p", "miniosecret"),
+    ("AWS_SESSION_TOKEN=FwoGZXIvYXdzEJr pitr wal-push %p", "FwoGZXIvYXdzEJr"),
+    ("AWS_ACCESS_KEY_ID=AKIAIOSFODNN7EXAMPLE pitr wal-push %p", "AKIAIOSFODNN7EXAMPLE"),
+])
+def test_judge_archive_command_masks_credentials(cmd: str, secret: str) -> None:
+    ok, found, _fix = judge_archive_command(cmd, parse_repo_url("s3://bkt/prod/main"))
+    assert ok and secret not in found and "***" in found
+
+
+def test_redact_keeps_what_is_not_a_secret() -> None:
+    from pitr.redact import redact
+
+    for text in ("pitr wal-push %p", "test ! -f /mnt/archive/%f && cp %p /mnt/archive/%f", "s3://bucket/prefix",
+                 "PITR_REPO=/var/lib/pitr pitr wal-push %p", "PITR_ENCRYPTION_PASSPHRASE_FILE=/etc/pitr/key pitr",
+                 "segment 000000010000000000000003 sha256 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c1"):
+        assert redact(text) == text
+    assert redact("host=db password=x user=y") == "host=db password=*** user=y"
+    assert redact('{"token": "abc", "n": 1}') == '{"token": "***", "n": 1}'

@@ -12,6 +12,7 @@ import pytest
 from pitr.errors import ConfigError, IntegrityError
 from pitr.repo import codec
 from pitr.repo.codec import Codec, decode, decode_stream, encode, encode_stream, parse_codec
+from tests.support.bomb import BOMB_RAW, bomb
 
 CODECS = [Codec("none", 0), Codec("zstd", 3)]
 IDS = ["none", "zstd"]
@@ -147,3 +148,82 @@ def test_repository_format_doc_covers_the_schema() -> None:
         missing = [f.name for f in fields(cls) if f"`{f.name}`" not in doc]
         assert missing == [], f"{cls.__name__}: {missing}"
     assert f"u8, {codec.VERSION}" in doc and codec.MAGIC.decode() in doc and codec.END.decode() in doc
+
+
+# --------------------------------------------------------------------------- decompression bombs
+
+CAP = 16 << 20  # a WAL segment: the most such an object may hold
+
+
+def _peak_traced(fn) -> int:  # type: ignore[no-untyped-def]
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+class _CountingSink:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def write(self, b: bytes) -> None:
+        self.n += len(b)
+
+
+@pytest.mark.parametrize("declared", [8192, BOMB_RAW], ids=["trailer-lies", "trailer-honest"])
+def test_bomb_stream_decode_stops_at_the_cap(declared: int) -> None:
+    """Streaming (wal-fetch, restore): never more than the cap reaches dst, memory stays small."""
+    blob = bomb(declared)
+    sink = _CountingSink()
+
+    def run() -> None:
+        with pytest.raises(IntegrityError, match="more than 16777216 bytes") as e:
+            decode_stream(io.BytesIO(blob), sink, "archived 000000010000000000000001", max_size=CAP)
+        assert "000000010000000000000001" in str(e.value)
+
+    peak = _peak_traced(run)
+    assert sink.n <= CAP
+    assert peak < 64 << 20, peak
+
+
+def test_bomb_whole_decode_refused_by_declared_size_without_decompressing() -> None:
+    """In memory: a trailer declaring more than the cap is refused before decompressing."""
+    blob = bomb(BOMB_RAW)
+    peak = _peak_traced(lambda: pytest.raises(IntegrityError, decode, blob, "manifest", max_size=CAP))
+    assert peak < 1 << 20, peak
+
+
+def test_bomb_whole_decode_with_lying_trailer_stops_early() -> None:
+    """A trailer claiming a small size: decompression stops just past that size, not at 512 MiB."""
+    blob = bomb(8192)
+    peak = _peak_traced(lambda: pytest.raises(IntegrityError, decode, blob, "manifest", max_size=CAP))
+    assert peak < 64 << 20, peak
+
+
+def test_frame_declaring_too_much_is_refused_up_front() -> None:
+    blob = bomb(8192, content_size=True)
+    sink = _CountingSink()
+    with pytest.raises(IntegrityError, match="more than"):
+        decode_stream(io.BytesIO(blob), sink, max_size=CAP)
+    assert sink.n == 0
+
+
+@pytest.mark.parametrize("c", CODECS, ids=IDS)
+def test_cap_is_inclusive_and_applies_to_plain_objects(c: Codec) -> None:
+    raw = sample(100_000)
+    blob = encode(raw, c)
+    assert decode(blob, max_size=len(raw)) == raw
+    out = io.BytesIO()
+    decode_stream(io.BytesIO(blob), out, chunk=4096, max_size=len(raw))
+    assert out.getvalue() == raw
+    with pytest.raises(IntegrityError, match=f"more than {len(raw) - 1} bytes"):
+        decode(blob, max_size=len(raw) - 1)
+    out = io.BytesIO()
+    with pytest.raises(IntegrityError, match=f"more than {len(raw) - 1} bytes"):
+        decode_stream(io.BytesIO(blob), out, chunk=4096, max_size=len(raw) - 1)
+    assert len(out.getvalue()) < len(raw)

@@ -81,6 +81,14 @@ def test_bad_config_file_is_one_config_error(tmp_path: Path, text: str, needle: 
     assert "\n" not in str(e.value)
 
 
+def test_config_file_that_is_not_utf8(tmp_path: Path) -> None:
+    cfg = tmp_path / "pitr.toml"
+    cfg.write_bytes(b'repo = "\xff\xfe"\n')
+    with pytest.raises(ConfigError, match="is not valid UTF-8") as e:
+        load_settings({"config": str(cfg)}, env={})
+    assert str(cfg) in str(e.value) and e.value.exit_code == 2
+
+
 def test_missing_and_unreadable_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings({"config": str(tmp_path / "nope.toml")}, env={})
@@ -184,3 +192,34 @@ def test_every_setting_is_documented() -> None:
         if f.default not in (None, MISSING) and f.name != "config":
             want = str(f.default).lower() if isinstance(f.default, bool) else str(f.default).removesuffix(".0")
             assert f"`{want}`" in rows[f.name], (f.name, want)
+
+
+def test_out_of_range_values_name_their_source(tmp_path: Path) -> None:
+    """The same bad value is traced to the option, the environment variable, or the file and key."""
+    cfg = write(tmp_path / "pitr.toml", "prefetch = 100000\n")
+    with pytest.raises(ConfigError, match=rf"prefetch must be between 0 and 64, not 100000 \(set by config file "
+                                          rf"{cfg}, key 'prefetch'\)"):
+        load_settings({}, env={"PITR_CONFIG": str(cfg)})
+    with pytest.raises(ConfigError, match=r"set by environment variable PITR_PREFETCH"):
+        load_settings({}, env={"PITR_CONFIG": str(cfg), "PITR_PREFETCH": "65"})
+    with pytest.raises(ConfigError, match=r"set by option --prefetch"):
+        load_settings({"prefetch": -1}, env={"PITR_CONFIG": str(cfg)})
+    assert load_settings({"prefetch": 64}, env={"PITR_CONFIG": str(cfg)}).prefetch == 64  # the option wins
+
+
+@pytest.mark.parametrize(("env", "needle"), [
+    ({"PITR_WAL_WAIT_TIMEOUT": "-5"}, "wal_wait_timeout must be a number of seconds above 0"),
+    ({"PITR_WAL_WAIT_TIMEOUT": "0"}, "wal_wait_timeout"),
+    ({"PITR_WAL_WAIT_TIMEOUT": "86400"}, "wal_wait_timeout must be at most 43200"),
+    ({"PITR_S3_PART_SIZE_MB": "1"}, "s3_part_size_mb must be between 5 and 5120"),
+    ({"PITR_S3_PART_SIZE_MB": "5.5"}, "must be a whole number"),
+    ({"PITR_S3_ENDPOINT": "minio:9000"}, "s3_endpoint must be an http:// or https:// URL"),
+    ({"PITR_S3_ENDPOINT": "http://minio:0"}, "port number outside 1 to 65535"),
+    ({"PITR_S3_REGION": "us east 1"}, "s3_region"),
+    ({"PITR_COMPRESS": "zstd:0"}, "invalid compression level"),
+    ({"PITR_RETAIN_DAYS": "nan"}, "finite number"),
+])
+def test_every_setting_is_range_checked(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle) as e:
+        load_settings({}, env={"PITR_CONFIG": "/dev/null"} | env)
+    assert e.value.exit_code == 2 and "\n" not in str(e.value)

@@ -18,7 +18,7 @@ from pitr.errors import StorageError, UsageError
 from pitr.ops.retention import Policy, apply, gather_and_plan
 from pitr.pg import walname
 from pitr.repo.catalog import scan_wal
-from pitr.repo.format import META_KEY, backup_data_key, manifest_key, wal_key
+from pitr.repo.format import META_KEY, backup_data_key, manifest_key, started_key, wal_key
 from pitr.repo.manifest import Manifest, list_backup_ids, write_manifest
 from pitr.repo.meta import new_meta
 from pitr.storage.base import Storage
@@ -180,6 +180,79 @@ def test_incomplete_directories() -> None:
     r.s.objects[backup_data_key("B9", 0)] = (b"partial", NOW - 3 * 86400)
     p = r.plan(Policy(retain_full=3))
     assert {i.id: i.action for i in p.incomplete} == {"B0": "delete", "B2x": "leave", "B9": "leave"}
+
+
+def in_progress(r: Repo0, bid: str, start_segno: int | None, age: float = 60.0, raw: bytes | None = None) -> None:
+    """A backup in progress as `pitr backup` leaves it: its started marker (with the start LSN once the
+    server started it) and a data object, last touched `age` seconds before NOW."""
+    body = {"pid": 4242, "host": "db1", "started": days_ago(0.01)}
+    if start_segno is not None:
+        body["start_lsn"] = walname.format_lsn(start_segno * SEG + 40)
+    r.s.put(started_key(bid), raw if raw is not None else json.dumps(body).encode())
+    r.s.put(backup_data_key(bid, 0), b"partial")
+    for k in (started_key(bid), backup_data_key(bid, 0)):
+        r.s.objects[k] = (r.s.objects[k][0], NOW - age)
+
+
+def test_backup_in_progress_keeps_the_wal_it_needs() -> None:
+    """Defect 10: B2y started at segment 6, before B3 (start 8) completed; retain_full=1 keeps only B3,
+    which alone would send segments 6 and 7 away before B2y writes its manifest."""
+    r = linear()
+    assert {seg(1, 6), seg(1, 7)} <= deleted_wal(r.plan(Policy(retain_full=1)))
+    in_progress(r, "B2y", 6)
+    p = r.plan(Policy(retain_full=1))
+    assert deleted_wal(p) == {seg(1, n) for n in range(1, 6)} | {f"{seg(1, n)}.00000028.backup" for n in (2, 5)}
+    [ip] = p.in_progress
+    assert (ip.id, ip.honoured, ip.start_lsn, ip.host, ip.pid) == ("B2y", True, walname.format_lsn(6 * SEG + 40),
+                                                                  "db1", 4242)
+    assert {i.id: i.action for i in p.incomplete}["B2y"] == "leave"
+    assert p.to_json()["in_progress"][0]["start_lsn"] == ip.start_lsn
+
+
+def test_backup_in_progress_without_a_start_position_holds_all_wal() -> None:
+    r = linear()
+    in_progress(r, "B2y", None)  # claimed; the server's checkpoint is still running
+    p = r.plan(Policy(retain_full=1))
+    assert p.wal_keys == [] and decisions(p)["B1"] == "expire"
+    assert any("not recorded its start position" in n for n in p.notes)
+    r2 = linear()
+    in_progress(r2, "B2y", None, raw=b"\x00not json")  # unreadable marker: the safe reading
+    assert r2.plan(Policy(retain_full=1)).wal_keys == []
+
+
+def test_stale_backup_marker_is_not_honoured() -> None:
+    r = linear()
+    in_progress(r, "B2y", 6, age=2 * 86400)  # killed two days ago without cleanup
+    p = r.plan(Policy(retain_full=1))
+    [ip] = p.in_progress
+    assert not ip.honoured and "stale" in ip.reason
+    assert seg(1, 6) in deleted_wal(p) and seg(1, 7) in deleted_wal(p)
+    assert {i.id: i.action for i in p.incomplete}["B2y"] == "delete"
+
+
+def test_dry_run_shows_the_backup_in_progress(tmp_path: Path) -> None:
+    """`expire --dry-run` names the running backup, where it runs and what it holds back (CLI, fs repo)."""
+    import os
+    import subprocess
+    import sys
+
+    fs = FsStorage(tmp_path / "repo")
+    fs.create()
+    fs.put(META_KEY, new_meta(1, 15, SEG).to_json())
+    for n in range(1, 13):
+        fs.put(wal_key(seg(1, n)), b"x")
+    for bid, start in (("B1", 2), ("B3", 8)):
+        write_manifest(fs, manifest(bid, 1, start, start + 1))
+    lsn = walname.format_lsn(6 * SEG + 40)
+    fs.put(started_key("B2y"), json.dumps({"pid": 4242, "host": "db1", "started": "2026-11-29T10:00:00Z",
+                                           "start_lsn": lsn}).encode())
+    env = {"PATH": os.environ["PATH"], "HOME": "/tmp", "PITR_CONFIG": "/dev/null", "PITR_REPO": str(fs.root)}
+    r = subprocess.run([str(Path(sys.executable).parent / "pitr"), "expire", "--retain-full", "1", "--dry-run"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (f"running B2y  in progress since 2026-11-29T10:00:00Z on db1 pid 4242: it needs WAL from {lsn} on"
+            in r.stdout)
+    assert f"{seg(1, 5)}: before {seg(1, 6)}" in r.stdout  # segments 6 and 7 stay for B2y
 
 
 def test_no_backups_and_bad_policies() -> None:

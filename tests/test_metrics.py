@@ -37,9 +37,9 @@ class Counting(FsStorage):
         self.lists.append(prefix)
         return super().list(prefix)
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, max_size: int | None = None) -> bytes:
         self.gets.append(key)
-        return super().get(key)
+        return super().get(key, max_size)
 
 
 def drill_record(passed: bool, started: float, rto: float = 12.5) -> dict[str, Any]:

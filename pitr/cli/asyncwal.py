@@ -25,6 +25,8 @@ PREFETCH_HELPER = "_wal-prefetch"
 HELPERS = (PUSH_HELPER, PREFETCH_HELPER)
 WAIT_LIMIT = 900.0  # an archive_command that never returns blocks PostgreSQL's shutdown
 MAX_SPAWNS = 3
+# private, for tests only: the prefetcher's idle time-out in seconds (default prefetch.IDLE_EXIT)
+IDLE_EXIT_ENV = "_PITR_PREFETCH_IDLE_EXIT"
 
 
 def quick(argv: list[str]) -> int | None:
@@ -152,8 +154,8 @@ def serve_prefetched(settings: object, name: str, dest: str) -> int | None:
     """0 when the prefetcher served `name`, 1 when it found it missing, None to fetch directly."""
     import logging
 
-    if not spool.is_archive_name(name):
-        return None
+    if not spool.is_archive_name(name) or not _dest_dir_exists(dest):
+        return None  # the direct path says what is wrong with DEST
     pdir = spool.prefetch_spool_dir(getattr(settings, "spool_path", None), dest)
     try:
         glob = _global_args()
@@ -179,7 +181,7 @@ def kick_prefetch(settings: object, name: str, dest: str) -> None:
     """Record `name` as PostgreSQL's latest request and make sure a prefetcher is running."""
     import logging
 
-    if not spool.is_archive_name(name):
+    if not spool.is_archive_name(name) or not _dest_dir_exists(dest):
         return
     pdir = spool.prefetch_spool_dir(getattr(settings, "spool_path", None), dest)
     try:
@@ -187,6 +189,11 @@ def kick_prefetch(settings: object, name: str, dest: str) -> None:
         _ensure_prefetcher(_global_args(), pdir)
     except OSError as e:
         logging.getLogger("pitr").warning("cannot start prefetching into %s: %s", pdir, e)
+
+
+def _dest_dir_exists(dest: str) -> bool:
+    """The spool beside DEST is created with its parents: never for a DEST whose directory is missing."""
+    return os.path.isdir(os.path.dirname(dest) or ".")
 
 
 def _ensure_prefetcher(glob: list[str], pdir: Path) -> bool:
@@ -255,6 +262,15 @@ def _push_helper(glob: list[str], pg_wal: Path, sdir: Path, opts: dict[str, str]
             storage.close()
 
 
+def _idle_exit() -> float:
+    from pitr.ops.prefetch import IDLE_EXIT
+
+    try:
+        return max(0.1, float(os.environ.get(IDLE_EXIT_ENV, IDLE_EXIT)))
+    except ValueError:
+        return IDLE_EXIT
+
+
 def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, str]) -> int:
     import logging
 
@@ -276,7 +292,7 @@ def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, 
         jobs = max(1, min(settings.prefetch, settings.jobs))
         storage = open_storage(settings, max_connections=jobs + 2)
         meta = read_meta(storage)
-        cfg = prefetch.PrefetchConfig(pdir, fp, settings.prefetch, jobs)
+        cfg = prefetch.PrefetchConfig(pdir, fp, settings.prefetch, jobs, idle_exit=_idle_exit())
         log.info("started: %d segments ahead, %d jobs, from %s", settings.prefetch, jobs, storage.display)
         reason, fetched = prefetch.serve(storage, meta, cfg, prefetch.keep_going_checks(pgdata, pdir))
         log.info("exiting (%s): %d segments prefetched", reason, fetched)

@@ -2,7 +2,8 @@
 
 - hoist_globals(): global options (--repo, --config, --s3-endpoint, -v, -q) may be written
   before or after the command name; we move them to the front so one parser owns them.
-- setup_logging(), report_error(): stderr conventions (one sentence + hint; traceback with -v).
+- setup_logging(), report_error(): stderr conventions (one sentence + hint; traceback with -v);
+  both pass what they print through pitr.redact, so no credential reaches stderr or a log.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import traceback
 
 from pitr.errors import PitrError
+from pitr.redact import redact
 
 # option -> takes a value
 GLOBAL_OPTIONS = {"--repo": True, "--config": True, "--s3-endpoint": True, "-v": False, "--verbose": False,
@@ -58,6 +60,13 @@ _FLAGS_SET_LEVEL = False  # -v/-q given: they beat the log_level setting
 _VERBOSE_FLAG = False  # -v given: the only thing that shows tracebacks (log_level=info does not)
 
 
+class _RedactingFormatter(logging.Formatter):
+    """Log lines (messages from libpq, botocore, archive_command values) with credentials masked."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     global _FLAGS_SET_LEVEL, _VERBOSE_FLAG
     _FLAGS_SET_LEVEL = bool(verbose or quiet)
@@ -67,7 +76,7 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     root.setLevel(level)
     if not root.handlers:
         h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter("pitr: %(message)s"))
+        h.setFormatter(_RedactingFormatter("pitr: %(message)s"))
         root.addHandler(h)
     root.propagate = False
 
@@ -86,16 +95,16 @@ def is_verbose() -> bool:
 def report_error(err: BaseException, verbose: bool) -> int:
     """Print one sentence (+ hint) on stderr and return the exit code to use."""
     if verbose:
-        traceback.print_exception(err, file=sys.stderr)
+        print(redact("".join(traceback.format_exception(err))), end="", file=sys.stderr)
     if isinstance(err, PitrError):
-        print(f"pitr: error: {err}", file=sys.stderr)
+        print(redact(f"pitr: error: {err}"), file=sys.stderr)
         if err.hint:
-            print(f"hint: {err.hint}", file=sys.stderr)
+            print(redact(f"hint: {err.hint}"), file=sys.stderr)
         return err.exit_code
     if isinstance(err, KeyboardInterrupt):
         print("pitr: interrupted", file=sys.stderr)
         return 130
-    print(f"pitr: internal error: {type(err).__name__}: {err}", file=sys.stderr)
+    print(redact(f"pitr: internal error: {type(err).__name__}: {err}"), file=sys.stderr)
     if not verbose:
         print("hint: run again with -v for the details and report it", file=sys.stderr)
     return 1

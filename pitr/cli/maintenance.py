@@ -60,12 +60,34 @@ def register(app: typer.Typer) -> None:
         max_drill_age: Annotated[str | None, typer.Option("--max-drill-age", metavar="DUR", help="Fail when the newest passing drill is older than this (e.g. 8d).", show_default=False)] = None,
         timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the switched segment to reach the repository.")] = 60.0,
         json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
+        storage_test: Annotated[bool, typer.Option("--storage", help="Instead, run a conformance self-test of the repository's store (atomic conditional create, read-after-write, listing, multipart, checksums); no server needed.")] = False,
     ) -> None:
         """Check the server's archive settings against this repository, force a WAL switch and wait until
         that segment is archived. Exit 1 with one line per failed point naming the fix."""
         from pitr.errors import CheckError, UsageError
         from pitr.ops.check import CheckOptions, check, parse_duration
         from pitr.storage import open_storage
+
+        if storage_test:
+            from pitr.ops.storecheck import storage_check
+
+            s = settings_of(ctx, dbname=dbname)
+            storage = open_storage(s)
+            try:
+                res = storage_check(storage, s.allow_unsafe_store)
+            finally:
+                storage.close()
+            if json_out:
+                emit_json(res.to_json())
+            else:
+                for p in res.points:
+                    emit(f"{'ok  ' if p.ok else 'FAIL'}  {p.line()}")
+            if not res.ok:
+                bad = [p.name for p in res.points if not p.ok]
+                raise CheckError(f"the store behind {storage.display} lacks {len(bad)} propert"
+                                 f"{'y' if len(bad) == 1 else 'ies'}: {', '.join(bad)}",
+                                 "each FAIL line on stdout says what was seen and what to do")
+            return
 
         rpo: float | None = None
         if max_rpo is not None:
@@ -79,8 +101,8 @@ def register(app: typer.Typer) -> None:
                 ages[flag] = None if val is None else parse_duration(val)
             except ValueError as e:
                 raise UsageError(f"{flag}: {e}") from None
-        if timeout < 0:
-            raise UsageError("--timeout must be 0 or more seconds")
+        if not 0 <= timeout < float("inf"):  # also refuses nan, which every comparison lets through
+            raise UsageError(f"--timeout must be a finite number of seconds, 0 or more, not {timeout}")
         s = settings_of(ctx, dbname=dbname)
         storage = open_storage(s)
         try:
@@ -126,7 +148,8 @@ def register(app: typer.Typer) -> None:
         if json_out:
             out = plan.to_json() | {"dry_run": dry_run}
             out["deleted"] = None if done is None else {"backups": done.backups, "incomplete": done.incomplete,
-                                                        "objects": done.objects, "bytes": done.bytes}
+                                                        "objects": done.objects, "bytes": done.bytes,
+                                                        "temps": done.temps}
             emit_json(out)
             return
         emit(f"policy: {_describe(policy)}")
@@ -135,12 +158,19 @@ def register(app: typer.Typer) -> None:
         for i in plan.incomplete:
             verb = "delete" if i.action == "delete" else "leave"
             emit(f"{verb:<6}  {i.id}  incomplete  {i.objects} objects, {human_bytes(i.bytes)}: {i.reason}")
+        for ip in plan.in_progress:
+            by = f"{ip.host} pid {ip.pid}" if ip.pid is not None else ip.host
+            emit(f"{'running' if ip.honoured else 'stale':<7} {ip.id}  in progress since {ip.started} on {by}: "
+                 f"{ip.reason}")
         for t in plan.wal:
             if t.delete_objects:
                 emit(f"WAL timeline {t.timeline}: delete {t.delete_objects} objects ({human_bytes(t.delete_bytes)}), "
                      f"{t.first} to {t.last}: {t.reason}")
             else:
                 emit(f"WAL timeline {t.timeline}: keep everything from {t.keep_from}")
+        if plan.temps:
+            emit(f"temp    {len(plan.temps)} leftover temporary object(s) of interrupted writes "
+                 f"({human_bytes(sum(t.size for t in plan.temps))}): remove")
         for n in plan.notes:
             emit(f"note: {n}")
         if done is None:

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from pitr.cli.render import emit, emit_json, human_bytes, human_duration
+from pitr.config import PREFETCH_MAX
 from pitr.errors import UsageError
 
 
@@ -105,8 +106,8 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--replay-timeout must be a positive number of seconds")
         if dry_run and replay:
             raise UsageError("--dry-run and --replay exclude each other")
-        if prefetch is not None and not 0 <= prefetch <= 256:
-            raise UsageError(f"--prefetch must be a number of segments from 0 to 256, not {prefetch}")
+        if prefetch is not None and not 0 <= prefetch <= PREFETCH_MAX:  # wal-fetch refuses more (config.py)
+            raise UsageError(f"--prefetch must be a number of segments from 0 to {PREFETCH_MAX}, not {prefetch}")
         tgt = parse_target(target_time, target_lsn, target_xid, target_name, target)
         opts = RestoreOptions(
             pgdata=Path(s.pgdata).expanduser().absolute(), target=tgt, timeline=parse_timeline(target_timeline),

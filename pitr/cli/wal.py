@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         storage = open_storage(s)
         with PgSession(s.dbname) as pg:
             server = pg.info()
-        r = init_repo(storage, server)
+        r = init_repo(storage, server, s.allow_unsafe_store)
         m = r.meta
         if json_out:
             emit_json({"repo": storage.display, "created": r.created, "system_identifier": str(m.system_identifier),
@@ -57,11 +57,11 @@ def register(app: typer.Typer) -> None:
         Exit 0 fetched and verified; 1 not in the archive; 128 any other failure (makes
         PostgreSQL abort recovery instead of promoting early).
         """
-        from pitr.errors import EXIT_FETCH_HARD, PitrError
+        from pitr.errors import EXIT_FETCH_HARD
 
         try:
             s = settings_of(ctx)
-        except PitrError as e:
+        except Exception as e:  # noqa: BLE001 - any failure here must stop recovery, never end it (exit > 125)
             from pitr.cli.common import is_verbose, report_error
 
             report_error(e, is_verbose())

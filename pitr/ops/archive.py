@@ -8,26 +8,31 @@ checksum, size and header, then rename into place, so PostgreSQL never sees a pa
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from pitr.errors import (
     AlreadyExistsError,
     ConflictError,
+    ForeignClusterError,
     IntegrityError,
     NotFoundError,
+    NotInitializedError,
     PitrError,
     RepoMissingError,
     StorageError,
+    UsageError,
     WalFileError,
 )
 from pitr.pg import walheader, walname
 from pitr.repo import codec as envelope
-from pitr.repo.format import wal_key
+from pitr.repo.format import META_KEY, wal_key
 from pitr.repo.meta import RepoMeta
 from pitr.storage.base import Storage
 
@@ -68,17 +73,64 @@ def read_wal_file(path: Path, meta: RepoMeta) -> tuple[walname.WalName, bytes]:
         if why:
             raise WalFileError(f"refusing to archive {path.name}: the file {why}",
                                "only archive this cluster's WAL into this repository")
-    elif w.kind == "history":
-        try:
-            walname.parse_history(data.decode())
-        except (UnicodeDecodeError, ValueError):
-            raise WalFileError(f"refusing to archive {path.name}: not a timeline history file") from None
+    else:
+        why = _text_file_problem(w, data, meta.wal_segment_size)
+        if why:
+            raise WalFileError(f"refusing to archive {path.name}: the file {why}",
+                               "only archive this cluster's WAL into this repository")
     return w, data
+
+
+def _text_file_problem(w: walname.WalName, data: bytes, seg_size: int) -> str | None:
+    """What can be checked of a .history / .backup file, which carry no system identifier."""
+    if len(data) > walname.SMALL_FILE_MAX:
+        return f"is {len(data)} bytes, more than a {w.kind} file may hold ({walname.SMALL_FILE_MAX})"
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        # a backup label may be in the database's encoding; its WAL lines are ASCII either way
+        text = data.decode("latin-1") if w.kind == "backup" else ""
+        if w.kind == "history":
+            return "is not a timeline history file (not text)"
+    if w.kind == "history":
+        return walname.history_problem(w.timeline, text)
+    return walname.backup_history_problem(w.name, text, seg_size)
+
+
+def _history_conflict(storage: Storage, w: walname.WalName, data: bytes) -> str | None:
+    """A history file whose ancestry contradicts the archived history of its parent timeline is
+    another cluster's (or another branch's): where both name a timeline, they must agree on where
+    it ended. A parent history that is not archived (or unreadable) leaves nothing to compare; one
+    that names ancestors this file leaves out is tolerated, as PostgreSQL writes only the new line
+    when it could not read the parent's history."""
+    from pitr.repo.catalog import read_history
+
+    entries = walname.parse_history(data.decode())
+    parent = entries[-1].parent
+    if parent <= 1:
+        return None
+    try:
+        archived = {e.parent: e.switch_lsn for e in read_history(storage, parent)}
+    except NotFoundError:
+        return None
+    except (IntegrityError, ValueError) as err:
+        log.warning("cannot compare %s with the archived history of timeline %d: %s", w.name, parent, err)
+        return None
+    for h in entries:
+        if h.parent in archived and archived[h.parent] != h.switch_lsn:
+            return (f"disagrees with the archived history of timeline {parent}: timeline {h.parent} ended at "
+                    f"{walname.format_lsn(archived[h.parent])} there, at {walname.format_lsn(h.switch_lsn)} here")
+    return None
 
 
 def push(storage: Storage, meta: RepoMeta, path: Path, codec: envelope.Codec) -> PushResult:
     """Store one file durably; exit-0 semantics of archive_command (see module doc)."""
     w, data = read_wal_file(path, meta)
+    if w.kind == "history":
+        why = _history_conflict(storage, w, data)
+        if why:
+            raise WalFileError(f"refusing to archive {path.name}: the file {why}",
+                               "only archive this cluster's WAL into this repository")
     key = wal_key(w.name)
     digest = hashlib.sha256(data).digest()
     sha = digest.hex()
@@ -88,7 +140,21 @@ def push(storage: Storage, meta: RepoMeta, path: Path, codec: envelope.Codec) ->
         storage.put(key, body, if_absent=True)
     except AlreadyExistsError:
         return _compare_existing(storage, key, w.name, sha, len(data), len(body))
+    if not storage.conditional_writes_trusted:
+        _read_back(storage, key, w.name, sha, len(data))
     return PushResult(w.name, key, "stored", len(data), len(body))
+
+
+def _read_back(storage: Storage, key: str, name: str, sha: str, size: int) -> None:
+    """On a store whose conditional create is not atomic (accepted with allow_unsafe_store), a
+    racing writer may have replaced our object: acknowledge only what the store holds now."""
+    t = envelope.parse_trailer(storage.get_range(key, -envelope.TRAILER_SIZE), f"archived {name}")
+    if t.sha256 != sha or t.size != size:
+        raise ConflictError(
+            f"another writer stored a different {name} at the same moment, and the store kept theirs",
+            "two clusters may be archiving into one repository; the store cannot refuse the second "
+            "(allow_unsafe_store is set), so check archive_command and the repository URL now",
+        )
 
 
 def _compare_existing(storage: Storage, key: str, name: str, sha: str, size: int, stored: int) -> PushResult:
@@ -122,8 +188,9 @@ def fetch(storage: Storage, meta: RepoMeta | None, name: str, dest: Path) -> int
     src = storage.open(key)  # NotFoundError before anything is created
     tmp = dest.parent / f".{dest.name}.pitr-{os.getpid()}"
     try:
-        with src, open(tmp, "wb") as out:
-            t = envelope.decode_stream(src, out, f"archived {name}")
+        with src, _open_dest(tmp, dest) as out:
+            t = envelope.decode_stream(src, out, f"archived {name}", max_size=walname.max_size(
+                w.kind, meta.wal_segment_size if meta else envelope.DEFAULT_MAX_SIZE))
             out.flush()
         if w.kind in ("segment", "partial") and meta is not None:
             with open(tmp, "rb") as f:
@@ -133,9 +200,73 @@ def fetch(storage: Storage, meta: RepoMeta | None, name: str, dest: Path) -> int
                 raise IntegrityError(f"archived {name} {why}")
         os.replace(tmp, dest)
         return t.size
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except OSError as e:
+        _remove(tmp)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # only writing DEST can run out of space
+            raise _dest_error(e, dest) from None
         raise
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(tmp: Path) -> None:
+    try:
+        tmp.unlink()
+    except (FileNotFoundError, NotADirectoryError):  # never created (DEST's directory is missing or a file)
+        pass
+
+
+def _open_dest(tmp: Path, dest: Path) -> BinaryIO:
+    try:
+        return open(tmp, "wb")
+    except OSError as e:
+        raise _dest_error(e, dest) from None
+
+
+def _dest_error(e: OSError, dest: Path) -> PitrError:
+    """DEST cannot be written: an environment error (one sentence naming DEST), not a bug."""
+    if e.errno in (errno.ENOENT, errno.ENOTDIR):
+        what = "does not exist" if e.errno == errno.ENOENT else "is not a directory"
+        return UsageError(f"cannot write {dest}: its directory {dest.parent} {what}",
+                          "restore_command must pass %p as DEST: restore_command = 'pitr wal-fetch %f %p' "
+                          "(PostgreSQL runs it in the data directory)")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "permission denied" if e.errno != errno.EROFS else "the file system is read-only"
+        return PitrError(f"cannot write {dest}: {why}",
+                         "run pitr as the PostgreSQL server's OS user (usually postgres), which owns %p's directory")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return PitrError(f"cannot write {dest}: the disk is full",
+                         "free space on the file system of the data directory (%p), then start PostgreSQL again")
+    return PitrError(f"cannot write {dest}: {e.strerror or e}",
+                     "check the data directory's file system; %p is where PostgreSQL wants the file")
+
+
+def confirm_missing(storage: Storage, meta: RepoMeta, name: str) -> None:
+    """Called when `name` is not in the archive: raise unless the repository proves it is still there.
+
+    "Not in the archive" makes PostgreSQL end recovery and promote, so it is only answered while
+    the repository's metadata object exists, now, and names the same cluster. A directory that
+    was unmounted (its empty mount point left behind) or a wiped prefix lists no object at all
+    and would otherwise look like the end of the archive.
+    """
+    from pitr.repo.meta import read_meta
+
+    try:
+        now = read_meta(storage)  # the fs backend raises RepoMissingError when the directory is gone
+    except NotInitializedError:
+        raise RepoMissingError(
+            f"the repository {storage.display} no longer holds its metadata ({META_KEY}), so it cannot tell "
+            f"whether {name} was archived",
+            "was it unmounted, moved or wiped? bring it back and start PostgreSQL again: recovery resumes "
+            "where it stopped",
+        ) from None
+    if now.system_identifier != meta.system_identifier or now.wal_segment_size != meta.wal_segment_size:
+        raise ForeignClusterError(
+            f"the repository {storage.display} now belongs to the cluster with system identifier "
+            f"{now.system_identifier}, not {meta.system_identifier}, so it cannot tell whether {name} was archived",
+            "check what is mounted or configured at the repository location",
+        )
 
 
 def _fetched_segment_problem(name: str, head: bytes, size: int, meta: RepoMeta) -> str | None:
@@ -153,11 +284,19 @@ def _fetched_segment_problem(name: str, head: bytes, size: int, meta: RepoMeta) 
 
 def fetch_with_retries(storage: Storage, meta_loader: MetaLoader, name: str, dest: Path,
                        retries: int, forever: bool, sleep: float = 1.0) -> int:
-    """fetch() with bounded (or endless) retries of hard failures; NotFoundError is never retried."""
+    """fetch() with bounded (or endless) retries of hard failures; NotFoundError is never retried.
+
+    NotFoundError comes out only after confirm_missing(): the repository is there and is this
+    cluster's. A vanished one is RepoMissingError (wal-fetch exits 128, PostgreSQL stops recovery).
+    """
     attempt = 0
     while True:
         try:
-            return fetch(storage, meta_loader(), name, dest)
+            try:
+                return fetch(storage, meta_loader(), name, dest)
+            except NotFoundError:
+                confirm_missing(storage, meta_loader(), name)  # read at the miss, not cached from the start
+                raise
         except (NotFoundError, RepoMissingError):
             raise  # "not archived" and "no such repository" do not get better with retries
         except (StorageError, IntegrityError) as e:
@@ -182,5 +321,12 @@ class MetaLoader:
         if self._meta is None:
             from pitr.repo.meta import read_meta
 
-            self._meta = read_meta(self._storage)
+            try:
+                self._meta = read_meta(self._storage)
+            except NotInitializedError as e:
+                # mid-recovery this is far more often a repository that went away than one never set up
+                raise NotInitializedError(
+                    f"the repository {self._storage.display} is not initialized (it holds no {META_KEY}), or it was "
+                    "unmounted, moved or wiped", "check that the repository is there and is the one the "
+                    "backup came from (`pitr init` only for a new one); then start PostgreSQL again") from e
         return self._meta

@@ -3,7 +3,9 @@
 backup, as a recipe of named steps on ONE connection held from start to stop:
   1. check      repository initialized and ours; primary; archiving on; PGDATA is this server's
   2. claim      a unique backup ID (conditional write of backups/<ID>/started)
-  3. start      pg_backup_start (15+) / pg_start_backup non-exclusive (13-14), fast checkpoint
+  3. start      pg_backup_start (15+) / pg_start_backup non-exclusive (13-14), fast checkpoint;
+                the started marker is rewritten with the start LSN, so `expire` keeps the WAL this
+                backup needs from here until its manifest exists
   4. copy       scan PGDATA + tablespaces (backup_files), pipeline into the repo (backup_store),
                 page checksums verified as files stream past; pg_control last
   5. stop       pg_backup_stop / pg_stop_backup: backup_label + tablespace_map; the server
@@ -39,6 +41,7 @@ from pitr.repo import codec as envelope
 from pitr.repo import restore_points
 from pitr.repo.catalog import present_wal
 from pitr.repo.format import backup_dir
+from pitr.repo.format import started_key as format_started_key
 from pitr.repo.manifest import Manifest, write_manifest
 from pitr.repo.meta import check_cluster, read_meta
 from pitr.storage.base import Storage
@@ -170,7 +173,15 @@ def claim_backup_id(storage: Storage, now: dt.datetime) -> str:
 
 def started_key(backup_id: str) -> str:
     """Marker of a backup in progress (or interrupted); never read as a backup (no manifest)."""
-    return backup_dir(backup_id) + "started"
+    return format_started_key(backup_id)
+
+
+def mark_started(storage: Storage, backup_id: str, claimed: dt.datetime, start_lsn: int,
+                 start_time: dt.datetime) -> None:
+    """Rewrite the claim marker with the start position: from now on `expire` keeps WAL from there."""
+    storage.put(started_key(backup_id), json.dumps({
+        "pid": os.getpid(), "host": socket.gethostname(), "started": _iso(claimed),
+        "start_lsn": walname.format_lsn(start_lsn), "start_time": _iso(start_time)}).encode())
 
 
 def parse_backup_label(text: str) -> tuple[int, int, str]:
@@ -247,11 +258,13 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
     facts = server_facts(pg)
     check_server(storage, facts)
     pgdata = resolve_pgdata(opts.pgdata, facts)
-    backup_id = claim_backup_id(storage, dt.datetime.now(dt.UTC))
+    claimed = dt.datetime.now(dt.UTC)
+    backup_id = claim_backup_id(storage, claimed)
     log.info("backup %s: starting (%s checkpoint)", backup_id, "fast" if opts.fast else "spread")
     stopped = False
     try:
         start_lsn, start_time = pg.backup_start(f"pitr backup {backup_id}", opts.fast)
+        mark_started(storage, backup_id, claimed, start_lsn, start_time)
         marks = {"start": time.monotonic()}
         log.info("backup %s: started at %s", backup_id, walname.format_lsn(start_lsn))
         major = facts.info.major

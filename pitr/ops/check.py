@@ -19,6 +19,7 @@ from pitr.config import RepoLocation, parse_repo_url
 from pitr.errors import ConfigError, PitrError
 from pitr.pg import walname
 from pitr.pg.conn import PgSession, ServerInfo
+from pitr.redact import redact
 from pitr.repo.catalog import TimelineWal, scan_wal
 from pitr.repo.format import wal_key
 from pitr.repo.meta import RepoMeta, read_meta
@@ -53,7 +54,7 @@ class CheckResult:
         return all(p.ok for p in self.points)
 
     def add(self, name: str, ok: bool, detail: str, fix: str = "") -> bool:
-        self.points.append(Point(name, ok, detail, "" if ok else fix))
+        self.points.append(Point(name, ok, redact(detail), "" if ok else redact(fix)))  # server text may hold secrets
         return ok
 
     def to_json(self) -> dict[str, object]:
@@ -103,7 +104,8 @@ def judge_archive_command(command: str, ours: RepoLocation) -> tuple[bool, str, 
     """(ok, what was found, fix) for an archive_command value."""
     fix = "set archive_command = 'pitr wal-push %p' (PITR_REPO or the config file naming this repository) " \
           "and reload the server (SELECT pg_reload_conf())"
-    shown = command if len(command) <= 120 else command[:117] + "..."
+    shown = redact(command)  # the value is readable by anyone who runs check; its secrets are not shown
+    shown = shown if len(shown) <= 120 else shown[:117] + "..."
     if not command.strip() or command.strip() == "(disabled)":
         return False, "is empty, so nothing is archived", fix
     if "pitr" not in command or "wal-push" not in command:
@@ -117,7 +119,7 @@ def judge_archive_command(command: str, ours: RepoLocation) -> tuple[bool, str, 
     try:
         loc = parse_repo_url(named)
     except ConfigError:
-        return False, f"names the repository {named!r}, which is not a valid repository URL", fix
+        return False, f"names the repository {redact(named)!r}, which is not a valid repository URL", fix
     if not same_repo(loc, ours):
         return False, f"archives into {loc.url}, not into this repository {ours.url}", \
             f"point --repo in archive_command at {ours.url}, or run check with --repo {loc.url}"

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from pitr.errors import AlreadyExistsError, NotInitializedError
+from pitr.ops.storecheck import require_conditional_create
 from pitr.pg.conn import ServerInfo
 from pitr.repo.format import META_KEY
 from pitr.repo.meta import RepoMeta, check_cluster, new_meta, read_meta
 from pitr.storage.base import Storage
+
+log = logging.getLogger("pitr.init")
 
 
 @dataclass(frozen=True)
@@ -17,9 +21,15 @@ class InitResult:
     created: bool
 
 
-def init_repo(storage: Storage, server: ServerInfo) -> InitResult:
-    """Write the metadata once; same cluster again is a no-op; another cluster is refused."""
+def init_repo(storage: Storage, server: ServerInfo, allow_unsafe_store: bool = False) -> InitResult:
+    """Write the metadata once; same cluster again is a no-op; another cluster is refused.
+
+    First the store must prove its conditional create (racing creates: exactly one wins; a second
+    create refused), on every run: a store that fails is refused unless the user accepted it."""
     storage.create()
+    for p in require_conditional_create(storage, allow_unsafe_store):
+        log.warning("the store %s fails %s (%s); accepted because allow_unsafe_store is set",
+                    storage.display, p.name, p.detail)
     try:
         meta = read_meta(storage)
     except NotInitializedError:

@@ -23,6 +23,7 @@ from pitr.ops.info import InfoReport, gather
 from pitr.ops.restore_plan import parse_iso
 from pitr.repo import drills
 from pitr.repo.format import META_KEY, WAL_PREFIX
+from pitr.repo.meta import SMALL_JSON_MAX
 from pitr.storage.base import ObjectInfo, Storage
 
 HIDDEN = ("restore-points/",)  # metrics do not report restore points: do not read their records
@@ -46,8 +47,8 @@ class OneListing(Storage):
     def open(self, key: str) -> BinaryIO:
         return self.inner.open(key)
 
-    def get(self, key: str) -> bytes:
-        return self.inner.get(key)
+    def get(self, key: str, max_size: int | None = None) -> bytes:
+        return self.inner.get(key, max_size)
 
     def get_range(self, key: str, start: int, length: int | None = None) -> bytes:
         return self.inner.get_range(key, start, length)
@@ -101,7 +102,7 @@ def collect(storage: Storage, now: float | None = None) -> Snapshot:
 def repo_protection(storage: Storage) -> tuple[bool, bool]:
     """(encryption on, Object Lock on) as the repository metadata says; off when it says nothing."""
     try:
-        raw = json.loads(storage.get(META_KEY))
+        raw = json.loads(storage.get(META_KEY, max_size=SMALL_JSON_MAX))
     except (PitrError, ValueError):
         return False, False
     if not isinstance(raw, dict):

@@ -23,6 +23,7 @@ from typing import BinaryIO
 
 from pitr.errors import IntegrityError, NotFoundError, PitrError
 from pitr.ops import spool
+from pitr.ops.archive import confirm_missing
 from pitr.pg import walname
 from pitr.repo import codec as envelope
 from pitr.repo.format import wal_key
@@ -63,7 +64,7 @@ def fetch_one(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig, name: str) 
     try:
         with src, open(tmp, "wb") as raw:
             out = _CrcWriter(raw)
-            t = envelope.decode_stream(src, out, f"archived {name}")
+            t = envelope.decode_stream(src, out, f"archived {name}", max_size=meta.wal_segment_size)
         with open(tmp, "rb") as f:
             head = f.read(64)
         why = None
@@ -99,6 +100,7 @@ def serve(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig,
     Returns why it stopped and how many files it fetched.
     """
     inflight: dict[Future[None], tuple[str, str | None]] = {}  # -> (name, stamp if a request)
+    asked: dict[str, str] = {}  # requests for a segment whose look-ahead fetch was in flight: name -> stamp
     missing: dict[str, float] = {}
     failed: dict[str, float] = {}
     last_req: tuple[str, str] | None = None
@@ -123,9 +125,12 @@ def serve(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig,
             if req and req[1] != handled and reason is None:
                 handled = req[1]
                 rname = req[0]
-                if not req[1].startswith("done") and rname not in busy and not (cfg.spool / f"{rname}.meta").exists():
-                    inflight[pool.submit(fetch_one, storage, meta, cfg, rname)] = (rname, req[1])
-                    busy.add(rname)
+                if not req[1].startswith("done") and not (cfg.spool / f"{rname}.meta").exists():
+                    if rname in busy:
+                        asked[rname] = req[1]  # answered when that fetch ends, not by a 120 s time-out
+                    else:
+                        inflight[pool.submit(fetch_one, storage, meta, cfg, rname)] = (rname, req[1])
+                        busy.add(rname)
             if reason is None:
                 window_busy = sum(1 for _, st in inflight.values() if st is None)
                 for name in wanted:
@@ -141,19 +146,20 @@ def serve(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig,
                 finished, _ = wait(list(inflight), timeout=cfg.poll, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     name, stamp = inflight.pop(fut)
+                    stamp = asked.pop(name, None) or stamp
                     try:
                         fut.result()
                         fetched += 1
+                        last_change = time.monotonic()  # misses and failures are not progress (idle exit)
                     except NotFoundError:
                         missing[name] = time.monotonic() + MISSING_RECHECK
                         if stamp:
-                            spool.answer(cfg.spool, name, stamp, "missing")
+                            spool.answer(cfg.spool, name, stamp, _verdict_on_miss(storage, meta, name))
                     except (PitrError, OSError) as e:
                         log.warning("prefetching %s failed: %s", name, e)
                         failed[name] = time.monotonic() + 2.0
                         if stamp:
                             spool.answer(cfg.spool, name, stamp, "failed")
-                last_change = time.monotonic()
                 continue
             if now >= next_check:
                 next_check = now + 1.0
@@ -164,6 +170,20 @@ def serve(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig,
             if now - last_change > cfg.idle_exit:
                 return "idle", fetched
             time.sleep(cfg.poll)
+
+
+def _verdict_on_miss(storage: Storage, meta: RepoMeta, name: str) -> str:
+    """"missing" only while the repository proves it is there (see archive.confirm_missing).
+
+    Otherwise "failed": the waiting wal-fetch then fetches by itself and, finding no repository,
+    exits 128 with the reason, so PostgreSQL stops recovery instead of promoting.
+    """
+    try:
+        confirm_missing(storage, meta, name)
+    except (PitrError, OSError) as e:
+        log.warning("not answering %s as missing: %s", name, e)
+        return "failed"
+    return "missing"
 
 
 def _prune(spool_dir: Path, keep: set[str]) -> None:

@@ -232,7 +232,7 @@ class FileWriter:
         e = it.entry
         what = f"backup {self.backup_id}'s copy of {e.path}"
         with self._open(it) as f:
-            trailer = envelope.decode_stream(src, f, what, chunk=DECODE_CHUNK)  # type: ignore[arg-type]
+            trailer = envelope.decode_stream(src, f, what, chunk=DECODE_CHUNK, max_size=e.size)  # type: ignore[arg-type]
             if trailer.size != e.size or trailer.sha256 != e.sha256:
                 raise IntegrityError(f"{what} does not match its manifest entry (size or SHA-256)",
                                      "run `pitr verify`; restore from another backup with --backup")

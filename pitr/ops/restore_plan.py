@@ -103,13 +103,37 @@ def format_time(t: datetime, pg: bool = False) -> str:
     return s + ("+00" if pg else " UTC")
 
 
+_ISO_HINT = "write the date as YYYY-MM-DD with a zone, e.g. '2026-03-01 14:30:00+01' or '2026-03-01 13:30:00 UTC'"
+# a numeric date not led by a 4-digit year (03/04/2026, 3.4.26): day and month could be read either way;
+# not after ':' or '.' + digit, which would be a time or its fraction (12:30:00.05)
+_NUMERIC_DATE = re.compile(r"(?<![\d:.])(\d{1,4})([/.\-])(\d{1,2})(?:\2(\d{1,4}))?(?!\d)")
+
+
+def _ambiguous_date(s: str) -> str | None:
+    """The part of s whose day and month (or century) a reader cannot tell apart, if any."""
+    m = _NUMERIC_DATE.search(s)
+    if m is None or len(m.group(1)) == 4:  # year first (ISO): unambiguous
+        return None
+    if len(m.group(1)) == 3:
+        return m.group(0)
+    a, b, year = int(m.group(1)), int(m.group(3)), m.group(4)
+    if (a <= 12 and b <= 12 and a != b) or (year is not None and len(year) < 4):
+        return m.group(0)
+    return None
+
+
 def parse_time(text: str) -> datetime:
-    """python-dateutil syntax; a time without a zone is in the local zone. Returns aware UTC."""
+    """python-dateutil syntax; a time without a zone is in the local zone. Returns aware UTC.
+    Refused (UsageError): a numeric date whose day and month could be swapped, and a local time
+    that does not exist or occurs twice at a DST change."""
     from dateutil import parser, tz  # type: ignore[import-untyped]
 
     s = text.strip()
     if not s:
         raise UsageError("the target time is empty", "give a timestamp such as '2026-03-01 14:30:00+01'")
+    if (part := _ambiguous_date(s)) is not None:
+        raise UsageError(f"the target time {text!r} has the date {part!r}, whose day and month (or year) "
+                         "could be read more than one way", _ISO_HINT)
     with warnings.catch_warnings():
         warnings.simplefilter("error", parser.UnknownTimezoneWarning)
         try:
@@ -121,7 +145,14 @@ def parse_time(text: str) -> datetime:
             raise UsageError(f"cannot read the target time {text!r} as a timestamp",
                              "give a timestamp such as '2026-03-01 14:30:00+01' (no zone: local time)") from None
     if t.tzinfo is None:
-        t = t.replace(tzinfo=tz.tzlocal())
+        local = tz.tzlocal()
+        if not tz.datetime_exists(t, local):
+            raise UsageError(f"the target time {text!r} does not exist in the local time zone (the clocks "
+                             "skipped it at a daylight-saving change)", _ISO_HINT)
+        if tz.datetime_ambiguous(t, local):
+            raise UsageError(f"the target time {text!r} occurs twice in the local time zone (the clocks went "
+                             "back at a daylight-saving change)", _ISO_HINT)
+        t = t.replace(tzinfo=local)
     return t.astimezone(UTC)
 
 

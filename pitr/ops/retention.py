@@ -17,27 +17,36 @@ WAL last, so an interruption never leaves a listed backup without its files or W
 Backup directories without a manifest (a failed backup, an interrupted expire) are deleted when
 older than the newest complete backup and untouched for `incomplete_grace`; newer ones may be a
 backup in progress and are left alone.
+A backup in progress (a directory without a manifest holding a `started` marker, touched within
+`incomplete_grace`) needs WAL from its start LSN on, whatever the policy: every segment from
+that position on is kept, on every timeline; while its marker does not name a start LSN yet
+(the server's checkpoint is still running) no WAL is deleted at all. A marker untouched for
+longer is stale (a backup killed without cleanup) and is not honoured.
+Temporary objects of interrupted writes (`.tmp.*` files, incomplete multipart uploads) last
+touched more than `temp_grace` ago are removed too; a write in progress is younger than that.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
-from pitr.errors import IntegrityError, UsageError
+from pitr.errors import IntegrityError, PitrError, UsageError
 from pitr.pg import walname
 from pitr.repo.catalog import WalCatalog, scan_wal
-from pitr.repo.format import BACKUP_PREFIX, manifest_key
+from pitr.repo.format import BACKUP_PREFIX, manifest_key, started_key
 from pitr.repo.manifest import Manifest, read_manifest
 from pitr.repo.meta import read_meta
-from pitr.storage.base import ObjectInfo, Storage
+from pitr.storage.base import ObjectInfo, Storage, TempObject
 
 from .walreach import Histories, backup_needs, load_histories
 
 DAY = 86400.0
-INCOMPLETE_GRACE = DAY
+INCOMPLETE_GRACE = DAY  # also how long a backup-in-progress marker is honoured without activity
+TEMP_GRACE = 3600.0  # a temp file untouched this long belongs to no write in progress
 DELETE_BATCH = 1000
 _UNREADABLE = "run `pitr verify`; expire deletes nothing until it can read every manifest"
 
@@ -79,6 +88,19 @@ class Incomplete:
 
 
 @dataclass
+class InProgress:
+    """A backup whose marker says it is running: the WAL it will need must stay."""
+
+    id: str
+    honoured: bool  # False: stale (untouched for longer than the grace), ignored
+    start_lsn: str | None  # None: the server had not started it yet (or the marker is unreadable)
+    host: str
+    pid: int | None
+    started: str
+    reason: str
+
+
+@dataclass
 class WalTimeline:
     timeline: int
     keep_from: str | None  # the first segment kept on this timeline
@@ -94,8 +116,10 @@ class RetentionPlan:
     policy: Policy
     backups: list[BackupDecision] = field(default_factory=list)  # oldest first
     incomplete: list[Incomplete] = field(default_factory=list)
+    in_progress: list[InProgress] = field(default_factory=list)
     wal: list[WalTimeline] = field(default_factory=list)
     wal_keys: list[str] = field(default_factory=list)
+    temps: list[TempObject] = field(default_factory=list)  # leftovers of interrupted writes, to remove
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -108,7 +132,8 @@ class RetentionPlan:
 
     @property
     def empty(self) -> bool:
-        return not self.expired and not self.wal_keys and not any(i.action == "delete" for i in self.incomplete)
+        return (not self.expired and not self.wal_keys and not self.temps
+                and not any(i.action == "delete" for i in self.incomplete))
 
     def to_json(self) -> dict[str, object]:
         def strip(d: dict[str, object]) -> dict[str, object]:
@@ -118,8 +143,11 @@ class RetentionPlan:
             "policy": asdict(self.policy),
             "backups": [strip(asdict(b)) for b in self.backups],
             "incomplete": [strip(asdict(i)) for i in self.incomplete],
+            "in_progress": [asdict(b) for b in self.in_progress],
             "wal": {"delete_objects": len(self.wal_keys), "delete_bytes": self.wal_bytes,
                     "timelines": [asdict(t) for t in self.wal]},
+            "temps": {"delete_objects": len(self.temps), "delete_bytes": sum(t.size for t in self.temps),
+                      "keys": [t.key for t in self.temps]},
             "notes": list(self.notes),
         }
 
@@ -166,11 +194,15 @@ def choose_backups(manifests: list[Manifest], policy: Policy, now: float) -> dic
 
 def plan(manifests: list[Manifest], listing: dict[str, list[ObjectInfo]], cat: WalCatalog,
          histories: Histories, policy: Policy, now: float,
-         incomplete_grace: float = INCOMPLETE_GRACE) -> RetentionPlan:
+         incomplete_grace: float = INCOMPLETE_GRACE, markers: dict[str, dict[str, object] | None] | None = None,
+         temps: Sequence[TempObject] | None = None, temp_grace: float = TEMP_GRACE) -> RetentionPlan:
     """Decide what goes. manifests: complete backups, oldest first; listing: backup id -> every
-    object under its directory; now: seconds since the epoch. Touches no storage."""
+    object under its directory; markers: backup id -> its parsed `started` marker (None when
+    unreadable) for directories without a manifest; temps: leftovers of interrupted writes;
+    now: seconds since the epoch. Touches no storage."""
     policy.validate()
     p = RetentionPlan(policy)
+    p.temps = sorted((t for t in temps or [] if now - t.mtime > temp_grace), key=lambda t: t.key)
     manifests = sorted(manifests, key=lambda m: m.id)
     keep = choose_backups(manifests, policy, now)
     for m in manifests:
@@ -183,12 +215,55 @@ def plan(manifests: list[Manifest], listing: dict[str, list[ObjectInfo]], cat: W
             p.backups.append(BackupDecision(m.id, "expire", why, m.type, m.stop_time,
                                             sum(o.size for o in objs), keys))
     _plan_incomplete(p, manifests, listing, now, incomplete_grace)
+    hold = _plan_in_progress(p, listing, markers or {}, manifests, now, incomplete_grace)
     retained = [m for m in manifests if m.id in keep]
     if not retained:
         p.notes.append("no complete backup exists: WAL is kept (it is expired only relative to a retained backup)")
         return p
-    _plan_wal(p, retained, cat, histories)
+    if hold == "all":
+        p.notes.append("a backup in progress has not recorded its start position yet: no WAL is deleted this time")
+        return p
+    _plan_wal(p, retained, cat, histories, hold)
     return p
+
+
+def _plan_in_progress(p: RetentionPlan, listing: dict[str, list[ObjectInfo]],
+                      markers: dict[str, dict[str, object] | None], manifests: list[Manifest], now: float,
+                      grace: float) -> int | str | None:
+    """Record each backup in progress; the lowest start LSN any fresh one needs, "all" when one has
+    not recorded it yet, None when none runs."""
+    complete = {m.id for m in manifests}
+    hold: int | str | None = None
+    for bid, marker in sorted(markers.items()):
+        objs = listing.get(bid, [])
+        if bid in complete or not objs:
+            continue
+        age = now - max(o.mtime for o in objs)
+        m = marker or {}
+        lsn_text = m.get("start_lsn")
+        lsn: int | None = None
+        if isinstance(lsn_text, str):
+            try:
+                lsn = walname.parse_lsn(lsn_text)
+            except ValueError:
+                lsn = None
+        pid = m.get("pid")
+        pid_n = pid if isinstance(pid, int) else None
+        host, started = str(m.get("host", "?")), str(m.get("started", "?"))
+        if age > grace:
+            p.in_progress.append(InProgress(bid, False, walname.format_lsn(lsn) if lsn is not None else None, host,
+                                            pid_n, started, f"stale: untouched for {age / 3600:.1f}h, not honoured"))
+            continue
+        if lsn is None:
+            hold = "all"
+            why = "its start position is not recorded yet (or its marker is unreadable): every WAL segment is kept"
+        else:
+            if hold != "all":
+                hold = lsn if hold is None else min(int(hold), lsn)
+            why = f"it needs WAL from {walname.format_lsn(lsn)} on: kept on every timeline"
+        p.in_progress.append(InProgress(bid, True, walname.format_lsn(lsn) if lsn is not None else None, host,
+                                        pid_n, started, why))
+    return hold
 
 
 def _expire_reason(policy: Policy) -> str:
@@ -218,13 +293,18 @@ def _plan_incomplete(p: RetentionPlan, manifests: list[Manifest], listing: dict[
                                            len(objs), size))
 
 
-def _plan_wal(p: RetentionPlan, retained: list[Manifest], cat: WalCatalog, histories: Histories) -> None:
+def _plan_wal(p: RetentionPlan, retained: list[Manifest], cat: WalCatalog, histories: Histories,
+              hold: int | str | None = None) -> None:
     seg = cat.seg_size
     floor = min(walname.parse_lsn(m.start_lsn) // seg for m in retained)  # the oldest retained start position
     first_needed: dict[int, int] = {}
     for m in retained:
         for n in backup_needs(m, cat, histories):
             first_needed[n.timeline] = min(first_needed.get(n.timeline, n.first), n.first)
+    if isinstance(hold, int):  # a backup in progress: its start segment and everything after, on every timeline
+        held = hold // seg
+        floor = min(floor, held)
+        first_needed = {tli: min(first, held) for tli, first in first_needed.items()}
     doomed: dict[int, list[tuple[int, str, ObjectInfo]]] = {}
     for name, info in cat.objects.items():
         w = walname.parse(name)
@@ -258,10 +338,11 @@ class Applied:
     incomplete: int = 0
     objects: int = 0
     bytes: int = 0
+    temps: int = 0
 
 
 def gather_and_plan(storage: Storage, policy: Policy, now: float,
-                    incomplete_grace: float = INCOMPLETE_GRACE) -> RetentionPlan:
+                    incomplete_grace: float = INCOMPLETE_GRACE, temp_grace: float = TEMP_GRACE) -> RetentionPlan:
     """List the repository (paginated listings, one per area), read every manifest, and plan."""
     policy.validate()
     meta = read_meta(storage)
@@ -271,6 +352,9 @@ def gather_and_plan(storage: Storage, policy: Policy, now: float,
         if len(parts) >= 3:
             listing.setdefault(parts[1], []).append(o)
     ids = sorted(b for b, objs in listing.items() if any(o.key == manifest_key(b) for o in objs))
+    markers = {b: read_marker(storage, b) for b, objs in listing.items()
+               if b not in ids and any(o.key == started_key(b) for o in objs)}
+    temps = storage.stale_temps(temp_grace, now)
     manifests = [read_manifest(storage, b) for b in ids]  # unreadable: IntegrityError, nothing deleted
     for m in manifests:
         try:
@@ -278,8 +362,19 @@ def gather_and_plan(storage: Storage, policy: Policy, now: float,
             walname.parse_lsn(m.stop_lsn)
         except ValueError:
             raise IntegrityError(f"the manifest of backup {m.id} has an invalid LSN", _UNREADABLE) from None
-    cat = scan_wal(storage, meta.wal_segment_size)
-    return plan(manifests, listing, cat, load_histories(storage, cat), policy, now, incomplete_grace)
+    cat = scan_wal(storage, meta.wal_segment_size)  # listed after the markers: see _plan_in_progress
+    return plan(manifests, listing, cat, load_histories(storage, cat), policy, now, incomplete_grace, markers,
+                temps, temp_grace)
+
+
+def read_marker(storage: Storage, backup_id: str) -> dict[str, object] | None:
+    """A backup's `started` marker as a dict; None when it vanished or cannot be read (then the
+    plan keeps all WAL while the directory is fresh: the safe reading of untrusted content)."""
+    try:
+        data = json.loads(storage.get(started_key(backup_id))[:65536])
+    except (PitrError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def apply(storage: Storage, p: RetentionPlan, progress: Callable[[str], None] | None = None) -> Applied:
@@ -305,6 +400,10 @@ def apply(storage: Storage, p: RetentionPlan, progress: Callable[[str], None] | 
     done.bytes += p.wal_bytes
     if p.wal_keys:
         say(f"deleted {len(p.wal_keys)} WAL objects")
+    if p.temps:
+        storage.remove_temps(p.temps)
+        done.temps = len(p.temps)
+        say(f"removed {len(p.temps)} leftover temporary object(s) of interrupted writes")
     return done
 
 

@@ -191,7 +191,8 @@ def check_wal_object(storage: Storage, info: ObjectInfo, meta: RepoMeta) -> _Out
     sink = _HeadSink(HISTORY_MAX if w.kind == "history" else HEAD_KEEP)
     try:
         with src.src:
-            t = envelope.decode_stream(src, sink, f"archived {name}")  # type: ignore[arg-type]
+            t = envelope.decode_stream(src, sink, f"archived {name}",  # type: ignore[arg-type]
+                                       max_size=walname.max_size(w.kind, meta.wal_segment_size))
     except IntegrityError as e:
         out.problems.append(Problem(CORRUPT, info.key, str(e)))
         return out
@@ -237,7 +238,7 @@ def check_data_object(storage: Storage, key: str, entries: list[FileEntry]) -> _
                 win = _Window(src, e.length)
                 what = f"the envelope of {e.path} at offset {e.offset}"
                 try:
-                    t = envelope.decode_stream(win, None, what)  # type: ignore[arg-type]
+                    t = envelope.decode_stream(win, None, what, max_size=e.size)  # type: ignore[arg-type]
                 except IntegrityError as err:
                     out.problems.append(Problem(CORRUPT, key, str(err)))
                     t = None

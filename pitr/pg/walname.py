@@ -12,6 +12,9 @@ import re
 from dataclasses import dataclass
 
 DEFAULT_SEG_SIZE = 16 * 1024 * 1024
+# .history and .backup files are text of a line per ancestor timeline / a few labelled lines:
+# far below this. It bounds what pitr archives and what it will decode of them.
+SMALL_FILE_MAX = 1 << 20
 
 _SEG = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
 _PARTIAL = re.compile(r"^([0-9A-F]{24})\.partial$")
@@ -45,6 +48,12 @@ def parse(name: str) -> WalName | None:
     if m := _HISTORY.match(name):
         return WalName(name, "history", int(m.group(1), 16), None)
     return None
+
+
+def max_size(kind: str, seg_size: int) -> int:
+    """The most bytes an archive file of this kind may hold: a segment (or .partial) is at most
+    one segment; history and backup-history files are small text."""
+    return seg_size if kind in ("segment", "partial") else SMALL_FILE_MAX
 
 
 def segments_per_log(seg_size: int) -> int:
@@ -120,3 +129,62 @@ def parse_history(text: str) -> list[HistoryEntry]:
             raise ValueError(f"malformed timeline history line {line!r}")
         out.append(HistoryEntry(int(parts[0]), parse_lsn(parts[1]), parts[2] if len(parts) > 2 else ""))
     return out
+
+
+def history_problem(tli: int, text: str) -> str | None:
+    """Why `text` is not the history file of timeline tli, or None: PostgreSQL writes one line per
+    ancestor, oldest first (parent timelines strictly increasing, all below tli; switch points
+    never decreasing)."""
+    if tli <= 1:
+        return "names timeline 1, which has no history file"
+    try:
+        entries = parse_history(text)
+    except ValueError as err:
+        return f"is not a timeline history file ({err})"
+    if not entries:
+        return "is not a timeline history file (it names no parent timeline)"
+    prev_tli, prev_lsn = 0, 0
+    for e in entries:
+        if not prev_tli < e.parent < tli:
+            return (f"is not the history of timeline {tli}: it names timeline {e.parent} after "
+                    f"{prev_tli or 'none'} (ancestors must be increasing and below {tli})")
+        if e.switch_lsn < prev_lsn:
+            return f"is not a timeline history file: switch point {format_lsn(e.switch_lsn)} goes backwards"
+        prev_tli, prev_lsn = e.parent, e.switch_lsn
+    return None
+
+
+_BACKUP_LOC = re.compile(r"^(START|STOP) WAL LOCATION: ([0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}) \(file ([0-9A-F]{24})\)$")
+_BACKUP_TLI = re.compile(r"^(START|STOP) TIMELINE: ([0-9]+)$")
+
+
+def backup_history_problem(name: str, text: str, seg_size: int) -> str | None:
+    """Why `text` is not backup history file `name` (SEGMENT.OFFSET.backup), or None.
+
+    PostgreSQL names it after the segment and offset of the backup's START WAL LOCATION (the
+    timeline part: the start or the stop timeline) and writes START and STOP WAL LOCATION lines,
+    each with the segment file that holds it."""
+    w = parse(name)
+    assert w is not None and w.kind == "backup" and w.segment is not None
+    locs: dict[str, tuple[int, str]] = {}
+    tlis: dict[str, int] = {}
+    for line in text.splitlines():
+        if m := _BACKUP_LOC.match(line.strip()):
+            locs.setdefault(m.group(1), (parse_lsn(m.group(2)), m.group(3)))
+        elif m := _BACKUP_TLI.match(line.strip()):
+            tlis.setdefault(m.group(1), int(m.group(2)))
+    if "START" not in locs or "STOP" not in locs:
+        return "is not a backup history file (no START and STOP WAL LOCATION lines)"
+    for kind, (lsn, file) in locs.items():
+        if segment_of_lsn(timeline_of(file), lsn, seg_size) != file:
+            return f"is not a backup history file: {kind} WAL LOCATION {format_lsn(lsn)} is not in {file}"
+    start, start_file = locs["START"]
+    if locs["STOP"][0] < start:
+        return "is not a backup history file: its STOP WAL LOCATION precedes its START"
+    offset = int(name[25:33], 16)
+    if start_file[8:] != w.segment[8:] or start % seg_size != offset:
+        return (f"does not match its name: START WAL LOCATION is {format_lsn(start)} (file {start_file}), "
+                f"the name says segment {w.segment[8:]} at offset {offset:08X}")
+    if w.timeline not in {timeline_of(start_file), *tlis.values()}:
+        return f"does not match its name: timeline {w.timeline} is neither its start nor its stop timeline"
+    return None

@@ -104,7 +104,8 @@ def read_history(storage: Storage, tli: int) -> list[HistoryEntry]:
     """Parsed history of timeline tli (empty for timeline 1); NotFoundError if missing."""
     if tli == 1:
         return []
-    data = envelope.decode(storage.get(wal_key(walname.history_name(tli))), f"history file of timeline {tli}")
+    data = envelope.decode(storage.get(wal_key(walname.history_name(tli))), f"history file of timeline {tli}",
+                           max_size=walname.SMALL_FILE_MAX)
     return walname.parse_history(data.decode())
 
 

@@ -6,7 +6,9 @@
 
 The trailer lets a writer stream (the checksum is known only at the end) and lets a reader
 learn an object's raw checksum with one ranged read of its last 48 bytes. Decoding always
-verifies size and checksum; a mismatch is an IntegrityError. See docs/repository-format.md.
+verifies size and checksum; a mismatch is an IntegrityError. Decoding is capped (max_size): the
+repository is untrusted, and a few KiB of zstd can claim gigabytes, so output past the size the
+caller allows fails at once instead of filling memory or disk. See docs/repository-format.md.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ _RESERVED = bytes(9)
 _TRAILER = struct.Struct(">Q32s8s")
 CODECS = {"none": 0, "zstd": 1}
 CHUNK = 1 << 20
+# decode caps when the caller names none; every pitr caller names the size it allows
+DEFAULT_MAX_SIZE = 1 << 30
 _VERIFY_HINT = "run `pitr verify` to find every damaged object"
 
 
@@ -166,24 +170,19 @@ class EncodedReader:
         return out
 
 
-def decode(data: bytes, what: str = "object") -> bytes:
-    """Decode and verify a whole in-memory envelope."""
+def decode(data: bytes, what: str = "object", *, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
+    """Decode and verify a whole in-memory envelope of at most max_size raw bytes.
+
+    The trailer is read first: a declared size over max_size is refused before any decompression,
+    and decompression stops as soon as it passes the declared size."""
     code = _parse_header(data, what)
     trailer = parse_trailer(data, what)
+    if trailer.size > max_size:
+        raise _too_large(what, max_size)
     body = memoryview(data)[HEADER_SIZE:-TRAILER_SIZE]
-    if code == 1:
-        import zstandard
-
-        dobj = zstandard.ZstdDecompressor().decompressobj()
-        try:
-            raw = dobj.decompress(body)
-        except zstandard.ZstdError as e:
-            raise IntegrityError(f"{what} is corrupt: its payload does not decompress ({e})", _VERIFY_HINT) from None
-        # exactly one whole frame: bytes after it (or a cut frame) mean a damaged object
-        if not dobj.eof or dobj.unused_data:
-            raise IntegrityError(f"{what} is corrupt (the compressed payload is not exactly one zstd frame)")
-    else:
-        raw = bytes(body)
+    inf = _Inflater(code, max_size, what, declared=trailer.size)
+    raw = b"".join(inf.feed(body))
+    inf.finish()
     _verify(len(raw), hashlib.sha256(raw).hexdigest(), trailer, what)
     return raw
 
@@ -193,17 +192,98 @@ def _verify(size: int, sha: str, trailer: Trailer, what: str) -> None:
         raise IntegrityError(f"{what} fails its checksum: stored bytes are corrupt", _VERIFY_HINT)
 
 
-def decode_stream(src: BinaryIO, dst: Sink | None, what: str = "object", chunk: int = CHUNK) -> Trailer:
-    """Decode src into dst (None: just verify), holding back the trailer; raises IntegrityError."""
-    head = src.read(HEADER_SIZE)
-    code = _parse_header(head, what)
-    dobj = None
-    if code == 1:
+def _too_large(what: str, max_size: int) -> IntegrityError:
+    return IntegrityError(f"{what} would decode to more than {max_size} bytes, the most it may hold: "
+                          "the object is corrupt or was planted (a decompression bomb)", _VERIFY_HINT)
+
+
+class _Inflater:
+    """Decompresses one payload, never producing more than max_size bytes in all.
+
+    zstd expands at most MAX_RATIO-fold (an RLE block: 4 bytes -> 128 KiB), so input is fed in
+    pieces small enough that one call's output cannot pass the cap by more than MAX_RATIO *
+    MIN_PIECE bytes; memory stays bounded whatever the object claims."""
+
+    MAX_RATIO = 1 << 15
+    MIN_PIECE = 256
+
+    def __init__(self, code: int, max_size: int, what: str, declared: int | None = None) -> None:
+        self.what = what
+        # more output than the trailer declares fails the checksum anyway: stop as soon as it shows
+        self.limit = max_size if declared is None else min(max_size, declared)
+        self.max_size = max_size
+        self.size = 0
+        self._first = True
+        self._dobj = None
+        if code == 1:
+            import zstandard
+
+            self._dobj = zstandard.ZstdDecompressor().decompressobj()
+
+    def feed(self, body: bytes | memoryview) -> Iterator[bytes]:
+        """Raw bytes for this piece of payload; IntegrityError on damage or past the cap."""
+        if self._dobj is None:
+            self._count(len(body))
+            if body:
+                yield bytes(body)
+            return
+        view = memoryview(body)
+        if self._first and len(view):
+            self._first = False
+            self._check_frame_header(view)
+        pos = 0
+        while pos < len(view):
+            if self._dobj.eof:  # payload continues past the end of the frame
+                raise IntegrityError(f"{self.what} is corrupt (the compressed payload is not exactly one zstd frame)")
+            room = max(self.limit - self.size, 0) + 1
+            step = min(max(room // self.MAX_RATIO, self.MIN_PIECE), CHUNK)
+            piece = view[pos:pos + step]
+            pos += len(piece)
+            try:
+                out = self._dobj.decompress(piece)
+            except Exception as e:  # noqa: BLE001 - zstandard.ZstdError
+                raise IntegrityError(f"{self.what} is corrupt: its payload does not decompress ({e})",
+                                     _VERIFY_HINT) from None
+            if self._dobj.unused_data:
+                raise IntegrityError(f"{self.what} is corrupt (the compressed payload is not exactly one zstd frame)")
+            self._count(len(out))
+            if out:
+                yield out
+
+    def finish(self) -> None:
+        """The payload ended: it must have been one whole frame."""
+        if self._dobj is not None and not self._dobj.eof:
+            raise IntegrityError(f"{self.what} is truncated (incomplete zstd frame)")
+
+    def _count(self, n: int) -> None:
+        self.size += n
+        if self.size > self.max_size:
+            raise _too_large(self.what, self.max_size)
+        if self.size > self.limit:  # past the trailer's own size: corrupt, whatever the cap
+            raise IntegrityError(f"{self.what} fails its checksum: stored bytes are corrupt", _VERIFY_HINT)
+
+    def _check_frame_header(self, view: memoryview) -> None:
+        # a frame that declares its content size is refused up front when that is over the cap
         import zstandard
 
-        dobj = zstandard.ZstdDecompressor().decompressobj()
+        try:
+            declared = zstandard.frame_content_size(bytes(view[:18]))
+        except zstandard.ZstdError:
+            return  # too short or malformed: decompression reports it
+        if declared > self.max_size:
+            raise _too_large(self.what, self.max_size)
+
+
+def decode_stream(src: BinaryIO, dst: Sink | None, what: str = "object", chunk: int = CHUNK, *,
+                  max_size: int = DEFAULT_MAX_SIZE) -> Trailer:
+    """Decode src into dst (None: just verify), holding back the trailer; raises IntegrityError.
+
+    At most max_size raw bytes are ever produced (and written to dst): a payload that would
+    decode to more fails as soon as it passes the cap."""
+    head = src.read(HEADER_SIZE)
+    code = _parse_header(head, what)
+    inf = _Inflater(code, max_size, what)
     h = hashlib.sha256()
-    size = 0
     pending = b""
     while True:
         buf = src.read(chunk)
@@ -213,25 +293,11 @@ def decode_stream(src: BinaryIO, dst: Sink | None, what: str = "object", chunk: 
         if len(pending) <= TRAILER_SIZE:
             continue
         body, pending = pending[:-TRAILER_SIZE], pending[-TRAILER_SIZE:]
-        if dobj is not None:
-            if dobj.eof:  # payload continues past the end of the frame
-                raise IntegrityError(f"{what} is corrupt (the compressed payload is not exactly one zstd frame)")
-            try:
-                out = dobj.decompress(body)
-            except Exception as e:  # noqa: BLE001 - zstandard.ZstdError
-                raise IntegrityError(f"{what} is corrupt: its payload does not decompress ({e})",
-                                     _VERIFY_HINT) from None
-            if dobj.unused_data:
-                raise IntegrityError(f"{what} is corrupt (the compressed payload is not exactly one zstd frame)")
-        else:
-            out = body
-        if out:
+        for out in inf.feed(body):
             h.update(out)
-            size += len(out)
             if dst is not None:
                 dst.write(out)
     trailer = parse_trailer(pending, what)
-    if dobj is not None and not dobj.eof:
-        raise IntegrityError(f"{what} is truncated (incomplete zstd frame)")
-    _verify(size, h.hexdigest(), trailer, what)
+    inf.finish()
+    _verify(inf.size, h.hexdigest(), trailer, what)
     return trailer

@@ -22,6 +22,7 @@ from pitr.storage.base import Storage
 
 PREFIX = "drills/"
 RECORD_VERSION = 1
+RECORD_MAX = 4 << 20  # a record is a few KiB; the repository is untrusted: a planted giant is refused
 
 
 def new_id(now: float | None = None) -> str:
@@ -43,7 +44,8 @@ def write(storage: Storage, record: dict[str, Any]) -> str:
 
 def read(storage: Storage, drill_id: str) -> dict[str, Any]:
     """One record; IntegrityError when its bytes are damaged or not a drill record."""
-    raw = envelope.decode(storage.get(key_of(drill_id)), f"drill record {drill_id}")
+    raw = envelope.decode(storage.get(key_of(drill_id), max_size=RECORD_MAX), f"drill record {drill_id}",
+                          max_size=RECORD_MAX)
     try:
         d = json.loads(raw)
     except ValueError as e:

@@ -29,6 +29,13 @@ def backup_dir(backup_id: str) -> str:
     return f"{BACKUP_PREFIX}{backup_id}/"
 
 
+def started_key(backup_id: str) -> str:
+    """The backup-in-progress marker: JSON {pid, host, started, and once the server has started the
+    backup start_lsn, start_time}. Written first (claiming the ID), deleted after the manifest;
+    `expire` keeps WAL from start_lsn on while it is fresh (docs/repository-format.md)."""
+    return f"{BACKUP_PREFIX}{backup_id}/started"
+
+
 def manifest_key(backup_id: str) -> str:
     return f"{BACKUP_PREFIX}{backup_id}/manifest"
 

@@ -28,6 +28,16 @@ from pitr.storage.base import Storage
 
 log = logging.getLogger("pitr.manifest")
 
+# A manifest is JSON with a SHA-256 per file: it compresses a few-fold, never a hundred-fold. Its
+# decoded size is capped in proportion to the stored size (and absolutely), so a planted object
+# cannot make `info` or `restore` decompress gigabytes (docs/repository-format.md).
+MANIFEST_MAX_SIZE = 1 << 30
+MANIFEST_MAX_RATIO = 64
+
+
+def manifest_cap(stored_size: int) -> int:
+    return min(MANIFEST_MAX_SIZE, (64 << 20) + MANIFEST_MAX_RATIO * stored_size)
+
 
 @dataclass
 class FileEntry:
@@ -251,7 +261,8 @@ def write_manifest(storage: Storage, m: Manifest) -> None:
 def read_manifest(storage: Storage, backup_id: str) -> Manifest:
     key = manifest_key(backup_id)
     try:
-        raw = envelope.decode(storage.get(key), f"manifest of backup {backup_id}")
+        stored = storage.get(key, max_size=MANIFEST_MAX_SIZE)
+        raw = envelope.decode(stored, f"manifest of backup {backup_id}", max_size=manifest_cap(len(stored)))
     except NotFoundError:
         raise NotFoundError(f"backup {backup_id} does not exist in {storage.display}",
                             "list the backups with `pitr info`") from None

@@ -13,6 +13,8 @@ from pitr.errors import ForeignClusterError, IntegrityError, NotFoundError, NotI
 from pitr.repo.format import FORMAT_VERSION, META_KEY
 from pitr.storage.base import Storage
 
+SMALL_JSON_MAX = 1 << 16  # pitr.json and restore-point records are a few hundred bytes
+
 
 @dataclass(frozen=True)
 class RepoMeta:
@@ -49,7 +51,7 @@ def new_meta(system_identifier: int, pg_version: int, wal_segment_size: int) -> 
 def read_meta(storage: Storage) -> RepoMeta:
     """The repo's metadata; NotInitializedError when `pitr init` has not run."""
     try:
-        return RepoMeta.from_json(storage.get(META_KEY))
+        return RepoMeta.from_json(storage.get(META_KEY, max_size=SMALL_JSON_MAX))
     except NotFoundError:
         raise NotInitializedError(
             f"the repository {storage.display} is not initialized",

@@ -15,7 +15,8 @@ import json
 from dataclasses import asdict, dataclass
 from urllib.parse import quote
 
-from pitr.errors import NotFoundError
+from pitr.errors import IntegrityError, NotFoundError
+from pitr.repo.meta import SMALL_JSON_MAX
 from pitr.storage.base import Storage
 
 PREFIX = "restore-points/"
@@ -55,8 +56,8 @@ def record(storage: Storage, rp: RestorePointRecord) -> None:
 
 def lookup(storage: Storage, name: str) -> RestorePointRecord | None:
     try:
-        return RestorePointRecord.from_json(storage.get(key_of(name)))
-    except NotFoundError:
+        return RestorePointRecord.from_json(storage.get(key_of(name), max_size=SMALL_JSON_MAX))
+    except (NotFoundError, IntegrityError):  # oversized: as damaged, restore falls back
         return None
 
 
@@ -66,9 +67,11 @@ def list_points(storage: Storage) -> list[RestorePointRecord]:
         if not o.key.endswith(".json"):
             continue
         try:
-            rp = RestorePointRecord.from_json(storage.get(o.key))
+            rp = RestorePointRecord.from_json(storage.get(o.key, max_size=SMALL_JSON_MAX))
         except NotFoundError:
             continue  # deleted while listing
+        except IntegrityError:
+            continue  # oversized: as damaged
         if rp is not None:
             out.append(rp)
     return sorted(out, key=lambda r: (r.time, r.name))

@@ -26,4 +26,5 @@ def open_storage(settings: Settings, *, max_connections: int | None = None) -> S
         ca_bundle=settings.s3_ca_bundle,
         part_size=settings.s3_part_size_mb << 20,
         max_connections=max_connections or max(10, settings.jobs * 3),
+        trust_conditional=not settings.allow_unsafe_store,
     )

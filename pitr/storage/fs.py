@@ -7,12 +7,12 @@ import os
 import shutil
 import stat
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from pitr.errors import AlreadyExistsError, NotFoundError, RepoMissingError, StorageError
-from pitr.storage.base import CHUNK, ObjectInfo, Storage
+from pitr.storage.base import CHUNK, ObjectInfo, Storage, TempObject
 
 TMP_PREFIX = ".tmp."
 
@@ -21,6 +21,7 @@ class FsStorage(Storage):
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.display = str(self.root)
+        self._synced: set[Path] = set()  # directories whose entry this process has made durable
 
     # --- helpers
     def _path(self, key: str) -> Path:
@@ -56,15 +57,29 @@ class FsStorage(Storage):
             raise StorageError(f"repository path {self.root} is not a directory", "fix --repo / PITR_REPO")
 
     def _makedirs(self, d: Path) -> None:
-        """Create d and its missing parents below the root, fsyncing each new entry's directory."""
-        if d == self.root or d.is_dir():
+        """Make d and its parents below the root exist durably: each one's entry is fsynced in its
+        parent even when it already exists, as whoever made it (a crashed writer, a concurrent one
+        still before its fsync) may not have synced it yet. Once per directory per process."""
+        if d == self.root or d in self._synced:
             return
         self._makedirs(d.parent)
         try:
             d.mkdir()
         except FileExistsError:
-            return  # a concurrent writer made it (and syncs it)
+            pass
         self._fsync_dir(d.parent)
+        self._synced.add(d)
+
+    def _fsync_existing(self, path: Path) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return  # deleted meanwhile: the caller's read-back reports it
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._fsync_dir(path.parent)
 
     @staticmethod
     def _fsync_dir(path: Path) -> None:
@@ -94,6 +109,9 @@ class FsStorage(Storage):
                 try:
                     os.link(tmp, final)
                 except FileExistsError:
+                    # the caller may take the existing object as its own (an identical re-push):
+                    # make it as durable as a new one, its writer may have died before syncing
+                    self._fsync_existing(final)
                     raise AlreadyExistsError(f"object {key} already exists") from None
                 finally:
                     tmp.unlink(missing_ok=True)
@@ -167,6 +185,47 @@ class FsStorage(Storage):
         except OSError as e:
             raise self._oserror(e, f"delete {key}") from e
 
+    def delete_prefix(self, prefix: str) -> None:
+        super().delete_prefix(prefix)
+        top = self._path(prefix.rstrip("/"))
+        self._synced = {d for d in self._synced if not d.is_relative_to(top)}
+        try:
+            for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda w: -len(w[0])):
+                os.rmdir(dirpath)  # bottom-up: only directories that are empty
+            if top.parent != self.root:
+                top.parent.rmdir()
+        except OSError:
+            pass  # not empty (someone else's probe) or gone: nothing to tidy
+
+    def stale_temps(self, older_than: float, now: float) -> Sequence[TempObject]:
+        """`.tmp.*` files left by a put() that was killed (kill -9, power loss) before its rename."""
+        self._require_root()
+        out: list[TempObject] = []
+        try:
+            for dirpath, _dirs, filenames in os.walk(self.root):
+                for name in filenames:
+                    if not name.startswith(TMP_PREFIX):
+                        continue
+                    try:
+                        st = os.lstat(os.path.join(dirpath, name))
+                    except FileNotFoundError:
+                        continue  # its writer finished (renamed or unlinked it) meanwhile
+                    if stat.S_ISREG(st.st_mode) and now - st.st_mtime > older_than:
+                        rel = os.path.relpath(os.path.join(dirpath, name), self.root)
+                        out.append(TempObject(rel, st.st_size, st.st_mtime))
+        except OSError as e:
+            raise self._oserror(e, "list temporary files") from e
+        return sorted(out, key=lambda t: t.key)
+
+    def remove_temps(self, temps: Sequence[TempObject]) -> None:
+        for t in temps:
+            if not t.key.rsplit("/", 1)[-1].startswith(TMP_PREFIX):
+                raise StorageError(f"refusing to remove {t.key!r}: not a temporary file")
+            try:
+                self._path(t.key).unlink(missing_ok=True)
+            except OSError as e:
+                raise self._oserror(e, f"remove the temporary file {t.key}") from e
+
     def check(self, write: bool = False) -> None:
         self._require_root()
         if write and not os.access(self.root, os.W_OK | os.X_OK):
@@ -179,7 +238,10 @@ class FsStorage(Storage):
 
     def create(self) -> None:
         try:
+            missing = [p for p in (self.root, *self.root.parents) if not p.exists()]
             self.root.mkdir(parents=True, exist_ok=True)
+            for p in missing:  # each new directory's entry, durably
+                self._fsync_dir(p.parent)
         except OSError as e:
             raise self._oserror(e, "create the directory") from e
         self.check(write=True)

@@ -3,8 +3,10 @@
 Every upload carries a SHA-256 content checksum (x-amz-checksum-sha256) that the server verifies
 before it stores the object; large streams go up as multipart uploads whose parts each carry
 their own checksum, so a whole large object is never held in memory. Conditional writes use
-`If-None-Match: *`; where an endpoint answers that it does not implement them we fall back to
-check-then-write and remember that for this client.
+`If-None-Match: *` on a single PutObject (never a multipart completion, which some stores do not
+make atomic). An endpoint that answers it does not implement them is refused, unless the user
+accepted the risk (allow_unsafe_store: trust_conditional=False), and then, as for a store that
+ignores the header, every conditional write looks first (HEAD) and its caller reads back after.
 """
 
 from __future__ import annotations
@@ -12,17 +14,21 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import logging
 import os
+import re
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
-from pitr.errors import AlreadyExistsError, NotFoundError, RepoMissingError, StorageError
-from pitr.storage.base import ObjectInfo, Storage
+from pitr.errors import AlreadyExistsError, ConfigError, NotFoundError, RepoMissingError, StorageError
+from pitr.storage.base import UNSAFE_STORE_HINT, ObjectInfo, Storage, TempObject
 
 MiB = 1 << 20
+MAX_SINGLE_PUT = 5 << 30  # S3's limit for one PutObject
+MULTIPART_GRACE = 86400.0  # an incomplete multipart upload started longer ago is abandoned (expire aborts it)
 PARTS_IN_FLIGHT = 2  # per multipart upload; with --jobs uploads at once this bounds backup memory
 _CONN_HINT = "check that the S3 endpoint is up and that --s3-endpoint / PITR_S3_ENDPOINT is right"
 _CRED_HINT = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / an instance role) "
@@ -60,6 +66,22 @@ class _Body(io.RawIOBase):
             super().close()
 
 
+def _client_setup_error(e: Exception, endpoint: str | None) -> ConfigError:
+    """Why boto3 could not even build a client (a bad AWS_PROFILE, endpoint or AWS config file)."""
+    from botocore import exceptions as bx  # type: ignore[import-untyped]
+
+    if isinstance(e, bx.ProfileNotFound):
+        var = "AWS_PROFILE" if os.environ.get("AWS_PROFILE") else "AWS_DEFAULT_PROFILE"
+        return ConfigError(f"the AWS profile {e.kwargs.get('profile')!r} named by {var} does not exist in this "
+                           "user's AWS config or credentials file",
+                           f"fix or unset {var}, or add the profile to ~/.aws/config (AWS_CONFIG_FILE)")
+    if isinstance(e, ValueError) and "endpoint" in str(e).lower():
+        return ConfigError(f"the S3 endpoint {endpoint!r} is not a valid URL",
+                           "give --s3-endpoint / PITR_S3_ENDPOINT as http(s)://host[:port]")
+    return ConfigError(f"the S3 client cannot be set up from this environment: {e}",
+                       "check the AWS_* environment variables and ~/.aws/config of the user running pitr")
+
+
 class S3Storage(Storage):
     def __init__(
         self,
@@ -73,6 +95,7 @@ class S3Storage(Storage):
         part_size: int = 16 * MiB,
         max_connections: int = 10,
         max_attempts: int = 4,
+        trust_conditional: bool = True,
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
@@ -86,8 +109,17 @@ class S3Storage(Storage):
         self._max_attempts = max_attempts
         self._client: Any = None
         self._client_lock = threading.Lock()
-        self._conditional = True
+        self._conditional = True  # the endpoint accepts If-None-Match (it may still ignore it)
         self._bucket_ok = False
+        # False: the user accepted a store that failed the conditional-create test (allow_unsafe_store)
+        self.conditional_writes_trusted = trust_conditional
+
+    def native(self) -> S3Storage:
+        if self.conditional_writes_trusted:
+            return self
+        return S3Storage(self.bucket, self.prefix, endpoint=self.endpoint, region=self._region,
+                         addressing=self._addressing, ca_bundle=self._ca_bundle, part_size=self.part_size,
+                         max_connections=self._max_connections, max_attempts=self._max_attempts)
 
     # --- client
     @property
@@ -116,14 +148,17 @@ class S3Storage(Storage):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        session = boto3.session.Session()
-        return session.client(
-            "s3",
-            endpoint_url=self.endpoint or None,
-            region_name=region or "us-east-1",
-            verify=self._ca_bundle or None,
-            config=cfg,
-        )
+        try:
+            session = boto3.session.Session()
+            return session.client(
+                "s3",
+                endpoint_url=self.endpoint or None,
+                region_name=region or "us-east-1",
+                verify=self._ca_bundle or None,
+                config=cfg,
+            )
+        except Exception as e:  # noqa: BLE001 - the environment's fault, not pitr's: say which setting
+            raise _client_setup_error(e, self.endpoint) from e
 
     def _k(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -191,7 +226,9 @@ class S3Storage(Storage):
     # --- interface
     def put(self, key: str, data: bytes | BinaryIO, *, if_absent: bool = False) -> None:
         if isinstance(data, bytes | bytearray | memoryview):
-            if len(data) <= self.part_size:
+            # a conditional create goes up in one PUT: a conditional multipart completion is not
+            # atomic on every store (two racers both acknowledged), a conditional PutObject is
+            if len(data) <= self.part_size or (if_absent and len(data) <= MAX_SINGLE_PUT):
                 self._put_small(key, bytes(data), if_absent)
                 return
             data = io.BytesIO(data)
@@ -208,10 +245,9 @@ class S3Storage(Storage):
     def _put_small(self, key: str, body: bytes, if_absent: bool) -> None:
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": self._k(key), "Body": body,
                               "ChecksumSHA256": _b64sha256(body)}
-        if if_absent and not self._conditional:
-            if self.stat(key) is not None:
-                raise AlreadyExistsError(f"object {key} already exists")
-        elif if_absent:
+        if if_absent and not self.conditional_writes_trusted and self.stat(key) is not None:
+            raise AlreadyExistsError(f"object {key} already exists")
+        if if_absent and self._conditional:
             kw["IfNoneMatch"] = "*"
         try:
             self.client.put_object(**kw)
@@ -221,7 +257,12 @@ class S3Storage(Storage):
             if if_absent and isinstance(e, ClientError) and e.response.get("Error", {}).get("Code") in (
                 "NotImplemented", "InvalidArgument"
             ) and "IfNoneMatch" in kw:
-                # endpoint without conditional writes: check-then-write from now on
+                if self.conditional_writes_trusted:
+                    raise StorageError(
+                        f"the S3 endpoint {self.endpoint or 'AWS S3'} does not support conditional writes "
+                        "(If-None-Match), which pitr needs so that nothing archived is ever overwritten",
+                        UNSAFE_STORE_HINT) from None
+                # accepted (allow_unsafe_store): the look-before-write above is all there is
                 self._conditional = False
                 self._put_small(key, body, if_absent)
                 return
@@ -229,6 +270,19 @@ class S3Storage(Storage):
             if isinstance(err, NotFoundError):
                 self._check_bucket()
             raise err from e
+
+    def rejects_bad_checksum(self, key: str) -> bool | None:
+        body = b"pitr checksum probe"
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=body,
+                                   ChecksumSHA256=_b64sha256(body + b"!"))
+        except Exception as e:  # noqa: BLE001
+            from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+
+            if isinstance(e, ClientError) and e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 400:
+                return True  # BadDigest / InvalidRequest: the store checked and refused
+            raise self._translate(e, f"write {key}") from e
+        return False
 
     def _put_multipart(self, key: str, head: list[bytes], rest: BinaryIO, if_absent: bool) -> None:
         k = self._k(key)
@@ -285,11 +339,29 @@ class S3Storage(Storage):
         r = self._call(f"read {key}", self.client.get_object, Bucket=self.bucket, Key=self._k(key), Range=rng)
         body = r["Body"]
         try:
-            return body.read()
+            data = body.read()
         except Exception as e:  # noqa: BLE001
             raise self._translate(e, f"read {key}") from e
         finally:
             body.close()
+        return self._checked_range(key, r, data, start, length)
+
+    def _checked_range(self, key: str, r: dict[str, Any], data: bytes, start: int, length: int | None) -> bytes:
+        """The bytes asked for, whatever the endpoint did with the Range header: some (s3rver) read
+        a suffix range `bytes=-N` as `bytes=0-N`, others ignore Range and send the whole object."""
+        m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", str(r.get("ContentRange") or ""))
+        if m is None:  # the whole object came back
+            if start < 0:
+                return data[max(0, len(data) + start):]
+            return data[start:] if length is None else data[start:start + length]
+        first, total = int(m.group(1)), int(m.group(3))
+        want = max(0, total + start) if start < 0 else start
+        if first == want:
+            return data
+        if start < 0:  # a misread suffix range: ask again with explicit offsets
+            return self.get_range(key, want, total - want)
+        raise StorageError(f"the S3 endpoint {self.endpoint or 'AWS S3'} answered a read of {key} from byte "
+                           f"{start} with the bytes from {first}")
 
     def stat(self, key: str) -> ObjectInfo | None:
         try:
@@ -332,6 +404,42 @@ class S3Storage(Storage):
             probe = f".pitr-write-check/{os.getpid()}-{threading.get_ident()}"
             self._put_small(probe, b"ok", False)
             self.delete(probe)
+
+    def stale_temps(self, older_than: float, now: float) -> Sequence[TempObject]:
+        """Incomplete multipart uploads (a put() killed mid-upload) started over MULTIPART_GRACE and
+        older_than ago; their parts are billed but never listed. Without permission to list them:
+        a warning and none (expire still does its main work)."""
+        limit = max(older_than, MULTIPART_GRACE)  # S3 keeps the start time only; an upload may run for hours
+        full = self.prefix + "/" if self.prefix else ""
+        cut = len(full)
+        out: list[TempObject] = []
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=full)
+            for page in pages:
+                for u in page.get("Uploads", []):
+                    started = u["Initiated"].timestamp()
+                    if now - started > limit:
+                        out.append(TempObject(u["Key"][cut:], 0, started, u["UploadId"]))
+        except Exception as e:  # noqa: BLE001
+            err = self._translate(e, "list incomplete multipart uploads")
+            if isinstance(err, StorageError) and "refused access" in str(err):
+                logging.getLogger("pitr.storage").warning(
+                    "cannot list incomplete multipart uploads in %s (access denied); grant "
+                    "s3:ListBucketMultipartUploads so that expire can abort abandoned ones", self.display)
+                return []
+            raise err from e
+        return out
+
+    def remove_temps(self, temps: Sequence[TempObject]) -> None:
+        for t in temps:
+            if t.upload_id is None:
+                continue
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._k(t.key), UploadId=t.upload_id)
+            except Exception as e:  # noqa: BLE001
+                err = self._translate(e, f"abort the incomplete upload of {t.key}")
+                if not isinstance(err, NotFoundError):  # NoSuchUpload: finished or aborted meanwhile
+                    raise err from e
 
     def close(self) -> None:
         if self._client is not None:

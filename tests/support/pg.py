@@ -67,9 +67,15 @@ def chown_pg(path: Path, recursive: bool = False) -> None:
                 os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
 
 
+# every directory make_tmpdir() made in this test session: the session's helper reaper (conftest.py)
+# stops only pitr helpers working there, never those of another session running at the same time
+MADE_TMPDIRS: list[str] = []
+
+
 def make_tmpdir(prefix: str = "pitr-t-") -> Path:
     """Short dir under /tmp owned by postgres (root's home and pytest's tmp are not reachable)."""
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    MADE_TMPDIRS.append(f"{path}/")
     path.chmod(0o700)
     chown_pg(path)
     return path
