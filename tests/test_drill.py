@@ -212,6 +212,7 @@ def test_random_target_drills_a_time_inside_the_window(repo: Repo) -> None:
 def test_drill_into_pgdata_with_check_file_and_keep(repo: Repo, tmp_pg_dir: Path) -> None:
     if repo.fs_root is None or repo.cluster.major != 15:
         pytest.skip("one variant is enough for --pgdata/--keep/--check-file")
+    before = drill_dirs()
     checks = tmp_pg_dir / "checks.sql"
     checks.write_text("-- the accounts survived; a ';' in a string is no statement end\n"
                       "select count(*) = 100 from accounts;\nselect 'a;b' = 'a;b';\n")
@@ -223,6 +224,14 @@ def test_drill_into_pgdata_with_check_file_and_keep(repo: Repo, tmp_pg_dir: Path
     assert [s["sql"] for s in rec["steps"] if s["name"] == "check"] == [
         "select count(*) = 100 from accounts", "select 'a;b' = 'a;b'"]
     assert rec["kept"] == str(dest) and (dest / "PG_VERSION").is_file() and not drill_servers()
+    kept = Path(rec["kept_workdir"])  # the relocated tablespace the kept copy links to
+    try:
+        assert sorted(os.listdir(kept)) == ["server.log", "tablespaces"]  # no socket dir, no trust pg_hba.conf
+        assert (dest / "pg_tblspc").is_dir() and all(
+            os.path.realpath(ln).startswith(str(kept)) for ln in (dest / "pg_tblspc").iterdir())
+    finally:
+        rmtree_pg(kept)
+    assert drill_dirs() == before
     r = repo.pitr("drill", "--pgdata", str(dest))
     assert r.returncode == 2 and "is not an empty directory" in r.stderr
 

@@ -43,6 +43,8 @@ def render_drill(rec: dict[str, Any]) -> str:
         lines.append(f"  {mark}  {what}: {s.get('message')}")
     if rec.get("kept"):
         lines.append(f"  kept            {rec['kept']} (--keep: remove it when done)")
+        if rec.get("kept_workdir") and not str(rec["kept"]).startswith(str(rec["kept_workdir"])):
+            lines.append(f"  kept            {rec['kept_workdir']} (its tablespaces and logs: remove it too)")
     return "\n".join(lines)
 
 

@@ -213,6 +213,16 @@ class _Place:
     def replay_log(self) -> Path:  # where restore --replay puts its server log
         return self.pgdata.parent / f"pitr-replay-{self.pgdata.name}.log"
 
+    def keep(self) -> str | None:
+        """--keep: drop the socket dir and the trust pg_hba.conf; keep the private dir only when it
+        holds the data or its tablespaces (the kept copy needs them). Returns it when kept."""
+        shutil.rmtree(self.run, ignore_errors=True)
+        (self.work / "pg_hba.conf").unlink(missing_ok=True)
+        if self.pgdata.parent == self.work or (self.work / "tablespaces").exists():
+            return str(self.work)
+        shutil.rmtree(self.work, ignore_errors=True)
+        return None
+
     def remove(self) -> None:
         if self.pgdata.parent != self.work:  # --pgdata: leave no data, no replay log
             if self.created_pgdata:
@@ -272,7 +282,7 @@ def run_drill(storage: Storage, opts: DrillOptions, on_phase: Callable[[str], No
         "pitr_version": __version__, "pg_version": None, "backup": None,
         "target": target.to_json() | {"random": opts.random_target} | ({"note": target_note} if target_note else {}),
         "reached": None, "rto_seconds": None, "rto_checks_seconds": None, "bytes_restored": None,
-        "wal_segments": None, "steps": [], "error": None, "kept": None,
+        "wal_segments": None, "steps": [], "error": None, "kept": None, "kept_workdir": None,
     }
     steps: list[Step] = []
     place = _Place(opts.pgdata)
@@ -324,6 +334,7 @@ def run_drill(storage: Storage, opts: DrillOptions, on_phase: Callable[[str], No
             srv.stop()
         if opts.keep:
             rec["kept"] = str(place.pgdata)
+            rec["kept_workdir"] = place.keep()
         else:
             place.remove()
     rec["steps"] = [s.to_json() for s in steps]
