@@ -96,6 +96,10 @@ class CheckError(PitrError):
     """`pitr check` found a misconfiguration or an RPO over the limit."""
 
 
+class DrillError(PitrError):
+    """`pitr drill` ran and a step failed (restore, pg_amcheck or a check); the result is recorded."""
+
+
 class LockedError(PitrError):
     """Another pitr process holds the repository lock for this operation."""
 

@@ -106,7 +106,14 @@ def test_a_gap_cuts_the_window_even_if_later_wal_exists(repo: FsStorage) -> None
 
 
 def test_json_output_follows_the_documented_schema(repo: FsStorage) -> None:
+    from pitr.repo import drills
+
     build_history(repo)
+    drills.write(repo, {"version": 1, "id": "20261101T020000Z-abcdef", "started": "2026-11-01T02:00:00Z",
+                        "finished": "2026-11-01T02:01:00Z", "passed": False, "rto_seconds": 30.5,
+                        "rto_checks_seconds": 41.0, "target": {"kind": "latest", "description": "end of the archive"},
+                        "backup": {"id": "20261101T000000F"}, "reached": {"lsn": "0/7000000"},
+                        "steps": [{"name": "restore", "passed": True}, {"name": "check", "passed": False}]})
     for args in (("info", "--json"), ("list", "--json")):
         p = pitr("--repo", str(repo.root), *args)
         assert p.returncode == 0, p.stderr
@@ -121,6 +128,8 @@ def test_json_output_follows_the_documented_schema(repo: FsStorage) -> None:
         assert rec["latest_time"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(T0 + 660))
         assert rec["earliest_backup"] == "20261101T000000F" and rec["latest_is_upper_bound"] is True
         assert doc["rpo_seconds"] > 0
+        assert doc["drill"]["id"] == "20261101T020000Z-abcdef" and doc["drill"]["failed_steps"] == ["check"]
+        assert doc["drill"]["rto_seconds"] == 30.5 and doc["drill"]["target"] == "end of the archive"
     # every field the command emits is documented, and every documented field is emitted
     documented = set(re.findall(r"^\| `([a-z_]+)`(?:, `([a-z_]+)`)?", DOC.read_text(), re.M))
     names = {n for pair in documented for n in pair if n}

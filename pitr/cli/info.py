@@ -79,7 +79,31 @@ def to_json(r: Any) -> dict[str, Any]:
         "restore_points": [{"name": p.name, "lsn": p.lsn, "timeline": p.timeline, "time": p.time}
                            for p in r.restore_points],
         "rpo_seconds": None if r.rpo_seconds is None else round(r.rpo_seconds, 3),
+        "drill": drill_json(getattr(r, "drill", None)),
     }
+
+
+def drill_json(d: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The newest drill in info's terms (docs/info-json.md): when, target, result, RTO.
+
+    The record comes from the repository (untrusted): a field of the wrong type reads as absent."""
+    if not d:
+        return None
+
+    def obj(v: Any) -> dict[str, Any]:
+        return v if isinstance(v, dict) else {}
+
+    def num(v: Any) -> float | None:
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    raw = d.get("steps")
+    steps: list[Any] = raw if isinstance(raw, list) else []
+    failed = [obj(s).get("name") for s in steps if obj(s).get("passed") is False]
+    return {"id": d.get("id"), "started": d.get("started"), "finished": d.get("finished"),
+            "passed": d.get("passed"), "target": obj(d.get("target")).get("description"),
+            "backup": obj(d.get("backup")).get("id"), "reached_lsn": obj(d.get("reached")).get("lsn"),
+            "rto_seconds": num(d.get("rto_seconds")), "rto_checks_seconds": num(d.get("rto_checks_seconds")),
+            "failed_steps": failed}
 
 
 def render_text(r: Any) -> str:
@@ -131,6 +155,13 @@ def render_text(r: Any) -> str:
         lines.append("restore points (made with `pitr restore-point`; restore with --target-name)")
         lines.append(table(["name", "time", "lsn", "tli"],
                            [[p.name, _human_time(p.time), p.lsn, str(p.timeline)] for p in r.restore_points]))
+    dj = drill_json(getattr(r, "drill", None))
+    if dj is None:
+        lines.append("drill        none recorded (prove a restore with `pitr drill`)")
+    else:
+        res = "passed" if dj["passed"] else f"FAILED ({', '.join(map(str, dj['failed_steps'])) or 'restore'})"
+        lines.append(f"drill        {_human_time(dj['started'])} UTC: {res}, target {dj['target'] or '-'}, "
+                     f"RTO {human_duration(dj['rto_seconds'])} (drill {dj['id']})")
     rpo = r.rpo_seconds
     lines.append(f"RPO          {human_duration(rpo)}" + (" (age of the newest archived WAL segment)"
                                                          if rpo is not None else " (no WAL archived)"))

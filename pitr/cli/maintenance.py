@@ -56,6 +56,8 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         dbname: Annotated[str | None, typer.Option("--dbname", "-d", help="libpq conninfo of the running server [libpq env].", show_default=False)] = None,
         max_rpo: Annotated[str | None, typer.Option("--max-rpo", help="Fail when the newest archived WAL is older than this (90s, 5m, 2h, 1d).", show_default=False)] = None,
+        max_backup_age: Annotated[str | None, typer.Option("--max-backup-age", metavar="DUR", help="Fail when the newest complete backup is older than this (e.g. 26h).", show_default=False)] = None,
+        max_drill_age: Annotated[str | None, typer.Option("--max-drill-age", metavar="DUR", help="Fail when the newest passing drill is older than this (e.g. 8d).", show_default=False)] = None,
         timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the switched segment to reach the repository.")] = 60.0,
         json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
         storage_test: Annotated[bool, typer.Option("--storage", help="Instead, run a conformance self-test of the repository's store (atomic conditional create, read-after-write, listing, multipart, checksums); no server needed.")] = False,
@@ -93,12 +95,19 @@ def register(app: typer.Typer) -> None:
                 rpo = parse_duration(max_rpo)
             except ValueError as e:
                 raise UsageError(f"--max-rpo: {e}") from None
+        ages: dict[str, float | None] = {}
+        for flag, val in (("--max-backup-age", max_backup_age), ("--max-drill-age", max_drill_age)):
+            try:
+                ages[flag] = None if val is None else parse_duration(val)
+            except ValueError as e:
+                raise UsageError(f"{flag}: {e}") from None
         if not 0 <= timeout < float("inf"):  # also refuses nan, which every comparison lets through
             raise UsageError(f"--timeout must be a finite number of seconds, 0 or more, not {timeout}")
         s = settings_of(ctx, dbname=dbname)
         storage = open_repo(s)
         try:
-            res = check(storage, s.dbname, CheckOptions(s.location(), timeout, rpo))
+            res = check(storage, s.dbname, CheckOptions(s.location(), timeout, rpo, ages["--max-backup-age"],
+                                                         ages["--max-drill-age"]))
         finally:
             storage.close()
         if json_out:

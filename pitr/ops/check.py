@@ -44,6 +44,10 @@ class CheckResult:
     newest_wal: str | None = None
     switched_segment: str | None = None
     wait_seconds: float | None = None
+    backup_age_seconds: float | None = None
+    newest_backup: str | None = None
+    drill_age_seconds: float | None = None
+    newest_drill: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -56,7 +60,9 @@ class CheckResult:
     def to_json(self) -> dict[str, object]:
         return {"ok": self.ok, "points": [asdict(p) for p in self.points], "rpo_seconds": self.rpo_seconds,
                 "newest_wal": self.newest_wal, "switched_segment": self.switched_segment,
-                "wait_seconds": self.wait_seconds}
+                "wait_seconds": self.wait_seconds, "backup_age_seconds": self.backup_age_seconds,
+                "newest_backup": self.newest_backup, "drill_age_seconds": self.drill_age_seconds,
+                "newest_drill": self.newest_drill}
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,8 @@ class CheckOptions:
     repo: RepoLocation
     timeout: float = 60.0
     max_rpo: float | None = None  # seconds
+    max_backup_age: float | None = None  # seconds
+    max_drill_age: float | None = None  # seconds
 
 
 # --------------------------------------------------------------------------- archive_command
@@ -137,6 +145,7 @@ def check(storage: Storage, conninfo: str | None, opts: CheckOptions,
         meta = _repo_points(storage, server, res)
         if opts.max_rpo is not None:
             _rpo_point(storage, meta, pg, opts.max_rpo, res, clock)
+        age_points(storage, meta, opts, res, clock)
         if pg is not None and server is not None and archiving_ok and meta is not None:
             if server.in_recovery:
                 res.add("wal-switch", False, "the server is a standby, where no WAL switch can be forced",
@@ -233,6 +242,39 @@ def _rpo_point(storage: Storage, meta: RepoMeta | None, pg: PgSession | None, ma
     else:
         res.add("rpo", True, f"the newest archived WAL ({cat.newest_name}) is {_dur(age)} old "
                 f"(limit {limit})")
+
+
+def age_points(storage: Storage, meta: RepoMeta | None, opts: CheckOptions, res: CheckResult,
+               clock: Callable[[], float]) -> None:
+    """--max-backup-age and --max-drill-age: the newest complete backup / passing drill against its limit."""
+    from pitr.ops.proof_ages import newest_backup, newest_passing_drill
+
+    for name, limit, find, what in (
+            ("backup-age", opts.max_backup_age, newest_backup, "complete backup"),
+            ("drill-age", opts.max_drill_age, newest_passing_drill, "passing drill")):
+        if limit is None:
+            continue
+        if meta is None:
+            res.add(name, False, "cannot be measured: the repository is not usable", "fix the repository first")
+            continue
+        found = find(storage, meta)
+        if found is None:
+            fix = "take one with `pitr backup`" if name == "backup-age" else "run `pitr drill` (docs/runbook.md)"
+            res.add(name, False, f"no {what} is recorded in the repository", fix)
+            continue
+        ident, when = found
+        age = max(0.0, clock() - when)
+        if name == "backup-age":
+            res.backup_age_seconds, res.newest_backup = round(age, 3), ident
+        else:
+            res.drill_age_seconds, res.newest_drill = round(age, 3), ident
+        if age > limit:
+            fix = ("check the backup timer and its log; take one with `pitr backup`" if name == "backup-age"
+                   else "check the drill timer and its log; a failed drill does not count (`pitr info`)")
+            res.add(name, False, f"the newest {what} ({ident}) is {_dur(age)} old, over the limit of "
+                    f"{_dur(limit)}", fix)
+        else:
+            res.add(name, True, f"the newest {what} ({ident}) is {_dur(age)} old (limit {_dur(limit)})")
 
 
 def _nothing_unarchived(pg: PgSession, timelines: dict[int, TimelineWal], seg_size: int) -> bool:

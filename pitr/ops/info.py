@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pitr.errors import PitrError
 from pitr.ops.walreach import Histories, leads_to, load_histories
 from pitr.pg import walname
+from pitr.repo import drills
 from pitr.repo.catalog import Stretch, WalCatalog, backup_wal, scan_wal, timeline_path
 from pitr.repo.manifest import Manifest, list_backup_ids, read_manifest
 from pitr.repo.meta import RepoMeta, read_meta
@@ -95,6 +96,7 @@ class InfoReport:
     now: float
     restore_points: list[RestorePointRecord] = field(default_factory=list)
     extra: dict[str, object] = field(default_factory=dict)
+    drill: dict[str, object] | None = None  # the newest drill record (repo/drills.py), passed or not
 
     @property
     def rpo_seconds(self) -> float | None:
@@ -116,8 +118,10 @@ def gather(storage: Storage, now: float | None = None) -> InfoReport:
         if reaches:
             window.latest = max(reaches, key=lambda r: (r.arrival, r.end_lsn))
     points = [p for p in list_points(storage) if p.system_identifier == meta.system_identifier]
-    return InfoReport(storage.display, meta, backups, timeline_summaries(cat), sorted(cat.history_files), window,
-                      cat.newest_name, cat.newest_mtime or None, now, points)
+    report = InfoReport(storage.display, meta, backups, timeline_summaries(cat), sorted(cat.history_files), window,
+                        cat.newest_name, cat.newest_mtime or None, now, points)
+    report.drill = drills.newest(storage)
+    return report
 
 
 def _summary(storage: Storage, bid: str, cat: WalCatalog) -> BackupSummary:
