@@ -77,6 +77,7 @@ def register(app: typer.Typer) -> None:
         target_xid: Annotated[str | None, typer.Option("--target-xid", metavar="XID", help="Recover to the commit of this transaction ID.", show_default=False)] = None,
         target_name: Annotated[str | None, typer.Option("--target-name", metavar="NAME", help="Recover to this restore point (pg_create_restore_point).", show_default=False)] = None,
         target: Annotated[str | None, typer.Option("--target", metavar="immediate", help="'immediate': stop as soon as the backup is consistent.", show_default=False)] = None,
+        target_exclusive: Annotated[bool, typer.Option("--target-exclusive", help="Stop just before the time, LSN or xid target (recovery_target_inclusive = off).")] = False,
         backup: Annotated[str | None, typer.Option("--backup", metavar="ID", help="Restore this backup ID instead of choosing one.", show_default=False)] = None,
         target_action: Annotated[str, typer.Option("--target-action", metavar="ACTION", help="At the target: promote, pause or shutdown.")] = "promote",
         target_timeline: Annotated[str, typer.Option("--target-timeline", metavar="TLI", help="latest, current or a timeline number.")] = "latest",
@@ -93,7 +94,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Rebuild a data directory from the nearest backup and recover it to a target (or the end of the archive)."""
         from pitr.ops.restore import MARKER, RestoreOptions, run_restore
-        from pitr.ops.restore_plan import parse_action, parse_target, parse_timeline
+        from pitr.ops.restore_plan import make_exclusive, parse_action, parse_target, parse_timeline
         from pitr.storage import open_storage
 
         s = settings_of(ctx, pgdata=pgdata, jobs=jobs, pg_bin=pg_bin)
@@ -108,6 +109,8 @@ def register(app: typer.Typer) -> None:
         if prefetch is not None and not 0 <= prefetch <= 256:
             raise UsageError(f"--prefetch must be a number of segments from 0 to 256, not {prefetch}")
         tgt = parse_target(target_time, target_lsn, target_xid, target_name, target)
+        if target_exclusive:
+            tgt = make_exclusive(tgt)
         opts = RestoreOptions(
             pgdata=Path(s.pgdata).expanduser().absolute(), target=tgt, timeline=parse_timeline(target_timeline),
             backup_id=backup, action=parse_action(target_action), jobs=s.jobs, delta=delta, dry_run=dry_run,

@@ -140,7 +140,7 @@ def _histories(storage: Storage, catalog: WalCatalog) -> dict[int, list[walname.
 def recovery_settings(plan: Plan, opts: RestoreOptions) -> dict[str, str]:
     s = {"restore_command": render_restore_command(opts.pitr_argv, opts.repo_url, opts.s3_endpoint,
                                                    opts.config_path, opts.prefetch)}
-    s |= plan.target.recovery_settings()
+    s |= plan.target.settings()
     if plan.target.kind != "latest":
         s["recovery_target_action"] = opts.action
     s["recovery_target_timeline"] = plan.timeline_spec
