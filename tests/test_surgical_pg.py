@@ -1,0 +1,157 @@
+"""Surgical recovery on real PostgreSQL 15 and 18 (file repository): find-target and --target-exclusive.
+
+One source cluster per server version lives through the accidents, shared by this module's tests:
+
+    invoices (2,000) + items + t_trunc + t_drop -> backup -> DELETE 200 invoices (xid D) -> 50 more
+    invoices -> an aborted DELETE (xid A) -> UPDATE 30 items (xid U) -> TRUNCATE t_trunc (xid T)
+    -> DROP TABLE t_drop (xid X, its relfilenode noted) -> VACUUM FULL invoices (a rewrite)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.support.pg import PgCluster, make_tmpdir, rmtree_pg, run_as_postgres
+
+pytestmark = pytest.mark.pg
+
+
+@dataclass
+class Accidents:
+    src: PgCluster
+    base: Path
+    env: dict[str, str]
+    pitr_exe: Path
+    xids: dict[str, int] = field(default_factory=dict)
+    drop_relfilenode: int = 0
+    n: int = 0
+
+    def pitr(self, *args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+        p = run_as_postgres([str(self.pitr_exe), *map(str, args)], env=self.env, cwd="/tmp", check=False,
+                            timeout=600)
+        if check and p.returncode != 0:
+            raise AssertionError(f"pitr {' '.join(map(str, args))} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+        return p
+
+    def find(self, *args: str) -> dict:  # type: ignore[type-arg]
+        return json.loads(self.pitr("find-target", "--dbname", self.src.conninfo, "--json", *args).stdout)  # type: ignore[no-any-return]
+
+    def new_dir(self, name: str) -> PgCluster:
+        self.n += 1
+        return PgCluster(self.src.bindir, self.base / f"{name}{self.n}", name=name)
+
+
+def _xid_of(pg: PgCluster, sql: str) -> int:
+    """Run `sql` in one transaction and return that transaction's xid."""
+    with pg.connect() as conn:
+        conn.autocommit = False
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            cur.execute("select txid_current()")
+            row = cur.fetchone()
+            assert row is not None
+        conn.commit()
+    return int(row[0])
+
+
+@pytest.fixture(scope="module")
+def acc(pg_bindir: Path, pitr_exe: Path) -> Iterator[Accidents]:
+    base = make_tmpdir("pitr-sg-")
+    env = {"PITR_REPO": f"file://{base / 'repo'}"}
+    src = PgCluster(pg_bindir, base / "src", name="src")
+    src.initdb(f"archive_mode = on\narchive_command = '{pitr_exe} wal-push %p'\n")
+    a = Accidents(src, base, env, pitr_exe)
+    try:
+        src.start(env=env)
+        a.pitr("init", "--dbname", src.conninfo)
+        src.sql("create table invoices (id int primary key, customer text not null, amount numeric(12,2) not null)")
+        src.sql("insert into invoices select g, 'customer-' || (g % 97), round((g * 7.31)::numeric % 5000, 2)"
+                " from generate_series(1, 2000) g")
+        src.sql("create table items (id int primary key, qty int)")
+        src.sql("insert into items select g, 1 from generate_series(1, 100) g")
+        src.sql("create table t_trunc (id int)")
+        src.sql("insert into t_trunc select generate_series(1, 10)")
+        src.sql("create table t_drop (id int)")
+        src.sql("insert into t_drop select generate_series(1, 10)")
+        a.pitr("backup", "--dbname", src.conninfo, "--pgdata", src.data)
+        a.xids["delete"] = _xid_of(src, "delete from invoices where id % 10 = 7")
+        src.sql("insert into invoices select g, 'later', 1 from generate_series(2001, 2050) g")
+        with src.connect() as conn:
+            conn.autocommit = False
+            with conn.cursor() as cur:
+                cur.execute("delete from invoices where id < 100")
+                cur.execute("select txid_current()")
+                a.xids["aborted"] = int(cur.fetchone()[0])  # type: ignore[index]
+            conn.rollback()
+        a.xids["update"] = _xid_of(src, "update items set qty = 2 where id <= 30")
+        a.xids["truncate"] = _xid_of(src, "truncate t_trunc")
+        a.drop_relfilenode = int(src.scalar("select pg_relation_filenode('t_drop')"))
+        a.xids["drop"] = _xid_of(src, "drop table t_drop")
+        src.sql("vacuum full invoices")
+        src.wait_archived(src.switch_wal())
+        assert src.scalar("select count(*) from invoices") == 1850
+    except BaseException:
+        src.ensure_stopped()
+        raise
+    yield a
+    src.ensure_stopped()
+    rmtree_pg(base)
+
+
+def _by_xid(out: dict) -> dict[int, dict]:  # type: ignore[type-arg]
+    return {int(t["xid"]): t for t in out["transactions"]}
+
+
+def test_find_target_names_the_deleting_transaction(acc: Accidents) -> None:
+    """find-target over archived WAL names the DELETE of 200 invoices with its restore target, shows the
+    aborted DELETE as harmless, and follows the table through VACUUM FULL (a new relfilenode)."""
+    out = acc.find("--table", "public.invoices")
+    txs = _by_xid(out)
+    d = txs[acc.xids["delete"]]
+    assert d["status"] == "committed" and d["rows"] == {"delete": 200} and d["kinds"] == ["delete"], d
+    assert d["restore_target"] == f"--target-xid {acc.xids['delete']} --target-exclusive"
+    assert d["lsn"] and d["time"]
+    ab = txs[acc.xids["aborted"]]
+    assert ab["status"] == "aborted" and ab["harmless"] is True and ab["restore_target"] is None
+    assert ab["rows"]["delete"] == 89  # ids < 100 less the 10 already deleted
+    assert any("rewrite" in t["kinds"] for t in out["transactions"]), out["transactions"]
+    assert out["segments"]["count"] >= 1
+    text = acc.pitr("find-target", "--dbname", acc.src.conninfo, "--table", "invoices").stdout
+    assert f"xid {acc.xids['delete']}: delete (200 delete rows)" in text
+    assert f"--target-xid {acc.xids['delete']} --target-exclusive" in text and "harmless" in text
+
+
+def test_find_target_update_truncate_drop(acc: Accidents) -> None:
+    upd = _by_xid(acc.find("--table", "public.items"))
+    u = upd[acc.xids["update"]]
+    assert u["kinds"] == ["update"] and sum(u["rows"].values()) == 30, u
+    assert set(upd) == {acc.xids["update"]}
+    tr = _by_xid(acc.find("--table", "t_trunc"))
+    assert tr[acc.xids["truncate"]]["kinds"] == ["truncate"], tr
+    dr = _by_xid(acc.find("--relfilenode", str(acc.drop_relfilenode), "--db", "postgres"))
+    assert dr[acc.xids["drop"]]["kinds"] == ["drop"], dr
+    gone = acc.pitr("find-target", "--dbname", acc.src.conninfo, "--table", "public.t_drop", check=False)
+    assert gone.returncode == 2 and "--relfilenode" in gone.stderr and "Traceback" not in gone.stderr
+
+
+def test_target_exclusive_stops_just_before_the_delete(acc: Accidents) -> None:
+    """restore --target-xid D --target-exclusive --replay: the 200 deleted rows are there; without
+    --target-exclusive the DELETE is replayed and they are gone."""
+    counts = {}
+    for label, extra in (("excl", ["--target-exclusive"]), ("incl", [])):
+        pg = acc.new_dir(label)
+        acc.pitr("restore", "--pgdata", pg.data, "--target-xid", str(acc.xids["delete"]), "--replay",
+                 "--archive-mode", "off", "--replay-timeout", "240", *extra)
+        pg.append_conf()
+        pg.start(env={})
+        try:
+            counts[label] = pg.scalar("select count(*) from invoices")
+        finally:
+            pg.ensure_stopped()
+    assert counts == {"excl": 2000, "incl": 1800}
