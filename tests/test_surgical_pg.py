@@ -30,6 +30,7 @@ class Accidents:
     pitr_exe: Path
     xids: dict[str, int] = field(default_factory=dict)
     drop_relfilenode: int = 0
+    shop: str = ""
     n: int = 0
 
     def pitr(self, *args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -79,7 +80,13 @@ def acc(pg_bindir: Path, pitr_exe: Path) -> Iterator[Accidents]:
         src.sql("insert into t_trunc select generate_series(1, 10)")
         src.sql("create table t_drop (id int)")
         src.sql("insert into t_drop select generate_series(1, 10)")
+        for db in ("shop", "other"):
+            src.sql(f"create database {db}")
+            src.sql(f"create table {db}_rows (id int primary key, note text)", db=db)
+            src.sql(f"insert into {db}_rows select g, '{db} ' || g from generate_series(1, 500) g", db=db)
         a.pitr("backup", "--dbname", src.conninfo, "--pgdata", src.data)
+        src.sql("insert into shop_rows select g, 'after backup' from generate_series(501, 600) g", db="shop")
+        a.shop = src.table_md5("shop_rows", db="shop")
         a.xids["delete"] = _xid_of(src, "delete from invoices where id % 10 = 7")
         src.sql("insert into invoices select g, 'later', 1 from generate_series(2001, 2050) g")
         with src.connect() as conn:
@@ -155,3 +162,30 @@ def test_target_exclusive_stops_just_before_the_delete(acc: Accidents) -> None:
         finally:
             pg.ensure_stopped()
     assert counts == {"excl": 2000, "incl": 1800}
+
+
+def test_db_include_restores_only_the_named_database(acc: Accidents) -> None:
+    """restore --db-include shop: shop (with the rows written after the backup) is right, postgres is
+    there, the server starts; 'other' is left out and named as unusable; an unknown name is refused."""
+    bad = acc.new_dir("bad")
+    p = acc.pitr("restore", "--pgdata", bad.data, "--db-include", "nosuchdb", check=False)
+    assert p.returncode == 2 and "nosuchdb" in p.stderr and "shop" in p.stderr, p.stderr
+    assert not bad.data.exists()
+    pg = acc.new_dir("dbinc")
+    out = json.loads(acc.pitr("restore", "--pgdata", pg.data, "--db-include", "shop", "--replay", "--archive-mode",
+                              "off", "--replay-timeout", "240", "--json").stdout)
+    assert any("other" in n and "unusable" in n for n in out["notes"]), out["notes"]
+    assert "other" in (pg.data / "pitr-excluded-databases").read_text()
+    pg.append_conf()
+    pg.start(env={})
+    try:
+        assert pg.table_md5("shop_rows", db="shop") == acc.shop
+        assert pg.scalar("select count(*) from invoices") == 1850
+        # the left-out database's files are zeroes: it does not hold its rows
+        other_oid = pg.scalar("select oid from pg_database where datname = 'other'")
+        rel = next(p for p in (pg.data / "base" / str(other_oid)).iterdir() if p.name.isdigit()
+                   and p.stat().st_size > 0)
+        assert set(rel.read_bytes()) == {0}
+        pg.sql("drop database other")
+    finally:
+        pg.ensure_stopped()

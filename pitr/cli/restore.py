@@ -86,6 +86,7 @@ def register(app: typer.Typer) -> None:
         replay: Annotated[bool, typer.Option("--replay", help="Also run PostgreSQL (private socket, no TCP) until the target is reached, then stop it and report.")] = False,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (backup, WAL range, target in UTC) and change nothing.")] = False,
         archive_mode: Annotated[str, typer.Option("--archive-mode", metavar="MODE", help="preserve (keep the cluster's archiving) or off (drills, copies).")] = "preserve",
+        db_include: Annotated[list[str] | None, typer.Option("--db-include", metavar="NAME", help="Restore only this database (repeatable) plus template0, template1 and postgres; the others are left empty and unusable.", show_default=False)] = None,
         tablespace_map: Annotated[list[str] | None, typer.Option("--tablespace-map", metavar="OID=DIR", help="Put tablespace OID at DIR instead of its original location (OID=DIR, repeatable).", show_default=False)] = None,
         pg_bin: Annotated[str | None, typer.Option("--pg-bin", metavar="DIR", help="PostgreSQL bin directory for --replay [default: found by version].", show_default=False)] = None,
         prefetch: Annotated[int | None, typer.Option("--prefetch", metavar="N", help="Segments wal-fetch fetches ahead during this recovery, written into restore_command; 0 turns it off [default: the prefetch setting, or 8].", show_default=False)] = None,
@@ -119,7 +120,8 @@ def register(app: typer.Typer) -> None:
             config_path=os.path.abspath(s.config) if s.config else None, replay=replay,
             replay_timeout=replay_timeout, pg_bin=s.pg_bin, server_env=_server_env(s),
             # a restore replays a long run of WAL: fetch ahead unless told otherwise (docs/restore.md)
-            prefetch=prefetch if prefetch is not None else (s.prefetch or DEFAULT_RESTORE_PREFETCH))
+            prefetch=prefetch if prefetch is not None else (s.prefetch or DEFAULT_RESTORE_PREFETCH),
+            db_include=tuple(dict.fromkeys(db_include or ())))
         storage = open_storage(s)
         show = sys.stderr.isatty() and not json_out
 
