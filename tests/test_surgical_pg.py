@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ class Accidents:
     xids: dict[str, int] = field(default_factory=dict)
     drop_relfilenode: int = 0
     shop: str = ""
+    before: str = ""  # invoices' checksum just before the DELETE
     n: int = 0
 
     def pitr(self, *args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -87,6 +89,7 @@ def acc(pg_bindir: Path, pitr_exe: Path) -> Iterator[Accidents]:
         a.pitr("backup", "--dbname", src.conninfo, "--pgdata", src.data)
         src.sql("insert into shop_rows select g, 'after backup' from generate_series(501, 600) g", db="shop")
         a.shop = src.table_md5("shop_rows", db="shop")
+        a.before = src.table_md5("invoices")
         a.xids["delete"] = _xid_of(src, "delete from invoices where id % 10 = 7")
         src.sql("insert into invoices select g, 'later', 1 from generate_series(2001, 2050) g")
         with src.connect() as conn:
@@ -189,3 +192,40 @@ def test_db_include_restores_only_the_named_database(acc: Accidents) -> None:
         pg.sql("drop database other")
     finally:
         pg.ensure_stopped()
+
+
+def test_extract_brings_back_the_deleted_rows(acc: Accidents) -> None:
+    """The surgical story: find-target names the DELETE; extract --target-xid D --target-exclusive
+    --into-table gives back the table as it was just before it (checksum equal), so the 200 missing
+    rows can be re-inserted while the 50 later ones stay; --to FILE writes CSV; existing outputs are
+    refused before anything is restored; the throwaway copy is gone afterwards."""
+    src = acc.src
+    xid = acc.xids["delete"]
+    assert acc.find("--table", "public.invoices")["transactions"][0]["xid"] == xid
+    before = set(Path(tempfile.gettempdir()).glob("pitr-extract-*"))
+    out = json.loads(acc.pitr("extract", "--table", "public.invoices", "--target-xid", str(xid),
+                              "--target-exclusive", "--into-table", "public.recovered", "--dbname", src.conninfo,
+                              "--replay-timeout", "240", "--json").stdout)
+    assert out["rows"] == 2000 and out["target"]["xid"] == str(xid) and out["target"]["exclusive"] is True
+    assert "before commit" in out["point_reached"]["stop_reason"] and out["seconds"] > 0
+    assert src.table_md5("recovered") == acc.before
+    missing = src.scalar("select count(*) from recovered r where not exists (select 1 from invoices i"
+                         " where i.id = r.id)")
+    assert missing == 200
+    src.sql("insert into invoices select r.* from recovered r where not exists (select 1 from invoices i"
+            " where i.id = r.id)")
+    assert src.scalar("select count(*) from invoices") == 2050
+    assert set(Path(tempfile.gettempdir()).glob("pitr-extract-*")) == before, "the throwaway copy was left"
+
+    again = acc.pitr("extract", "--table", "invoices", "--target-xid", str(xid), "--into-table", "recovered",
+                     "--dbname", src.conninfo, check=False)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    csv = acc.base / f"deleted{acc.n}.csv"
+    acc.n += 1
+    text = acc.pitr("extract", "--table", "invoices", "--target-xid", str(xid), "--target-exclusive",
+                    "--where", "id % 10 = 7", "--to", csv, "--dbname", src.conninfo).stdout
+    assert "extracted 200 rows" in text
+    lines = csv.read_text().splitlines()
+    assert lines[0] == "id,customer,amount" and len(lines) == 201 and lines[1].split(",")[0].endswith("7")
+    refused = acc.pitr("extract", "--table", "invoices", "--to", csv, "--dbname", src.conninfo, check=False)
+    assert refused.returncode == 2 and "already exists" in refused.stderr

@@ -122,6 +122,15 @@ def _connect(conninfo: str | None, db: str | None) -> object:
                             "set --dbname CONNINFO (and --db NAME for the table's database)") from None
 
 
+def current_database(conninfo: str | None) -> str:
+    """The database --dbname connects to (the default for --db)."""
+    conn = _connect(conninfo, None)
+    try:
+        return str(conn.execute("select current_database()").fetchone()[0])  # type: ignore[attr-defined]
+    finally:
+        conn.close()  # type: ignore[attr-defined]
+
+
 def resolve(conninfo: str | None, table: str | None, db: str | None, relfilenode: int | None) -> Relation:
     """The table's database OID and current relfilenode, asked of the running server."""
     if table is None and relfilenode is None:
