@@ -238,7 +238,8 @@ def _to_file(src: Any, select: Any, cols: list[tuple[str, str]], opts: ExtractOp
                 vals = sql.SQL(" || ', ' || ").join(
                     sql.SQL("quote_nullable({})").format(sql.Identifier(c)) for c, _t in cols)
                 q = sql.SQL("select {} || ({}) || ');' from ({}) s").format(sql.Literal(head), vals, select)
-                with src.cursor(name="pitr_extract") as cur:  # server-side: rows stream
+                # a server-side cursor streams the rows; it lives in a transaction
+                with src.transaction(), src.cursor(name="pitr_extract") as cur:
                     cur.execute(q)
                     for (line,) in cur:
                         out.write(line.encode() + b"\n")
