@@ -55,12 +55,13 @@ def excluded(m: Manifest, include: Sequence[str]) -> dict[int, str]:
 def is_excluded(path: str, oids: Iterable[int]) -> bool:
     """A relation file of one of these databases (not PG_VERSION, pg_filenode.map, ...)."""
     m = _REL.match(path)
-    return bool(m) and int(m.group(1)) in set(oids)
+    return m is not None and int(m.group(1)) in set(oids)
 
 
 def split(files: Sequence[FileEntry], oids: dict[int, str]) -> tuple[list[FileEntry], list[FileEntry]]:
     """(files to restore, relation files of excluded databases to write as sparse zeroes)."""
-    keep, zero = [], []
+    keep: list[FileEntry] = []
+    zero: list[FileEntry] = []
     s = set(oids)
     for f in files:
         (zero if is_excluded(f.path, s) else keep).append(f)

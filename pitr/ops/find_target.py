@@ -267,10 +267,10 @@ def relate(facts: list[waldump.SegmentFacts], relfilenode: int) -> list[Finding]
     while todo:  # walk back through TRUNCATEs and rewrites: who created this file, replacing which?
         r = todo.pop()
         for x, made in creates.items():
-            e = ends.get(x)
-            if r not in made or e is None or e.status != "committed" or not e.drops:
+            end = ends.get(x)
+            if r not in made or end is None or end.status != "committed" or not end.drops:
                 continue
-            old = min(e.drops)  # the heap is created before its toast table and indexes
+            old = min(end.drops)  # the heap is created before its toast table and indexes
             kinds.setdefault(x, []).append("rewrite" if (x, r) in written else "truncate")
             if old not in chain:
                 chain.add(old)
@@ -282,16 +282,34 @@ def relate(facts: list[waldump.SegmentFacts], relfilenode: int) -> list[Finding]
     for (x, r, kind), n in heap.items():
         if r in chain:
             rows.setdefault(top.get(x, x), Counter())[kind] += n
-    out = []
+    out: list[Finding] = []
     for x in sorted(set(rows) | set(kinds)):
-        e = ends.get(x)
+        xe = ends.get(x)
         c = rows.get(x, Counter())
         k = [k for k in ("delete", "update") if c.get(k) or (k == "update" and c.get("hot_update"))]
-        f = Finding(x, e.status if e else "unknown", e.time if e else None, e.lsn if e else None, c,
-                    k + sorted(set(kinds.get(x, []))))
-        out.append(f)
-    out.sort(key=lambda f: (f.lsn is None, walname.parse_lsn(f.lsn) if f.lsn else 0, f.xid))
+        out.append(Finding(x, xe.status if xe else "unknown", xe.time if xe else None, xe.lsn if xe else None, c,
+                           k + sorted(set(kinds.get(x, [])))))
+    out.sort(key=lambda t: (t.lsn is None, walname.parse_lsn(t.lsn) if t.lsn else 0, t.xid))
     return out
+
+
+def merge_timelines(names: list[str], facts: list[waldump.SegmentFacts], seg_size: int) -> list[waldump.SegmentFacts]:
+    """One SegmentFacts per segment number: after a promotion the new timeline's first segment
+    repeats the old one's records up to the switch, so row counts take the larger, not the sum."""
+    by: dict[int, waldump.SegmentFacts] = {}
+    for name, f in zip(names, facts, strict=True):
+        n = walname.segno(name, seg_size)
+        g = by.get(n)
+        if g is None:
+            by[n] = f
+            continue
+        for k, v in f.heap.items():
+            g.heap[k] = max(g.heap[k], v)
+        for x, rels in f.creates.items():
+            g.creates.setdefault(x, set()).update(rels)
+        g.written |= f.written
+        g.ends += f.ends
+    return list(by.values())
 
 
 def in_window(f: Finding, since: datetime | None, until: datetime | None) -> bool:
@@ -325,6 +343,7 @@ def find_target(storage: Storage, rel: Relation, since: datetime | None, until: 
     meta = read_meta(storage)
     bindir = find_pg_bin(meta.pg_version, pg_bin, path_env or os.environ.get("PATH"))
     names, seg_size = pick_segments(storage, since, until)
-    facts = decode_all(storage, names, seg_size, bindir, rel.db_oid, jobs, progress)
+    facts = merge_timelines(names, decode_all(storage, names, seg_size, bindir, rel.db_oid, jobs, progress),
+                            seg_size)
     found = [f for f in relate(facts, rel.relfilenode) if in_window(f, since, until)]
     return FindResult(rel, since, until, names, found, time.monotonic() - t0, str(bindir / "pg_waldump"))
