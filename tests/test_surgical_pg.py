@@ -146,6 +146,8 @@ def test_find_target_update_truncate_drop(acc: Accidents) -> None:
     assert tr[acc.xids["truncate"]]["kinds"] == ["truncate"], tr
     dr = _by_xid(acc.find("--relfilenode", str(acc.drop_relfilenode), "--db", "postgres"))
     assert dr[acc.xids["drop"]]["kinds"] == ["drop"], dr
+    later = acc.pitr("find-target", "--dbname", acc.src.conninfo, "--table", "items", "--since", "2100-01-01 00:00+00")
+    assert "no transaction deleted, updated, truncated or dropped it" in later.stdout
     gone = acc.pitr("find-target", "--dbname", acc.src.conninfo, "--table", "public.t_drop", check=False)
     assert gone.returncode == 2 and "--relfilenode" in gone.stderr and "Traceback" not in gone.stderr
 

@@ -19,9 +19,8 @@ def _when(opt: str, value: str | None) -> datetime | None:
         return None
     try:
         return parse_time(value)
-    except UsageError as e:
-        raise UsageError(f"{opt} {value!r} is not a timestamp",
-                         "give a timestamp such as '2026-03-01 14:30:00+01' (no zone: local time)") from e
+    except UsageError as e:  # parse_time speaks of "the target time": name the option instead
+        raise UsageError(str(e).replace("the target time", opt), e.hint) from None
 
 
 def register(app: typer.Typer) -> None:
