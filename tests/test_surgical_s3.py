@@ -1,5 +1,5 @@
-"""find-target and extract against an S3 repository (moto) on real PostgreSQL 15 and 18; extract's
---format sql; and extract cleans up after a failure (a bad --where)."""
+"""find-target and extract against an S3 repository (moto) on real PostgreSQL 15 and 18, for a table in a
+non-default tablespace; extract's --format sql; and extract cleans up after a failure (a bad --where)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ClusterFactory
-from tests.support.pg import run_as_postgres
+from tests.support.pg import chown_pg, run_as_postgres
 from tests.support.s3 import MotoServer
 
 pytestmark = pytest.mark.pg
@@ -33,7 +33,11 @@ def test_s3_find_target_extract_sql_and_cleanup(cluster_factory: ClusterFactory,
         return p.stdout + p.stderr
 
     pitr("init", "--dbname", src.conninfo)
-    src.sql("create table notes (id int primary key, body text)")
+    ts = tmp_pg_dir / "ts"
+    ts.mkdir()
+    chown_pg(ts)
+    src.sql(f"create tablespace ts location '{ts}'")
+    src.sql("create table notes (id int primary key, body text) tablespace ts")  # a non-default tablespace
     src.sql("insert into notes select g, 'it''s note ' || g from generate_series(1, 40) g")
     pitr("backup", "--dbname", src.conninfo, "--pgdata", src.data)
     xid = int(src.sql("with d as (delete from notes where id > 30 returning 1) select txid_current() from d")[0][0])

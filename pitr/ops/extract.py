@@ -148,6 +148,8 @@ def run_extract(storage: Storage, opts: ExtractOptions,
                         archive_mode="off", delta=False, dry_run=False, db_include=(opts.db,),
                         replay_timeout=opts.timeout)
         plan, _meta = load_plan(storage, ropts)
+        # tablespaces go inside the throwaway directory too: their own locations are the live cluster's
+        ropts = replace(ropts, tablespace_map={t.oid: base / f"tablespace-{t.oid}" for t in plan.backup.tablespaces})
         try:
             db_include.databases(plan.backup)
         except RestoreError:
