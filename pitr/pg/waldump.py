@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import re
 import subprocess
+import tempfile
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,17 +56,32 @@ class SegmentFacts:
     ends: list[XactEnd] = field(default_factory=list)
     first_lsn: str | None = None
     last_lsn: str | None = None
+    records: int = 0  # lines pg_waldump printed
 
 
-def parse(lines: list[str] | str, dboid: int) -> SegmentFacts:
-    """The facts about database `dboid` in pg_waldump output."""
+def parse(lines: Iterable[str] | str, dboid: int) -> SegmentFacts:
+    """The facts about database `dboid` in pg_waldump output (streamed: a segment's text is large)."""
     facts = SegmentFacts()
     text = lines.splitlines() if isinstance(lines, str) else lines
     db = str(dboid)
+    in_db = f"/{db}/"
+    n = 0
     for line in text:
-        if not line.startswith(("rmgr: Heap ", "rmgr: Storage", "rmgr: Transaction", "rmgr: XLOG")):
-            if line.startswith("rmgr: "):
-                _track_lsn(facts, line)
+        n += 1
+        # cheap string tests first: most records are of other kinds or other relations
+        if line.startswith("rmgr: Heap "):
+            if in_db not in line:
+                continue
+        elif line.startswith("rmgr: Transaction"):
+            if "desc: COMMIT " not in line and "desc: ABORT " not in line:
+                continue
+        elif line.startswith("rmgr: Storage"):
+            if "desc: CREATE " not in line or in_db not in line:
+                continue
+        elif line.startswith("rmgr: XLOG"):
+            if "desc: FPI ," not in line or in_db not in line:
+                continue
+        else:
             continue
         m = _HEAD.match(line)
         if not m:
@@ -75,20 +92,16 @@ def parse(lines: list[str] | str, dboid: int) -> SegmentFacts:
         facts.last_lsn = lsn
         if rmgr == "Heap":
             kind = HEAP_KINDS.get(desc.split(" ", 1)[0])
-            if kind is None:
+            if kind is None or kind == "truncate":  # logical-level TRUNCATE names table OIDs, not files
                 continue
-            rels = {int(r) for _s, d, r in _BLK.findall(desc) if d == db}
-            if kind == "truncate":  # logical-level TRUNCATE: "nrelids 1 relids 16384" (table OIDs, not files)
-                continue
-            for r in rels:
+            for r in {int(r) for _s, d, r in _BLK.findall(desc) if d == db}:
                 facts.heap[(xid, r, kind)] += 1
         elif rmgr == "Storage":
-            if desc.startswith("CREATE "):
-                for d, r in _PATH.findall(desc):
-                    if d == db:
-                        facts.creates.setdefault(xid, set()).add(int(r))
+            for d, r in _PATH.findall(desc):
+                if d == db:
+                    facts.creates.setdefault(xid, set()).add(int(r))
         elif rmgr == "XLOG":
-            if xid and desc.startswith("FPI "):
+            if xid:
                 for _s, d, r in _BLK.findall(desc):
                     if d == db:
                         facts.written.add((xid, int(r)))
@@ -103,17 +116,8 @@ def parse(lines: list[str] | str, dboid: int) -> SegmentFacts:
                 elif part.startswith("subxacts: "):
                     end.subxacts = [int(s) for s in part[10:].split() if s.isdigit()]
             facts.ends.append(end)
+    facts.records = n
     return facts
-
-
-def _track_lsn(facts: SegmentFacts, line: str) -> None:
-    i = line.find(" lsn: ")
-    if i < 0:
-        return
-    lsn = line[i + 6:line.find(",", i)]
-    if facts.first_lsn is None:
-        facts.first_lsn = lsn
-    facts.last_lsn = lsn
 
 
 def decode(pg_waldump: Path, waldir: Path, timeline: int, start: str, end: str | None, dboid: int,
@@ -122,13 +126,25 @@ def decode(pg_waldump: Path, waldir: Path, timeline: int, start: str, end: str |
     argv = [str(pg_waldump), "-p", str(waldir), "-t", str(timeline), "-s", start]
     if end:
         argv += ["-e", end]
-    try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise PitrError(f"pg_waldump could not be run on {waldir.name}: {e}") from None
-    if p.returncode != 0 and not p.stdout:
-        why = (p.stderr.strip().splitlines() or ["no output"])[-1]
+    with tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True,
+                                    bufsize=1 << 20)
+        except OSError as e:
+            raise PitrError(f"pg_waldump could not be run on {waldir.name}: {e}") from None
+        assert proc.stdout is not None
+        try:
+            facts = parse(proc.stdout, dboid)  # streamed: memory stays small whatever the segment holds
+            rc = proc.wait(timeout)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        err.seek(0)
+        stderr = err.read().decode(errors="replace")
+    if rc != 0 and facts.records == 0:
+        why = (stderr.strip().splitlines() or ["no output"])[-1]
         raise PitrError(f"pg_waldump could not decode WAL from {start}: {why}")
     # a non-zero exit after output is the end of the readable WAL (the last archived segment ends
     # in zeroes, or a timeline switch): the records before it are complete
-    return parse(p.stdout.splitlines(), dboid)
+    return facts
