@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
                 print(f"\r\x1b[Kpitr: decoded {done} of {total} segments", end="", file=sys.stderr, flush=True)
 
         try:
-            res = find_target(storage, rel, t_since, t_until, s.jobs, s.pg_bin, is_gone=relfilenode is not None,
+            res = find_target(storage, rel, t_since, t_until, s.jobs, s.pg_bin,
                               progress=progress)
         finally:
             storage.close()

@@ -335,7 +335,7 @@ def _iso(s: str | None) -> str | None:
 
 
 def find_target(storage: Storage, rel: Relation, since: datetime | None, until: datetime | None, jobs: int,
-                pg_bin: str | None, path_env: str | None = None, is_gone: bool = False,
+                pg_bin: str | None, path_env: str | None = None,
                 progress: Callable[[int, int], None] | None = None) -> FindResult:
     from pitr.pg.binaries import find_pg_bin
 
