@@ -231,3 +231,45 @@ def test_extract_brings_back_the_deleted_rows(acc: Accidents) -> None:
     assert lines[0] == "id,customer,amount" and len(lines) == 201 and lines[1].split(",")[0].endswith("7")
     refused = acc.pitr("extract", "--table", "invoices", "--to", csv, "--dbname", src.conninfo, check=False)
     assert refused.returncode == 2 and "already exists" in refused.stderr
+
+
+def test_extract_interrupted_leaves_nothing_behind(acc: Accidents) -> None:
+    """SIGTERM while the throwaway server replays: extract stops it, removes the directory, writes no
+    file and exits non-zero."""
+    import os
+    import signal
+    import time
+
+    from tests.support.pg import as_pg_argv, pg_env
+
+    out = acc.base / "interrupted.csv"
+    before = set(Path(tempfile.gettempdir()).glob("pitr-extract-*"))
+    proc = subprocess.Popen(as_pg_argv([acc.pitr_exe, "extract", "--table", "invoices", "--target-xid",
+                                        str(acc.xids["delete"]), "--to", out, "--dbname", acc.src.conninfo]),
+                            env=pg_env(acc.env), cwd="/tmp", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    server_pid = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        new = set(Path(tempfile.gettempdir()).glob("pitr-extract-*")) - before
+        pid_file = next((d / "data" / "postmaster.pid" for d in new if (d / "data" / "postmaster.pid").exists()), None)
+        try:
+            server_pid = int(pid_file.read_text().split("\n", 1)[0]) if pid_file else 0
+        except (OSError, ValueError):  # being written or removed: look again
+            server_pid = 0
+        if server_pid:
+            break
+        time.sleep(0.05)
+    assert server_pid, "the throwaway server never started"
+    proc.send_signal(signal.SIGTERM)
+    _stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in stderr, stderr
+    assert set(Path(tempfile.gettempdir()).glob("pitr-extract-*")) == before, "the throwaway directory was left"
+    assert not out.exists()
+    time.sleep(0.5)
+    try:
+        os.kill(server_pid, 0)
+        alive = Path(f"/proc/{server_pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except ProcessLookupError:
+        alive = False
+    assert not alive, "the throwaway server is still running"
