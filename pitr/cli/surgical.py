@@ -165,6 +165,10 @@ def render_text(r: Any) -> str:
     span = f"{segs[0]} .. {segs[-1]}" if segs else "none"
     lines = [f"{rel.table} (database {rel.db}, relfilenode {rel.relfilenode}): {len(segs)} archived segment"
              f"{'s' if len(segs) != 1 else ''} read ({span}) in {human_duration(r.seconds)}"]
+    if r.since is not None:
+        lines.append(f"  window from {r.since.astimezone().isoformat(sep=' ', timespec='seconds')}"
+                     + (" (the newest backup's start; --since TS looks further back)" if r.since_default else "")
+                     + (f" to {r.until.astimezone().isoformat(sep=' ', timespec='seconds')}" if r.until else ""))
     if not r.findings:
         lines.append("no transaction deleted, updated, truncated or dropped it in this window")
         return "\n".join(lines)

@@ -81,12 +81,13 @@ class FindResult:
     findings: list[Finding]
     seconds: float
     pg_waldump: str
+    since_default: bool = False  # the window opened at the newest backup's start (no --since)
 
     def to_json(self) -> dict[str, object]:
         r = self.relation
         return {"table": r.table, "database": r.db, "database_oid": r.db_oid, "relfilenode": r.relfilenode,
                 "since": self.since.isoformat() if self.since else None,
-                "until": self.until.isoformat() if self.until else None,
+                "until": self.until.isoformat() if self.until else None, "since_default": self.since_default,
                 "segments": {"count": len(self.segments), "first": self.segments[0] if self.segments else None,
                              "last": self.segments[-1] if self.segments else None},
                 "seconds": round(self.seconds, 3), "pg_waldump": self.pg_waldump,
@@ -167,8 +168,10 @@ def resolve(conninfo: str | None, table: str | None, db: str | None, relfilenode
 
 # --------------------------------------------------------------------------- 2. window
 
-def pick_segments(storage: Storage, since: datetime | None, until: datetime | None) -> tuple[list[str], int]:
-    """Archived segments (sorted) that may hold records in [since, until]; and the segment size."""
+def pick_segments(storage: Storage, since: datetime | None,
+                  until: datetime | None) -> tuple[list[str], int, datetime | None]:
+    """Archived segments (sorted) that may hold records in [since, until]; the segment size; and the
+    window's start (--since, or the newest backup's start when not given)."""
     meta = read_meta(storage)
     cat = scan_wal(storage, meta.wal_segment_size)
     if since is None:
@@ -193,7 +196,7 @@ def pick_segments(storage: Storage, since: datetime | None, until: datetime | No
     if until is not None:
         cut = next((i for i, (_n, mt) in enumerate(out) if mt >= until.timestamp()), len(out) - 1)
         out = out[:cut + 1]
-    return [n for n, _ in out], meta.wal_segment_size
+    return [n for n, _ in out], meta.wal_segment_size, since
 
 
 # --------------------------------------------------------------------------- 3. decode
@@ -342,8 +345,10 @@ def find_target(storage: Storage, rel: Relation, since: datetime | None, until: 
     t0 = time.monotonic()
     meta = read_meta(storage)
     bindir = find_pg_bin(meta.pg_version, pg_bin, path_env or os.environ.get("PATH"))
-    names, seg_size = pick_segments(storage, since, until)
+    names, seg_size, opened = pick_segments(storage, since, until)
     facts = merge_timelines(names, decode_all(storage, names, seg_size, bindir, rel.db_oid, jobs, progress),
                             seg_size)
     found = [f for f in relate(facts, rel.relfilenode) if in_window(f, since, until)]
-    return FindResult(rel, since, until, names, found, time.monotonic() - t0, str(bindir / "pg_waldump"))
+    res = FindResult(rel, opened, until, names, found, time.monotonic() - t0, str(bindir / "pg_waldump"))
+    res.since_default = since is None and opened is not None
+    return res
