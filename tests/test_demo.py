@@ -40,9 +40,11 @@ def assert_cleaned_up(base: Path) -> None:
 def test_demo_tells_the_story_in_checked_figures() -> None:
     proc, base = run_story()
     assert proc.returncode == 0, proc.stderr[-4000:]
-    last = proc.stdout.strip().splitlines()[-1]
-    m = re.fullmatch(r"invoices 2,000 · lost 200 · recovered 200 · RPO (\d+\.\d) s · RTO (\d+\.\d) s", last)
+    whole = next(line for line in proc.stdout.splitlines() if line.startswith("invoices 2,000"))
+    m = re.fullmatch(r"invoices 2,000 · lost 200 · recovered 200 · RPO (\d+\.\d) s · RTO (\d+\.\d) s", whole)
     assert m, proc.stdout
+    # the surgical story: find-target + extract, later writes kept
+    assert proc.stdout.strip().splitlines()[-1] == "invoices 2,050 · lost 200 · recovered 200 · later writes kept 50"
     assert 0 <= float(m[1]) < 60 and 0 < float(m[2]) < 120
     assert "[FAIL]" not in proc.stderr
     assert "the restored invoices table is identical to the state at T (md5)" in proc.stderr
@@ -54,5 +56,6 @@ def test_demo_fails_when_a_figure_is_wrong() -> None:
     assert proc.returncode == 1, proc.stderr[-4000:]
     assert "[FAIL] the restored copy holds 1,800 invoices" in proc.stderr
     assert "[FAIL] 0 of the 200 deleted invoices are back" in proc.stderr
-    assert "recovered 0" in proc.stdout and "recovered 200" not in proc.stdout
+    assert "recovered 0" in proc.stdout and "recovered 200" not in proc.stdout  # neither story passes
+    assert "[FAIL] 0 of the 200 deleted invoices re-inserted from the extract" in proc.stderr
     assert_cleaned_up(base)

@@ -65,7 +65,7 @@ def _register() -> None:
 
     for mod in (wal,):
         mod.register(app)
-    for name in ("backup", "restore", "info", "maintenance", "keys", "proof"):
+    for name in ("backup", "restore", "info", "maintenance", "keys", "proof", "surgical"):
         try:
             mod = __import__(f"pitr.cli.{name}", fromlist=["register"])
         except ModuleNotFoundError as e:

@@ -74,11 +74,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Prove the repository restores: restore into a throwaway directory, replay to TARGET, run pg_amcheck
         and the checks, remove it, and record the result in the repository. Exit 0 only when all passed."""
+        from pitr.cli.repoopen import open_repo
         from pitr.cli.restore import DEFAULT_RESTORE_PREFETCH, _redact_url, _server_env, self_argv
         from pitr.errors import DrillError
         from pitr.ops.drill import DrillOptions, run_drill, split_statements
         from pitr.ops.restore_plan import parse_target
-        from pitr.cli.repoopen import open_repo
 
         tgt = parse_target(target_time, target_lsn, target_xid, target_name, target)
         if random_target and tgt.kind != "latest":
@@ -142,8 +142,8 @@ def register(app: typer.Typer) -> None:
         textfile: Annotated[str | None, typer.Option("--textfile", metavar="PATH", help="Write atomically to PATH (node_exporter textfile collector) instead of stdout.", show_default=False)] = None,
     ) -> None:
         """The repository's state in the Prometheus text format (metrics named pitr_*, docs/metrics.md)."""
-        from pitr.ops.metrics import text, write_textfile
         from pitr.cli.repoopen import open_repo
+        from pitr.ops.metrics import text, write_textfile
 
         if textfile is not None and not Path(textfile).expanduser().parent.is_dir():
             raise UsageError(f"--textfile {textfile}: its directory does not exist",

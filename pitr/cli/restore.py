@@ -78,6 +78,7 @@ def register(app: typer.Typer) -> None:
         target_xid: Annotated[str | None, typer.Option("--target-xid", metavar="XID", help="Recover to the commit of this transaction ID.", show_default=False)] = None,
         target_name: Annotated[str | None, typer.Option("--target-name", metavar="NAME", help="Recover to this restore point (pg_create_restore_point).", show_default=False)] = None,
         target: Annotated[str | None, typer.Option("--target", metavar="immediate", help="'immediate': stop as soon as the backup is consistent.", show_default=False)] = None,
+        target_exclusive: Annotated[bool, typer.Option("--target-exclusive", help="Stop just before the time, LSN or xid target (recovery_target_inclusive = off).")] = False,
         backup: Annotated[str | None, typer.Option("--backup", metavar="ID", help="Restore this backup ID instead of choosing one.", show_default=False)] = None,
         target_action: Annotated[str, typer.Option("--target-action", metavar="ACTION", help="At the target: promote, pause or shutdown.")] = "promote",
         target_timeline: Annotated[str, typer.Option("--target-timeline", metavar="TLI", help="latest, current or a timeline number.")] = "latest",
@@ -86,6 +87,7 @@ def register(app: typer.Typer) -> None:
         replay: Annotated[bool, typer.Option("--replay", help="Also run PostgreSQL (private socket, no TCP) until the target is reached, then stop it and report.")] = False,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (backup, WAL range, target in UTC) and change nothing.")] = False,
         archive_mode: Annotated[str, typer.Option("--archive-mode", metavar="MODE", help="preserve (keep the cluster's archiving) or off (drills, copies).")] = "preserve",
+        db_include: Annotated[list[str] | None, typer.Option("--db-include", metavar="NAME", help="Restore only this database (repeatable) plus template0, template1 and postgres; the others are left empty and unusable.", show_default=False)] = None,
         tablespace_map: Annotated[list[str] | None, typer.Option("--tablespace-map", metavar="OID=DIR", help="Put tablespace OID at DIR instead of its original location (OID=DIR, repeatable).", show_default=False)] = None,
         pg_bin: Annotated[str | None, typer.Option("--pg-bin", metavar="DIR", help="PostgreSQL bin directory for --replay [default: found by version].", show_default=False)] = None,
         prefetch: Annotated[int | None, typer.Option("--prefetch", metavar="N", help="Segments wal-fetch fetches ahead during this recovery, written into restore_command; 0 turns it off [default: the prefetch setting, or 8].", show_default=False)] = None,
@@ -95,7 +97,7 @@ def register(app: typer.Typer) -> None:
         """Rebuild a data directory from the nearest backup and recover it to a target (or the end of the archive)."""
         from pitr.cli.repoopen import open_repo
         from pitr.ops.restore import MARKER, RestoreOptions, run_restore
-        from pitr.ops.restore_plan import parse_action, parse_target, parse_timeline
+        from pitr.ops.restore_plan import make_exclusive, parse_action, parse_target, parse_timeline
 
         s = settings_of(ctx, pgdata=pgdata, jobs=jobs, pg_bin=pg_bin)
         if not s.pgdata:
@@ -109,6 +111,8 @@ def register(app: typer.Typer) -> None:
         if prefetch is not None and not 0 <= prefetch <= PREFETCH_MAX:  # wal-fetch refuses more (config.py)
             raise UsageError(f"--prefetch must be a number of segments from 0 to {PREFETCH_MAX}, not {prefetch}")
         tgt = parse_target(target_time, target_lsn, target_xid, target_name, target)
+        if target_exclusive:
+            tgt = make_exclusive(tgt)
         opts = RestoreOptions(
             pgdata=Path(s.pgdata).expanduser().absolute(), target=tgt, timeline=parse_timeline(target_timeline),
             backup_id=backup, action=parse_action(target_action), jobs=s.jobs, delta=delta, dry_run=dry_run,
@@ -117,7 +121,8 @@ def register(app: typer.Typer) -> None:
             config_path=os.path.abspath(s.config) if s.config else None, replay=replay,
             replay_timeout=replay_timeout, pg_bin=s.pg_bin, server_env=_server_env(s),
             # a restore replays a long run of WAL: fetch ahead unless told otherwise (docs/restore.md)
-            prefetch=prefetch if prefetch is not None else (s.prefetch or DEFAULT_RESTORE_PREFETCH))
+            prefetch=prefetch if prefetch is not None else (s.prefetch or DEFAULT_RESTORE_PREFETCH),
+            db_include=tuple(dict.fromkeys(db_include or ())))
         storage = open_repo(s)
         show = sys.stderr.isatty() and not json_out
 

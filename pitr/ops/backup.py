@@ -295,6 +295,8 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
             prev = at
         res = pipe.result
         files = sorted(res.entries, key=lambda e: e.path)
+        # {oid: name}: what `restore --db-include` tells the databases' directories apart by
+        databases = {str(oid): str(name) for oid, name in pg.query("select oid, datname from pg_database")}
         m = Manifest(
             id=backup_id, type="full", system_identifier=facts.info.system_identifier, pg_version=major,
             pg_version_num=facts.info.version_num, wal_segment_size=seg, timeline=tli,
@@ -306,7 +308,7 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
             tablespaces=found.tablespaces, bytes=res.raw_bytes, stored_bytes=res.stored_bytes,
             duration=0.0, pitr_version=__version__,
             extra={"block_size": facts.block_size, "objects": res.objects, "vanished": len(res.vanished),
-                   "pgdata": str(pgdata), "timings": timings},
+                   "pgdata": str(pgdata), "timings": timings, "databases": databases},
         )
         m.duration = round(time.monotonic() - t0, 3)
         write_manifest(storage, m)  # the commit point

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pitr.errors import IntegrityError, RestoreError
+from pitr.ops import db_include
 from pitr.ops.restore_dest import (
     MARKER,
     PG_CONTROL,
@@ -73,6 +74,7 @@ class RestoreOptions:
     pg_bin: str | None = None
     server_env: Mapping[str, str] = field(default_factory=dict)
     prefetch: int | None = None  # written into restore_command (None: left to the server's settings)
+    db_include: tuple[str, ...] = ()  # restore only these databases (+ the system ones): ops/db_include
 
 
 @dataclass
@@ -140,7 +142,7 @@ def _histories(storage: Storage, catalog: WalCatalog) -> dict[int, list[walname.
 def recovery_settings(plan: Plan, opts: RestoreOptions) -> dict[str, str]:
     s = {"restore_command": render_restore_command(opts.pitr_argv, opts.repo_url, opts.s3_endpoint,
                                                    opts.config_path, opts.prefetch)}
-    s |= plan.target.recovery_settings()
+    s |= plan.target.settings()
     if plan.target.kind != "latest":
         s["recovery_target_action"] = opts.action
     s["recovery_target_timeline"] = plan.timeline_spec
@@ -159,16 +161,20 @@ def run_restore(storage: Storage, opts: RestoreOptions, progress: Callable[[int,
     layout = Layout(opts.pgdata.absolute(), tablespace_locations(m, opts.tablespace_map))
     settings = recovery_settings(plan, opts)
     owner = check_destination(opts.pgdata, opts.delta, m, layout)  # read-only: a dry run refuses alike
+    left_out = db_include.excluded(m, opts.db_include) if opts.db_include else {}
+    notes = [f"--db-include: databases left out (unusable; drop them after the restore): "
+             f"{', '.join(sorted(left_out.values()))}"] if left_out else []
     if opts.dry_run:
-        return RestoreResult(plan, layout.pgdata, True, recovery_settings=settings, seconds=time.monotonic() - t0)
+        return RestoreResult(plan, layout.pgdata, True, recovery_settings=settings, seconds=time.monotonic() - t0,
+                             notes=notes)
     try:
-        stats = _write(storage, opts, m, layout, owner, settings, progress, phase)
+        stats = _write(storage, opts, m, layout, owner, settings, progress, phase, left_out)
     except OSError as e:  # disk full, I/O error, permissions changed under us: the environment, not a bug
         where = f" ({e.filename})" if e.filename else ""
         raise RestoreError(f"the restore into {layout.pgdata} failed: {e.strerror or e}{where}",
                            "fix the cause and restore again (with --delta to keep what was written); until then "
                            f"the directory is marked incomplete ({MARKER}) and has no pg_control") from e
-    result = RestoreResult(plan, layout.pgdata, False, stats, settings)
+    result = RestoreResult(plan, layout.pgdata, False, stats, settings, notes=notes)
     log.info("restored %d files (%d kept) in %.1fs", stats.files_written, stats.files_kept, stats.seconds)
     if opts.replay:
         phase("starting PostgreSQL to replay WAL to the target")
@@ -180,7 +186,7 @@ def run_restore(storage: Storage, opts: RestoreOptions, progress: Callable[[int,
 
 def _write(storage: Storage, opts: RestoreOptions, m: Manifest, layout: Layout, owner: tuple[int, int] | None,
            settings: Mapping[str, str], progress: Callable[[int, int], None] | None,
-           phase: Callable[[str], None]) -> FileStats:
+           phase: Callable[[str], None], left_out: Mapping[int, str] | None = None) -> FileStats:
     """Steps 3-5 of the recipe: mark, write every file, finish with pg_control last."""
     data_mode = root_mode(m)
     dir_mode = 0o750 if data_mode & 0o050 else 0o700
@@ -191,7 +197,8 @@ def _write(storage: Storage, opts: RestoreOptions, m: Manifest, layout: Layout, 
         (layout.pgdata / PG_CONTROL).unlink(missing_ok=True)  # never startable while half-updated
         removed = clean_for_delta(m, layout)
     prepare_tree(m, layout, owner, dir_mode)
-    items = [Item(f, layout.dest(f.path)) for f in m.files
+    files, zeroed = db_include.split(m.files, dict(left_out)) if left_out else (m.files, [])
+    items = [Item(f, layout.dest(f.path)) for f in files
              if f.path != PG_CONTROL and not ("/" not in f.path and f.path in ROOT_SKIP)]
     control = next((f for f in m.files if f.path == PG_CONTROL), None)
     if control is None:
@@ -199,6 +206,10 @@ def _write(storage: Storage, opts: RestoreOptions, m: Manifest, layout: Layout, 
     t_files = time.monotonic()
     stats = write_files(storage, m, items, opts.jobs, owner, opts.delta, progress, fsync=False)
     stats.removed = removed
+    if left_out:
+        db_include.write_sparse([(f, layout.dest(f.path)) for f in zeroed], owner)
+        write_small(layout.pgdata / db_include.NOTE_FILE, db_include.note_text(dict(left_out)).encode(), owner,
+                    0o600)
 
     phase("writing backup_label, tablespace_map and recovery settings")
     write_small(layout.pgdata / "backup_label", m.backup_label.encode(), owner, 0o600)

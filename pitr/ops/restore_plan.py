@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from pitr.errors import RestoreError, TargetError, UsageError
@@ -42,8 +42,13 @@ class Target:
     xid: int | None = None
     name: str | None = None
     given: str = ""  # as the user wrote it
+    exclusive: bool = False  # stop just before the target (recovery_target_inclusive = off)
 
     def describe(self) -> str:
+        d = self._describe()
+        return d + " (exclusive: stop just before it)" if self.exclusive else d
+
+    def _describe(self) -> str:
         if self.kind == "time":
             assert self.time is not None
             return f"time {format_time(self.time)}"
@@ -81,6 +86,13 @@ class Target:
             return {"recovery_target": "immediate"}
         return {}
 
+    def settings(self) -> dict[str, str]:
+        """recovery_settings() plus recovery_target_inclusive = off for an exclusive target."""
+        out = self.recovery_settings()
+        if self.exclusive:
+            out["recovery_target_inclusive"] = "off"
+        return out
+
     def to_json(self) -> dict[str, object]:
         d: dict[str, object] = {"kind": self.kind, "description": self.describe()}
         if self.time is not None:
@@ -93,6 +105,8 @@ class Target:
             d["name"] = self.name
         if self.given:
             d["given"] = self.given
+        if self.exclusive:
+            d["exclusive"] = True
         return d
 
 
@@ -186,6 +200,15 @@ def parse_target(time: str | None = None, lsn: str | None = None, xid: str | Non
         raise UsageError(f"--target accepts only 'immediate', not {value!r}",
                          "use --target-time, --target-lsn, --target-xid or --target-name for other targets")
     return Target("immediate", given=value)
+
+
+def make_exclusive(target: Target) -> Target:
+    """The same target, stopping just before it; only time, LSN and xid targets have a 'before'."""
+    if target.kind not in ("time", "lsn", "xid"):
+        what = "no target" if target.kind == "latest" else f"--target-{target.kind}" if target.kind == "name" \
+            else "--target immediate"
+        raise UsageError(f"--target-exclusive applies to --target-time, --target-lsn or --target-xid, not {what}")
+    return replace(target, exclusive=True)
 
 
 def parse_action(value: str) -> str:
@@ -285,7 +308,7 @@ def resolve_name(target: Target, point_lsn: int | None) -> Target:
     """A --target-name target with the LSN the repository recorded for it (None: not recorded)."""
     if target.kind != "name" or point_lsn is None:
         return target
-    return Target("name", name=target.name, lsn=point_lsn, given=target.given)
+    return replace(target, lsn=point_lsn)
 
 
 def make_plan(manifests: list[Manifest], catalog: WalCatalog, histories: dict[int, list[HistoryEntry]],
