@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -77,13 +77,8 @@ def register(app: typer.Typer) -> None:
                 res = storage_check(storage, s.allow_unsafe_store)
             finally:
                 storage.close()
-            if json_out:
-                emit_json(res.to_json())
-            else:
-                for p in res.points:
-                    emit(f"{'ok  ' if p.ok else 'FAIL'}  {p.line()}")
+            bad = _emit_points(res, json_out)
             if not res.ok:
-                bad = [p.name for p in res.points if not p.ok]
                 raise CheckError(f"the store behind {storage.display} lacks {len(bad)} propert"
                                  f"{'y' if len(bad) == 1 else 'ies'}: {', '.join(bad)}",
                                  "each FAIL line on stdout says what was seen and what to do")
@@ -110,13 +105,8 @@ def register(app: typer.Typer) -> None:
                                                          ages["--max-drill-age"]))
         finally:
             storage.close()
-        if json_out:
-            emit_json(res.to_json())
-        else:
-            for p in res.points:
-                emit(f"{'ok  ' if p.ok else 'FAIL'}  {p.line()}")
+        bad = _emit_points(res, json_out)
         if not res.ok:
-            bad = [p.name for p in res.points if not p.ok]
             raise CheckError(f"check failed on {len(bad)} point(s): {', '.join(dict.fromkeys(bad))}",
                              "each FAIL line on stdout names the setting and the fix")
 
@@ -179,6 +169,16 @@ def register(app: typer.Typer) -> None:
             emit("nothing to expire")
         else:
             emit(f"expired {done.backups} backup(s), deleted {done.objects} objects ({human_bytes(done.bytes)})")
+
+
+def _emit_points(res: Any, json_out: bool) -> list[str]:
+    """Print a check's result (one line per point, or JSON); return the names of the failed points."""
+    if json_out:
+        emit_json(res.to_json())
+    else:
+        for p in res.points:
+            emit(f"{'ok  ' if p.ok else 'FAIL'}  {p.line()}")
+    return [p.name for p in res.points if not p.ok]
 
 
 def _describe(policy: object) -> str:

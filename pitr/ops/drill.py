@@ -382,7 +382,7 @@ def _describe_restore(rec: dict[str, Any], res: RestoreResult) -> None:
 
 def _serve(place: _Place, res: RestoreResult, opts: DrillOptions) -> tuple[PrivateServer, list[str]]:
     """Start the promoted copy privately, trusting only its private socket; wait until it answers."""
-    from pitr.ops.restore_replay import _sql_users
+    from pitr.ops.restore_replay import sql_users
     from pitr.pg.binaries import find_pg_bin
 
     bindir = find_pg_bin(res.plan.backup.pg_version, opts.pg_bin, opts.server_env.get("PATH"))
@@ -395,7 +395,7 @@ def _serve(place: _Place, res: RestoreResult, opts: DrillOptions) -> tuple[Priva
         os.chown(logfile, *place.owner)
     srv = PrivateServer(bindir, place.pgdata, place.run, logfile, opts.server_env, place.owner,
                         {"hba_file": str(hba), "archive_mode": "off", "max_connections": "20"})
-    users = _sql_users(place.owner)
+    users = sql_users(place.owner)
     srv.start()
     deadline = time.monotonic() + READY_TIMEOUT
     while True:

@@ -30,6 +30,7 @@ from pitr.ops import db_include
 from pitr.ops.find_target import split_table
 from pitr.ops.restore import RestoreOptions, RestoreResult, load_plan, run_restore
 from pitr.ops.restore_plan import Target
+from pitr.ops.restore_replay import sql_users
 from pitr.storage.base import Storage
 
 
@@ -118,17 +119,6 @@ def _workdir() -> tuple[Path, tuple[int, int] | None]:
     return base, owner
 
 
-def _users(owner: tuple[int, int] | None) -> list[str]:
-    names = []
-    for uid in ([owner[0]] if owner else []) + [os.geteuid()]:
-        try:
-            names.append(pwd.getpwuid(uid).pw_name)
-        except KeyError:
-            pass
-    names.append("postgres")
-    return list(dict.fromkeys(n for n in names if n != "root"))
-
-
 def run_extract(storage: Storage, opts: ExtractOptions,
                 on_phase: Callable[[str], None] | None = None) -> ExtractResult:
     from pitr.pg.binaries import find_pg_bin
@@ -166,7 +156,7 @@ def run_extract(storage: Storage, opts: ExtractOptions,
         srv = PrivateServer(bindir, pgdata, sock, base / "server.log", dict(ro.server_env), owner)
         srv.start()
         deadline = time.monotonic() + 120
-        users = _users(owner)
+        users = sql_users(owner)
         while srv.query("select 1", users) is None:
             if not srv.alive() or not sleep_until(deadline):
                 raise RestoreError(f"the restored copy did not start (server log {base / 'server.log'})")

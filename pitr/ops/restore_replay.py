@@ -74,7 +74,7 @@ def replay(storage: Storage, plan: Plan, pgdata: Path, owner: tuple[int, int] | 
     srv = PrivateServer(bindir, pgdata, sockdir, logfile, opts.env, owner)
     action = "promote" if plan.target.kind == "latest" else opts.action
     deadline = None if not opts.timeout else time.monotonic() + opts.timeout
-    users = _sql_users(owner)
+    users = sql_users(owner)
     started = time.monotonic()
     reached = False
     point: tuple[object, ...] | None = None
@@ -136,7 +136,8 @@ def _paused(srv: PrivateServer, users: list[str]) -> bool:
     return bool(row and row[0])
 
 
-def _sql_users(owner: tuple[int, int] | None) -> list[str]:
+def sql_users(owner: tuple[int, int] | None) -> list[str]:
+    """Roles to try on a restored cluster's private socket: the files' owner, this user, postgres."""
     import pwd
 
     names = []
