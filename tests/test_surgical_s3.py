@@ -17,11 +17,18 @@ from tests.support.s3 import MotoServer
 pytestmark = pytest.mark.pg
 
 
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
 def test_s3_find_target_extract_sql_and_cleanup(cluster_factory: ClusterFactory, pitr_exe: Path,
-                                                moto_server: MotoServer, tmp_pg_dir: Path) -> None:
+                                                moto_server: MotoServer, tmp_pg_dir: Path, pg_version: str,
+                                                encrypted: bool) -> None:
+    if encrypted and pg_version != "18":
+        pytest.skip("the encrypted variant runs on PostgreSQL 18 only (reading through the repository layer "
+                    "does not depend on the server version)")
     if not moto_server.up:
         moto_server.recover()
     env = {"PITR_REPO": f"s3://{moto_server.create_bucket(f'sg-{uuid.uuid4().hex[:12]}')}/x"} | moto_server.env()
+    if encrypted:  # the surgical commands read WAL and backups through the same sealed layer as restore
+        env |= {"PITR_ENCRYPTION_PASSPHRASE": "surgical test passphrase"}
     src = cluster_factory("src")
     src.initdb(f"archive_mode = on\narchive_command = '{pitr_exe} wal-push %p'\n")
     src.start(env=env)
@@ -32,7 +39,7 @@ def test_s3_find_target_extract_sql_and_cleanup(cluster_factory: ClusterFactory,
             assert p.returncode == 0, f"pitr {args} exited {p.returncode}\n{p.stdout}\n{p.stderr}"
         return p.stdout + p.stderr
 
-    pitr("init", "--dbname", src.conninfo)
+    pitr("init", "--dbname", src.conninfo, *(["--encrypt"] if encrypted else []))
     ts = tmp_pg_dir / "ts"
     ts.mkdir()
     chown_pg(ts)
