@@ -21,16 +21,17 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         backup: Annotated[str | None, typer.Option("--backup", help="Only this backup and the WAL it needs.", show_default=False)] = None,
         jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Objects read in parallel [config jobs].", show_default=False)] = None,
+        repo_as_of: Annotated[str | None, typer.Option("--repo-as-of", metavar="TS", help="Read the versioned S3 bucket as it was at TS [env PITR_REPO_AS_OF].", show_default=False)] = None,
         json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
     ) -> None:
         """Re-read every stored object (checksums, WAL headers), check each manifest against its objects and
         that WAL is continuous from each backup to the archive's head. Exit 1 listing every problem."""
-        from pitr.cli.repoopen import open_repo
+        from pitr.cli.repoopen import open_repo, parse_as_of
         from pitr.errors import VerifyError
         from pitr.ops.verify import VerifyOptions, verify
 
         s = settings_of(ctx, jobs=jobs)
-        storage = open_repo(s)
+        storage = open_repo(s, as_of=parse_as_of(repo_as_of))
         try:
             started = time.monotonic()
             res = verify(storage, VerifyOptions(backup, s.jobs), progress=log.info)
