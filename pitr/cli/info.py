@@ -179,14 +179,19 @@ def register(app: typer.Typer) -> None:
         try:
             report = gather(storage)
             encrypted = bool(getattr(storage, "encrypted", False))
+            # (MODE, days) from pitr.json, set on the S3 backend when the repository was read
+            lock = getattr(getattr(storage, "inner", None), "retention", None)
         finally:
             storage.close()
         if json_out:
             emit_json({**to_json(report), "encryption": {"enabled": encrypted,
-                                                          "cipher": "AES-256-GCM" if encrypted else None}})
+                                                          "cipher": "AES-256-GCM" if encrypted else None},
+                       "object_lock": {"enabled": lock is not None, "mode": lock[0].lower() if lock else None,
+                                       "days": lock[1] if lock else None}})
         else:
             emit(render_text(report))
             emit(f"Encryption   {'on (AES-256-GCM)' if encrypted else 'off'}")
+            emit(f"Object Lock  {f'on ({lock[0].lower()}, {lock[1]} days)' if lock else 'off'}")
 
     @app.command("info")
     def info_cmd(

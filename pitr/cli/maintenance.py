@@ -136,8 +136,11 @@ def register(app: typer.Typer) -> None:
             done = None if dry_run else apply(storage, plan, progress=log.info)
         finally:
             storage.close()
+        # versions an Object Lock still retains: left in place, reported, not a failure
+        locked = list(getattr(getattr(storage, "inner", storage), "locked_left", []))
         if json_out:
             out = plan.to_json() | {"dry_run": dry_run}
+            out["locked"] = [{"object": k, "retained_until": u.isoformat()} for k, u in locked]
             out["deleted"] = None if done is None else {"backups": done.backups, "incomplete": done.incomplete,
                                                         "objects": done.objects, "bytes": done.bytes,
                                                         "temps": done.temps}
@@ -170,6 +173,10 @@ def register(app: typer.Typer) -> None:
             emit("nothing to expire")
         else:
             emit(f"expired {done.backups} backup(s), deleted {done.objects} objects ({human_bytes(done.bytes)})")
+        if locked:
+            until = max(u for _, u in locked)
+            emit(f"locked  {len(locked)} object version(s) are still under Object Lock and were left in place "
+                 f"(the last unlocks {until.strftime('%Y-%m-%d %H:%M UTC')}); a later expire deletes them")
 
 
 def _emit_points(res: Any, json_out: bool) -> list[str]:
