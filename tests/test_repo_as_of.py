@@ -3,7 +3,8 @@ credentials deleted every object and overwrote the metadata (moto server; Postgr
 
 The view (storage/s3_asof.py) reads each key's newest version written at or before TS, ignores
 delete markers and later versions, and refuses writes; a directory repository and a bucket without
-versioning are refused with exit 2.
+versioning are refused with exit 2. `verify` names a write-once object whose current version is not
+the one pitr wrote.
 """
 
 from __future__ import annotations
@@ -128,8 +129,15 @@ def test_restore_after_ransomware(moto_env: MotoServer, pg_bindir: Path, pitr_ex
         src.wait_archived(src.switch_wal())
         src.stop()
         t = now_between_writes()
-        attack(moto_env, bucket)
         ts = t.isoformat()
+        # first the attacker overwrites one archived segment: verify names it as tampered (tamper evidence)
+        c = moto_env.client()
+        seg = sorted(o["Key"] for o in c.list_objects_v2(Bucket=bucket, Prefix="r/wal/")["Contents"])[0]
+        c.put_object(Bucket=bucket, Key=seg, Body=b"encrypted by ransomware")
+        p = pitr(pitr_exe, env, "verify")
+        assert p.returncode == 1, p.stdout + p.stderr
+        assert f"tampered: {seg[2:]}: has 2 versions" in p.stdout, p.stdout
+        attack(moto_env, bucket)
 
         p = pitr(pitr_exe, env, "info")
         assert p.returncode != 0 and "Traceback" not in p.stderr, p.stdout + p.stderr

@@ -19,7 +19,7 @@ import os
 import re
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO
@@ -420,6 +420,36 @@ class S3Storage(Storage):
             self._delete_versions([key])
             return
         self._call(f"delete {key}", self.client.delete_object, Bucket=self.bucket, Key=self._k(key))
+
+    def rewritten(self, prefix: str, want: Callable[[str], bool]) -> list[tuple[str, int, float]]:
+        """(key, versions, first written) of each key under prefix (and chosen by want) whose current
+        version is not the first one written: overwritten, or deleted and written again. Only a
+        versioned bucket keeps the evidence; a deleted key (delete marker newest) is not listed.
+        Without permission to list versions: a warning and none."""
+        full = self._k(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        entries: dict[str, list[tuple[float, bool]]] = {}  # key -> (LastModified, is a delete marker)
+        try:
+            for page in self.client.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=full):
+                for v, marker in [(v, False) for v in page.get("Versions", [])] + [
+                        (m, True) for m in page.get("DeleteMarkers", [])]:
+                    key = v["Key"][cut:]
+                    if want(key):
+                        entries.setdefault(key, []).append((v["LastModified"].timestamp(), marker))
+        except Exception as e:  # noqa: BLE001
+            err = self._translate(e, "list object versions")
+            if isinstance(err, StorageError) and "refused access" in str(err):
+                logging.getLogger("pitr.storage").warning(
+                    "cannot list object versions in %s (access denied): overwritten objects are not checked; "
+                    "grant s3:ListBucketVersions", self.display)
+                return []
+            raise err from e
+        out = []
+        for key, vs in sorted(entries.items()):
+            vs.sort()
+            if len(vs) > 1 and not vs[-1][1]:
+                out.append((key, len(vs), vs[0][0]))
+        return out
 
     def object_lock_enabled(self) -> bool:
         """Whether the bucket has Object Lock enabled (it can only be chosen when the bucket is made)."""
