@@ -421,7 +421,7 @@ class S3Storage(Storage):
             return
         self._call(f"delete {key}", self.client.delete_object, Bucket=self.bucket, Key=self._k(key))
 
-    def rewritten(self, prefix: str, want: Callable[[str], bool]) -> list[tuple[str, int, float]]:
+    def rewritten(self, prefix: str, want: Callable[[str], bool]) -> Sequence[tuple[str, int, float]]:
         """(key, versions, first written) of each key under prefix (and chosen by want) whose current
         version is not the first one written: overwritten, or deleted and written again. Only a
         versioned bucket keeps the evidence; a deleted key (delete marker newest) is not listed.
