@@ -121,3 +121,30 @@ def test_init_lock_days_end_to_end(moto_env: MotoServer, pg_bindir: Path, pitr_e
     finally:
         src.ensure_stopped()
         rmtree_pg(base)
+
+
+def test_encrypted_repository_keeps_the_policy_in_the_plain_part(moto_env: MotoServer) -> None:
+    from pitr.ops.init import init_repo
+    from pitr.ops.lock import record_lock
+    from pitr.pg.conn import ServerInfo
+    from pitr.repo.keys import passphrase_source
+    from pitr.repo.meta import read_meta
+    from pitr.repo.sealed import RepoStorage
+
+    bucket = lock_bucket(moto_env)
+    key = passphrase_source("a passphrase", "PITR_ENCRYPTION_PASSPHRASE")
+    server = ServerInfo(150000, 7301234567890123456, 16 << 20, "/nowhere", False)
+    first = RepoStorage(S3Storage(bucket, "e", endpoint=moto_env.endpoint), key)
+    init_repo(first, server, encrypt=True)
+    assert record_lock(first, 5, "compliance")
+    assert not record_lock(first, 5, "compliance")  # recorded once
+    raw = json.loads(moto_env.client().get_object(Bucket=bucket, Key="e/pitr.json")["Body"].read())
+    assert raw["lock_days"] == 5 and raw["lock_mode"] == "compliance" and "encryption" in raw
+    # a later process: the policy is read before any write, the key still opens the repository
+    later = RepoStorage(S3Storage(bucket, "e", endpoint=moto_env.endpoint), key)
+    assert read_meta(later).system_identifier == 7301234567890123456
+    later.put("wal/x", b"sealed and locked")
+    h = moto_env.client().head_object(Bucket=bucket, Key="e/wal/x")
+    assert h.get("ObjectLockMode") == "COMPLIANCE"
+    assert h["ObjectLockRetainUntilDate"] >= datetime.now(UTC) + timedelta(days=5)
+    assert later.get("wal/x") == b"sealed and locked"
