@@ -153,6 +153,12 @@ def test_restore_after_ransomware(moto_env: MotoServer, pg_bindir: Path, pitr_ex
         dest.start(env=env)
         assert dest.table_md5("t") == want
         dest.stop()
+
+        # drill from the past: passes, and its record is printed, not written into the attacked bucket
+        rec = json.loads(ok(pitr(pitr_exe, env, "drill", "--repo-as-of", ts, "--json", "--no-amcheck",
+                                 "--check", "select count(*) = 6000 from t", "--replay-timeout", "240")).stdout)
+        assert rec["passed"] and rec["stored"] is None and rec["repo_as_of"], rec
+        assert not c.list_objects_v2(Bucket=bucket, Prefix="r/drills/").get("Contents")
     finally:
         src.ensure_stopped()
         rmtree_pg(base)
