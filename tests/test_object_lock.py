@@ -108,6 +108,14 @@ def test_init_lock_days_end_to_end(moto_env: MotoServer, pg_bindir: Path, pitr_e
         assert json.loads(ok(pitr(pitr_exe, env, "info", "--json")).stdout)["object_lock"] == {
             "enabled": True, "mode": "governance", "days": 2}
 
+        # check --storage tests the lock; its probes are never locked
+        out = pitr(pitr_exe, env, "check", "--storage").stdout  # moto does not verify checksums: that point fails
+        lock_lines = [ln for ln in out.splitlines() if "object-lock" in ln]
+        assert lock_lines and lock_lines[0].startswith("ok") and "governance retention of 2 days" in out, out
+        for v in c.list_object_versions(Bucket=bucket, Prefix="r/.pitr-check/").get("Versions", []):
+            h = c.head_object(Bucket=bucket, Key=v["Key"], VersionId=v["VersionId"])
+            assert "ObjectLockMode" not in h, v["Key"]  # a probe version is never locked (it can be removed)
+
         # the attacker cannot delete a locked version
         k = next(k for k in keys if k.startswith("r/backups/"))
         vid = c.head_object(Bucket=bucket, Key=k)["VersionId"]

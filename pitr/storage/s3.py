@@ -29,6 +29,7 @@ from pitr.storage.base import UNSAFE_STORE_HINT, ObjectInfo, Storage, TempObject
 
 MiB = 1 << 20
 MAX_SINGLE_PUT = 5 << 30  # S3's limit for one PutObject
+_PROBE_PREFIXES = (".pitr-check/", ".pitr-write-check/")  # ops/storecheck.py and check(): never locked
 MULTIPART_GRACE = 86400.0  # an incomplete multipart upload started longer ago is abandoned (expire aborts it)
 PARTS_IN_FLIGHT = 2  # per multipart upload; with --jobs uploads at once this bounds backup memory
 _CONN_HINT = "check that the S3 endpoint is up and that --s3-endpoint / PITR_S3_ENDPOINT is right"
@@ -256,10 +257,14 @@ class S3Storage(Storage):
         return {"ObjectLockMode": mode,
                 "ObjectLockRetainUntilDate": datetime.now(UTC) + timedelta(days=days, minutes=1)}
 
+    def _retain(self, key: str) -> bool:
+        # conformance probes (check --storage, init) are deleted at once: never lock them
+        return self.retention is not None and not key.startswith(_PROBE_PREFIXES)
+
     def _put_small(self, key: str, body: bytes, if_absent: bool, retain: bool = False) -> None:
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": self._k(key), "Body": body,
                               "ChecksumSHA256": _b64sha256(body)}
-        if retain and self.retention is not None:  # probes (check, checksum test) are never locked
+        if retain and self._retain(key):  # probes (check, checksum test) are never locked
             # S3 wants the checksum's algorithm named on a locked upload (x-amz-sdk-checksum-algorithm)
             kw |= self._lock_args() | {"ChecksumAlgorithm": "SHA256"}
         if if_absent and not self.conditional_writes_trusted and self.stat(key) is not None:
@@ -304,7 +309,8 @@ class S3Storage(Storage):
     def _put_multipart(self, key: str, head: list[bytes], rest: BinaryIO, if_absent: bool) -> None:
         k = self._k(key)
         up = self._call(f"write {key}", self.client.create_multipart_upload,
-                        Bucket=self.bucket, Key=k, ChecksumAlgorithm="SHA256", **self._lock_args())
+                        Bucket=self.bucket, Key=k, ChecksumAlgorithm="SHA256",
+                        **(self._lock_args() if self._retain(key) else {}))
         upload_id = up["UploadId"]
         parts: list[dict[str, Any]] = []
         try:
@@ -327,7 +333,7 @@ class S3Storage(Storage):
             if if_absent and self._conditional:
                 kw["IfNoneMatch"] = "*"
             done = self._call(f"write {key}", self.client.complete_multipart_upload, **kw)
-            if self.retention is not None:
+            if self._retain(key):
                 self._ensure_retention(key, k, done.get("VersionId"))
         except BaseException:
             try:
