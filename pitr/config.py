@@ -77,6 +77,9 @@ class Settings:
     # encryption at rest: the key file of an encrypted repository (the passphrase comes only from the
     # environment, PITR_ENCRYPTION_PASSPHRASE, never a setting)
     encryption_key_file: str | None = None
+    # S3 Object Lock for `pitr init --lock-days` (the policy is then recorded in pitr.json)
+    lock_days: int | None = None
+    lock_mode: str = "governance"  # governance | compliance
     retain_full: int | None = None
     retain_days: float | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)

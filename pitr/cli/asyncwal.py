@@ -274,7 +274,7 @@ def _idle_exit() -> float:
 def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, str]) -> int:
     import logging
 
-    from pitr.cli.repoopen import open_repo
+    from pitr.cli.repoopen import open_repo, parse_as_of
     from pitr.config import load_settings
     from pitr.errors import PitrError
     from pitr.ops import prefetch
@@ -290,7 +290,8 @@ def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, 
     try:
         settings = load_settings(opts)
         jobs = max(1, min(settings.prefetch, settings.jobs))
-        storage = open_repo(settings, max_connections=jobs + 2)
+        # a restore --repo-as-of reads the bucket's past (PITR_REPO_AS_OF in restore_command)
+        storage = open_repo(settings, max_connections=jobs + 2, as_of=parse_as_of(None))
         meta = read_meta(storage)
         cfg = prefetch.PrefetchConfig(pdir, fp, settings.prefetch, jobs, idle_exit=_idle_exit())
         log.info("started: %d segments ahead, %d jobs, from %s", settings.prefetch, jobs, storage.display)

@@ -21,16 +21,17 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         backup: Annotated[str | None, typer.Option("--backup", help="Only this backup and the WAL it needs.", show_default=False)] = None,
         jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Objects read in parallel [config jobs].", show_default=False)] = None,
+        repo_as_of: Annotated[str | None, typer.Option("--repo-as-of", metavar="TS", help="Read the versioned S3 bucket as it was at TS [env PITR_REPO_AS_OF].", show_default=False)] = None,
         json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
     ) -> None:
         """Re-read every stored object (checksums, WAL headers), check each manifest against its objects and
         that WAL is continuous from each backup to the archive's head. Exit 1 listing every problem."""
-        from pitr.cli.repoopen import open_repo
+        from pitr.cli.repoopen import open_repo, parse_as_of
         from pitr.errors import VerifyError
         from pitr.ops.verify import VerifyOptions, verify
 
         s = settings_of(ctx, jobs=jobs)
-        storage = open_repo(s)
+        storage = open_repo(s, as_of=parse_as_of(repo_as_of))
         try:
             started = time.monotonic()
             res = verify(storage, VerifyOptions(backup, s.jobs), progress=log.info)
@@ -135,8 +136,11 @@ def register(app: typer.Typer) -> None:
             done = None if dry_run else apply(storage, plan, progress=log.info)
         finally:
             storage.close()
+        # versions an Object Lock still retains: left in place, reported, not a failure
+        locked = list(getattr(getattr(storage, "inner", storage), "locked_left", []))
         if json_out:
             out = plan.to_json() | {"dry_run": dry_run}
+            out["locked"] = [{"object": k, "retained_until": u.isoformat()} for k, u in locked]
             out["deleted"] = None if done is None else {"backups": done.backups, "incomplete": done.incomplete,
                                                         "objects": done.objects, "bytes": done.bytes,
                                                         "temps": done.temps}
@@ -169,6 +173,10 @@ def register(app: typer.Typer) -> None:
             emit("nothing to expire")
         else:
             emit(f"expired {done.backups} backup(s), deleted {done.objects} objects ({human_bytes(done.bytes)})")
+        if locked:
+            until = max(u for _, u in locked)
+            emit(f"locked  {len(locked)} object version(s) are still under Object Lock and were left in place "
+                 f"(the last unlocks {until.strftime('%Y-%m-%d %H:%M UTC')}); a later expire deletes them")
 
 
 def _emit_points(res: Any, json_out: bool) -> list[str]:

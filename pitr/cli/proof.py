@@ -70,17 +70,19 @@ def register(app: typer.Typer) -> None:
         pg_bin: Annotated[str | None, typer.Option("--pg-bin", metavar="DIR", help="PostgreSQL bin directory [default: found by version].", show_default=False)] = None,
         jobs: Annotated[int | None, typer.Option("--jobs", "-j", metavar="N", help="Parallel file workers [default 2].", show_default=False)] = None,
         replay_timeout: Annotated[float | None, typer.Option("--replay-timeout", metavar="SECONDS", help="Fail the drill when replay takes longer.", show_default=False)] = None,
+        repo_as_of: Annotated[str | None, typer.Option("--repo-as-of", metavar="TS", help="Drill from the versioned S3 bucket as it was at TS; the record is printed, not stored [env PITR_REPO_AS_OF].", show_default=False)] = None,
         json_out: Annotated[bool, typer.Option("--json", help="The drill record on stdout (docs/drill.md).")] = False,
     ) -> None:
         """Prove the repository restores: restore into a throwaway directory, replay to TARGET, run pg_amcheck
         and the checks, remove it, and record the result in the repository. Exit 0 only when all passed."""
-        from pitr.cli.repoopen import open_repo
+        from pitr.cli.repoopen import open_repo, parse_as_of
         from pitr.cli.restore import DEFAULT_RESTORE_PREFETCH, _redact_url, _server_env, self_argv
         from pitr.errors import DrillError
         from pitr.ops.drill import DrillOptions, run_drill, split_statements
         from pitr.ops.restore_plan import parse_target
 
         tgt = parse_target(target_time, target_lsn, target_xid, target_name, target)
+        as_of = parse_as_of(repo_as_of)
         if random_target and tgt.kind != "latest":
             raise UsageError("--random-target and an explicit target exclude each other")
         if replay_timeout is not None and replay_timeout <= 0:
@@ -102,14 +104,14 @@ def register(app: typer.Typer) -> None:
             random_target=random_target, jobs=s.jobs, pitr_argv=self_argv(), repo_url=s.location().url,
             s3_endpoint=_redact_url(s.s3_endpoint), config_path=os.path.abspath(s.config) if s.config else None,
             pg_bin=s.pg_bin, server_env=_server_env(s), prefetch=s.prefetch or DEFAULT_RESTORE_PREFETCH,
-            timeout=replay_timeout)
+            timeout=replay_timeout, repo_as_of=as_of.isoformat() if as_of else None)
         show = sys.stderr.isatty() and not json_out
 
         def phase(msg: str) -> None:
             if show:
                 print(f"pitr: {msg}", file=sys.stderr)
 
-        storage = open_repo(s)
+        storage = open_repo(s, as_of=as_of)
         old = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
         try:
             result = run_drill(storage, opts, on_phase=phase)
@@ -133,7 +135,8 @@ def register(app: typer.Typer) -> None:
         if not result.passed:
             bad = [st["name"] for st in rec["steps"] if st.get("passed") is False]
             raise DrillError(f"drill {rec['id']} failed ({', '.join(dict.fromkeys(bad)) or 'restore'}); "
-                             "the failure is recorded in the repository",
+                             + ("with --repo-as-of nothing is recorded" if as_of else
+                                "the failure is recorded in the repository"),
                              "each FAIL line says what went wrong; docs/runbook.md says what to do")
 
     @app.command("metrics")

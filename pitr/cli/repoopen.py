@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from pitr.config import Settings
@@ -18,6 +19,8 @@ from pitr.storage.base import Storage
 PASSPHRASE_ENV = "PITR_ENCRYPTION_PASSPHRASE"
 KEY_FILE_ENV = "PITR_ENCRYPTION_KEY_FILE"
 NEW_PASSPHRASE_ENV = "PITR_NEW_ENCRYPTION_PASSPHRASE"
+# --repo-as-of for the restored server's restore_command (restore writes it there, in UTC)
+AS_OF_ENV = "PITR_REPO_AS_OF"
 
 if TYPE_CHECKING:
     from pitr.repo.keys import KeySource
@@ -42,11 +45,37 @@ def key_loader(settings: Settings) -> Callable[[], KeySource | None]:
     return load
 
 
-def open_repo(settings: Settings, *, max_connections: int | None = None) -> Storage:
-    """The repository's storage: encrypted repositories encrypt and authenticate every object."""
+def parse_as_of(text: str | None) -> datetime | None:
+    """--repo-as-of TS (else PITR_REPO_AS_OF), read like --target-time; None when neither is given."""
+    if text is None:
+        text = os.environ.get(AS_OF_ENV) or None
+    if text is None:
+        return None
+    from pitr.errors import UsageError
+    from pitr.ops.restore_plan import parse_time
+
+    try:
+        return parse_time(text)
+    except UsageError as e:
+        raise UsageError(f"--repo-as-of: {e}", e.hint) from None
+
+
+def open_repo(settings: Settings, *, max_connections: int | None = None, as_of: datetime | None = None) -> Storage:
+    """The repository's storage: encrypted repositories encrypt and authenticate every object.
+    With as_of: a read-only view of a versioned S3 bucket as it was then (storage/s3_asof.py)."""
     from pitr.repo.sealed import RepoStorage
     from pitr.storage import open_storage
 
+    inner = open_storage(settings, max_connections=max_connections)
+    if as_of is not None:
+        from pitr.errors import UsageError
+        from pitr.storage.s3 import S3Storage
+        from pitr.storage.s3_asof import S3AsOfStorage
+
+        if not isinstance(inner, S3Storage):
+            raise UsageError(f"--repo-as-of reads earlier versions of a versioned S3 bucket, and {inner.display} "
+                             "is a directory, which keeps none", "drop --repo-as-of")
+        inner = S3AsOfStorage(inner, as_of)
     cfg = f"the config file {settings.config}" if settings.config else "a config file (none was read)"
     looked = f"encryption_key_file in {cfg}, {KEY_FILE_ENV} and {PASSPHRASE_ENV}"
-    return RepoStorage(open_storage(settings, max_connections=max_connections), key_loader(settings), looked)
+    return RepoStorage(inner, key_loader(settings), looked)

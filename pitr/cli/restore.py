@@ -92,10 +92,11 @@ def register(app: typer.Typer) -> None:
         pg_bin: Annotated[str | None, typer.Option("--pg-bin", metavar="DIR", help="PostgreSQL bin directory for --replay [default: found by version].", show_default=False)] = None,
         prefetch: Annotated[int | None, typer.Option("--prefetch", metavar="N", help="Segments wal-fetch fetches ahead during this recovery, written into restore_command; 0 turns it off [default: the prefetch setting, or 8].", show_default=False)] = None,
         replay_timeout: Annotated[float | None, typer.Option("--replay-timeout", metavar="SECONDS", help="Give up --replay after this many seconds [default: no limit].", show_default=False)] = None,
+        repo_as_of: Annotated[str | None, typer.Option("--repo-as-of", metavar="TS", help="Read the versioned S3 bucket as it was at TS (each object's newest version then; later deletes and overwrites ignored) [env PITR_REPO_AS_OF].", show_default=False)] = None,
         json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
     ) -> None:
         """Rebuild a data directory from the nearest backup and recover it to a target (or the end of the archive)."""
-        from pitr.cli.repoopen import open_repo
+        from pitr.cli.repoopen import open_repo, parse_as_of
         from pitr.ops.restore import MARKER, RestoreOptions, run_restore
         from pitr.ops.restore_plan import make_exclusive, parse_action, parse_target, parse_timeline
 
@@ -111,6 +112,7 @@ def register(app: typer.Typer) -> None:
         if prefetch is not None and not 0 <= prefetch <= PREFETCH_MAX:  # wal-fetch refuses more (config.py)
             raise UsageError(f"--prefetch must be a number of segments from 0 to {PREFETCH_MAX}, not {prefetch}")
         tgt = parse_target(target_time, target_lsn, target_xid, target_name, target)
+        as_of = parse_as_of(repo_as_of)
         if target_exclusive:
             tgt = make_exclusive(tgt)
         opts = RestoreOptions(
@@ -122,8 +124,9 @@ def register(app: typer.Typer) -> None:
             replay_timeout=replay_timeout, pg_bin=s.pg_bin, server_env=_server_env(s),
             # a restore replays a long run of WAL: fetch ahead unless told otherwise (docs/restore.md)
             prefetch=prefetch if prefetch is not None else (s.prefetch or DEFAULT_RESTORE_PREFETCH),
-            db_include=tuple(dict.fromkeys(db_include or ())))
-        storage = open_repo(s)
+            db_include=tuple(dict.fromkeys(db_include or ())),
+            repo_as_of=as_of.isoformat() if as_of else None)
+        storage = open_repo(s, as_of=as_of)
         show = sys.stderr.isatty() and not json_out
 
         def phase(msg: str) -> None:

@@ -20,17 +20,29 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
         encrypt: Annotated[bool, typer.Option("--encrypt", help="Encrypt every object (AES-256-GCM) under the key "
                                               "from encryption_key_file or PITR_ENCRYPTION_PASSPHRASE.")] = False,
+        lock_days: Annotated[int | None, typer.Option("--lock-days", metavar="N", help="S3 Object Lock: every object written from now on is retained at least N days (the bucket must have Object Lock enabled) [config lock_days].", show_default=False)] = None,
+        lock_mode: Annotated[str | None, typer.Option("--lock-mode", metavar="MODE", help="governance or compliance [config lock_mode, default governance].", show_default=False)] = None,
     ) -> None:
         """Bind the repository to this cluster (system identifier, version, WAL segment size). Idempotent."""
         from pitr.cli.repoopen import open_repo
         from pitr.ops.init import init_repo
         from pitr.pg.conn import PgSession
 
-        s = settings_of(ctx, dbname=dbname)
+        s = settings_of(ctx, dbname=dbname, lock_days=lock_days, lock_mode=lock_mode)
+        if s.lock_days is not None:
+            from pitr.ops.lock import validate
+
+            validate(s.lock_days, s.lock_mode)
         storage = open_repo(s)
         with PgSession(s.dbname) as pg:
             server = pg.info()
+        if s.lock_days is not None:  # refused before anything is written when the bucket cannot lock
+            from pitr.ops.lock import record_lock, require_lockable
+
+            require_lockable(storage)
         r = init_repo(storage, server, allow_unsafe_store=s.allow_unsafe_store, encrypt=encrypt)
+        if s.lock_days is not None:
+            record_lock(storage, s.lock_days, s.lock_mode)
         m = r.meta
         if r.created and r.encrypted:
             from pitr.cli.keys import lost_key_warning
@@ -40,10 +52,12 @@ def register(app: typer.Typer) -> None:
         if json_out:
             emit_json({"repo": storage.display, "created": r.created, "system_identifier": str(m.system_identifier),
                        "pg_version": m.pg_version, "wal_segment_size": m.wal_segment_size, "format": m.format,
-                       "encrypted": r.encrypted})
+                       "encrypted": r.encrypted,
+                       "object_lock": {"days": s.lock_days, "mode": s.lock_mode} if s.lock_days else None})
         else:
             what = "initialized" if r.created else "already initialized"
             what += " (encrypted)" if r.encrypted else ""
+            what += f" (Object Lock: {s.lock_mode}, {s.lock_days} days)" if s.lock_days else ""
             emit(f"repository {storage.display} {what} for cluster {m.system_identifier} "
                  f"(PostgreSQL {m.pg_version}, {m.wal_segment_size >> 20} MiB WAL segments)")
 

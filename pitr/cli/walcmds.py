@@ -43,7 +43,7 @@ def run_wal_push(settings: Settings, path: str) -> int:
 
 def run_wal_fetch(settings: Settings, name: str, dest: str) -> int:
     """0 fetched; 1 not in the archive (PostgreSQL's end of archive); >125 anything else."""
-    from pitr.cli.repoopen import open_repo
+    from pitr.cli.repoopen import open_repo, parse_as_of
     from pitr.ops import archive
 
     if settings.prefetch > 0:
@@ -54,7 +54,7 @@ def run_wal_fetch(settings: Settings, name: str, dest: str) -> int:
             log.info("%s %s by the prefetcher", name, "served" if rc == 0 else "reported missing")
             return rc
     try:
-        storage = open_repo(settings)
+        storage = open_repo(settings, as_of=parse_as_of(None))  # PITR_REPO_AS_OF: restore --repo-as-of
         archive.fetch_with_retries(storage, archive.MetaLoader(storage), name, Path(dest),
                                    settings.fetch_retries, settings.fetch_retry_forever)
         log.info("fetched %s", name)

@@ -63,6 +63,7 @@ class DrillOptions:
     server_env: Mapping[str, str] = field(default_factory=dict)
     prefetch: int | None = None
     timeout: float | None = None  # replay timeout (seconds)
+    repo_as_of: str | None = None  # --repo-as-of (UTC ISO): a read-only view of the past; the record is not stored
 
 
 @dataclass
@@ -293,7 +294,7 @@ def run_drill(storage: Storage, opts: DrillOptions, on_phase: Callable[[str], No
             pgdata=place.pgdata, target=target, backup_id=opts.backup_id, action="promote", jobs=opts.jobs,
             archive_mode="off", pitr_argv=opts.pitr_argv, repo_url=opts.repo_url, s3_endpoint=opts.s3_endpoint,
             config_path=opts.config_path, replay=True, replay_timeout=opts.timeout, pg_bin=opts.pg_bin,
-            server_env=opts.server_env, prefetch=opts.prefetch)
+            server_env=opts.server_env, prefetch=opts.prefetch, repo_as_of=opts.repo_as_of)
         t_restore = time.monotonic()
         try:
             ropts = _relocate_tablespaces(storage, ropts, place)
@@ -341,6 +342,9 @@ def run_drill(storage: Storage, opts: DrillOptions, on_phase: Callable[[str], No
     rec["passed"] = bool(steps) and all(s.passed is not False for s in steps) and rec["error"] is None
     rec["finished"] = _iso(time.time())
     out = DrillResult(rec)
+    if opts.repo_as_of is not None:  # the view of the past is read-only: the record is printed, not stored
+        rec["repo_as_of"] = opts.repo_as_of
+        return out
     try:
         out.key = drills.write(storage, rec)
     except PitrError as e:

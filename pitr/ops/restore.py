@@ -75,6 +75,7 @@ class RestoreOptions:
     server_env: Mapping[str, str] = field(default_factory=dict)
     prefetch: int | None = None  # written into restore_command (None: left to the server's settings)
     db_include: tuple[str, ...] = ()  # restore only these databases (+ the system ones): ops/db_include
+    repo_as_of: str | None = None  # --repo-as-of in UTC ISO form, repeated in restore_command
 
 
 @dataclass
@@ -141,7 +142,7 @@ def _histories(storage: Storage, catalog: WalCatalog) -> dict[int, list[walname.
 
 def recovery_settings(plan: Plan, opts: RestoreOptions) -> dict[str, str]:
     s = {"restore_command": render_restore_command(opts.pitr_argv, opts.repo_url, opts.s3_endpoint,
-                                                   opts.config_path, opts.prefetch)}
+                                                   opts.config_path, opts.prefetch, opts.repo_as_of)}
     s |= plan.target.settings()
     if plan.target.kind != "latest":
         s["recovery_target_action"] = opts.action

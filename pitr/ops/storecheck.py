@@ -19,6 +19,9 @@ from dataclasses import dataclass
 
 from pitr.errors import AlreadyExistsError, PitrError, StorageError
 from pitr.ops.check import CheckResult
+from pitr.repo.format import META_KEY
+from pitr.repo.meta import SMALL_JSON_MAX
+from pitr.repo.sealed import lock_policy, parse_meta_doc
 from pitr.storage.base import UNSAFE_STORE_HINT, Storage
 
 log = logging.getLogger("pitr.storecheck")
@@ -67,7 +70,33 @@ def storage_check(storage: Storage, allow_unsafe: bool) -> CheckResult:
         else:
             res.add(p.name, p.ok, p.detail, UNSAFE_STORE_HINT if p.name in CONDITIONAL else
                     "use a store that has this property (docs/configuration.md)")
+    lock = _object_lock(storage)
+    if lock is not None:
+        res.add(lock.name, lock.ok, lock.detail, "the repository's pitr.json asks for Object Lock: use a bucket "
+                "created with Object Lock enabled (docs/runbook.md 4.9)")
     return res
+
+
+def _object_lock(storage: Storage) -> Property | None:
+    """When pitr.json records a lock policy (read when the repository was opened): the bucket still
+    has Object Lock enabled. None when no policy is recorded."""
+    inner = getattr(storage, "inner", storage)
+    if not hasattr(inner, "object_lock_enabled"):
+        return None
+    try:  # the plain part of pitr.json: no key needed
+        policy = lock_policy(parse_meta_doc(inner.get(META_KEY, max_size=SMALL_JSON_MAX)))
+    except PitrError:
+        return None  # not initialized, or unreadable: other commands say so
+    if policy is None:
+        return None
+    try:
+        on = bool(inner.object_lock_enabled())
+    except PitrError as e:
+        return Property("object-lock", False, f"cannot read the bucket's Object Lock configuration: {e}")
+    mode, days = policy
+    return Property("object-lock", on, f"objects are written under a {mode} retention of {days} days"
+                    if on else "pitr.json records an Object Lock policy but the bucket does not have Object Lock "
+                    "enabled")
 
 
 def require_conditional_create(storage: Storage, allow_unsafe: bool) -> list[Property]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ from pitr.errors import IntegrityError, NotFoundError
 from pitr.pg import walheader, walname
 from pitr.repo import codec as envelope
 from pitr.repo.catalog import WalCatalog, scan_wal
-from pitr.repo.format import BACKUP_PREFIX, HISTORY_PREFIX, META_KEY, backup_dir, manifest_key, wal_key
+from pitr.repo.format import BACKUP_PREFIX, HISTORY_PREFIX, META_KEY, WAL_PREFIX, backup_dir, manifest_key, wal_key
 from pitr.repo.manifest import FileEntry, Manifest, read_manifest
 from pitr.repo.meta import RepoMeta, read_meta
 from pitr.storage.base import ObjectInfo, Storage
@@ -54,6 +55,7 @@ EXTRA = "extra"  # an object under a backup's directory that its manifest does n
 MANIFEST = "manifest"  # a manifest that is unreadable or disagrees with the repository
 MISPLACED = "misplaced"  # a WAL object under a key other than the one its name maps to
 EMPTY = "empty"  # no backup and no WAL at all: nothing could be restored, which is not "OK"
+TAMPERED = "tampered"  # a write-once object whose current version is not the one pitr wrote (versioned S3)
 
 
 @dataclass(frozen=True)
@@ -439,6 +441,8 @@ def verify(storage: Storage, opts: VerifyOptions, progress: Callable[[str], None
         wanted |= {walname.history_name(t) for t in cat.history_files}
         wal_objects = [cat.objects[n] for n in sorted(wanted) if n in cat.objects]
     res.problems.extend(continuity_problems(manifests, cat, histories))
+    if opts.backup_id is None:
+        res.problems.extend(tamper_problems(storage))
     if not ids and not cat.objects:
         res.problems.append(Problem(EMPTY, META_KEY, "the repository holds no backup and no archived WAL, so "
                                                      "nothing can be restored from it (run `pitr backup`)"))
@@ -467,6 +471,28 @@ def verify(storage: Storage, opts: VerifyOptions, progress: Callable[[str], None
     res.checked.files += sum(1 for m in manifests for e in m.files if e.object is None and e.size == 0)
     res.problems.sort(key=lambda p: (p.object, p.kind, p.detail))
     return res
+
+
+def _write_once(key: str) -> bool:
+    """Objects pitr writes exactly once: WAL (conditional creates) and backup manifests. pitr.json,
+    restore points and drill records are legitimately replaced."""
+    return key.startswith(WAL_PREFIX) or (key.startswith(BACKUP_PREFIX) and key.endswith("/manifest"))
+
+
+def tamper_problems(storage: Storage) -> list[Problem]:
+    """On a versioned S3 bucket: write-once objects that were overwritten (or deleted and written
+    again) since pitr wrote them. Other backends keep no history: nothing to report."""
+    inner = getattr(storage, "inner", storage)
+    rewritten = getattr(inner, "rewritten", None)
+    if rewritten is None:
+        return []
+    out = []
+    for key, n, first in rewritten("", _write_once):
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(first))
+        out.append(Problem(TAMPERED, key, f"has {n} versions: the current one is not the one pitr wrote at "
+                                          f"{when} (--repo-as-of a moment after that, before the change, reads "
+                                          "the original)"))
+    return out
 
 
 def _is_segment(key: str) -> bool:

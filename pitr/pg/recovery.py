@@ -37,13 +37,16 @@ def shell_word(word: str) -> str:
 
 
 def render_restore_command(pitr_argv: Sequence[str], repo: str | None = None, s3_endpoint: str | None = None,
-                           config: str | None = None, prefetch: int | None = None) -> str:
-    """'[PITR_PREFETCH=N] <pitr> [--repo URL] [--s3-endpoint URL] [--config PATH] wal-fetch %f %p'.
+                           config: str | None = None, prefetch: int | None = None,
+                           repo_as_of: str | None = None) -> str:
+    """'[PITR_PREFETCH=N] [PITR_REPO_AS_OF=TS] <pitr> [--repo URL] [--s3-endpoint URL] [--config PATH] wal-fetch %f %p'.
 
     Shell syntax: PostgreSQL runs restore_command through /bin/sh, so a leading assignment sets
     the prefetch depth for every call of this recovery whatever the server's environment says.
     """
     words = [f"PITR_PREFETCH={int(prefetch)}"] if prefetch is not None else []
+    if repo_as_of:  # a restore from the bucket as it was: every fetch reads that same past
+        words.append("PITR_REPO_AS_OF=" + shell_word(repo_as_of))
     words += [shell_word(w) for w in pitr_argv]
     for opt, val in (("--repo", repo), ("--s3-endpoint", s3_endpoint), ("--config", config)):
         if val:

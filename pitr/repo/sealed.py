@@ -35,6 +35,24 @@ def parse_meta_doc(data: bytes) -> dict[str, Any]:
     return doc
 
 
+LOCK_MODES = ("governance", "compliance")
+
+
+def lock_policy(doc: dict[str, Any]) -> tuple[str, int] | None:
+    """(mode, days) from pitr.json's plain lock_days/lock_mode; None when absent or unreadable."""
+    days, mode = doc.get("lock_days"), doc.get("lock_mode", "governance")
+    if not isinstance(days, int) or isinstance(days, bool) or days <= 0 or mode not in LOCK_MODES:
+        return None
+    return mode, days
+
+
+def apply_lock_policy(inner: Storage, doc: dict[str, Any]) -> None:
+    """Every later put through a backend that can lock (S3) carries the repository's retention."""
+    policy = lock_policy(doc)
+    if policy is not None and hasattr(inner, "retention"):
+        inner.retention = (policy[0].upper(), policy[1])
+
+
 class RepoStorage(Storage):
     """`key`: the user's key (or a function loading it, called only for an encrypted repository), None when
     none is configured; `looked` says where it was looked for (for the message)."""
@@ -71,6 +89,7 @@ class RepoStorage(Storage):
                         return None  # not initialized: decided again at the next call
                     self._meta = data
                     doc = parse_meta_doc(data)
+                    apply_lock_policy(self.inner, doc)
                     if "encryption" not in doc:
                         self._state = _PLAIN
                     else:

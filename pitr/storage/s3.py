@@ -19,8 +19,9 @@ import os
 import re
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO
 
 from pitr.errors import AlreadyExistsError, ConfigError, NotFoundError, RepoMissingError, StorageError
@@ -28,6 +29,7 @@ from pitr.storage.base import UNSAFE_STORE_HINT, ObjectInfo, Storage, TempObject
 
 MiB = 1 << 20
 MAX_SINGLE_PUT = 5 << 30  # S3's limit for one PutObject
+_PROBE_PREFIXES = (".pitr-check/", ".pitr-write-check/")  # ops/storecheck.py and check(): never locked
 MULTIPART_GRACE = 86400.0  # an incomplete multipart upload started longer ago is abandoned (expire aborts it)
 PARTS_IN_FLIGHT = 2  # per multipart upload; with --jobs uploads at once this bounds backup memory
 _CONN_HINT = "check that the S3 endpoint is up and that --s3-endpoint / PITR_S3_ENDPOINT is right"
@@ -113,6 +115,11 @@ class S3Storage(Storage):
         self._bucket_ok = False
         # False: the user accepted a store that failed the conditional-create test (allow_unsafe_store)
         self.conditional_writes_trusted = trust_conditional
+        #: (S3 mode GOVERNANCE|COMPLIANCE, days): every put carries this Object Lock retention (set from
+        #: pitr.json's lock_days/lock_mode when the repository is opened); deletes then go by version
+        self.retention: tuple[str, int] | None = None
+        #: (key, retained until) of versions a delete left because their lock has not expired
+        self.locked_left: list[tuple[str, datetime]] = []
 
     def native(self) -> S3Storage:
         if self.conditional_writes_trusted:
@@ -229,12 +236,12 @@ class S3Storage(Storage):
             # a conditional create goes up in one PUT: a conditional multipart completion is not
             # atomic on every store (two racers both acknowledged), a conditional PutObject is
             if len(data) <= self.part_size or (if_absent and len(data) <= MAX_SINGLE_PUT):
-                self._put_small(key, bytes(data), if_absent)
+                self._put_small(key, bytes(data), if_absent, retain=True)
                 return
             data = io.BytesIO(data)
         first = data.read(self.part_size)
         if len(first) < self.part_size:
-            self._put_small(key, first, if_absent)
+            self._put_small(key, first, if_absent, retain=True)
             return
         if if_absent and self.stat(key) is not None:
             raise AlreadyExistsError(f"object {key} already exists")
@@ -242,9 +249,24 @@ class S3Storage(Storage):
         del first  # the part list below is the only reference, so the part is freed once sent
         self._put_multipart(key, head, data, if_absent)
 
-    def _put_small(self, key: str, body: bytes, if_absent: bool) -> None:
+    def _lock_args(self) -> dict[str, Any]:
+        if self.retention is None:
+            return {}
+        mode, days = self.retention
+        # a minute over: the retention is at least N days from the moment the object lands
+        return {"ObjectLockMode": mode,
+                "ObjectLockRetainUntilDate": datetime.now(UTC) + timedelta(days=days, minutes=1)}
+
+    def _retain(self, key: str) -> bool:
+        # conformance probes (check --storage, init) are deleted at once: never lock them
+        return self.retention is not None and not key.startswith(_PROBE_PREFIXES)
+
+    def _put_small(self, key: str, body: bytes, if_absent: bool, retain: bool = False) -> None:
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": self._k(key), "Body": body,
                               "ChecksumSHA256": _b64sha256(body)}
+        if retain and self._retain(key):  # probes (check, checksum test) are never locked
+            # S3 wants the checksum's algorithm named on a locked upload (x-amz-sdk-checksum-algorithm)
+            kw |= self._lock_args() | {"ChecksumAlgorithm": "SHA256"}
         if if_absent and not self.conditional_writes_trusted and self.stat(key) is not None:
             raise AlreadyExistsError(f"object {key} already exists")
         if if_absent and self._conditional:
@@ -264,7 +286,7 @@ class S3Storage(Storage):
                         UNSAFE_STORE_HINT) from None
                 # accepted (allow_unsafe_store): the look-before-write above is all there is
                 self._conditional = False
-                self._put_small(key, body, if_absent)
+                self._put_small(key, body, if_absent, retain)
                 return
             err = self._translate(e, f"write {key}")
             if isinstance(err, NotFoundError):
@@ -287,7 +309,8 @@ class S3Storage(Storage):
     def _put_multipart(self, key: str, head: list[bytes], rest: BinaryIO, if_absent: bool) -> None:
         k = self._k(key)
         up = self._call(f"write {key}", self.client.create_multipart_upload,
-                        Bucket=self.bucket, Key=k, ChecksumAlgorithm="SHA256")
+                        Bucket=self.bucket, Key=k, ChecksumAlgorithm="SHA256",
+                        **(self._lock_args() if self._retain(key) else {}))
         upload_id = up["UploadId"]
         parts: list[dict[str, Any]] = []
         try:
@@ -309,13 +332,25 @@ class S3Storage(Storage):
                                   "MultipartUpload": {"Parts": parts}}
             if if_absent and self._conditional:
                 kw["IfNoneMatch"] = "*"
-            self._call(f"write {key}", self.client.complete_multipart_upload, **kw)
+            done = self._call(f"write {key}", self.client.complete_multipart_upload, **kw)
+            if self._retain(key):
+                self._ensure_retention(key, k, done.get("VersionId"))
         except BaseException:
             try:
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=k, UploadId=upload_id)
             except Exception:  # noqa: BLE001,S110 - best effort; lifecycle rules clean the rest
                 pass
             raise
+
+    def _ensure_retention(self, key: str, k: str, version: str | None) -> None:
+        """Some stores (moto) drop the lock given at CreateMultipartUpload: set it on the version then."""
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Key": k} | ({"VersionId": version} if version else {})
+        h = self._call(f"stat {key}", self.client.head_object, **kw)
+        if h.get("ObjectLockRetainUntilDate") is None:
+            lock = self._lock_args()
+            self._call(f"lock {key}", self.client.put_object_retention, **kw,
+                       Retention={"Mode": lock["ObjectLockMode"], "RetainUntilDate": lock["ObjectLockRetainUntilDate"]},
+                       ChecksumAlgorithm="SHA256")
 
     def _upload_part(self, key: str, k: str, upload_id: str, number: int, chunk: bytes) -> dict[str, Any]:
         checksum = _b64sha256(chunk)
@@ -387,9 +422,92 @@ class S3Storage(Storage):
             raise self._translate(e, "list objects") from e
 
     def delete(self, key: str) -> None:
+        if self.retention is not None:
+            self._delete_versions([key])
+            return
         self._call(f"delete {key}", self.client.delete_object, Bucket=self.bucket, Key=self._k(key))
 
+    def rewritten(self, prefix: str, want: Callable[[str], bool]) -> Sequence[tuple[str, int, float]]:
+        """(key, versions, first written) of each key under prefix (and chosen by want) whose current
+        version is not the first one written: overwritten, or deleted and written again. Only a
+        versioned bucket keeps the evidence; a deleted key (delete marker newest) is not listed.
+        Without permission to list versions: a warning and none."""
+        full = self._k(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        entries: dict[str, list[tuple[float, bool]]] = {}  # key -> (LastModified, is a delete marker)
+        try:
+            for page in self.client.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=full):
+                for v, marker in [(v, False) for v in page.get("Versions", [])] + [
+                        (m, True) for m in page.get("DeleteMarkers", [])]:
+                    key = v["Key"][cut:]
+                    if want(key):
+                        entries.setdefault(key, []).append((v["LastModified"].timestamp(), marker))
+        except Exception as e:  # noqa: BLE001
+            err = self._translate(e, "list object versions")
+            if isinstance(err, StorageError) and "refused access" in str(err):
+                logging.getLogger("pitr.storage").warning(
+                    "cannot list object versions in %s (access denied): overwritten objects are not checked; "
+                    "grant s3:ListBucketVersions", self.display)
+                return []
+            raise err from e
+        out = []
+        for key, vs in sorted(entries.items()):
+            vs.sort()
+            if len(vs) > 1 and not vs[-1][1]:
+                out.append((key, len(vs), vs[0][0]))
+        return out
+
+    def object_lock_enabled(self) -> bool:
+        """Whether the bucket has Object Lock enabled (it can only be chosen when the bucket is made)."""
+        try:
+            r = self.client.get_object_lock_configuration(Bucket=self.bucket)
+        except Exception as e:  # noqa: BLE001
+            from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+
+            if isinstance(e, ClientError) and "ObjectLockConfigurationNotFound" in str(
+                    e.response.get("Error", {}).get("Code", "")):
+                return False
+            raise self._translate(e, "read the bucket's Object Lock configuration") from e
+        return r.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+
+    def _delete_versions(self, keys: Sequence[str]) -> None:
+        """Under an Object Lock policy: delete every version of each key (a plain delete would only add a
+        delete marker and free nothing); a version still locked is left and noted in locked_left."""
+        from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+
+        for key in keys:
+            k = self._k(key)
+            try:
+                pages = self.client.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=k)
+                found = [v["VersionId"] for page in pages
+                         for v in page.get("Versions", []) + page.get("DeleteMarkers", []) if v["Key"] == k]
+            except Exception as e:  # noqa: BLE001
+                raise self._translate(e, f"list the versions of {key}") from e
+            for vid in found:
+                try:
+                    self.client.delete_object(Bucket=self.bucket, Key=k, VersionId=vid)
+                except ClientError as e:
+                    until = None
+                    if e.response.get("Error", {}).get("Code") == "AccessDenied":
+                        until = self._retained_until(k, vid)
+                    if until is None:  # refused for another reason (permissions): a real failure
+                        raise self._translate(e, f"delete {key}") from e
+                    self.locked_left.append((key, until))
+                except Exception as e:  # noqa: BLE001
+                    raise self._translate(e, f"delete {key}") from e
+
+    def _retained_until(self, k: str, vid: str) -> datetime | None:
+        try:
+            r = self.client.head_object(Bucket=self.bucket, Key=k, VersionId=vid)
+            until = r.get("ObjectLockRetainUntilDate")
+            return until if isinstance(until, datetime) and until > datetime.now(UTC) else None
+        except Exception as e:  # noqa: BLE001
+            raise self._translate(e, f"read the retention of {k}") from e
+
     def delete_many(self, keys: Sequence[str]) -> None:
+        if self.retention is not None:
+            self._delete_versions(keys)
+            return
         for i in range(0, len(keys), 1000):
             batch = [{"Key": self._k(k)} for k in keys[i : i + 1000]]
             r = self._call("delete objects", self.client.delete_objects, Bucket=self.bucket,
