@@ -33,6 +33,7 @@ from typing import Any
 
 from pitr import __version__
 from pitr.errors import PitrError, UsageError
+from pitr.ops import spool
 from pitr.ops.restore import RestoreOptions, RestoreResult, load_plan, run_restore
 from pitr.ops.restore_plan import Target, format_time, parse_iso
 from pitr.pg.server import PrivateServer, sleep_until
@@ -225,6 +226,7 @@ class _Place:
         return None
 
     def remove(self) -> None:
+        spool.stop_helpers(self.pgdata)  # the recovery's prefetcher may still be writing into pg_wal
         if self.pgdata.parent != self.work:  # --pgdata: leave no data, no replay log
             if self.created_pgdata:
                 shutil.rmtree(self.pgdata, ignore_errors=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pitr.errors import PitrError, PostgresError, RestoreError, UsageError
-from pitr.ops import db_include
+from pitr.ops import db_include, spool
 from pitr.ops.find_target import split_table
 from pitr.ops.restore import RestoreOptions, RestoreResult, load_plan, run_restore
 from pitr.ops.restore_plan import Target
@@ -165,6 +165,7 @@ def run_extract(storage: Storage, opts: ExtractOptions,
     finally:
         if srv is not None:
             srv.stop()
+        spool.stop_helpers(base / "data")  # the recovery's prefetcher may still be writing into pg_wal
         shutil.rmtree(base, ignore_errors=True)
 
 

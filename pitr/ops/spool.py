@@ -225,6 +225,24 @@ def request_stop(spool: Path, helper: str) -> None:
     (spool / f"{helper}.stop").touch()
 
 
+def stop_helpers(pgdata: Path, timeout: float = 10.0) -> None:
+    """Ask the async archiver and the prefetcher working in pgdata's spools to exit, and wait for
+    them (bounded): a throwaway directory is removed only once nothing writes into it any more."""
+    live = []
+    for sub, helper in ((ARCHIVE_SPOOL, PUSHD), (PREFETCH_SPOOL, PREFETCHD)):
+        d = pgdata / "pg_wal" / sub
+        try:
+            if helper_state(d, helper) is not None:
+                request_stop(d, helper)
+                live.append((d, helper))
+        except OSError:
+            continue  # no spool there (or already gone): nothing to stop
+    deadline = time.monotonic() + timeout
+    while live and time.monotonic() < deadline:
+        time.sleep(0.05)
+        live = [(d, h) for d, h in live if helper_state(d, h) is not None]
+
+
 def stop_requested(spool: Path, helper: str) -> bool:
     """True (once) when someone asked the helper to exit."""
     try:
