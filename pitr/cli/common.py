@@ -13,12 +13,9 @@ import os
 import sys
 import traceback
 
+from pitr.cli.globalargs import GLOBAL_OPTIONS, is_log_flag
 from pitr.errors import PitrError
 from pitr.redact import redact
-
-# option -> takes a value
-GLOBAL_OPTIONS = {"--repo": True, "--config": True, "--s3-endpoint": True, "-v": False, "--verbose": False,
-                  "-q": False, "--quiet": False}
 
 
 def hoist_globals(argv: list[str]) -> list[str]:
@@ -37,7 +34,7 @@ def hoist_globals(argv: list[str]) -> list[str]:
             if GLOBAL_OPTIONS[name] and "=" not in a and i + 1 < len(argv):
                 front.append(argv[i + 1])
                 i += 1
-        elif a.startswith("-") and not a.startswith("--") and len(a) > 2 and set(a[1:]) <= {"v", "q"}:
+        elif is_log_flag(a):
             front.append(a)  # -vv
         else:
             rest.append(a)

@@ -39,15 +39,6 @@ ARCHIVE_SPOOL = "pitr_spool"
 PREFETCH_SPOOL = "pitr_prefetch"
 PUSHD = "pushd"
 PREFETCHD = "prefetch"
-DEFAULT_CONFIG = "/etc/pitr/pitr.toml"  # same default as pitr.config (not imported: it is heavy)
-_VALUE_OPTIONS = ("--repo", "--config", "--s3-endpoint")
-_NOISE = {"-v", "-q", "--verbose", "--quiet"}
-# env that feeds Settings and names the repository; credentials do not change where bytes go
-_ENV_PREFIXES = ("PITR_",)
-_ENV_NAMES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
-# secrets stay out of the spool, even hashed (a fast hash of a passphrase invites guessing); a changed
-# passphrase does not change where WAL goes, and a wrong one makes the helper fail and say so
-_ENV_SECRETS = ("PITR_ENCRYPTION_PASSPHRASE", "PITR_NEW_ENCRYPTION_PASSPHRASE")
 
 
 # --------------------------------------------------------------------------- locations
@@ -64,57 +55,6 @@ def prefetch_spool_dir(spool_path: str | None, dest: str | os.PathLike[str]) -> 
     if spool_path:
         return Path(spool_path) / "prefetch"
     return Path(os.path.abspath(os.path.dirname(os.fspath(dest)) or ".")) / PREFETCH_SPOOL
-
-
-def config_file(global_args: list[str], env: Mapping[str, str]) -> str:
-    for i, a in enumerate(global_args):
-        if a == "--config" and i + 1 < len(global_args):
-            return global_args[i + 1]
-        if a.startswith("--config="):
-            return a.split("=", 1)[1]
-    return env.get("PITR_CONFIG") or DEFAULT_CONFIG
-
-
-def fingerprint(global_args: list[str], env: Mapping[str, str]) -> str:
-    """A digest of everything that decides the settings: global options, PITR_* env, config file.
-
-    Settings are a pure function of these inputs, so equal fingerprints mean the same repository
-    and the same async/prefetch choice, without paying for parsing the settings.
-    """
-    import hashlib
-
-    args = [a for a in global_args if not _is_noise(a)]
-    cfg = config_file(global_args, env)
-    try:
-        st = os.stat(cfg)
-        cfg_sig = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-    except OSError:
-        cfg_sig = "-"
-    envs = sorted((k, v) for k, v in env.items()
-                  if (k.startswith(_ENV_PREFIXES) and k != "PITR_LOG_LEVEL" and k not in _ENV_SECRETS)
-                  or k in _ENV_NAMES)
-    text = repr((args, envs, cfg, cfg_sig))
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def _is_noise(arg: str) -> bool:
-    """-v/-q style flags change only logging, never where WAL goes."""
-    return arg in _NOISE or (arg[:1] == "-" and arg[1:2] != "-" and set(arg[1:]) <= {"v", "q"})
-
-
-def split_global_args(argv: list[str], npos: int) -> list[str] | None:
-    """argv = [global options...] COMMAND POS... -> the global options, or None when not that shape."""
-    head = argv[: len(argv) - npos - 1]
-    i = 0
-    while i < len(head):
-        a = head[i]
-        if a in _VALUE_OPTIONS:
-            i += 2
-            continue
-        if not a.startswith("-"):
-            return None
-        i += 1
-    return head if i == len(head) else None
 
 
 # --------------------------------------------------------------------------- markers
