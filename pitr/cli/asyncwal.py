@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
 PUSH_HELPER = "_wal-push-daemon"
 PREFETCH_HELPER = "_wal-prefetch"
-HELPERS = (PUSH_HELPER, PREFETCH_HELPER)
 WAIT_LIMIT = 900.0  # an archive_command that never returns blocks PostgreSQL's shutdown
 MAX_SPAWNS = 3
 # private, for tests only: the prefetcher's idle time-out in seconds (default prefetch.IDLE_EXIT)
