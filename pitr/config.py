@@ -14,7 +14,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -86,9 +86,6 @@ class Settings:
 
     def location(self) -> RepoLocation:
         return parse_repo_url(self.repo)
-
-    def with_(self, **kw: Any) -> Settings:
-        return replace(self, **kw)
 
 
 _FIELDS = {f.name: f for f in fields(Settings) if f.name not in ("extra",)}
@@ -277,11 +274,6 @@ def _valid_compress(spec: str) -> bool:
     if not sep:
         return True
     return level.isdigit() and 1 <= int(level) <= 19
-
-
-def require_repo(s: Settings) -> RepoLocation:
-    """The repo location, or a ConfigError naming all three ways to set it."""
-    return parse_repo_url(s.repo)
 
 
 def parse_repo_url(url: str | None) -> RepoLocation:

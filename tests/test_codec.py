@@ -38,9 +38,9 @@ def test_round_trip_bytes_and_stream(c: Codec, raw: bytes) -> None:
     assert decode(streamed) == raw
     assert stream_decode(blob) == raw
     assert stream_decode(streamed, chunk=1000) == raw
-    reader = codec.EncodedReader(io.BytesIO(raw), c)
-    pieces = iter(lambda: reader.read(777), b"")
-    assert decode(b"".join(pieces)) == raw
+    reader = codec.EncodedReader(encode_stream(io.BytesIO(raw), c, chunk=4096))
+    pulled = b"".join(iter(lambda: reader.read(777), b""))
+    assert decode(pulled) == raw and reader.emitted == len(pulled) and reader.tail == pulled[-codec.TRAILER_SIZE:]
 
 
 def test_layout_matches_the_spec() -> None:

@@ -8,7 +8,7 @@ import datetime
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -277,7 +277,7 @@ class Recording(MemoryStorage):
         self.calls.append(key)
         super().delete(key)
 
-    def delete_many(self, keys: list[str]) -> None:
+    def delete_many(self, keys: Sequence[str]) -> None:
         if self.fail_on_data and any("/data/" in k for k in keys):
             raise StorageError("simulated outage")
         for k in keys:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -155,4 +156,5 @@ def test_wal_push_on_s3_loads_boto3_but_no_ui(moto_server, s3_bucket: str, tmp_p
     env = moto_server.env() | {"PITR_REPO": f"s3://{s3_bucket}/x"}
     r = probe(["wal-fetch", "000000010000000000000009", str(tmp_path / "x")], env)
     assert r["rc"] == 128  # not initialized: a hard failure for restore_command
-    assert "boto3" in r["heavy"] and not {"typer", "rich", "click"} & set(r["heavy"])  # type: ignore[arg-type]
+    heavy = cast("list[str]", r["heavy"])
+    assert "boto3" in heavy and not {"typer", "rich", "click"} & set(heavy)

@@ -391,7 +391,8 @@ def test_independent_backup_with_a_tablespace(cluster_factory: ClusterFactory, p
     src.wait_archived(src.switch_wal())
 
     dest = PgCluster(src.bindir, src.base.parent / "ts-copy", name="ts-copy")
-    argv = [pitr_exe, "restore", "--pgdata", dest.data, "--replay", "--archive-mode", "off", "--json"]
+    argv: list[str | os.PathLike[str]] = [pitr_exe, "restore", "--pgdata", dest.data, "--replay", "--archive-mode",
+                                          "off", "--json"]
     p = run_as_postgres(argv, env=env, check=False)
     assert p.returncode == 1 and f"tablespace {oid} is not empty" in p.stderr and not dest.data.exists()
     ts_new = dest.base / "ts"

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from pitr import __version__
-from pitr.cli.common import apply_log_level, hoist_globals, is_verbose, report_error, setup_logging
-from pitr.config import Settings, load_settings
+from pitr.cli import backup, info, keys, maintenance, proof, restore, surgical, wal
+from pitr.cli.common import GlobalOpts, hoist_globals, is_verbose, report_error, setup_logging
 from pitr.errors import PitrError
 
 app = typer.Typer(
@@ -23,11 +22,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
-
-
-@dataclass
-class GlobalOpts:
-    values: dict[str, Any] = field(default_factory=dict)
 
 
 def _version(value: bool) -> None:
@@ -50,32 +44,8 @@ def main_callback(
     ctx.obj = GlobalOpts({"repo": repo, "config": config, "s3_endpoint": s3_endpoint})
 
 
-def settings_of(ctx: typer.Context, **options: Any) -> Settings:
-    """Settings from the global options plus a command's own (None = not given)."""
-    obj = ctx.find_object(GlobalOpts)
-    merged = dict(obj.values if obj else {})
-    merged.update(options)
-    s = load_settings(merged)
-    apply_log_level(s.log_level)
-    return s
-
-
-def _register() -> None:
-    from pitr.cli import wal
-
-    for mod in (wal,):
-        mod.register(app)
-    for name in ("backup", "restore", "info", "maintenance", "keys", "proof", "surgical"):
-        try:
-            mod = __import__(f"pitr.cli.{name}", fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != f"pitr.cli.{name}":
-                raise
-            continue
-        mod.register(app)
-
-
-_register()
+for _commands in (wal, backup, restore, info, maintenance, keys, proof, surgical):
+    _commands.register(app)
 
 
 def run(argv: list[str]) -> None:

@@ -18,11 +18,15 @@ import sys
 import time
 from pathlib import Path
 
+from pitr.cli import globalargs
 from pitr.ops import spool
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the quick path stays standard-library light)
+if TYPE_CHECKING:
+    from pitr.config import Settings
 
 PUSH_HELPER = "_wal-push-daemon"
 PREFETCH_HELPER = "_wal-prefetch"
-HELPERS = (PUSH_HELPER, PREFETCH_HELPER)
 WAIT_LIMIT = 900.0  # an archive_command that never returns blocks PostgreSQL's shutdown
 MAX_SPAWNS = 3
 # private, for tests only: the prefetcher's idle time-out in seconds (default prefetch.IDLE_EXIT)
@@ -42,25 +46,25 @@ def quick(argv: list[str]) -> int | None:
 
 
 def _quick_push(argv: list[str]) -> int | None:
-    glob = spool.split_global_args(argv, 1)
+    glob = globalargs.split_global_args(argv, 1)
     path = argv[-1]
     if glob is None:
         return None
     sdir = spool.archive_spool_dir(os.environ.get("PITR_SPOOL_PATH"), path)
     if not os.path.exists(sdir / f"{os.path.basename(path)}.ok"):
         return None
-    return 0 if spool.acknowledged(sdir, path, spool.fingerprint(glob, os.environ)) else None
+    return 0 if spool.acknowledged(sdir, path, globalargs.fingerprint(glob, os.environ)) else None
 
 
 def _quick_fetch(argv: list[str]) -> int | None:
-    glob = spool.split_global_args(argv, 2)
+    glob = globalargs.split_global_args(argv, 2)
     name, dest = argv[-2], argv[-1]
     if glob is None or not spool.is_archive_name(name):
         return None
     pdir = spool.prefetch_spool_dir(os.environ.get("PITR_SPOOL_PATH"), dest)
     if not os.path.isdir(pdir):
         return None  # never prefetched here: the normal path decides whether to start
-    fp = spool.fingerprint(glob, os.environ)
+    fp = globalargs.fingerprint(glob, os.environ)
     stamp = spool.write_want(pdir, name)  # first: the prefetcher keeps `name` and moves on past it
     state, why = spool.ask_prefetcher(pdir, name, dest, fp, stamp)
     if state == "served":
@@ -86,7 +90,7 @@ def _global_args() -> list[str]:
     return []
 
 
-def run_async_push(settings: object, path: str) -> int | None:
+def run_async_push(settings: Settings, path: str) -> int | None:
     """Wait for the helper to store `path`; None when the file is not PostgreSQL's (push it in sync)."""
     from pitr.cli.common import is_verbose, report_error
     from pitr.errors import PitrError, StorageError
@@ -94,9 +98,9 @@ def run_async_push(settings: object, path: str) -> int | None:
     wal = Path(path)
     if not (wal.parent / "archive_status" / f"{wal.name}.ready").exists():
         return None
-    sdir = spool.archive_spool_dir(getattr(settings, "spool_path", None), wal)
+    sdir = spool.archive_spool_dir(settings.spool_path, wal)
     glob = _global_args()
-    fp = spool.fingerprint(glob, os.environ)
+    fp = globalargs.fingerprint(glob, os.environ)
     try:
         sdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -150,20 +154,20 @@ def _trim_log(path: Path, limit: int = 1 << 20) -> None:
 
 # --------------------------------------------------------------------------- wal-fetch prefetch
 
-def serve_prefetched(settings: object, name: str, dest: str) -> int | None:
+def serve_prefetched(settings: Settings, name: str, dest: str) -> int | None:
     """0 when the prefetcher served `name`, 1 when it found it missing, None to fetch directly."""
     import logging
 
     if not spool.is_archive_name(name) or not _dest_dir_exists(dest):
         return None  # the direct path says what is wrong with DEST
-    pdir = spool.prefetch_spool_dir(getattr(settings, "spool_path", None), dest)
+    pdir = spool.prefetch_spool_dir(settings.spool_path, dest)
     try:
         glob = _global_args()
         stamp = spool.write_want(pdir, name)
         # start the helper now if needed and let it answer: its start-up costs what importing
         # boto3 here would, and every later call finds it warm
         started = _ensure_prefetcher(glob, pdir)
-        state, why = spool.ask_prefetcher(pdir, name, dest, spool.fingerprint(glob, os.environ), stamp,
+        state, why = spool.ask_prefetcher(pdir, name, dest, globalargs.fingerprint(glob, os.environ), stamp,
                                           grace=15.0 if started else 0.0)
     except OSError:
         return None
@@ -177,13 +181,13 @@ def serve_prefetched(settings: object, name: str, dest: str) -> int | None:
     return None
 
 
-def kick_prefetch(settings: object, name: str, dest: str) -> None:
+def kick_prefetch(settings: Settings, name: str, dest: str) -> None:
     """Record `name` as PostgreSQL's latest request and make sure a prefetcher is running."""
     import logging
 
     if not spool.is_archive_name(name) or not _dest_dir_exists(dest):
         return
-    pdir = spool.prefetch_spool_dir(getattr(settings, "spool_path", None), dest)
+    pdir = spool.prefetch_spool_dir(settings.spool_path, dest)
     try:
         spool.write_want(pdir, name, served=True)
         _ensure_prefetcher(_global_args(), pdir)
@@ -239,7 +243,7 @@ def _push_helper(glob: list[str], pg_wal: Path, sdir: Path, opts: dict[str, str]
     fd = spool.take_lock(sdir, spool.PUSHD)
     if fd is None:
         return 0  # another helper is running
-    fp = spool.fingerprint(glob, os.environ)  # before the settings are read (see spool.fingerprint)
+    fp = globalargs.fingerprint(glob, os.environ)  # before the settings are read (see globalargs.fingerprint)
     spool.publish_fingerprint(fd, fp)
     storage = None
     try:
@@ -250,7 +254,7 @@ def _push_helper(glob: list[str], pg_wal: Path, sdir: Path, opts: dict[str, str]
         cfg = pushd.PushdConfig(pg_wal, sdir, fp, jobs, parse_codec(settings.compress))
         log.info("started: %d jobs into %s", jobs, storage.display)
         stats = pushd.serve(storage, meta, cfg, pushd.keep_going_checks(
-            cfg, pg_wal.parent, lambda: spool.fingerprint(glob, os.environ)))
+            cfg, pg_wal.parent, lambda: globalargs.fingerprint(glob, os.environ)))
         log.info("exiting (%s): %d pushed, %d failed", stats.reason, stats.pushed, stats.failed)
         return 0
     except PitrError as e:
@@ -284,7 +288,7 @@ def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, 
     fd = spool.take_lock(pdir, spool.PREFETCHD)
     if fd is None:
         return 0
-    fp = spool.fingerprint(glob, os.environ)
+    fp = globalargs.fingerprint(glob, os.environ)
     spool.publish_fingerprint(fd, fp)
     storage = None
     try:

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
+from pitr.cli.common import settings_of
 from pitr.cli.render import emit, emit_json, human_bytes, human_duration
 
 
@@ -47,7 +48,6 @@ def _progress(enabled: bool) -> Iterator[Any]:
 
 
 def register(app: typer.Typer) -> None:
-    from pitr.cli.app import settings_of
 
     @app.command("backup")
     def backup_cmd(

@@ -4,6 +4,9 @@
   before or after the command name; we move them to the front so one parser owns them.
 - setup_logging(), report_error(): stderr conventions (one sentence + hint; traceback with -v);
   both pass what they print through pitr.redact, so no credential reaches stderr or a log.
+- GlobalOpts, settings_of(): the global options typer parsed (cli/app's callback keeps them on the
+  context) and every command's Settings from them plus its own options; here rather than in
+  cli/app so that the command modules do not import the app that imports them.
 """
 
 from __future__ import annotations
@@ -12,13 +15,16 @@ import logging
 import os
 import sys
 import traceback
+from typing import TYPE_CHECKING, Any
 
+from pitr.cli.globalargs import GLOBAL_OPTIONS, is_log_flag
 from pitr.errors import PitrError
 from pitr.redact import redact
 
-# option -> takes a value
-GLOBAL_OPTIONS = {"--repo": True, "--config": True, "--s3-endpoint": True, "-v": False, "--verbose": False,
-                  "-q": False, "--quiet": False}
+if TYPE_CHECKING:
+    import typer
+
+    from pitr.config import Settings
 
 
 def hoist_globals(argv: list[str]) -> list[str]:
@@ -37,7 +43,7 @@ def hoist_globals(argv: list[str]) -> list[str]:
             if GLOBAL_OPTIONS[name] and "=" not in a and i + 1 < len(argv):
                 front.append(argv[i + 1])
                 i += 1
-        elif a.startswith("-") and not a.startswith("--") and len(a) > 2 and set(a[1:]) <= {"v", "q"}:
+        elif is_log_flag(a):
             front.append(a)  # -vv
         else:
             rest.append(a)
@@ -108,3 +114,22 @@ def report_error(err: BaseException, verbose: bool) -> int:
     if not verbose:
         print("hint: run again with -v for the details and report it", file=sys.stderr)
     return 1
+
+
+class GlobalOpts:
+    """The global options given to the typer app (--repo, --config, --s3-endpoint; None = not given)."""
+
+    def __init__(self, values: dict[str, Any] | None = None) -> None:
+        self.values: dict[str, Any] = values if values is not None else {}
+
+
+def settings_of(ctx: typer.Context, **options: Any) -> Settings:
+    """Settings from the global options plus a command's own (None = not given)."""
+    from pitr.config import load_settings  # not at import: the fast path reads its settings itself
+
+    obj = ctx.find_object(GlobalOpts)
+    merged = dict(obj.values if obj else {})
+    merged.update(options)
+    s = load_settings(merged)
+    apply_log_level(s.log_level)
+    return s

@@ -6,7 +6,8 @@ Handles exactly `[globals] wal-push PATH` and `[globals] wal-fetch NAME DEST`; a
 
 from __future__ import annotations
 
-from pitr.cli.common import GLOBAL_OPTIONS, apply_log_level, hoist_globals, is_verbose, report_error, setup_logging
+from pitr.cli.common import apply_log_level, hoist_globals, is_verbose, report_error, setup_logging
+from pitr.cli.globalargs import GLOBAL_OPTIONS, is_log_flag
 
 
 def try_fast(argv: list[str]) -> int | None:
@@ -57,11 +58,7 @@ def _try_fast(argv: list[str]) -> int | None:
     while i < len(args) and args[i].startswith("-"):
         a = args[i]
         name, eq, val = a.partition("=")
-        if name in ("-v", "--verbose"):
-            verbose += 1
-        elif name in ("-q", "--quiet"):
-            quiet = True
-        elif set(a[1:]) <= {"v", "q"} and not a.startswith("--"):
+        if is_log_flag(a):  # -v, -vv, -q, -vq, --verbose, --quiet
             verbose += a.count("v")
             quiet = quiet or "q" in a
         elif GLOBAL_OPTIONS.get(name):

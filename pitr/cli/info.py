@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
+from pitr.cli.common import settings_of
 from pitr.cli.render import emit, emit_json, human_bytes, human_duration, table
 
 INFO_JSON_VERSION = 1
@@ -169,7 +170,6 @@ def render_text(r: Any) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    from pitr.cli.app import settings_of
 
     def run(ctx: typer.Context, json_out: bool, repo_as_of: str | None = None) -> None:
         from pitr.cli.repoopen import open_repo, parse_as_of

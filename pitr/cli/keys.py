@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from pitr.cli.common import settings_of
 from pitr.cli.repoopen import NEW_PASSPHRASE_ENV, open_repo
 from pitr.storage.base import Storage
 
@@ -23,7 +24,6 @@ pitr: WARNING: that does not depend on this host or this repository (docs/runboo
 
 
 def register(app: typer.Typer) -> None:
-    from pitr.cli.app import settings_of
 
     @app.command("key-rotate")
     def key_rotate_cmd(

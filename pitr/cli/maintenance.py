@@ -8,13 +8,13 @@ from typing import Annotated, Any
 
 import typer
 
+from pitr.cli.common import settings_of
 from pitr.cli.render import emit, emit_json, human_bytes, human_duration
 
 log = logging.getLogger("pitr")
 
 
 def register(app: typer.Typer) -> None:
-    from pitr.cli.app import settings_of
 
     @app.command("verify")
     def verify_cmd(

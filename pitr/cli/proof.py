@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
+from pitr.cli.common import settings_of
 from pitr.cli.render import emit, emit_json, human_bytes, human_duration
 from pitr.errors import UsageError
 
@@ -49,7 +50,6 @@ def render_drill(rec: dict[str, Any]) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    from pitr.cli.app import settings_of
 
     @app.command("drill")
     def drill_cmd(

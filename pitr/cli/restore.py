@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
+from pitr.cli.common import settings_of
 from pitr.cli.render import emit, emit_json, human_bytes, human_duration
 from pitr.config import PREFETCH_MAX
 from pitr.errors import UsageError
@@ -67,7 +68,6 @@ def _sigterm(_signum: int, _frame: object) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    from pitr.cli.app import settings_of
 
     @app.command("restore")
     def restore_cmd(

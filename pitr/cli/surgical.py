@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from pitr.cli.common import settings_of
 from pitr.cli.render import emit, emit_json, human_duration
 from pitr.errors import UsageError
 
@@ -24,7 +25,6 @@ def _when(opt: str, value: str | None) -> datetime | None:
 
 
 def register(app: typer.Typer) -> None:
-    from pitr.cli.app import settings_of
 
     @app.command("find-target")
     def find_target_cmd(

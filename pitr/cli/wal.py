@@ -7,11 +7,11 @@ from typing import Annotated
 import typer
 
 from pitr.cli import walcmds
+from pitr.cli.common import settings_of
 from pitr.cli.render import emit, emit_json
 
 
 def register(app: typer.Typer) -> None:
-    from pitr.cli.app import settings_of
 
     @app.command("init")
     def init_cmd(

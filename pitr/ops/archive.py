@@ -194,8 +194,8 @@ def fetch(storage: Storage, meta: RepoMeta | None, name: str, dest: Path) -> int
             out.flush()
         if w.kind in ("segment", "partial") and meta is not None:
             with open(tmp, "rb") as f:
-                head = f.read(walheader.LONG_HEADER_SIZE)
-            why = _fetched_segment_problem(name, head, t.size, meta)
+                head = f.read(walheader.HEAD_BYTES)
+            why = walheader.problem(name, head, meta.wal_segment_size, meta.system_identifier, t.size)
             if why:
                 raise IntegrityError(f"archived {name} {why}")
         os.replace(tmp, dest)
@@ -267,19 +267,6 @@ def confirm_missing(storage: Storage, meta: RepoMeta, name: str) -> None:
             f"{now.system_identifier}, not {meta.system_identifier}, so it cannot tell whether {name} was archived",
             "check what is mounted or configured at the repository location",
         )
-
-
-def _fetched_segment_problem(name: str, head: bytes, size: int, meta: RepoMeta) -> str | None:
-    if size != meta.wal_segment_size:
-        return f"is {size} bytes, not a whole {meta.wal_segment_size}-byte segment"
-    h = walheader.read_header(head)
-    if h is None:
-        return "does not start with a WAL page header"
-    if h.pageaddr != walname.segment_start_lsn(name[:24], meta.wal_segment_size):
-        return "has a page header LSN that disagrees with its name"
-    if h.sysid != meta.system_identifier:
-        return "belongs to another cluster (system identifier)"
-    return None
 
 
 def fetch_with_retries(storage: Storage, meta_loader: MetaLoader, name: str, dest: Path,

@@ -293,7 +293,7 @@ class Pipeline:
             st = os.fstat(src.fileno())
             reader = _SourceReader(src, f.size, self._checker(f), self._advance, self.abort)
             try:
-                body = _Pull(envelope.encode_stream(reader, self.opts.codec, READ_CHUNK))  # type: ignore[arg-type]
+                body = envelope.EncodedReader(envelope.encode_stream(reader, self.opts.codec, READ_CHUNK))  # type: ignore[arg-type]
                 self.storage.put(key, body)  # type: ignore[arg-type]
             finally:
                 reader.close()
@@ -398,48 +398,6 @@ class _SourceReader:
         """Stop the helper thread (also when the consumer gave up early)."""
         self._stop.set()
         self._thread.join(5)
-
-
-class _Pull:
-    """A read()-able view of an encode_stream iterator that remembers the trailer and the size.
-    Holds at most one piece beyond what read() returns (an S3 part is copied once, not thrice)."""
-
-    def __init__(self, pieces: Iterator[bytes]) -> None:
-        self._it = pieces
-        self._left = b""  # the unread rest of the last piece
-        self._eof = False
-        self.emitted = 0
-        self.tail = b""
-
-    def _next(self) -> bytes:
-        if self._eof:
-            return b""
-        try:
-            piece = next(self._it)
-        except StopIteration:
-            self._eof = True
-            return b""
-        keep = envelope.TRAILER_SIZE
-        self.tail = piece[-keep:] if len(piece) >= keep else (self.tail + piece)[-keep:]
-        return piece
-
-    def read(self, n: int = -1) -> bytes:
-        parts = [self._left] if self._left else []
-        have = len(self._left)
-        self._left = b""
-        while n < 0 or have < n:
-            piece = self._next()
-            if not piece:
-                if self._eof:
-                    break
-                continue
-            parts.append(piece)
-            have += len(piece)
-        out = b"".join(parts) if len(parts) != 1 else parts[0]
-        if 0 <= n < len(out):
-            out, self._left = out[:n], out[n:]
-        self.emitted += len(out)
-        return out
 
 
 def is_internal_abort(e: BaseException) -> bool:

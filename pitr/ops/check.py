@@ -24,6 +24,7 @@ from pitr.repo.catalog import TimelineWal, scan_wal
 from pitr.repo.format import wal_key
 from pitr.repo.meta import RepoMeta, read_meta
 from pitr.storage.base import Storage
+from pitr.units import human_duration as _dur
 
 
 @dataclass(frozen=True)
@@ -327,17 +328,6 @@ def _switch_point(storage: Storage, pg: PgSession, timeout: float, res: CheckRes
     res.add("wal-switch", False, f"segment {name} did not reach the repository within {timeout:g}s{failure}",
             "check the server log for archive_command errors, and that the server's environment "
             "(PITR_REPO, credentials) points at this repository")
-
-
-def _dur(seconds: float) -> str:
-    s = float(seconds)
-    if s < 120:
-        return f"{s:.0f}s"
-    if s < 7200:
-        return f"{s / 60:.1f}min"
-    if s < 172800:
-        return f"{s / 3600:.1f}h"
-    return f"{s / 86400:.1f}d"
 
 
 _UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}

@@ -24,7 +24,7 @@ from typing import BinaryIO
 from pitr.errors import IntegrityError, NotFoundError, PitrError
 from pitr.ops import spool
 from pitr.ops.archive import confirm_missing
-from pitr.pg import walname
+from pitr.pg import walheader, walname
 from pitr.repo import codec as envelope
 from pitr.repo.format import wal_key
 from pitr.repo.meta import RepoMeta
@@ -66,10 +66,10 @@ def fetch_one(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig, name: str) 
             out = _CrcWriter(raw)
             t = envelope.decode_stream(src, out, f"archived {name}", max_size=meta.wal_segment_size)
         with open(tmp, "rb") as f:
-            head = f.read(64)
+            head = f.read(walheader.HEAD_BYTES)
         why = None
         if len(name) == 24:
-            why = spool.segment_problem(name, head, t.size, meta.system_identifier, meta.wal_segment_size)
+            why = walheader.problem(name, head, meta.wal_segment_size, meta.system_identifier, t.size)
         if why:
             raise IntegrityError(f"archived {name} {why}")
         os.replace(tmp, cfg.spool / name)

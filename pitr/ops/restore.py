@@ -25,7 +25,6 @@ from pitr.errors import IntegrityError, RestoreError
 from pitr.ops import db_include
 from pitr.ops.restore_dest import (
     MARKER,
-    PG_CONTROL,
     ROOT_SKIP,
     Layout,
     check_destination,
@@ -42,6 +41,7 @@ from pitr.ops.restore_files import FileStats, Item, sync_filesystems, write_file
 from pitr.ops.restore_plan import Plan, Target, make_plan, resolve_name
 from pitr.ops.restore_replay import ReplayResult, ReplaySpec, replay
 from pitr.pg import walname
+from pitr.pg.layout import CONTROL_FILE
 from pitr.pg.recovery import render_restore_command, write_recovery
 from pitr.repo import restore_points
 from pitr.repo.catalog import WalCatalog, read_history, scan_wal
@@ -195,13 +195,13 @@ def _write(storage: Storage, opts: RestoreOptions, m: Manifest, layout: Layout, 
     write_marker(layout.pgdata, m, owner, data_mode)
     removed = 0
     if opts.delta:
-        (layout.pgdata / PG_CONTROL).unlink(missing_ok=True)  # never startable while half-updated
+        (layout.pgdata / CONTROL_FILE).unlink(missing_ok=True)  # never startable while half-updated
         removed = clean_for_delta(m, layout)
     prepare_tree(m, layout, owner, dir_mode)
     files, zeroed = db_include.split(m.files, dict(left_out)) if left_out else (m.files, [])
     items = [Item(f, layout.dest(f.path)) for f in files
-             if f.path != PG_CONTROL and not ("/" not in f.path and f.path in ROOT_SKIP)]
-    control = next((f for f in m.files if f.path == PG_CONTROL), None)
+             if f.path != CONTROL_FILE and not ("/" not in f.path and f.path in ROOT_SKIP)]
+    control = next((f for f in m.files if f.path == CONTROL_FILE), None)
     if control is None:
         raise IntegrityError(f"backup {m.id} has no global/pg_control in its manifest")
     t_files = time.monotonic()
@@ -224,7 +224,7 @@ def _write(storage: Storage, opts: RestoreOptions, m: Manifest, layout: Layout, 
     write_recovery(layout.pgdata, settings, owner)
     sync_filesystems(layout.roots())  # every file and directory entry durable before pg_control
     # pg_control last: until it exists PostgreSQL refuses to start on the directory
-    cstats = write_files(storage, m, [Item(control, layout.pgdata / PG_CONTROL)], 1, owner, False)
+    cstats = write_files(storage, m, [Item(control, layout.pgdata / CONTROL_FILE)], 1, owner, False)
     stats.add(cstats)
     stats.seconds = time.monotonic() - t_files  # files, flushed to disk, pg_control included
     fsync_dir(layout.pgdata / "global")

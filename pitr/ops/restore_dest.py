@@ -30,19 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pitr.errors import RestoreError, UsageError
+from pitr.pg.layout import REQUIRED_DIRS
 from pitr.repo.manifest import Manifest
+from pitr.storage import fs
 
 MARKER = "pitr-restore.incomplete"
-PG_CONTROL = "global/pg_control"
 # Written by the finish step (from the manifest's fields), never copied from the file list.
 ROOT_SKIP = {"postmaster.pid", "postmaster.opts", "backup_label", "tablespace_map", "recovery.signal",
              "standby.signal", "recovery.conf", "backup_label.old", "tablespace_map.old", MARKER}
-# Directories a base backup leaves out (or leaves empty) that PostgreSQL needs to start.
-REQUIRED_DIRS = ("pg_wal", "pg_wal/archive_status", "pg_replslot", "pg_dynshmem", "pg_notify", "pg_serial",
-                 "pg_snapshots", "pg_stat_tmp", "pg_subtrans", "pg_logical", "pg_logical/snapshots",
-                 "pg_logical/mappings", "pg_twophase", "pg_commit_ts", "pg_multixact",
-                 "pg_multixact/members", "pg_multixact/offsets", "pg_xact", "pg_stat", "pg_tblspc", "global",
-                 "base")
 
 
 @dataclass(frozen=True)
@@ -306,19 +301,12 @@ def write_small(path: Path, data: bytes, owner: tuple[int, int] | None, mode: in
 def fsync_dir(path: Path) -> None:
     """Make path's entries durable; a failure fails the restore (before pg_control is written)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fs.fsync_dir(path)
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EPERM) and path.is_dir():
             return  # a parent this user may not open (e.g. /): nothing of the restore's to flush there
-        raise RestoreError(f"cannot open {path} to flush it to disk: {e.strerror}",
-                           "check the filesystem and restore again") from None
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        raise RestoreError(f"flushing {path} to disk failed: {e.strerror}; the restore is not durable",
-                           "check the disk (dmesg) and restore again") from None
-    finally:
-        os.close(fd)
+        raise RestoreError(f"cannot flush {path} to disk: {e.strerror}; the restore is not durable",
+                           "check the filesystem and the disk (dmesg), and restore again") from None
 
 
 def remove_path(path: Path) -> None:

@@ -26,7 +26,6 @@ from pitr.pg.walname import HistoryEntry
 from pitr.repo.catalog import Stretch, WalCatalog, segments_for, timeline_path
 from pitr.repo.manifest import Manifest
 
-TARGET_KINDS = ("time", "lsn", "xid", "name", "immediate", "latest")
 ACTIONS = ("promote", "pause", "shutdown")
 
 

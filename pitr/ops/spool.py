@@ -1,7 +1,8 @@
 """Spool directories of the async archiver and the WAL prefetcher, and the foreground's light checks.
 
 archive_command and restore_command run once per WAL file, so what they do before answering must
-be cheap: this module imports only light standard-library modules and never a storage SDK.
+be cheap: this module imports only light standard-library modules and pg/walheader (itself light),
+never a storage SDK.
 
 Async archiving (spool dir default `pg_wal/pitr_spool`; PostgreSQL ignores sub-directories of
 pg_wal and base backups skip pg_wal's contents):
@@ -28,26 +29,16 @@ Prefetch (spool dir default `pg_wal/pitr_prefetch`):
 from __future__ import annotations
 
 import os
-import struct
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+from pitr.pg import walheader
 
 ARCHIVE_SPOOL = "pitr_spool"
 PREFETCH_SPOOL = "pitr_prefetch"
 PUSHD = "pushd"
 PREFETCHD = "prefetch"
-DEFAULT_CONFIG = "/etc/pitr/pitr.toml"  # same default as pitr.config (not imported: it is heavy)
-_VALUE_OPTIONS = ("--repo", "--config", "--s3-endpoint")
-_NOISE = {"-v", "-q", "--verbose", "--quiet"}
-# env that feeds Settings and names the repository; credentials do not change where bytes go
-_ENV_PREFIXES = ("PITR_",)
-_ENV_NAMES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
-# secrets stay out of the spool, even hashed (a fast hash of a passphrase invites guessing); a changed
-# passphrase does not change where WAL goes, and a wrong one makes the helper fail and say so
-_ENV_SECRETS = ("PITR_ENCRYPTION_PASSPHRASE", "PITR_NEW_ENCRYPTION_PASSPHRASE")
-_LONG_HEADER = struct.Struct("<HHIQI4xQII")
-XLP_LONG_HEADER = 0x0002
 
 
 # --------------------------------------------------------------------------- locations
@@ -64,57 +55,6 @@ def prefetch_spool_dir(spool_path: str | None, dest: str | os.PathLike[str]) -> 
     if spool_path:
         return Path(spool_path) / "prefetch"
     return Path(os.path.abspath(os.path.dirname(os.fspath(dest)) or ".")) / PREFETCH_SPOOL
-
-
-def config_file(global_args: list[str], env: Mapping[str, str]) -> str:
-    for i, a in enumerate(global_args):
-        if a == "--config" and i + 1 < len(global_args):
-            return global_args[i + 1]
-        if a.startswith("--config="):
-            return a.split("=", 1)[1]
-    return env.get("PITR_CONFIG") or DEFAULT_CONFIG
-
-
-def fingerprint(global_args: list[str], env: Mapping[str, str]) -> str:
-    """A digest of everything that decides the settings: global options, PITR_* env, config file.
-
-    Settings are a pure function of these inputs, so equal fingerprints mean the same repository
-    and the same async/prefetch choice, without paying for parsing the settings.
-    """
-    import hashlib
-
-    args = [a for a in global_args if not _is_noise(a)]
-    cfg = config_file(global_args, env)
-    try:
-        st = os.stat(cfg)
-        cfg_sig = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-    except OSError:
-        cfg_sig = "-"
-    envs = sorted((k, v) for k, v in env.items()
-                  if (k.startswith(_ENV_PREFIXES) and k != "PITR_LOG_LEVEL" and k not in _ENV_SECRETS)
-                  or k in _ENV_NAMES)
-    text = repr((args, envs, cfg, cfg_sig))
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def _is_noise(arg: str) -> bool:
-    """-v/-q style flags change only logging, never where WAL goes."""
-    return arg in _NOISE or (arg[:1] == "-" and arg[1:2] != "-" and set(arg[1:]) <= {"v", "q"})
-
-
-def split_global_args(argv: list[str], npos: int) -> list[str] | None:
-    """argv = [global options...] COMMAND POS... -> the global options, or None when not that shape."""
-    head = argv[: len(argv) - npos - 1]
-    i = 0
-    while i < len(head):
-        a = head[i]
-        if a in _VALUE_OPTIONS:
-            i += 2
-            continue
-        if not a.startswith("-"):
-            return None
-        i += 1
-    return head if i == len(head) else None
 
 
 # --------------------------------------------------------------------------- markers
@@ -277,24 +217,6 @@ def start_helper(python: str, global_args: list[str], command: str, args: Iterab
 
 # --------------------------------------------------------------------------- prefetch
 
-def segment_problem(name: str, head: bytes, size: int, sysid: int, seg_size: int) -> str | None:
-    """Why a prefetched file is not segment `name` of cluster `sysid` (None when it is)."""
-    if size != seg_size:
-        return f"is {size} bytes, not {seg_size}"
-    if len(head) < _LONG_HEADER.size:
-        return "is truncated"
-    magic, info, _tli, pageaddr, _rem, h_sysid, h_seg, _blck = _LONG_HEADER.unpack_from(head, 0)
-    if magic & 0xFF00 != 0xD100 or not info & XLP_LONG_HEADER:
-        return "does not start with a WAL page header"
-    log_no, seg_no = int(name[8:16], 16), int(name[16:24], 16)
-    expected = (log_no * (0x100000000 // seg_size) + seg_no) * seg_size
-    if pageaddr != expected:
-        return "has a page header LSN that disagrees with its name"
-    if h_sysid != sysid or h_seg != seg_size:
-        return "belongs to another cluster"
-    return None
-
-
 def take_prefetched(pdir: Path, name: str, dest: str | os.PathLike[str], fp: str) -> str | None:
     """Move a verified prefetched `name` to dest atomically.
 
@@ -322,8 +244,8 @@ def take_prefetched(pdir: Path, name: str, dest: str | os.PathLike[str], fp: str
                 # the bytes were verified against the envelope's SHA-256 when fetched; the CRC-32
                 # taken then proves they are still those bytes (no copy: the page cache is hashed)
                 with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                    why = "fails its checksum" if zlib.crc32(mm) != crc else segment_problem(
-                        name, mm[: _LONG_HEADER.size], size, sysid, seg_size) if len(name) == 24 else None
+                    why = "fails its checksum" if zlib.crc32(mm) != crc else walheader.problem(
+                        name, mm[: walheader.HEAD_BYTES], seg_size, sysid, size) if len(name) == 24 else None
     except FileNotFoundError:
         _discard(meta_path)
         return "absent"

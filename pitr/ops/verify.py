@@ -158,27 +158,6 @@ class _Outcome:
     files: int = 0
 
 
-def segment_header_problem(name: str, head: bytes, size: int, meta: RepoMeta) -> str | None:
-    """Why a decoded segment (its first bytes and raw size) is not segment `name` of this cluster."""
-    seg_size = meta.wal_segment_size
-    if size != seg_size:
-        return f"is {size} bytes, not a whole {seg_size}-byte segment"
-    h = walheader.read_header(head)
-    if h is None:
-        if not any(head):
-            return "starts with a zeroed page, not a WAL page header"
-        return "does not start with a WAL page header"
-    if h.seg_size != seg_size:
-        return f"header says a segment size of {h.seg_size}, the repository's is {seg_size}"
-    expected = walname.segment_start_lsn(name[:24], seg_size)
-    if h.pageaddr != expected:
-        return (f"header LSN {walname.format_lsn(h.pageaddr)} disagrees with its name "
-                f"(which starts at {walname.format_lsn(expected)})")
-    if h.sysid != meta.system_identifier:
-        return f"belongs to the cluster with system identifier {h.sysid}, not the repository's {meta.system_identifier}"
-    return None
-
-
 def check_wal_object(storage: Storage, info: ObjectInfo, meta: RepoMeta) -> _Outcome:
     """Decode one archived WAL object; check a segment's header, a .history file's syntax."""
     out = _Outcome()
@@ -202,7 +181,7 @@ def check_wal_object(storage: Storage, info: ObjectInfo, meta: RepoMeta) -> _Out
         out.bytes = src.count
     head = bytes(sink.head)
     if w.kind in ("segment", "partial"):
-        why = segment_header_problem(w.segment or name, head, t.size, meta)
+        why = walheader.problem(w.segment or name, head, meta.wal_segment_size, meta.system_identifier, t.size)
         if why:
             out.problems.append(Problem(WAL_HEADER, info.key, f"{name} {why}"))
     elif w.kind == "history":

@@ -84,21 +84,3 @@ def backup_needs(m: Manifest, cat: WalCatalog, histories: Histories) -> list[Nee
             if last >= first:
                 needs.append(Need(st.timeline, first, last, upto))
     return needs
-
-
-def merge(needs: list[Need]) -> dict[int, list[tuple[int, int]]]:
-    """timeline -> sorted, merged (first, last) ranges."""
-    by_tli: dict[int, list[tuple[int, int]]] = {}
-    for n in needs:
-        by_tli.setdefault(n.timeline, []).append((n.first, n.last))
-    out: dict[int, list[tuple[int, int]]] = {}
-    for tli, ranges in by_tli.items():
-        ranges.sort()
-        merged: list[tuple[int, int]] = []
-        for a, b in ranges:
-            if merged and a <= merged[-1][1] + 1:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
-            else:
-                merged.append((a, b))
-        out[tli] = merged
-    return out

@@ -36,10 +36,13 @@ SKIP_FILES = frozenset({
     "standby.signal", "recovery.signal",
 })
 
-# directories a started server needs even if a backup somehow lacks them (restore creates them, 0700)
+# directories a started server needs even if a backup leaves them out or empty (restore creates them, 0700;
+# pg_wal/summaries too from PostgreSQL 17)
 REQUIRED_DIRS = ("pg_wal", "pg_wal/archive_status", "pg_replslot", "pg_dynshmem", "pg_notify", "pg_serial",
-                 "pg_snapshots", "pg_stat_tmp", "pg_subtrans", "pg_tblspc", "pg_twophase", "pg_commit_ts",
-                 "pg_multixact", "pg_logical")
+                 "pg_snapshots", "pg_stat_tmp", "pg_subtrans", "pg_logical", "pg_logical/snapshots",
+                 "pg_logical/mappings", "pg_twophase", "pg_commit_ts", "pg_multixact",
+                 "pg_multixact/members", "pg_multixact/offsets", "pg_xact", "pg_stat", "pg_tblspc", "global",
+                 "base")
 
 TEMP_PREFIX = "pgsql_tmp"
 RELCACHE_INIT = "pg_internal.init"

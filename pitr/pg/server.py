@@ -187,14 +187,6 @@ class PrivateServer:
                 continue
         return self.proc.poll()
 
-    def wait_exit(self, timeout: float) -> int | None:
-        if self.proc is None:
-            return None
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
 
 def sleep_until(deadline: float | None, step: float = 0.2) -> bool:
     """Sleep one step; False when the deadline passed."""

@@ -151,22 +151,46 @@ def encode_stream(src: BinaryIO, codec: Codec, chunk: int = CHUNK) -> Iterator[b
 
 
 class EncodedReader:
-    """A read()-able view of encode_stream, for uploaders that pull (multipart S3)."""
+    """A read()-able view of encode_stream's pieces, for uploaders that pull (multipart S3).
 
-    def __init__(self, src: BinaryIO, codec: Codec) -> None:
-        self._it = encode_stream(src, codec)
-        self._buf = bytearray()
+    Remembers the trailer (`tail`) and the size (`emitted`); holds at most one piece beyond what
+    read() returns (an S3 part is copied once, not thrice)."""
+
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        self._it = pieces
+        self._left = b""  # the unread rest of the last piece
+        self._eof = False
+        self.emitted = 0
+        self.tail = b""
+
+    def _next(self) -> bytes:
+        if self._eof:
+            return b""
+        try:
+            piece = next(self._it)
+        except StopIteration:
+            self._eof = True
+            return b""
+        keep = TRAILER_SIZE
+        self.tail = piece[-keep:] if len(piece) >= keep else (self.tail + piece)[-keep:]
+        return piece
 
     def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self._buf) < n:
-            try:
-                self._buf += next(self._it)
-            except StopIteration:
-                break
-        if n < 0:
-            n = len(self._buf)
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
+        parts = [self._left] if self._left else []
+        have = len(self._left)
+        self._left = b""
+        while n < 0 or have < n:
+            piece = self._next()
+            if not piece:
+                if self._eof:
+                    break
+                continue
+            parts.append(piece)
+            have += len(piece)
+        out = b"".join(parts) if len(parts) != 1 else parts[0]
+        if 0 <= n < len(out):
+            out, self._left = out[:n], out[n:]
+        self.emitted += len(out)
         return out
 
 

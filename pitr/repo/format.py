@@ -23,10 +23,6 @@ def wal_key(name: str) -> str:
     return f"{WAL_PREFIX}{name[:16]}/{name}"
 
 
-def name_of_wal_key(key: str) -> str:
-    return key.rsplit("/", 1)[-1]
-
-
 def backup_dir(backup_id: str) -> str:
     return f"{BACKUP_PREFIX}{backup_id}/"
 

@@ -17,6 +17,15 @@ from pitr.storage.base import CHUNK, ObjectInfo, Storage, TempObject
 TMP_PREFIX = ".tmp."
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries durable (a created, renamed or linked name); OSError on failure."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class FsStorage(Storage):
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -67,7 +76,7 @@ class FsStorage(Storage):
             d.mkdir()
         except FileExistsError:
             pass
-        self._fsync_dir(d.parent)
+        fsync_dir(d.parent)
         self._synced.add(d)
 
     def _fsync_existing(self, path: Path) -> None:
@@ -79,15 +88,7 @@ class FsStorage(Storage):
             os.fsync(fd)
         finally:
             os.close(fd)
-        self._fsync_dir(path.parent)
-
-    @staticmethod
-    def _fsync_dir(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(path.parent)
 
     # --- interface
     def put(self, key: str, data: bytes | BinaryIO, *, if_absent: bool = False) -> None:
@@ -117,7 +118,7 @@ class FsStorage(Storage):
                     tmp.unlink(missing_ok=True)
             else:
                 os.replace(tmp, final)
-            self._fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise self._oserror(e, f"write {key}") from e
@@ -243,7 +244,7 @@ class FsStorage(Storage):
             missing = [p for p in (self.root, *self.root.parents) if not p.exists()]
             self.root.mkdir(parents=True, exist_ok=True)
             for p in missing:  # each new directory's entry, durably
-                self._fsync_dir(p.parent)
+                fsync_dir(p.parent)
         except OSError as e:
             raise self._oserror(e, "create the directory") from e
         self.check(write=True)
