@@ -212,8 +212,11 @@ class Manifest:
             why = self._incr_problem(f)
             if why:
                 return f"file entry {f.path!r} {why}"
-        if self.parent is not None and (not is_backup_id(self.parent) or self.parent >= self.id):
-            return f"its parent {self.parent!r} is not the ID of an older backup"
+        # the parent is only looked up among the listed backups (never used as a key), so its form is
+        # checked loosely; ref and sources, which are read from, must be backup IDs
+        if self.parent is not None and (not isinstance(self.parent, str) or path_problem(self.parent)
+                                        or "/" in self.parent or self.parent == self.id):
+            return f"its parent {self.parent!r} is not the ID of another backup"
         if len(vdirs) > 1:
             return f"its tablespaces have different version directories ({', '.join(sorted(vdirs))})"
         return None
