@@ -1,4 +1,4 @@
-"""Assemble a block-incremental file from its sources (docs/repository-format.md §6.2-6.3).
+"""Assemble a block-incremental file from its sources (docs/repository-format.md §6.2.1).
 
 The entry's block map says, for every block, which source holds it and at which ordinal. Each
 source envelope is decoded forward exactly once (ordinals increase within a source, which the

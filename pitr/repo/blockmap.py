@@ -2,7 +2,7 @@
 
 Stored (inside an envelope, like file data) for every block-eligible file of every backup, so
 the next incremental backup compares block hashes without reading its parent's data, and a
-block-incremental entry says where each block of the file lives (docs/repository-format.md §6.3):
+block-incremental entry says where each block of the file lives (docs/repository-format.md §6.2.1):
 
     header   8 bytes  b"PITRBM1\\0" | uint32 LE block size | uint32 LE block count
     records  22 bytes per block, struct "<16sHI": blake2b-128 of the block's bytes,
