@@ -21,7 +21,7 @@ from pitr.ops.restore_files import Item, write_files
 from pitr.repo import blockmap
 from pitr.repo import codec as envelope
 from pitr.repo.format import is_backup_id
-from pitr.repo.manifest import FileEntry, Manifest
+from pitr.repo.manifest import Manifest
 from pitr.storage.memory import MemoryStorage
 
 BS = 8192
@@ -322,3 +322,15 @@ def test_runs_group_consecutive_blocks_of_one_source() -> None:
     src = np.array([1, 1, 1, 0, 1, 1], dtype="<u2")
     ordv = np.array([0, 1, 2, 0, 4, 5], dtype="<u4")
     assert list(runs(src, ordv, limit=2)) == [(0, 1, 0, 2), (2, 1, 2, 1), (3, 0, 0, 1), (4, 1, 4, 2)]
+
+
+def test_sources_no_block_points_at_are_dropped(tmp_path: Path) -> None:
+    c = Chain(tmp_path)
+    c.write("base/5/16384", os.urandom(10 * BS))
+    c.backup()
+    c.patch("base/5/16384", 0, os.urandom(10 * BS))  # every block rewritten: the full's copy is no longer used
+    i1 = c.backup()
+    e = i1.files[0]
+    assert e.sources is not None and [s["backup"] for s in e.sources] == [IDS[1]]
+    c.restore(i1, tmp_path / "r")
+    c.same(tmp_path / "r")

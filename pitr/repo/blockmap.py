@@ -93,6 +93,10 @@ class BlockMap:
         # numpy's S16 strips trailing NUL bytes: pad back to HASH_SIZE
         return [h.ljust(HASH_SIZE, b"\0") for h in self.records["hash"].tolist()]
 
+    def hash_bytes(self) -> bytes:
+        """Every block's hash, concatenated (HASH_SIZE bytes each): compact for big files."""
+        return self.records["hash"].tobytes()
+
     def sources(self) -> list[int]:
         return self.records["source"].tolist()  # type: ignore[no-any-return]
 
@@ -100,12 +104,23 @@ class BlockMap:
         return self.records["ordinal"].tolist()  # type: ignore[no-any-return]
 
 
-def whole_file(hashes: list[bytes], block_size: int) -> bytes:
-    """The map of a file stored whole: block b is ordinal b of source 0."""
-    b = Builder(block_size)
-    for i, h in enumerate(hashes):
-        b.add(h, 0, i)
-    return b.pack()
+def whole_file(hashes: bytes | list[bytes], block_size: int) -> bytes:
+    """The map of a file stored whole: block b is ordinal b of source 0. hashes: one per block,
+    or all of them concatenated (HASH_SIZE bytes each)."""
+    hb = b"".join(hashes) if isinstance(hashes, list) else hashes
+    n = len(hb) // HASH_SIZE
+    rec = np.zeros(n, dtype=_DTYPE)
+    rec["hash"] = np.frombuffer(hb, dtype="S16", count=n)
+    rec["ordinal"] = np.arange(n, dtype="<u4")
+    return HEADER.pack(MAGIC, block_size, n) + rec.tobytes()
+
+
+def renumber(data: bytes, table: list[int]) -> bytes:
+    """A packed map (from Builder.pack) with every source index s replaced by table[s]."""
+    _magic, _bs, n = HEADER.unpack_from(data)
+    rec = np.frombuffer(data, dtype=_DTYPE, offset=HEADER.size, count=n).copy()
+    rec["source"] = np.asarray(table, dtype="<u2")[rec["source"]]
+    return data[:HEADER.size] + rec.tobytes()
 
 
 def parse(data: bytes, size: int, sources: int, block_size: int | None = None, what: str = "block map") -> BlockMap:
