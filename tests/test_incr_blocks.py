@@ -22,7 +22,9 @@ from pitr.repo import blockmap
 from pitr.repo import codec as envelope
 from pitr.repo.format import is_backup_id
 from pitr.repo.manifest import Manifest
+from pitr.storage.base import Storage
 from pitr.storage.memory import MemoryStorage
+from pitr.storage.s3 import S3Storage
 
 BS = 8192
 IDS = ("20260101T000000F", "20260102T000000F", "20260103T000000F")
@@ -146,10 +148,11 @@ def test_hostile_parent_and_newer_format_are_refused() -> None:
 class Chain:
     """Real files in a directory, backed up through the Pipeline into a MemoryStorage."""
 
-    def __init__(self, root: Path, codec: envelope.Codec = envelope.Codec("zstd", 1)) -> None:
+    def __init__(self, root: Path, codec: envelope.Codec = envelope.Codec("zstd", 1),
+                 storage: Storage | None = None) -> None:
         self.root = root
         self.codec = codec
-        self.storage = MemoryStorage()
+        self.storage: Storage = storage or MemoryStorage()
         self.manifests: list[Manifest] = []
 
     def write(self, rel: str, data: bytes, mtime: float | None = None) -> None:
@@ -213,8 +216,19 @@ class Chain:
                 assert hashlib.sha256(q.read_bytes()).digest() == hashlib.sha256(p.read_bytes()).digest(), p
 
 
-def test_full_incr_incr_restores_every_backup_of_the_chain(tmp_path: Path) -> None:
-    c = Chain(tmp_path)
+@pytest.fixture(params=["memory", "s3"])
+def store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Storage:
+    """In memory, and on a moto S3 server (ranged reads, streamed puts of a real backend)."""
+    if request.param == "memory":
+        return MemoryStorage()
+    moto = request.getfixturevalue("moto_server")
+    for k, v in moto.env().items():
+        monkeypatch.setenv(k, v)
+    return S3Storage(request.getfixturevalue("s3_bucket"), "prod", endpoint=moto.endpoint)
+
+
+def test_full_incr_incr_restores_every_backup_of_the_chain(tmp_path: Path, store: Storage) -> None:
+    c = Chain(tmp_path, storage=store)
     old = time.time() - 3600
     small = os.urandom(40 * BS)  # bundled
     big = os.urandom(300 * BS)  # its own streamed object
@@ -307,6 +321,7 @@ def test_a_damaged_block_fails_the_assembled_check(tmp_path: Path) -> None:
     e = next(x for x in i1.files if x.path == "base/5/16384")
     assert e.sources and e.object
     key = f"backups/{IDS[1]}/{e.object}"
+    assert isinstance(c.storage, MemoryStorage)
     body, t = c.storage.objects[key]
     at = e.offset + envelope.HEADER_SIZE + 100  # inside the one changed block, uncompressed
     c.storage.objects[key] = (body[:at] + bytes([body[at] ^ 1]) + body[at + 1:], t)
