@@ -349,3 +349,41 @@ def test_sources_no_block_points_at_are_dropped(tmp_path: Path) -> None:
     assert e.sources is not None and [s["backup"] for s in e.sources] == [IDS[1]]
     c.restore(i1, tmp_path / "r")
     c.same(tmp_path / "r")
+
+
+# --------------------------------------------------------------------------- the parent
+
+def _stored(storage: Storage, bid: str, type_: str = "full", parent: str | None = None, tli: int = 1,
+            pg: int = 15, sysid: int = 1) -> None:
+    from pitr.repo.manifest import write_manifest
+
+    write_manifest(storage, Manifest(
+        id=bid, type=type_, system_identifier=sysid, pg_version=pg, pg_version_num=pg * 10000,
+        wal_segment_size=16 << 20, timeline=tli, start_lsn="0/1", stop_lsn="0/2", start_wal="0" * 24,
+        stop_wal="0" * 24, start_time="2026-01-01T00:00:00Z", stop_time="2026-01-01T00:00:01Z", compress="zstd:3",
+        backup_label="", tablespace_map=None, checksums_enabled=True, files=[], directories=[], parent=parent,
+        format=3 if parent else 1, extra={"block_size": BS}))
+
+
+def test_the_parent_is_the_newest_usable_backup_or_a_full_one_is_taken() -> None:
+    from pitr.ops.backup_incr import Server, choose_base
+
+    s = MemoryStorage()
+    server = Server(1, 15, 1, BS)
+    b = choose_base(s, "incr", server)
+    assert (b.type, b.requested, b.parent) == ("full", "incr", None) and b.reason and "no full backup" in b.reason
+    _stored(s, IDS[0])
+    _stored(s, IDS[1], "incr", IDS[0])
+    _stored(s, "20260104T000000F", sysid=2)  # another cluster's: never a parent
+    b = choose_base(s, "incr", server)
+    assert b.type == "incr" and b.parent is not None and b.parent.id == IDS[1] and b.parent.chain == list(IDS[:2])
+    b = choose_base(s, "diff", server)
+    assert b.type == "diff" and b.parent is not None and b.parent.id == IDS[0]  # a diff builds on the full
+    for srv, why in ((Server(1, 15, 2, BS), "timeline 1, the server is on timeline 2"),
+                     (Server(1, 16, 1, BS), "PostgreSQL 15, the server runs 16"),
+                     (Server(1, 15, 1, 2 * BS), "blocks of 8192 bytes")):
+        b = choose_base(s, "incr", srv)
+        assert b.type == "full" and b.reason and why in b.reason, b.reason
+    s.delete(f"backups/{IDS[0]}/manifest")  # the incr's parent is gone: its chain is broken
+    b = choose_base(s, "incr", server)
+    assert b.type == "full" and b.reason and f"builds on {IDS[0]}, which is missing" in b.reason

@@ -181,11 +181,14 @@ def started_key(backup_id: str) -> str:
 
 
 def mark_started(storage: Storage, backup_id: str, claimed: dt.datetime, start_lsn: int,
-                 start_time: dt.datetime) -> None:
-    """Rewrite the claim marker with the start position: from now on `expire` keeps WAL from there."""
-    storage.put(started_key(backup_id), json.dumps({
-        "pid": os.getpid(), "host": socket.gethostname(), "started": _iso(claimed),
-        "start_lsn": walname.format_lsn(start_lsn), "start_time": _iso(start_time)}).encode())
+                 start_time: dt.datetime, parent: str | None = None) -> None:
+    """Rewrite the claim marker with the start position: from now on `expire` keeps WAL from there
+    (and, for a diff/incr, the backup it builds on)."""
+    doc = {"pid": os.getpid(), "host": socket.gethostname(), "started": _iso(claimed),
+           "start_lsn": walname.format_lsn(start_lsn), "start_time": _iso(start_time)}
+    if parent is not None:
+        doc["parent"] = parent
+    storage.put(started_key(backup_id), json.dumps(doc).encode())
 
 
 def parse_backup_label(text: str) -> tuple[int, int, str]:
@@ -268,7 +271,8 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
     stopped = False
     try:
         start_lsn, start_time = pg.backup_start(f"pitr backup {backup_id}", opts.fast)
-        mark_started(storage, backup_id, claimed, start_lsn, start_time)
+        mark_started(storage, backup_id, claimed, start_lsn, start_time,
+                     base.parent.id if base.parent is not None else None)
         marks = {"start": time.monotonic()}
         log.info("backup %s: started at %s", backup_id, walname.format_lsn(start_lsn))
         major = facts.info.major
