@@ -135,8 +135,10 @@ def test_backups_build_on_their_parents_and_store_little(chain: Chain) -> None:
     assert (d["type"], d["parent"]) == ("diff", c.ids["F"])  # a diff builds on the newest full, not on I1
     assert (i2["type"], i2["parent"]) == ("incr", c.ids["D"])
     # a small change stores a small fraction of the full backup (the rest is referenced, block by block)
-    assert i1["stored_bytes"] < 0.25 * f["stored_bytes"], (i1["stored_bytes"], f["stored_bytes"])
-    assert i2["stored_bytes"] < 0.25 * f["stored_bytes"], (i2["stored_bytes"], f["stored_bytes"])
+    print(f"stored bytes: full {f['stored_bytes']}, incr {i1['stored_bytes']}, diff {d['stored_bytes']}, "
+          f"incr {i2['stored_bytes']}")
+    assert i1["stored_bytes"] < 0.15 * f["stored_bytes"], (i1["stored_bytes"], f["stored_bytes"])
+    assert i2["stored_bytes"] < 0.15 * f["stored_bytes"], (i2["stored_bytes"], f["stored_bytes"])
     storage = FsStorage(c.base / "repo")
     m = read_manifest(storage, c.ids["I2"])
     assert m.format == 3 and m.extra["chain"] == [c.ids["F"], c.ids["D"], c.ids["I2"]]
