@@ -387,3 +387,17 @@ def test_the_parent_is_the_newest_usable_backup_or_a_full_one_is_taken() -> None
     s.delete(f"backups/{IDS[0]}/manifest")  # the incr's parent is gone: its chain is broken
     b = choose_base(s, "incr", server)
     assert b.type == "full" and b.reason and f"builds on {IDS[0]}, which is missing" in b.reason
+
+
+def test_a_missing_ancestor_is_a_clear_error(tmp_path: Path) -> None:
+    c = Chain(tmp_path)
+    c.write("base/5/16384", os.urandom(40 * BS))
+    c.write("base/5/16385", os.urandom(20 * BS), mtime=time.time() - 3600)
+    full = c.backup()
+    c.patch("base/5/16384", 7, os.urandom(BS))
+    i1 = c.backup()
+    assert any(e.ref for e in i1.files) and any(e.sources for e in i1.files)
+    for o in list(c.storage.list(f"backups/{full.id}/data/")):
+        c.storage.delete(o.key)  # the full backup the incr builds on was removed by hand
+    with pytest.raises(IntegrityError, match="builds on an older backup's data, and some is missing"):
+        c.restore(i1, tmp_path / "r")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from pitr.errors import IntegrityError, Interrupted, RestoreError
+from pitr.errors import IntegrityError, Interrupted, NotFoundError, RestoreError
 from pitr.ops.restore_assemble import assemble
 from pitr.ops.restore_dest import remove_path
 from pitr.repo import blockmap
@@ -176,6 +176,15 @@ class FileWriter:
         self.ahead, self.cancel = ahead, cancel
 
     def run(self, task: Task) -> FileStats:
+        try:
+            return self._run(task)
+        except NotFoundError as e:
+            if not (task.home or task.assemble):
+                raise
+            raise IntegrityError(f"backup {self.backup_id} builds on an older backup's data, and some is missing "
+                                 f"({e})", "run `pitr verify`; restore another backup with --backup") from None
+
+    def _run(self, task: Task) -> FileStats:
         st = FileStats()
         todo = []
         for it in task.items:
