@@ -216,11 +216,22 @@ class Chain:
                 assert hashlib.sha256(q.read_bytes()).digest() == hashlib.sha256(p.read_bytes()).digest(), p
 
 
-@pytest.fixture(params=["memory", "s3"])
-def store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Storage:
-    """In memory, and on a moto S3 server (ranged reads, streamed puts of a real backend)."""
+@pytest.fixture(params=["memory", "encrypted", "s3"])
+def store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Storage:
+    """In memory, encrypted (sealed objects: ranged reads inside them), and on a moto S3 server."""
     if request.param == "memory":
         return MemoryStorage()
+    if request.param == "encrypted":
+        from pitr.ops.init import init_repo
+        from pitr.pg.conn import ServerInfo
+        from pitr.repo import keys
+        from pitr.repo.sealed import RepoStorage
+        from pitr.storage.fs import FsStorage
+
+        src = keys.passphrase_source("pw", "PITR_ENCRYPTION_PASSPHRASE")
+        repo = RepoStorage(FsStorage(tmp_path / "repo"), src)
+        assert init_repo(repo, ServerInfo(150010, 1, 16 << 20, "/data", False), encrypt=True).encrypted
+        return repo
     moto = request.getfixturevalue("moto_server")
     for k, v in moto.env().items():
         monkeypatch.setenv(k, v)
