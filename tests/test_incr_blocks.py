@@ -4,6 +4,7 @@ through the restore file pipeline, byte for byte."""
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import json
 import os
@@ -314,7 +315,7 @@ def test_checksum_and_mtime_going_backwards_read_every_file(tmp_path: Path) -> N
     assert len(read) == 2 and not refs and why and "went backwards" in why
     # a file written just before the parent started (inside the mtime granularity window) is read
     recent = c.manifests[0].start_time
-    t = time.mktime(time.strptime(recent[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone - 1
+    t = calendar.timegm(time.strptime(recent[:19], "%Y-%m-%dT%H:%M:%S")) - 1
     os.utime(tmp_path / "src/base/5/16385", (t, t))
     os.utime(tmp_path / "src/base/5/16384", (old, old))
     parent.entries["base/5/16385"].mtime = t
