@@ -413,3 +413,16 @@ def test_a_missing_ancestor_is_a_clear_error(tmp_path: Path) -> None:
         c.storage.delete(o.key)  # the full backup the incr builds on was removed by hand
     with pytest.raises(IntegrityError, match="builds on an older backup's data, and some is missing"):
         c.restore(i1, tmp_path / "r")
+
+
+def test_the_started_marker_of_an_incr_names_its_parent() -> None:
+    import datetime as dt
+
+    from pitr.ops.backup import mark_started, started_key
+
+    s = MemoryStorage()
+    now = dt.datetime.now(dt.UTC)
+    mark_started(s, IDS[1], now, 0x2000028, now, IDS[0])
+    assert json.loads(s.get(started_key(IDS[1])))["parent"] == IDS[0]  # expire keeps it while this runs
+    mark_started(s, IDS[2], now, 0x2000028, now)
+    assert "parent" not in json.loads(s.get(started_key(IDS[2])))
