@@ -349,7 +349,9 @@ def _choose_base(storage: Storage, pg: PgSession, facts: ServerFacts, requested:
     """What a diff/incr builds on (ops/backup_incr), with the server's current timeline."""
     if requested == "full":
         return backup_incr.Base("full", "full")
-    tli = int(pg.query("select timeline_id from pg_control_checkpoint()")[0][0])
+    # the timeline WAL is written on now (the last checkpoint's may lag just after a promotion)
+    tli = int(pg.query("select case when pg_is_in_recovery() then (select timeline_id from pg_control_checkpoint())"
+                       " else ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int end")[0][0])
     return backup_incr.choose_base(storage, requested, backup_incr.Server(
         facts.info.system_identifier, facts.info.major, tli, facts.block_size))
 
