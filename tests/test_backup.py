@@ -445,8 +445,8 @@ def test_refuses_foreign_or_uninitialized_repositories_and_incremental(local: Se
     assert list_backup_ids(local.storage) == []
     r = local.pitr("backup", "--pgdata", str(other.data))  # the server is ours, the directory is not
     assert r.returncode == 1 and "belongs to another cluster than the server" in r.stderr, r.stderr
-    r = local.pitr("backup", "--type", "incr")
-    assert r.returncode == 2 and "incremental backups are not supported yet" in r.stderr
+    r = local.pitr("backup", "--type", "weekly")
+    assert r.returncode == 2 and "unknown backup type 'weekly'" in r.stderr and "full, diff or incr" in r.stderr
     empty = local.base / "empty"
     empty.mkdir()
     chown_pg(empty)

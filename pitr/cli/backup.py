@@ -52,7 +52,8 @@ def register(app: typer.Typer) -> None:
     @app.command("backup")
     def backup_cmd(
         ctx: typer.Context,
-        type_: Annotated[str, typer.Option("--type", help="full (incremental backups are not supported yet).")] = "full",
+        type_: Annotated[str, typer.Option("--type", help="full; diff (blocks changed since the newest full backup) or incr (since the newest backup); a full one is taken, with a notice, when there is nothing safe to build on.")] = "full",
+        checksum: Annotated[bool, typer.Option("--checksum", help="diff/incr: read every file, never trusting an unchanged size and mtime.")] = False,
         jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Files read, compressed and stored in parallel [config jobs, default 2].", show_default=False)] = None,
         compress: Annotated[str | None, typer.Option("--compress", help="zstd[:LEVEL] or none [config compress, default zstd:3].", show_default=False)] = None,
         fast: Annotated[bool, typer.Option("--fast/--no-fast", help="Start with an immediate checkpoint (default), or a spread one that loads the server less but may take up to checkpoint_timeout.")] = True,
@@ -73,14 +74,12 @@ def register(app: typer.Typer) -> None:
         from pitr.repo.codec import parse_codec
 
         if type_ not in BACKUP_TYPES:
-            raise UsageError(f"unknown backup type {type_!r}", "use --type full")
-        if type_ == "incr":
-            raise UsageError("incremental backups are not supported yet", "use --type full (the default)")
+            raise UsageError(f"unknown backup type {type_!r}", "use --type full, diff or incr")
         if archive_timeout is not None and archive_timeout < 0:
             raise UsageError("--archive-timeout must be 0 or more seconds")
         s = settings_of(ctx, jobs=jobs, compress=compress, pgdata=pgdata, dbname=dbname,
                         wal_wait_timeout=archive_timeout)
-        opts = BackupOptions(parse_codec(s.compress), s.jobs, s.pgdata, fast, s.wal_wait_timeout, type_)
+        opts = BackupOptions(parse_codec(s.compress), s.jobs, s.pgdata, fast, s.wal_wait_timeout, type_, checksum)
         storage = open_repo(s, max_connections=max(10, s.jobs * 4))
         try:
             with _sigterm_interrupts(), PgSession(s.dbname, "pitr backup") as pg, _progress(not json_out) as prog:
@@ -88,6 +87,8 @@ def register(app: typer.Typer) -> None:
         finally:
             storage.close()
         m = res.manifest
+        if res.reason:
+            print(f"pitr: notice: taking a full backup instead of {res.requested_type}: {res.reason}", file=sys.stderr)
         bad = res.bad_pages
         if bad:
             total = sum(len(v) for v in bad.values())
@@ -100,7 +101,8 @@ def register(app: typer.Typer) -> None:
                   "tell which relations are affected", file=sys.stderr)
         if json_out:
             emit_json({
-                "id": m.id, "type": m.type, "timeline": m.timeline,
+                "id": m.id, "type": m.type, "requested_type": res.requested_type, "reason": res.reason,
+                "parent": m.parent, "timeline": m.timeline,
                 "start_lsn": m.start_lsn, "stop_lsn": m.stop_lsn, "start_wal": m.start_wal, "stop_wal": m.stop_wal,
                 "start_time": m.start_time, "stop_time": m.stop_time, "duration": m.duration,
                 "bytes": m.bytes, "stored_bytes": m.stored_bytes, "files": len(m.files), "objects": res.objects,
@@ -111,7 +113,8 @@ def register(app: typer.Typer) -> None:
             })
             return
         rate = m.bytes / m.duration if m.duration else 0.0
-        emit(f"backup {m.id}: {len(m.files)} files, {human_bytes(m.bytes)} ({human_bytes(m.stored_bytes)} stored) "
+        kind = f"{m.type} backup {m.id} (on {m.parent})" if m.parent else f"backup {m.id}"
+        emit(f"{kind}: {len(m.files)} files, {human_bytes(m.bytes)} ({human_bytes(m.stored_bytes)} stored) "
              f"in {human_duration(m.duration)} ({human_bytes(rate)}/s); timeline {m.timeline}, "
              f"WAL {m.start_lsn} .. {m.stop_lsn} archived")
         emit(m.id)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from pitr import __version__
 from pitr.errors import AlreadyExistsError, BackupError, Interrupted, PitrError, PostgresError, UsageError
+from pitr.ops import backup_incr
 from pitr.ops.backup_files import ScanOptions, scan
 from pitr.ops.backup_store import Pipeline, Progress, StoreOptions, is_internal_abort
 from pitr.pg import layout, walname
@@ -48,7 +49,7 @@ from pitr.storage.base import Storage
 
 log = logging.getLogger("pitr.backup")
 
-BACKUP_TYPES = ("full", "incr")
+BACKUP_TYPES = ("full", "diff", "incr")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class BackupOptions:
     fast: bool = True  # fast (immediate) checkpoint at start: a backup run by hand should start now
     archive_timeout: float = 300.0  # how long to wait for the backup's WAL to reach the archive
     type: str = "full"
+    checksum: bool = False  # diff/incr: read every file, never trust size + mtime (backup_incr)
 
 
 @dataclass
@@ -66,6 +68,8 @@ class BackupResult:
     manifest: Manifest
     objects: int
     vanished: list[str] = field(default_factory=list)
+    requested_type: str = "full"
+    reason: str | None = None  # why a full backup was taken instead of the requested diff/incr
 
     @property
     def bad_pages(self) -> dict[str, list[int]]:
@@ -177,11 +181,14 @@ def started_key(backup_id: str) -> str:
 
 
 def mark_started(storage: Storage, backup_id: str, claimed: dt.datetime, start_lsn: int,
-                 start_time: dt.datetime) -> None:
-    """Rewrite the claim marker with the start position: from now on `expire` keeps WAL from there."""
-    storage.put(started_key(backup_id), json.dumps({
-        "pid": os.getpid(), "host": socket.gethostname(), "started": _iso(claimed),
-        "start_lsn": walname.format_lsn(start_lsn), "start_time": _iso(start_time)}).encode())
+                 start_time: dt.datetime, parent: str | None = None) -> None:
+    """Rewrite the claim marker with the start position: from now on `expire` keeps WAL from there
+    (and, for a diff/incr, the backup it builds on)."""
+    doc = {"pid": os.getpid(), "host": socket.gethostname(), "started": _iso(claimed),
+           "start_lsn": walname.format_lsn(start_lsn), "start_time": _iso(start_time)}
+    if parent is not None:
+        doc["parent"] = parent
+    storage.put(started_key(backup_id), json.dumps(doc).encode())
 
 
 def parse_backup_label(text: str) -> tuple[int, int, str]:
@@ -251,20 +258,21 @@ def _cleanup(storage: Storage, backup_id: str) -> None:
 def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: Progress | None = None,
                 abort: threading.Event | None = None) -> BackupResult:
     """Run the whole recipe (module doc). On any failure the session is closed and nothing is listed."""
-    if opts.type != "full":
-        raise UsageError(f"backup type {opts.type!r} is not supported yet; only full backups are",
-                         "use --type full (the default)")
+    if opts.type not in BACKUP_TYPES:
+        raise UsageError(f"unknown backup type {opts.type!r}", "use --type full, diff or incr")
     t0 = time.monotonic()
     facts = server_facts(pg)
     check_server(storage, facts)
     pgdata = resolve_pgdata(opts.pgdata, facts)
+    base = _choose_base(storage, pg, facts, opts.type)
     claimed = dt.datetime.now(dt.UTC)
     backup_id = claim_backup_id(storage, claimed)
     log.info("backup %s: starting (%s checkpoint)", backup_id, "fast" if opts.fast else "spread")
     stopped = False
     try:
         start_lsn, start_time = pg.backup_start(f"pitr backup {backup_id}", opts.fast)
-        mark_started(storage, backup_id, claimed, start_lsn, start_time)
+        mark_started(storage, backup_id, claimed, start_lsn, start_time,
+                     base.parent.id if base.parent is not None else None)
         marks = {"start": time.monotonic()}
         log.info("backup %s: started at %s", backup_id, walname.format_lsn(start_lsn))
         major = facts.info.major
@@ -273,15 +281,20 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
             checksums=facts.data_checksums, relseg_blocks=facts.relseg_blocks, block_size=facts.block_size,
             extra_empty=tuple(x for x in [layout.stats_temp_rel(facts.stats_temp_directory, str(pgdata))] if x),
         ))
+        to_read, refs, _ = backup_incr.plan_files(found.files, base.parent, opts.checksum)
+        jobs = backup_incr.BlockJobs(storage, backup_id, facts.block_size, base.parent)
         pipe = Pipeline(storage, StoreOptions(backup_id, opts.codec, opts.jobs, start_lsn, facts.block_size),
-                        found.total_bytes, progress, abort)
-        pipe.run(found.files)
+                        found.total_bytes - sum(e.size for e in refs), progress, abort, jobs)
+        pipe.run(to_read)
         pipe.run(found.last)  # pg_control after everything else
         marks["copy"] = time.monotonic()
         stop = pg.backup_stop()
         marks["stop"] = time.monotonic()
         stopped = True
         label_lsn, tli, start_wal = parse_backup_label(stop.backup_label)
+        if base.parent is not None and tli != base.parent.manifest.timeline:
+            raise BackupError(f"backup {backup_id} started on timeline {tli}, not its parent's "
+                              f"({base.parent.manifest.timeline}); nothing was listed", "run the backup again")
         seg = facts.info.wal_segment_size
         wal = walname.segment_range(tli, label_lsn, stop.lsn, seg)
         log.info("backup %s: stopped at %s; waiting for %d WAL segment(s) to be archived", backup_id,
@@ -294,7 +307,7 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
             timings[step] = round(at - prev, 3)
             prev = at
         res = pipe.result
-        files = sorted(res.entries, key=lambda e: e.path)
+        files = sorted(res.entries + refs, key=lambda e: e.path)
         # {oid: name}: what `restore --db-include` tells the databases' directories apart by
         databases = {str(oid): str(name) for oid, name in pg.query("select oid, datname from pg_database")}
         m = Manifest(
@@ -305,11 +318,13 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
             start_time=_iso(start_time), stop_time=_iso(stop.time), compress=str(opts.codec),
             backup_label=stop.backup_label, tablespace_map=stop.tablespace_map,
             checksums_enabled=facts.data_checksums, files=files, directories=found.dirs,
-            tablespaces=found.tablespaces, bytes=res.raw_bytes, stored_bytes=res.stored_bytes,
+            tablespaces=found.tablespaces, bytes=res.raw_bytes + sum(e.size for e in refs),
+            stored_bytes=res.stored_bytes,
             duration=0.0, pitr_version=__version__,
             extra={"block_size": facts.block_size, "objects": res.objects, "vanished": len(res.vanished),
                    "pgdata": str(pgdata), "timings": timings, "databases": databases},
         )
+        backup_incr.annotate(m, base)
         m.duration = round(time.monotonic() - t0, 3)
         write_manifest(storage, m)  # the commit point
     except BaseException as e:
@@ -327,7 +342,18 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
     except PitrError:
         pass
     log.info("backup %s: complete (%d files, %d bytes)", backup_id, len(m.files), m.bytes)
-    return BackupResult(m, res.objects, res.vanished)
+    return BackupResult(m, res.objects, res.vanished, base.requested, base.reason)
+
+
+def _choose_base(storage: Storage, pg: PgSession, facts: ServerFacts, requested: str) -> backup_incr.Base:
+    """What a diff/incr builds on (ops/backup_incr), with the server's current timeline."""
+    if requested == "full":
+        return backup_incr.Base("full", "full")
+    # the timeline WAL is written on now (the last checkpoint's may lag just after a promotion)
+    tli = int(pg.query("select case when pg_is_in_recovery() then (select timeline_id from pg_control_checkpoint())"
+                       " else ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int end")[0][0])
+    return backup_incr.choose_base(storage, requested, backup_incr.Server(
+        facts.info.system_identifier, facts.info.major, tli, facts.block_size))
 
 
 # --------------------------------------------------------------------------- restore point

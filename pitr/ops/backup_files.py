@@ -25,6 +25,8 @@ class SourceFile:
     size: int  # at scan time: we copy at most this much (the rest is written during the backup)
     checksummed: bool  # made of pages with checksums to verify
     blkno_base: int = 0  # relation block number of the file's first page
+    mtime: float = 0.0  # at scan time: what an incremental backup compares with its parent's (backup_incr)
+    mode: int = -1  # st_mode & 0o7777 at scan time (-1: unknown)
 
 
 @dataclass
@@ -89,16 +91,16 @@ class _Walker:
                 else:
                     self.walk(e.path, rel, dirs_only)
             elif stat.S_ISREG(st.st_mode) and not dirs_only:
-                self.file(e.path, rel, st.st_size)
+                self.file(e.path, rel, st.st_size, st.st_mtime, stat.S_IMODE(st.st_mode))
             # sockets, fifos, dangling links: nothing a restore could use
 
-    def file(self, path: str, rel: str, size: int) -> None:
+    def file(self, path: str, rel: str, size: int, mtime: float = 0.0, mode: int = -1) -> None:
         checked = self.opts.checksums and layout.has_page_checksums(rel)
         base = 0
         if checked:
             r = layout.relation_file(rel.rsplit("/", 1)[-1])
             base = r[2] * self.opts.relseg_blocks if r else 0
-        f = SourceFile(rel, path, size, checked, base)
+        f = SourceFile(rel, path, size, checked, base, mtime, mode)
         (self.out.last if rel == layout.CONTROL_FILE else self.out.files).append(f)
 
     def tablespaces(self, tblspc: str) -> None:

@@ -13,6 +13,9 @@ release the GIL, so threads use every core):
 - Memory is bounded by the queue sizes: about jobs x (bundle_size + one multipart window).
 - A file is copied up to its size at scan time (what grew since was written during the backup
   and is rebuilt by WAL replay); a file that vanished is left out; the size read is recorded.
+- A relation file may have a BlockJob (ops/backup_incr): it sees every byte read, hashes each
+  block, and says what to store (the whole file, or only its changed blocks); its block map is
+  stored right after the file's envelope, in the same bundle or large object.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from pitr.errors import BackupError
 from pitr.ops.backup_files import SourceFile
@@ -70,6 +73,25 @@ class _Unit:
     large: bool
 
 
+class BlockJob(Protocol):
+    """What ops/backup_incr does to one relation file while it is read (module doc)."""
+
+    def feed(self, data: bytes) -> bytes:
+        """The next bytes read (from offset 0, in order); returns the bytes to store."""
+        ...
+
+    def map_bytes(self) -> bytes | None:
+        """Once everything was fed: the file's block map, or None (not whole blocks after all)."""
+        ...
+
+    def finish(self, entry: FileEntry) -> None:
+        """Complete the entry (its size, object and map are set): whole-file SHA-256, sources."""
+        ...
+
+
+BlockJobs = Callable[[SourceFile], "BlockJob | None"]
+
+
 class _Aborted(Exception):
     """Internal: another thread failed or the backup was interrupted."""
 
@@ -78,8 +100,10 @@ class Pipeline:
     """One backup's copy job. run() may be called more than once (pg_control goes last, alone)."""
 
     def __init__(self, storage: Storage, opts: StoreOptions, total_bytes: int = 0,
-                 progress: Progress | None = None, abort: threading.Event | None = None) -> None:
+                 progress: Progress | None = None, abort: threading.Event | None = None,
+                 block_jobs: BlockJobs | None = None) -> None:
         self.storage = storage
+        self.block_jobs = block_jobs
         self.opts = opts
         self.total = total_bytes
         self.progress = progress
@@ -269,6 +293,10 @@ class Pipeline:
             if not data:
                 entries.append(FileEntry(f.rel, 0, "", mode, mtime, None))
                 continue
+            job = self.block_jobs(f) if self.block_jobs is not None else None
+            if job is not None:
+                offset = self._bundle_blocks(job, f, data, mode, mtime, rel_key, offset, parts, entries)
+                continue
             env = envelope.encode(data, self.opts.codec)
             sha = envelope.parse_trailer(env, f.rel).sha256
             entries.append(FileEntry(f.rel, len(data), sha, mode, mtime, rel_key, offset, len(env)))
@@ -283,8 +311,33 @@ class Pipeline:
             return None
         return backup_data_key(self.opts.backup_id, unit.number), b"".join(parts), entries
 
+    def _bundle_blocks(self, job: BlockJob, f: SourceFile, data: bytes, mode: int, mtime: float, rel_key: str,
+                       offset: int, parts: list[bytes], entries: list[FileEntry]) -> int:
+        """A relation file in a bundle: what its BlockJob keeps, then its block map."""
+        keep = job.feed(data)
+        e = FileEntry(f.rel, len(data), "", mode, mtime, None)
+        if keep:  # a block-incremental file with no changed block stores no envelope
+            env = envelope.encode(keep, self.opts.codec)
+            e.sha256 = envelope.parse_trailer(env, f.rel).sha256
+            e.object, e.offset, e.length = rel_key, offset, len(env)
+            parts.append(env)
+            offset += len(env)
+        mb = job.map_bytes()
+        if mb is not None:
+            menv = envelope.encode(mb, self.opts.codec)
+            e.map = {"object": rel_key, "offset": offset, "length": len(menv)}
+            parts.append(menv)
+            offset += len(menv)
+        job.finish(e)
+        entries.append(e)
+        return offset
+
     def _store_large(self, unit: _Unit) -> None:
         f = unit.files[0]
+        job = self.block_jobs(f) if self.block_jobs is not None else None
+        if job is not None:
+            self._store_large_blocks(unit, job)
+            return
         src = self._open(f)
         if src is None:
             return
@@ -302,6 +355,48 @@ class Pipeline:
         entry = FileEntry(f.rel, t.size, t.sha256, mode, mtime, f"data/{unit.number:06d}", 0, body.emitted,
                           _bad(reader.checker))
         self._record([entry], body.emitted)
+
+
+    def _store_large_blocks(self, unit: _Unit, job: BlockJob) -> None:
+        """A large relation file: what its BlockJob keeps, streamed, then its block map, in one object."""
+        f = unit.files[0]
+        src = self._open(f)
+        if src is None:
+            return
+        rel_key = f"data/{unit.number:06d}"
+        codec = self.opts.codec
+        seen: dict[str, int | bytes] = {}
+
+        def pieces() -> Iterator[bytes]:
+            n, tail = 0, b""
+            for p in envelope.encode_stream(reader, codec, READ_CHUNK):  # type: ignore[arg-type]
+                n += len(p)
+                tail = p[-envelope.TRAILER_SIZE:] if len(p) >= envelope.TRAILER_SIZE \
+                    else (tail + p)[-envelope.TRAILER_SIZE:]
+                yield p
+            seen["length"], seen["tail"] = n, tail
+            mb = job.map_bytes()
+            if mb is not None:
+                menv = envelope.encode(mb, codec)
+                seen["map"] = len(menv)
+                yield menv
+
+        with src:
+            st = os.fstat(src.fileno())
+            reader = _SourceReader(src, f.size, self._checker(f), self._advance, self.abort, job)
+            try:
+                body = _Pull(pieces())
+                self.storage.put(backup_data_key(self.opts.backup_id, unit.number), body)  # type: ignore[arg-type]
+            finally:
+                reader.close()
+        length = int(seen["length"])  # type: ignore[call-overload]
+        t = envelope.parse_trailer(seen["tail"], f.rel)  # type: ignore[arg-type]
+        e = FileEntry(f.rel, reader.raw, t.sha256, st.st_mode & 0o7777, st.st_mtime, rel_key, 0, length,
+                      _bad(reader.checker))
+        if "map" in seen:
+            e.map = {"object": rel_key, "offset": length, "length": seen["map"]}
+        job.finish(e)
+        self._record([e], body.emitted)
 
 
 def _bad(checker: PageChecker | None) -> list[int]:
@@ -327,8 +422,10 @@ class _SourceReader:
     AHEAD = 4  # chunks in flight: memory READ_CHUNK * AHEAD
 
     def __init__(self, src: BinaryIO, limit: int, checker: PageChecker | None, advance: Callable[[int], None],
-                 abort: threading.Event) -> None:
+                 abort: threading.Event, job: BlockJob | None = None) -> None:
         self.src = src
+        self.job = job
+        self.raw = 0  # bytes read from the file (what the consumer gets may be less with a job)
         self.left = limit
         self.checker = checker
         self.advance = advance
@@ -347,8 +444,14 @@ class _SourceReader:
                 if not data:
                     break
                 self.left -= len(data)
+                self.raw += len(data)
                 if self.checker is not None:
                     self.checker.feed(data)
+                if self.job is not None:
+                    self.advance(len(data))
+                    data = self.job.feed(data)
+                    if not data:
+                        continue  # nothing to store from this chunk (b"" would read as the end)
                 if not self._offer(data):
                     return
             self._offer(b"")
@@ -386,7 +489,8 @@ class _SourceReader:
             if not item:
                 self._eof = True
                 break
-            self.advance(len(item))
+            if self.job is None:
+                self.advance(len(item))
             self._pending = self._pending + item if self._pending else item
         if n < 0 or n >= len(self._pending):
             out, self._pending = self._pending, b""

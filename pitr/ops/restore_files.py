@@ -5,7 +5,9 @@ in one object (fetched with a single ranged read, decoded from memory) or one la
 fetched in CHUNK ranges with the next range read ahead while the current one is decoded, so
 network, decompression (zstd releases the GIL) and disk overlap. Memory stays bounded by
 jobs x 2 x CHUNK whatever the database size. With --delta a file whose size and SHA-256 already
-match is kept (its mode, owner and mtime fixed) instead of fetched.
+match is kept (its mode, owner and mtime fixed) instead of fetched. An entry of a diff/incr backup
+either refers whole to an older backup's object (`ref`: read from backups/<ref>/) or is assembled
+from its sources block by block (ops/restore_assemble), one Task per such file.
 
 Durability: with fsync=False the files are left to one syncfs() per filesystem afterwards
 (sync_filesystems), which costs one flush instead of thousands of fsync() calls; the recipe does
@@ -25,8 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from pitr.errors import IntegrityError, Interrupted, RestoreError
+from pitr.errors import IntegrityError, Interrupted, NotFoundError, RestoreError
+from pitr.ops.restore_assemble import assemble
 from pitr.ops.restore_dest import remove_path
+from pitr.repo import blockmap
 from pitr.repo import codec as envelope
 from pitr.repo.format import backup_dir
 from pitr.repo.manifest import FileEntry, Manifest
@@ -72,15 +76,20 @@ class Task:
     length: int
     items: tuple[Item, ...]
     stream: bool  # one large envelope, read in ranged chunks
+    home: str | None = None  # the backup holding obj when not the restored one's (an entry's `ref`)
+    assemble: bool = False  # one block-incremental file, assembled from its sources
 
 
 def plan_tasks(files: Iterable[Item]) -> list[Task]:
     """Group envelopes into ranged reads: neighbours in one object share a read up to BATCH_BYTES."""
-    by_obj: dict[str | None, list[Item]] = {}
-    for it in files:
-        by_obj.setdefault(it.entry.object, []).append(it)
+    by_obj: dict[tuple[str | None, str | None], list[Item]] = {}
     tasks: list[Task] = []
-    for obj, items in by_obj.items():
+    for it in files:
+        if it.entry.sources:
+            tasks.append(Task(None, 0, it.entry.size, (it,), False, it.entry.ref, assemble=True))
+            continue
+        by_obj.setdefault((it.entry.ref, it.entry.object), []).append(it)
+    for (home, obj), items in by_obj.items():
         if obj is None:
             tasks.extend(Task(None, 0, 0, (it,), False) for it in items)
             continue
@@ -89,25 +98,25 @@ def plan_tasks(files: Iterable[Item]) -> list[Task]:
         for it in items:
             e = it.entry
             if e.length > BATCH_BYTES:
-                tasks.append(Task(obj, e.offset, e.length, (it,), True))
+                tasks.append(Task(obj, e.offset, e.length, (it,), True, home))
                 continue
             if run:
                 start = run[0].entry.offset
                 end = run[-1].entry.offset + run[-1].entry.length
                 if e.offset - end > BATCH_HOLE or e.offset + e.length - start > BATCH_BYTES or e.offset < end:
-                    tasks.append(_batch(obj, run))
+                    tasks.append(_batch(obj, run, home))
                     run = []
             run.append(it)
         if run:
-            tasks.append(_batch(obj, run))
+            tasks.append(_batch(obj, run, home))
     tasks.sort(key=lambda t: -t.length)  # big ones first: the pool finishes together
     return tasks
 
 
-def _batch(obj: str, run: list[Item]) -> Task:
+def _batch(obj: str, run: list[Item], home: str | None = None) -> Task:
     start = run[0].entry.offset
     end = max(i.entry.offset + i.entry.length for i in run)
-    return Task(obj, start, end - start, tuple(run), False)
+    return Task(obj, start, end - start, tuple(run), False, home)
 
 
 class RangeReader:
@@ -167,6 +176,15 @@ class FileWriter:
         self.ahead, self.cancel = ahead, cancel
 
     def run(self, task: Task) -> FileStats:
+        try:
+            return self._run(task)
+        except NotFoundError as e:
+            if not (task.home or task.assemble):
+                raise
+            raise IntegrityError(f"backup {self.backup_id} builds on an older backup's data, and some is missing "
+                                 f"({e})", "run `pitr verify`; restore another backup with --backup") from None
+
+    def _run(self, task: Task) -> FileStats:
         st = FileStats()
         todo = []
         for it in task.items:
@@ -180,7 +198,14 @@ class FileWriter:
                 todo.append(it)
         if not todo:
             return st
-        if task.obj is None:
+        prefix = backup_dir(task.home) if task.home else self.prefix
+        src_id = task.home or self.backup_id
+        if task.assemble:
+            it = todo[0]
+            st.stored_bytes_read += self._assemble(it, task.home or self.backup_id)
+            st.files_written += 1
+            st.bytes_written += it.entry.size
+        elif task.obj is None:
             for it in todo:
                 with self._open(it) as f:
                     f.flush()
@@ -190,7 +215,7 @@ class FileWriter:
                 st.files_written += 1
         elif task.stream:
             it = todo[0]
-            reader = RangeReader(self.storage, self.prefix + task.obj, task.start, task.length, self.ahead, self.cancel)
+            reader = RangeReader(self.storage, prefix + task.obj, task.start, task.length, self.ahead, self.cancel)
             try:
                 self._decode_to(reader, it)
             finally:
@@ -201,10 +226,10 @@ class FileWriter:
         else:
             start = min(i.entry.offset for i in todo)
             end = max(i.entry.offset + i.entry.length for i in todo)
-            data = self.storage.get_range(self.prefix + task.obj, start, end - start)
+            data = self.storage.get_range(prefix + task.obj, start, end - start)
             st.stored_bytes_read += len(data)
             if len(data) != end - start:
-                raise IntegrityError(f"object {task.obj} of backup {self.backup_id} is shorter than its manifest says")
+                raise IntegrityError(f"object {task.obj} of backup {src_id} is shorter than its manifest says")
             view = memoryview(data)
             for it in todo:
                 e = it.entry
@@ -213,6 +238,23 @@ class FileWriter:
                 st.files_written += 1
                 st.bytes_written += e.size
         return st
+
+    def _assemble(self, it: Item, home: str) -> int:
+        """A block-incremental file: its map, then its blocks from every source (restore_assemble)."""
+        e = it.entry
+        what = f"backup {self.backup_id}'s copy of {e.path}"
+        bmap = blockmap.read(self.storage, home, e, None, f"{what} (block map)")
+
+        def open_range(backup: str, obj: str, offset: int, length: int, chunk: int) -> RangeReader:
+            return RangeReader(self.storage, backup_dir(backup) + obj, offset, length, self.ahead, self.cancel, chunk)
+
+        with self._open(it) as f:
+            read = assemble(e, home, bmap, open_range, f, what, CHUNK)  # type: ignore[arg-type]
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
+        self._settle(it.dest, e)
+        return read
 
     def _open(self, it: Item) -> BinaryIO:
         dest = it.dest

@@ -325,3 +325,30 @@ def decode_stream(src: BinaryIO, dst: Sink | None, what: str = "object", chunk: 
     inf.finish()
     _verify(inf.size, h.hexdigest(), trailer, what)
     return trailer
+
+
+def decode_iter(src: BinaryIO, what: str = "object", chunk: int = CHUNK, *,
+                max_size: int = DEFAULT_MAX_SIZE, checksum: bool = True) -> Iterator[bytes]:
+    """decode_stream as a generator the caller pulls raw pieces from (a block-incremental restore
+    reads several sources forward, a little at a time). The size (and with checksum the SHA-256)
+    is verified once the generator is exhausted; a caller that stops early, or passes
+    checksum=False, checks what it assembled from the pieces itself."""
+    code = _parse_header(src.read(HEADER_SIZE), what)
+    inf = _Inflater(code, max_size, what)
+    h = hashlib.sha256() if checksum else None
+    pending = b""
+    while True:
+        buf = src.read(chunk)
+        if not buf:
+            break
+        pending += buf
+        if len(pending) <= TRAILER_SIZE:
+            continue
+        body, pending = pending[:-TRAILER_SIZE], pending[-TRAILER_SIZE:]
+        for out in inf.feed(body):
+            if h is not None:
+                h.update(out)
+            yield out
+    trailer = parse_trailer(pending, what)
+    inf.finish()
+    _verify(inf.size, h.hexdigest() if h is not None else trailer.sha256, trailer, what)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 from pitr.pg import walname
 
-FORMAT_VERSION = 1  # what plain repositories and every manifest are written as
+FORMAT_VERSION = 1  # what plain repositories and full backups' manifests are written as
 ENCRYPTED_FORMAT_VERSION = 2  # pitr.json of an encrypted repository (docs/repository-format.md §9)
 MAX_FORMAT_VERSION = 2  # the newest repository format this pitr reads
+# diff/incr manifests: an older pitr must refuse them ("upgrade pitr") rather than restore a file
+# whose blocks live in other backups (docs/repository-format.md §6.2)
+INCR_MANIFEST_FORMAT = 3
+MAX_MANIFEST_FORMAT = 3  # the newest manifest format this pitr reads
 META_KEY = "pitr.json"
 WAL_PREFIX = "wal/"
 HISTORY_PREFIX = "wal/history/"
@@ -21,6 +27,14 @@ def wal_key(name: str) -> str:
     if w.kind == "history":
         return HISTORY_PREFIX + name
     return f"{WAL_PREFIX}{name[:16]}/{name}"
+
+
+_BACKUP_ID = re.compile(r"[0-9]{8}T[0-9]{6}F(-[1-9][0-9]{0,5})?")
+
+
+def is_backup_id(s: object) -> bool:
+    """20261125T221530F or 20261125T221530F-2: the only IDs pitr writes (and sorts by time)."""
+    return isinstance(s, str) and s.isascii() and _BACKUP_ID.fullmatch(s) is not None
 
 
 def backup_dir(backup_id: str) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 
 from pitr.errors import IntegrityError, NotFoundError
 from pitr.repo import codec as envelope
-from pitr.repo.format import BACKUP_PREFIX, FORMAT_VERSION, manifest_key
+from pitr.repo.format import BACKUP_PREFIX, FORMAT_VERSION, MAX_MANIFEST_FORMAT, is_backup_id, manifest_key
 from pitr.storage.base import Storage
 
 log = logging.getLogger("pitr.manifest")
@@ -50,6 +50,35 @@ class FileEntry:
     offset: int = 0  # of the file's envelope inside the object
     length: int = 0  # of the file's envelope
     bad_pages: list[int] = field(default_factory=list)  # blocks whose page checksum failed
+    # block-incremental backups (docs/repository-format.md §6.2); absent in older manifests:
+    ref: str | None = None  # byte-identical to the entry in backup `ref`, which holds object and map
+    map: dict[str, Any] | None = None  # {"object", "offset", "length"}: the envelope of the block map
+    sources: list[dict[str, Any]] | None = None  # where the blocks live: see Source; [0] is this entry's own
+
+
+SOURCE_KINDS = ("file", "blocks")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One item of FileEntry.sources: an envelope holding some of a file's blocks, in backups/<backup>/.
+    kind "file": a whole file (block b at byte b*BS); "blocks": changed blocks in increasing order
+    (ordinal k at byte k*BS). object None: a "blocks" source with no block in it."""
+
+    backup: str
+    object: str | None
+    offset: int
+    length: int
+    kind: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sources_of(e: FileEntry) -> list[Source]:
+    """An entry's sources as objects (already validated by Manifest.problem when read)."""
+    return [Source(s["backup"], s.get("object"), s.get("offset", 0), s.get("length", 0), s["kind"])
+            for s in (e.sources or [])]
 
 
 @dataclass
@@ -67,7 +96,7 @@ class Tablespace:
 @dataclass
 class Manifest:
     id: str
-    type: str  # "full" (| "incr" later)
+    type: str  # "full" | "diff" | "incr"
     system_identifier: int
     pg_version: int  # major
     pg_version_num: int
@@ -90,7 +119,7 @@ class Manifest:
     stored_bytes: int = 0
     duration: float = 0.0
     pitr_version: str = ""
-    parent: str | None = None  # for incremental backups (future)
+    parent: str | None = None  # diff/incr: the ID of the backup this one builds on
     format: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -103,8 +132,8 @@ class Manifest:
     def from_json(cls, data: builtins.bytes, what: str = "manifest") -> Manifest:
         try:
             d = json.loads(data)
-            if int(d.get("format", 0)) > FORMAT_VERSION:
-                raise IntegrityError(f"{what} uses format {d['format']}; this pitr reads up to {FORMAT_VERSION}",
+            if int(d.get("format", 0)) > MAX_MANIFEST_FORMAT:
+                raise IntegrityError(f"{what} uses format {d['format']}; this pitr reads up to {MAX_MANIFEST_FORMAT}",
                                      "upgrade pitr")
             d["system_identifier"] = int(d["system_identifier"])
             d["files"] = [_known(FileEntry, f) for f in d["files"]]
@@ -180,8 +209,50 @@ class Manifest:
                 return f"file entry {f.path!r} has a size, mode, offset or length that is not a whole number"
             if f.object is not None and (not isinstance(f.object, str) or path_problem(f.object)):
                 return f"file entry {f.path!r} names the object {f.object!r}, which is not a relative key"
+            why = self._incr_problem(f)
+            if why:
+                return f"file entry {f.path!r} {why}"
+        # the parent is only looked up among the listed backups (never used as a key), so its form is
+        # checked loosely; ref and sources, which are read from, must be backup IDs
+        if self.parent is not None and (not isinstance(self.parent, str) or path_problem(self.parent)
+                                        or "/" in self.parent or self.parent == self.id):
+            return f"its parent {self.parent!r} is not the ID of another backup"
         if len(vdirs) > 1:
             return f"its tablespaces have different version directories ({', '.join(sorted(vdirs))})"
+        return None
+
+    def _incr_problem(self, f: FileEntry) -> str | None:
+        """ref, map and sources: backup IDs of this or older backups, keys in normal form, whole
+        numbers, and sources[0] the entry's own object (the rules: docs/repository-format.md §6.2)."""
+        if f.ref is not None and (not is_backup_id(f.ref) or f.ref >= self.id):
+            return f"refers to {f.ref!r}, which is not the ID of an older backup"
+        if f.map is not None:
+            why = _location_problem(f.map, True)
+            if why:
+                return f"has a block map location that {why}"
+        if f.sources is None:
+            return None
+        if not isinstance(f.sources, list) or not f.sources or len(f.sources) > 1 << 16:
+            return "has a sources list that is not a non-empty list"
+        if f.map is None:
+            return "has sources but no block map"
+        home = f.ref or self.id
+        for i, s in enumerate(f.sources):
+            if not isinstance(s, dict):
+                return f"has source {i} that is not an object"
+            b = s.get("backup")
+            if not isinstance(b, str) or not is_backup_id(b) or b > home:
+                return f"has source {i} naming the backup {b!r}, which is not this or an older backup's ID"
+            if s.get("kind") not in SOURCE_KINDS:
+                return f"has source {i} of an unknown kind {s.get('kind')!r}"
+            why = _location_problem(s, i == 0 and s.get("kind") == "blocks")
+            if why:
+                return f"has source {i} whose location {why}"
+        first = f.sources[0]
+        if first.get("kind") != "blocks" or first.get("backup") != home:
+            return "has a first source that is not its own changed blocks"
+        if (first.get("object"), first.get("offset", 0), first.get("length", 0)) != (f.object, f.offset, f.length):
+            return "has a first source that does not match its object, offset and length"
         return None
 
     def tablespace_version_dir(self) -> str | None:
@@ -212,6 +283,21 @@ def _tablespace_problem(path: str, oids: tuple[set[str], set[str]], vdirs: set[s
     if not _VERSION_DIR.fullmatch(parts[2]) or (is_file and len(parts) == 3):
         return "is not inside the tablespace's PG_<version>_<catalog> directory"
     vdirs.add(parts[2])
+    return None
+
+
+def _location_problem(d: object, may_be_empty: bool) -> str | None:
+    """{"object", "offset", "length"} with a relative key in normal form and whole numbers."""
+    if not isinstance(d, dict):
+        return "is not an object"
+    obj = d.get("object")
+    if obj is None and may_be_empty:
+        pass
+    elif not isinstance(obj, str) or path_problem(obj):
+        return f"names the object {obj!r}, which is not a relative key"
+    if not all(isinstance(d.get(k, 0), int) and not isinstance(d.get(k, 0), bool) and d.get(k, 0) >= 0
+               for k in ("offset", "length")):
+        return "has an offset or length that is not a whole number"
     return None
 
 
