@@ -385,7 +385,7 @@ class Pipeline:
             st = os.fstat(src.fileno())
             reader = _SourceReader(src, f.size, self._checker(f), self._advance, self.abort, job)
             try:
-                body = _Pull(pieces())
+                body = envelope.EncodedReader(pieces())
                 self.storage.put(backup_data_key(self.opts.backup_id, unit.number), body)  # type: ignore[arg-type]
             finally:
                 reader.close()
