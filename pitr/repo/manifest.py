@@ -50,6 +50,9 @@ class FileEntry:
     offset: int = 0  # of the file's envelope inside the object
     length: int = 0  # of the file's envelope
     bad_pages: list[int] = field(default_factory=list)  # blocks whose page checksum failed
+    ref: str | None = None
+    map: dict | None = None
+    sources: list[dict] | None = None
 
 
 @dataclass
