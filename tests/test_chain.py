@@ -40,13 +40,17 @@ def by_id(*ms: Manifest) -> dict[str, Manifest]:
 
 def test_fields_survive_the_manifest_codec() -> None:
     s = MemoryStorage()
-    e = entry("base/1/16384", sources=["B3", "B1"])
-    e.map = {"object": "data/000002", "offset": 0, "length": 40}
-    write_manifest(s, dataclasses.replace(I1, files=[e, entry("base/1/1259", ref="B1")]))
+    full, incr = "20261101T000000F", "20261102T000000F"  # real IDs: the reader checks a ref is an older one
+    loc = {"object": "data/000002", "offset": 0, "length": 40}
+    e = FileEntry("base/1/16384", 8192 * 8, "ab" * 32, 0o600, 0.0, None, 0, 0, map=loc,
+                  sources=[{"backup": incr, "object": None, "offset": 0, "length": 0, "kind": "blocks"},
+                           {"backup": full, **loc, "kind": "file"}])
+    write_manifest(s, dataclasses.replace(I1, id=incr, parent=full,
+                                          files=[e, dataclasses.replace(entry("base/1/1259"), ref=full)]))
     (back,), bad = read_manifests(s)
     assert not bad
     assert back.files[0].sources == e.sources and back.files[0].map == e.map
-    assert back.files[1].ref == "B1" and back.files[0].ref is None
+    assert back.files[1].ref == full and back.files[0].ref is None
 
 
 def test_whole_chain() -> None:

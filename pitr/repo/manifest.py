@@ -50,9 +50,10 @@ class FileEntry:
     offset: int = 0  # of the file's envelope inside the object
     length: int = 0  # of the file's envelope
     bad_pages: list[int] = field(default_factory=list)  # blocks whose page checksum failed
-    ref: str | None = None
-    map: dict | None = None
-    sources: list[dict] | None = None
+    # block-incremental backups (docs/repository-format.md §6.2); absent in older manifests:
+    ref: str | None = None  # byte-identical to the entry in backup `ref`, which holds object and map
+    map: dict[str, Any] | None = None  # {"object", "offset", "length"}: the envelope of the block map
+    sources: list[dict[str, Any]] | None = None  # where the blocks live: see Source; [0] is this entry's own
 
 
 @dataclass
