@@ -491,6 +491,8 @@ def verify(storage: Storage, opts: VerifyOptions, progress: Callable[[str], None
             why = expect_blocks(t, bs, recs, work)
             if why:
                 res.problems.append(Problem(BLOCK_MAP, t.key, why))
+            elif t.entry.sources is not None and t.entry.ref is None:
+                res.checked.files += 1  # checked block by block
         for key in sorted(set(work.needed_by) | {t.key for t in work.maps.values()}):
             if key not in stored:
                 res.problems.append(_missing_object(key, work.needed_by.get(key, []) + [
@@ -514,7 +516,7 @@ def verify(storage: Storage, opts: VerifyOptions, progress: Callable[[str], None
             res.checked.backup_objects += 1
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    res.checked.files += sum(1 for m in manifests for e in m.files if e.object is None and e.size == 0)
+    res.checked.files += work.files + sum(1 for m in manifests for e in m.files if e.object is None and e.size == 0)
     res.problems.sort(key=lambda p: (p.object, p.kind, p.detail))
     return res
 

@@ -154,6 +154,7 @@ class Work:
     needed_by: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # key -> [(backup, path)]
     maps: dict[tuple[str, int, int], MapTask] = field(default_factory=dict)
     manifest_problems: list[tuple[str, str]] = field(default_factory=list)  # (backup, detail)
+    files: int = 0  # entries checked through another entry's envelope (ref) or block by block (sources)
 
     def piece(self, home: str, obj: str, offset: int, length: int, backup: str, path: str, size: int) -> Piece:
         key = backup_dir(home) + obj
@@ -212,6 +213,7 @@ def collect(m: Manifest, by_id: dict[str, Manifest], work: Work) -> None:
                                                      f"{'does not exist' if theirs is None else 'differs'}"))
                 continue
             home = ref
+            work.files += 1  # its envelope is checked once, as the holder's piece
         sources = getattr(e, "sources", None)
         label = f"file {e.path} of backup {m.id}"
         loc = _loc(getattr(e, "map", None))
