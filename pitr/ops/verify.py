@@ -448,7 +448,7 @@ def verify(storage: Storage, opts: VerifyOptions, progress: Callable[[str], None
         _read_dependencies(storage, manifests[0], set(all_ids), by_id, unreadable)
     broken = chain_problems(list(by_id.values()), unreadable)
     res.problems.extend(Problem(CHAIN, manifest_key(m.id), broken[m.id].reason) for m in manifests if m.id in broken)
-    work = Work()
+    work = Work(known=set(by_id))
     for m in manifests:
         collect(m, by_id, work)
     res.problems.extend(Problem(MANIFEST, manifest_key(b), d) for b, d in work.manifest_problems)
@@ -482,9 +482,9 @@ def verify(storage: Storage, opts: VerifyOptions, progress: Callable[[str], None
         # block maps first (small): they say which blocks of which envelopes to check
         maps = [t for t in work.maps.values() if t.key in stored]
         map_futs = [pool.submit(read_map, storage, t) for t in maps]
-        for fut, t in zip(map_futs, maps, strict=True):
+        for mfut, t in zip(map_futs, maps, strict=True):
             try:
-                bs, recs = fut.result()
+                bs, recs = mfut.result()
             except (IntegrityError, NotFoundError) as e:
                 res.problems.append(Problem(BLOCK_MAP, t.key, str(e)))
                 continue

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pitr.errors import IntegrityError
 from pitr.repo import codec as envelope
 from pitr.repo.format import backup_dir
-from pitr.repo.manifest import FileEntry, Manifest
+from pitr.repo.manifest import FileEntry, Manifest, path_problem
 from pitr.storage.base import Storage
 
 # kinds of problem (docs/maintenance.md), beside those of verify.py
@@ -66,10 +66,12 @@ def parse_map(data: bytes, size: int, nsources: int, what: str) -> tuple[int, li
 
 
 def max_map_size(size: int) -> int:
-    return _MAP_HEADER.size + _MAP_RECORD.size * (size // 512)
+    """Decode cap of a map: the smallest block size's worth of records, and never more than 64 MiB
+    (a 24 GiB file's map; a relation segment file is 1 GiB) whatever size a manifest claims."""
+    return min(_MAP_HEADER.size + _MAP_RECORD.size * (size // 512), 64 << 20)
 
 
-def block_hash(block: bytes | memoryview) -> bytes:
+def block_hash(block: bytes | memoryview | bytearray) -> bytes:
     return hashlib.blake2b(block, digest_size=16).digest()
 
 
@@ -154,6 +156,7 @@ class Work:
     needed_by: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # key -> [(backup, path)]
     maps: dict[tuple[str, int, int], MapTask] = field(default_factory=dict)
     manifest_problems: list[tuple[str, str]] = field(default_factory=list)  # (backup, detail)
+    known: set[str] = field(default_factory=set)  # IDs of the backups present (only those are read)
     files: int = 0  # entries checked through another entry's envelope (ref) or block by block (sources)
 
     def piece(self, home: str, obj: str, offset: int, length: int, backup: str, path: str, size: int) -> Piece:
@@ -189,7 +192,8 @@ def _loc(d: object) -> tuple[str, int, int] | None:
     if not isinstance(d, dict):
         return None
     obj, off, ln = d.get("object"), d.get("offset", 0), d.get("length", 0)
-    if not isinstance(obj, str) or not isinstance(off, int) or not isinstance(ln, int) or off < 0 or ln < 0:
+    if not isinstance(obj, str) or path_problem(obj) or not isinstance(off, int) or not isinstance(ln, int) \
+            or off < 0 or ln < 0:
         return None
     return obj, off, ln
 
@@ -249,6 +253,8 @@ def expect_blocks(t: MapTask, bs: int, recs: list[tuple[bytes, int, int]], work:
     e = t.entry
     sources = getattr(e, "sources", None)
     label = f"file {e.path} of backup {t.backup}"
+    target: list[Piece | None]
+    absent: set[int] = set()  # sources in backups that are not present: reported as a broken chain
     if sources is None:
         if e.object is None:
             return f"{label} has a block map but no object"
@@ -258,14 +264,18 @@ def expect_blocks(t: MapTask, bs: int, recs: list[tuple[bytes, int, int]], work:
         for s in sources:
             loc = _loc(s) if isinstance(s, dict) else None
             b = s.get("backup") if isinstance(s, dict) else None
-            if loc is None or not isinstance(b, str):
+            if isinstance(b, str) and b not in work.known:
+                absent.add(len(target))
+            if loc is None or not isinstance(b, str) or b not in work.known:
                 target.append(None)
                 continue
             target.append(work.piece(b, loc[0], loc[1], loc[2], t.backup, e.path, e.size))
     for n, (h, src, ordinal) in enumerate(recs):
         p = target[src]
+        if src in absent:
+            continue
         if p is None:
-            return f"{label}: its block map puts block {n} in source {src}, which holds no object"
+            return f"{label}: its block map puts block {n} in source {src}, which holds no readable object"
         why = p.expect_block(bs, ordinal, h, n, label)
         if why:
             return f"{label}: its envelope {why}"
