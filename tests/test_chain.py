@@ -74,7 +74,7 @@ def test_missing_and_unreadable_parent_break_every_descendant() -> None:
 @pytest.mark.parametrize("bad, words", [
     (mk("B2", "diff", "B1", 3, 130, system_identifier=8), "another cluster"),
     (mk("B2", "diff", "B1", 3, 130, pg_version=16), "PostgreSQL 15"),
-    (mk("B2", "diff", "B1", 3, 130, start_time=at(10).isoformat()), "did not start before it"),
+    (mk("B2", "diff", "B1", 3, 130, start_time=at(10).isoformat()), "started after it"),
     (mk("B2", "diff", None, 3, 130), "names no parent"),
     (mk("B2", "weird", "B1", 3, 130), "does not know"),
 ])
