@@ -9,12 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pitr.ops.retention import Policy
-from pitr.repo.format import META_KEY, wal_key
-from pitr.repo.manifest import FileEntry, write_manifest
+import pytest
+
+from pitr.errors import StorageError
+from pitr.ops.retention import Policy, apply, gather_and_plan
+from pitr.repo.format import META_KEY, backup_data_key, manifest_key, wal_key
+from pitr.repo.manifest import FileEntry, list_backup_ids, write_manifest
 from pitr.repo.meta import new_meta
 from pitr.storage.fs import FsStorage
-from tests.test_expire import Repo0, days_ago, decisions, deleted_wal, manifest, seg
+from tests.test_expire import NOW, Recording, Repo0, days_ago, decisions, deleted_wal, manifest, seg
 
 # real backup IDs: manifests are read back through the validating reader (a parent is an older ID)
 B1, B2, B3, B4, B5, B6 = (f"20240601T00000{n}F" for n in range(1, 7))
@@ -91,3 +94,17 @@ def test_dry_run_says_who_needs_a_backup(tmp_path: Path) -> None:
     assert f"keep    {B1}  full" in r.stdout and f"needed by kept backup {B3}" in r.stdout
     assert f"keep    {B2}  incr" in r.stdout and f"needed by kept backup {B3}" in r.stdout
     assert "dry run: nothing was deleted" in r.stdout
+
+
+def test_an_expired_chain_goes_from_its_newest_member() -> None:
+    """Interrupted after the first manifest, no listed backup has lost a backup it builds on."""
+    r = two_chains()
+    rec = Recording(r.s, fail_on_data=True)
+    with pytest.raises(StorageError):
+        apply(rec, gather_and_plan(rec, Policy(retain_full=1), NOW))
+    assert rec.calls == [manifest_key(B2)]  # the diff before the full it builds on
+    assert list_backup_ids(rec) == [B1, B3, B4, B5]
+    ok = Recording(r.s)
+    apply(ok, gather_and_plan(ok, Policy(retain_full=1), NOW))
+    assert ok.calls.index(manifest_key(B2)) < ok.calls.index(manifest_key(B1))
+    assert ok.calls.index(backup_data_key(B2, 0)) < ok.calls.index(manifest_key(B1))

@@ -16,7 +16,8 @@ needs everything from its start segment to the archive's head on every timeline 
 On a timeline no retained backup reaches, only what lies before the oldest retained backup's
 start position goes. .history files always stay (tiny, and every later restore needs them).
 Execution deletes each expired backup's manifest first (its commit point), then its data, and
-WAL last, so an interruption never leaves a listed backup without its files or WAL.
+WAL last, so an interruption never leaves a listed backup without its files or WAL; expired
+backups go newest first, so a diff/incr never outlives (listed) a backup it builds on.
 Backup directories without a manifest (a failed backup, an interrupted expire) are deleted when
 older than the newest complete backup and untouched for `incomplete_grace`; newer ones may be a
 backup in progress and are left alone.
@@ -392,7 +393,9 @@ def apply(storage: Storage, p: RetentionPlan, progress: Callable[[str], None] | 
     """Execute a plan: per backup the manifest first, then its data; incomplete dirs; WAL last."""
     say = progress or (lambda _msg: None)
     done = Applied()
-    for b in p.expired:
+    # newest first: a diff/incr goes before the backups it builds on, so an interrupted expire
+    # never leaves a listed backup whose chain lost a member
+    for b in sorted(p.expired, key=lambda b: b.id, reverse=True):
         storage.delete(manifest_key(b.id))  # from here on the backup is not listed
         _delete(storage, b.keys)
         done.backups += 1
