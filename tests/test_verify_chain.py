@@ -62,7 +62,7 @@ NEW = list(OLD)
 NEW[2], NEW[5] = block(102), block(105)  # the incr backup's changed blocks
 
 
-def build(bad_own_block: bool = False, bad_full_map: bool = False) -> MemoryStorage:
+def build(bad_own_block: bool = False, bad_full_map: bool = False, grow: bool = False) -> MemoryStorage:
     """FULL: base/1/16384 (8 blocks, whole, with its map) and PG_VERSION; INCR on FULL: the relation
     with blocks 2 and 5 changed (its own "blocks" envelope + FULL's file as source 1), PG_VERSION by ref."""
     s = MemoryStorage()
@@ -83,13 +83,15 @@ def build(bad_own_block: bool = False, bad_full_map: bool = False) -> MemoryStor
     write_manifest(s, manifest(FULL, "full", None, 1, [rel, ver]))
 
     ib = Bundle()
-    stored = [NEW[2], block(99) if bad_own_block else NEW[5]]
+    blocks = NEW + ([block(108), block(109)] if grow else [])  # grown: two blocks past the old end
+    changed = [2, 5, 8, 9] if grow else [2, 5]
+    stored = [block(99) if bad_own_block and i == 5 else blocks[i] for i in changed]
     own = ib.add(b"".join(stored))
     recs = []
-    for i, b in enumerate(NEW):
-        recs.append((bhash(b), 0, [2, 5].index(i)) if i in (2, 5) else (bhash(b), 1, i))
+    for i, b in enumerate(blocks):
+        recs.append((bhash(b), 0, changed.index(i)) if i in changed else (bhash(b), 1, i))
     imap = ib.add(blockmap(recs))
-    new = b"".join(NEW)
+    new = b"".join(blocks)
     sources = [{"backup": INCR, **own, "kind": "blocks"}, {"backup": FULL, **rel_loc, "kind": "file"}]
     irel = FileEntry("base/1/16384", len(new), hashlib.sha256(new).hexdigest(), 0o600, 1.0, DATA,
                      int(own["offset"]), int(own["length"]), map=imap, sources=sources)  # type: ignore[call-overload]
@@ -114,6 +116,12 @@ def test_a_whole_chain_verifies_clean() -> None:
     assert res.checked.files == 4  # FULL's two, INCR's relation (block by block) and PG_VERSION (FULL's envelope)
     res = verify(s, VerifyOptions(INCR))
     assert backup_problems(res) == set()
+
+
+def test_a_file_that_grew_since_its_parent() -> None:
+    """The parent's whole-file envelope serves the grown file's first blocks: it is still checked
+    against the parent's own size, not the grown one."""
+    assert backup_problems(verify(build(grow=True), VerifyOptions())) == set()
 
 
 def test_a_block_that_does_not_match_its_hash() -> None:

@@ -267,12 +267,12 @@ def check_data_object(storage: Storage, key: str, pieces: list[Piece]) -> _Outco
                 pos = e.offset + e.length
                 out.files += e.file
                 if t is not None and e.exact:
-                    want_sha = e.sha256 or (EMPTY_SHA if e.size == 0 else "")
-                    if t.size != e.size or t.sha256 != want_sha:
+                    want_sha = e.sha256 or (EMPTY_SHA if e.file_size == 0 else "")
+                    if t.size != e.file_size or t.sha256 != want_sha:
                         out.problems.append(Problem(
                             FILE_MISMATCH, key,
                             f"file {e.path} decodes to {t.size} bytes (sha256 {t.sha256[:16]}…), the manifest says "
-                            f"{e.size} bytes (sha256 {(e.sha256 or '-')[:16]}…)"))
+                            f"{e.file_size} bytes (sha256 {(e.sha256 or '-')[:16]}…)"))
                 if t is not None and sink is not None:
                     out.problems.extend(_block_problems(key, e, sink))
     except IntegrityError as err:  # an encrypted object failing authentication while skipped or drained

@@ -83,9 +83,10 @@ class Piece:
     path: str  # what the problem lines name: "file base/1/2 of backup X"
     offset: int
     length: int
-    size: int  # the most it may decode to (the file's size)
-    sha256: str | None = None  # the whole file's SHA-256 (exact size then required), or None
-    exact: bool = False  # size and sha256 must match (a file stored whole)
+    size: int  # the most it may decode to (the largest size of a file read from it)
+    sha256: str | None = None  # the whole file's SHA-256, or None
+    exact: bool = False  # a file stored whole: it must decode to file_size bytes with sha256
+    file_size: int = 0
     file: bool = False  # counts as a checked file
     block_size: int = 0
     # ordinal -> [(hash, block number in its file, "file P of backup B")]
@@ -227,7 +228,7 @@ def collect(m: Manifest, by_id: dict[str, Manifest], work: Work) -> None:
             if e.object is None:
                 continue
             p = work.piece(home, e.object, e.offset, e.length, m.id, e.path, e.size)
-            p.sha256, p.exact, p.file = e.sha256, True, True
+            p.sha256, p.exact, p.file, p.file_size = e.sha256, True, True, e.size
         if loc is not None:
             work.maps.setdefault((backup_dir(home) + loc[0], loc[1], loc[2]),
                                  MapTask(backup_dir(home) + loc[0], loc[1], loc[2], e, home, m.id))
