@@ -4,6 +4,10 @@ hand-built manifests, read back through the real manifest codec from memory stor
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -140,3 +144,23 @@ def test_explicit_backup_with_a_broken_chain_is_refused() -> None:
 
 def test_lsns_in_the_fixture_are_ordered() -> None:  # guards the fixture the tests above rely on
     assert [walname.parse_lsn(m.stop_lsn) for m in ALL] == sorted(walname.parse_lsn(m.stop_lsn) for m in ALL)
+
+
+def test_cli_refuses_a_backup_whose_chain_is_broken(tmp_path: Path) -> None:
+    """One sentence on stderr naming the missing backup, exit 1, the data directory not created."""
+    from pitr.repo.format import META_KEY
+    from pitr.repo.meta import new_meta
+    from pitr.storage.fs import FsStorage
+
+    full, incr = "20261101T000000F", "20261102T000000F"
+    fs = FsStorage(tmp_path / "repo")
+    fs.create()
+    fs.put(META_KEY, new_meta(7, 15, 16 << 20).to_json())
+    write_manifest(fs, dataclasses.replace(I1, id=incr, parent=full))  # its parent was never written
+    env = {"PATH": os.environ["PATH"], "HOME": "/tmp", "PITR_CONFIG": "/dev/null", "PITR_REPO": str(fs.root)}
+    dest = tmp_path / "restored"
+    r = subprocess.run([str(Path(sys.executable).parent / "pitr"), "restore", "-D", str(dest), "--backup", incr,
+                        "--dry-run"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r
+    assert f"backup {incr} cannot be restored: backup {incr} builds on backup {full}, which is missing" in r.stderr
+    assert "Traceback" not in r.stderr and not dest.exists()
