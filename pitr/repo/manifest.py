@@ -56,6 +56,31 @@ class FileEntry:
     sources: list[dict[str, Any]] | None = None  # where the blocks live: see Source; [0] is this entry's own
 
 
+SOURCE_KINDS = ("file", "blocks")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One item of FileEntry.sources: an envelope holding some of a file's blocks, in backups/<backup>/.
+    kind "file": a whole file (block b at byte b*BS); "blocks": changed blocks in increasing order
+    (ordinal k at byte k*BS). object None: a "blocks" source with no block in it."""
+
+    backup: str
+    object: str | None
+    offset: int
+    length: int
+    kind: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sources_of(e: FileEntry) -> list[Source]:
+    """An entry's sources as objects (already validated by Manifest.problem when read)."""
+    return [Source(s["backup"], s.get("object"), s.get("offset", 0), s.get("length", 0), s["kind"])
+            for s in (e.sources or [])]
+
+
 @dataclass
 class DirEntry:
     path: str
