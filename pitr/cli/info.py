@@ -39,7 +39,7 @@ def to_json(r: Any) -> dict[str, Any]:
         item: dict[str, Any] = {"id": b.id, "status": b.status}
         if m is not None:
             item.update({
-                "type": m.type, "timeline": m.timeline, "start_time": m.start_time, "stop_time": m.stop_time,
+                "type": m.type, "parent": b.parent, "timeline": m.timeline, "start_time": m.start_time, "stop_time": m.stop_time,
                 "start_lsn": m.start_lsn, "stop_lsn": m.stop_lsn, "start_wal": m.start_wal, "stop_wal": m.stop_wal,
                 "bytes": m.bytes, "stored_bytes": m.stored_bytes, "files": len(m.files), "duration": m.duration,
                 "compress": m.compress, "pg_version": m.pg_version, "checksums_enabled": m.checksums_enabled,
@@ -119,9 +119,11 @@ def render_text(r: Any) -> str:
                 rows.append([b.id, "-", "-", "-", "-", "-", "-", "-", "-", "-", "unreadable"])
                 continue
             status = b.status if b.status != "wal-missing" else f"WAL missing ({b.missing_wal})"
+            if b.status == "chain-broken":
+                status = f"chain broken: {b.problem}"
             if b.bad_pages:
                 status += f", {b.bad_pages} bad page(s)"
-            rows.append([b.id, m.type, str(m.timeline), _human_time(m.start_time), _human_time(m.stop_time),
+            rows.append([b.id, m.type + (f" on {b.parent}" if b.parent else ""), str(m.timeline), _human_time(m.start_time), _human_time(m.stop_time),
                          m.start_lsn, m.stop_lsn, human_bytes(m.bytes), human_bytes(m.stored_bytes),
                          human_duration(m.duration), status])
         lines.append("backups (times in UTC)")

@@ -10,6 +10,8 @@ The window, and why its end is an estimate:
   arrival time in the repository is an UPPER bound of the last restorable commit (that commit
   happened before its segment was closed and archived), and its end LSN an upper bound of the
   position. A gap cuts the window there even if later WAL exists.
+- a diff or incr backup counts like a full one when its chain is whole (repo/chain.py); one whose
+  chain is broken (an ancestor missing, unreadable or inconsistent) has status "chain-broken".
 - RPO: now minus the arrival time of the newest archived segment. On an idle server no segment
   is closed, so the RPO grows without data at risk; archive_timeout bounds it on a busy one.
 """
@@ -25,6 +27,7 @@ from pitr.ops.walreach import Histories, leads_to, load_histories
 from pitr.pg import walname
 from pitr.repo import drills
 from pitr.repo.catalog import Stretch, WalCatalog, backup_wal, scan_wal, timeline_path
+from pitr.repo.chain import chain_problems
 from pitr.repo.manifest import Manifest, list_backup_ids, read_manifest
 from pitr.repo.meta import RepoMeta, read_meta
 from pitr.repo.restore_points import RestorePointRecord, list_points
@@ -36,10 +39,18 @@ log = logging.getLogger("pitr.info")
 @dataclass
 class BackupSummary:
     id: str
-    status: str  # "ok" | "wal-missing" (its start..stop WAL is not all archived) | "unreadable"
+    # "ok" | "wal-missing" (its start..stop WAL is not all archived) | "unreadable" | "chain-broken"
+    # (a diff/incr whose chain is not whole: `problem` says which backup breaks it)
+    status: str
     manifest: Manifest | None = None
     problem: str | None = None
     missing_wal: str | None = None  # first segment of its start..stop range not archived
+
+    @property
+    def parent(self) -> str | None:
+        """The backup this one builds on (None for a full backup)."""
+        m = self.manifest
+        return m.parent if m is not None and m.type != "full" else None
 
     @property
     def bad_pages(self) -> int:
@@ -109,6 +120,11 @@ def gather(storage: Storage, now: float | None = None) -> InfoReport:
     cat = scan_wal(storage, meta.wal_segment_size)
     histories = load_histories(storage, cat)
     backups = [_summary(storage, bid, cat) for bid in list_backup_ids(storage)]
+    broken = chain_problems([b.manifest for b in backups if b.manifest is not None],
+                            [b.id for b in backups if b.status == "unreadable"])
+    for b in backups:
+        if b.id in broken:
+            b.status, b.problem = "chain-broken", broken[b.id].reason
     window = Window()
     usable = [b.manifest for b in backups if b.status == "ok" and b.manifest is not None]
     if usable:

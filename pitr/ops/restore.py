@@ -126,7 +126,9 @@ def load_plan(storage: Storage, opts: RestoreOptions) -> tuple[Plan, RepoMeta]:
         rp = restore_points.lookup(storage, target.name)
         if rp is not None and rp.system_identifier == meta.system_identifier:
             target = resolve_name(target, walname.parse_lsn(rp.lsn))
-    plan = make_plan(manifests, catalog, histories, target, opts.timeline, opts.backup_id)
+    plan = make_plan(manifests, catalog, histories, target, opts.timeline, opts.backup_id, unreadable)
+    for why in plan.skipped:
+        log.warning("%s", why)
     return plan, meta
 
 

@@ -8,6 +8,9 @@ Rules (docs/restore.md):
   before the target; xid/name/immediate/none use the newest backup. Either way the backup must
   lie on a timeline that leads to the target timeline (its stop LSN before every switch point on
   the way), which the .history files tell.
+- diff and incr backups are candidates like full ones; one whose chain is not whole (repo/chain.py)
+  is skipped with a note naming the backup that breaks it, and the next candidate is taken;
+  `--backup` naming such a backup is refused.
 - the WAL from the backup's start up to the target must be archived without a gap; a target
   past the newest archived WAL (time: its arrival time; LSN: the last archived segment) is an
   error, not a silent early promotion.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -24,6 +28,7 @@ from pitr.errors import RestoreError, TargetError, UsageError
 from pitr.pg import walname
 from pitr.pg.walname import HistoryEntry
 from pitr.repo.catalog import Stretch, WalCatalog, segments_for, timeline_path
+from pitr.repo.chain import Broken, chain_problem, parent_chain
 from pitr.repo.manifest import Manifest
 
 ACTIONS = ("promote", "pause", "shutdown")
@@ -241,6 +246,8 @@ class Plan:
     wal_count: int
     archive_end_time: float | None  # arrival time of the newest WAL on the path (epoch)
     notes: list[str] = field(default_factory=list)
+    chain: list[Manifest] = field(default_factory=list)  # root full first, ending with backup (restore reads all)
+    skipped: list[str] = field(default_factory=list)  # newer candidates passed over: why (broken chains)
 
     def to_json(self) -> dict[str, object]:
         b = self.backup
@@ -257,6 +264,8 @@ class Plan:
             "archive_end_time": (datetime.fromtimestamp(self.archive_end_time, UTC).isoformat()
                                  if self.archive_end_time else None),
             "notes": list(self.notes),
+            "chain": [c.id for c in self.chain] or [b.id],
+            "skipped": list(self.skipped),
         }
 
 
@@ -311,17 +320,26 @@ def resolve_name(target: Target, point_lsn: int | None) -> Target:
 
 
 def make_plan(manifests: list[Manifest], catalog: WalCatalog, histories: dict[int, list[HistoryEntry]],
-              target: Target, timeline_spec: str = "latest", backup_id: str | None = None) -> Plan:
-    """Choose the backup and check the WAL; TargetError/RestoreError with one clear sentence."""
+              target: Target, timeline_spec: str = "latest", backup_id: str | None = None,
+              unreadable: Iterable[str] = ()) -> Plan:
+    """Choose the backup and check the WAL; TargetError/RestoreError with one clear sentence.
+    unreadable: IDs of backups whose manifest exists but cannot be read (a chain through one is broken)."""
     if not manifests:
         raise RestoreError("the repository holds no complete backup to restore from",
                            "take one with `pitr backup`")
     ordered = sorted(manifests, key=lambda m: (walname.parse_lsn(m.stop_lsn), m.stop_time, m.id))
+    by_id = {m.id: m for m in manifests}
+    bad = set(unreadable)
+    memo: dict[str, Broken | None] = {}
     if backup_id is not None:
         chosen = [m for m in ordered if m.id == backup_id]
         if not chosen:
             raise RestoreError(f"backup {backup_id} does not exist in the repository",
                                "list the backups with `pitr info`")
+        broken = chain_problem(chosen[0], by_id, bad, memo)
+        if broken is not None:
+            raise RestoreError(f"backup {backup_id} cannot be restored: {broken.reason}",
+                               "restore another backup with --backup (see `pitr info`), and run `pitr verify`")
         candidates = chosen
     else:
         candidates = ordered
@@ -337,7 +355,19 @@ def make_plan(manifests: list[Manifest], catalog: WalCatalog, histories: dict[in
                               "choose another backup or --target-timeline")
         raise TargetError("no backup lies on a timeline that leads to the requested timeline",
                           "list the backups and timelines with `pitr info`")
-    pick = next(((m, tli, path) for m, tli, path in on_path if _reaches(m, target)), None)
+    skipped: list[str] = []
+    pick = None
+    for m, tli, path in on_path:
+        if not _reaches(m, target):
+            continue
+        broken = chain_problem(m, by_id, bad, memo)
+        if broken is None:
+            pick = (m, tli, path)
+            break
+        skipped.append(f"skipped backup {m.id}: {broken.reason}")
+    if pick is None and skipped:
+        raise RestoreError(f"no backup before the target can be restored: {skipped[-1]}",
+                           "run `pitr verify` to see every broken chain")
     if pick is None:
         oldest = on_path[-1][0]
         point = (f"{format_time(backup_stop_time(oldest))}" if target.kind == "time" else oldest.stop_lsn)
@@ -347,7 +377,8 @@ def make_plan(manifests: list[Manifest], catalog: WalCatalog, histories: dict[in
         raise TargetError(f"the target ({target.describe()}) is before the oldest backup {oldest.id}, which "
                           f"is consistent from {point} on", f"the earliest restorable point is {point}")
     m, tli, path = pick
-    return _wal_plan(m, tli, path, catalog, target, timeline_spec)
+    plan = _wal_plan(m, tli, path, catalog, target, timeline_spec)
+    return replace(plan, notes=skipped + plan.notes, chain=parent_chain(m, by_id), skipped=skipped)
 
 
 def _wal_plan(m: Manifest, tli: int, path: list[Stretch], catalog: WalCatalog, target: Target,

@@ -6,14 +6,18 @@ Backups (oldest first; the newest is always kept):
   newest one that did so before the window opened — without it the first part of the D-day
   window (from now-D to the next backup) could not be restored.
 - both set (config file + environment): a backup stays when either rule keeps it.
-- an incremental backup that stays keeps its parent chain.
+- a diff or incr backup whose chain starts at a full backup retain_full keeps stays with it (a
+  chain is kept or expired whole).
+- every backup a kept one depends on stays (repo/chain.py: its parent chain and every backup its
+  entries take bytes from), whatever the policy says: the plan names who needs it.
 WAL: a segment (and a .partial or .backup file, by the segment it belongs to) goes only when it
 lies before the first segment any retained backup needs on its timeline — a retained backup
 needs everything from its start segment to the archive's head on every timeline it leads to.
 On a timeline no retained backup reaches, only what lies before the oldest retained backup's
 start position goes. .history files always stay (tiny, and every later restore needs them).
 Execution deletes each expired backup's manifest first (its commit point), then its data, and
-WAL last, so an interruption never leaves a listed backup without its files or WAL.
+WAL last, so an interruption never leaves a listed backup without its files or WAL; expired
+backups go newest first, so a diff/incr never outlives (listed) a backup it builds on.
 Backup directories without a manifest (a failed backup, an interrupted expire) are deleted when
 older than the newest complete backup and untouched for `incomplete_grace`; newer ones may be a
 backup in progress and are left alone.
@@ -37,6 +41,7 @@ from datetime import datetime
 from pitr.errors import IntegrityError, PitrError, UsageError
 from pitr.pg import walname
 from pitr.repo.catalog import WalCatalog, scan_wal
+from pitr.repo.chain import dependencies, root_of
 from pitr.repo.format import BACKUP_PREFIX, manifest_key, started_key
 from pitr.repo.manifest import Manifest, read_manifest
 from pitr.repo.meta import read_meta
@@ -167,11 +172,17 @@ def choose_backups(manifests: list[Manifest], policy: Policy, now: float) -> dic
     keep: dict[str, str] = {}
     if not manifests:
         return keep
+    by_id = {m.id: m for m in manifests}
     keep[manifests[-1].id] = "the newest backup (always kept)"
     if policy.retain_full is not None:
         fulls = [m for m in manifests if m.type == "full"]
+        kept_fulls = {m.id for m in fulls[-policy.retain_full:]}
         for m in fulls[-policy.retain_full:]:
             keep.setdefault(m.id, f"one of the {policy.retain_full} newest full backups")
+        for m in manifests:
+            root = root_of(m, by_id) if m.type != "full" else None
+            if root in kept_fulls:
+                keep.setdefault(m.id, f"builds on kept full backup {root}")
     if policy.retain_days is not None:
         cutoff = now - policy.retain_days * DAY
         anchor: Manifest | None = None
@@ -183,12 +194,13 @@ def choose_backups(manifests: list[Manifest], policy: Policy, now: float) -> dic
         if anchor is not None:
             keep.setdefault(anchor.id, f"the newest backup from before the {policy.retain_days:g}-day window: "
                                        "restoring to the window's start needs it")
-    by_id = {m.id: m for m in manifests}
-    for bid in list(keep):
-        parent = by_id[bid].parent
-        while parent is not None and parent in by_id:
-            keep.setdefault(parent, f"the parent of kept backup {bid}")
-            parent = by_id[parent].parent
+    needed_by: dict[str, list[str]] = {}
+    for bid in sorted(keep):
+        for dep in sorted(dependencies(by_id[bid], by_id)):
+            if dep in by_id:
+                needed_by.setdefault(dep, []).append(bid)
+    for dep, users in sorted(needed_by.items()):
+        keep.setdefault(dep, f"needed by kept backup{'s' if len(users) > 1 else ''} {', '.join(users)}")
     return keep
 
 
@@ -381,7 +393,9 @@ def apply(storage: Storage, p: RetentionPlan, progress: Callable[[str], None] | 
     """Execute a plan: per backup the manifest first, then its data; incomplete dirs; WAL last."""
     say = progress or (lambda _msg: None)
     done = Applied()
-    for b in p.expired:
+    # newest first: a diff/incr goes before the backups it builds on, so an interrupted expire
+    # never leaves a listed backup whose chain lost a member
+    for b in sorted(p.expired, key=lambda b: b.id, reverse=True):
         storage.delete(manifest_key(b.id))  # from here on the backup is not listed
         _delete(storage, b.keys)
         done.backups += 1

@@ -28,11 +28,24 @@ from pitr.errors import IntegrityError, NotFoundError
 from pitr.pg import walheader, walname
 from pitr.repo import codec as envelope
 from pitr.repo.catalog import WalCatalog, scan_wal
+from pitr.repo.chain import chain_problems, dependencies
 from pitr.repo.format import BACKUP_PREFIX, HISTORY_PREFIX, META_KEY, WAL_PREFIX, backup_dir, manifest_key, wal_key
-from pitr.repo.manifest import FileEntry, Manifest, read_manifest
+from pitr.repo.manifest import Manifest, read_manifest
 from pitr.repo.meta import RepoMeta, read_meta
 from pitr.storage.base import ObjectInfo, Storage
 
+from .verify_blocks import (
+    BAD_BLOCK,
+    BLOCK_MAP,
+    CHAIN,
+    BlockSink,
+    Piece,
+    Work,
+    collect,
+    expect_blocks,
+    own_keys,
+    read_map,
+)
 from .walreach import Histories, backup_needs, load_histories
 
 log = logging.getLogger("pitr.verify")
@@ -195,10 +208,11 @@ def check_wal_object(storage: Storage, info: ObjectInfo, meta: RepoMeta) -> _Out
     return out
 
 
-def check_data_object(storage: Storage, key: str, entries: list[FileEntry]) -> _Outcome:
-    """Stream one backup data object once, decoding each file's envelope in offset order."""
+def check_data_object(storage: Storage, key: str, pieces: list[Piece]) -> _Outcome:
+    """Stream one backup data object once, decoding each piece's envelope in offset order: a file
+    stored whole against its size and SHA-256, and the blocks block maps expect against their hashes."""
     out = _Outcome()
-    entries = sorted(entries, key=lambda e: e.offset)
+    pieces = sorted(pieces, key=lambda e: (e.offset, e.length))
     try:
         raw = storage.open(key)
     except NotFoundError:
@@ -208,35 +222,38 @@ def check_data_object(storage: Storage, key: str, entries: list[FileEntry]) -> _
     pos = 0
     try:
         with raw:
-            for i, e in enumerate(entries):
+            for i, e in enumerate(pieces):
                 if e.offset < pos:
                     out.problems.append(Problem(MANIFEST, key, f"the envelope of {e.path} at offset {e.offset} "
                                                            f"overlaps the previous file's"))
                     continue
                 if not _skip(src, e.offset - pos):
-                    out.problems.append(_truncated(key, src.count, entries[i:]))
+                    out.problems.append(_truncated(key, src.count, pieces[i:]))
                     return out
                 win = _Window(src, e.length)
                 what = f"the envelope of {e.path} at offset {e.offset}"
+                sink = BlockSink(e) if e.blocks else None
                 try:
-                    t = envelope.decode_stream(win, None, what, max_size=e.size)  # type: ignore[arg-type]
+                    t = envelope.decode_stream(win, sink, what, max_size=e.size)  # type: ignore[arg-type]
                 except IntegrityError as err:
                     out.problems.append(Problem(CORRUPT, key, str(err)))
                     t = None
                 if not win.drain():
                     if t is None:
                         out.problems.pop()  # the cut is the real story, not the decode error
-                    out.problems.append(_truncated(key, src.count, entries[i:]))
+                    out.problems.append(_truncated(key, src.count, pieces[i:]))
                     return out
                 pos = e.offset + e.length
-                out.files += 1
-                if t is not None:
-                    want_sha = e.sha256 or (EMPTY_SHA if e.size == 0 else "")
-                    if t.size != e.size or t.sha256 != want_sha:
+                out.files += e.file
+                if t is not None and e.exact:
+                    want_sha = e.sha256 or (EMPTY_SHA if e.file_size == 0 else "")
+                    if t.size != e.file_size or t.sha256 != want_sha:
                         out.problems.append(Problem(
                             FILE_MISMATCH, key,
                             f"file {e.path} decodes to {t.size} bytes (sha256 {t.sha256[:16]}…), the manifest says "
-                            f"{e.size} bytes (sha256 {(e.sha256 or '-')[:16]}…)"))
+                            f"{e.file_size} bytes (sha256 {(e.sha256 or '-')[:16]}…)"))
+                if t is not None and sink is not None:
+                    out.problems.extend(_block_problems(key, e, sink))
     except IntegrityError as err:  # an encrypted object failing authentication while skipped or drained
         if not out.problems or out.problems[-1].detail != str(err):
             out.problems.append(Problem(CORRUPT, key, str(err)))
@@ -245,7 +262,22 @@ def check_data_object(storage: Storage, key: str, entries: list[FileEntry]) -> _
     return out
 
 
-def _truncated(key: str, size: int, rest: list[FileEntry]) -> Problem:
+def _block_problems(key: str, e: Piece, sink: BlockSink) -> list[Problem]:
+    """One problem per backup file whose blocks fail (the first few blocks named)."""
+    out = []
+    for why, items in (("does not match its hash in the block map", sink.bad),
+                       ("is not in the envelope (it holds fewer blocks)", sink.missing())):
+        by_file: dict[str, list[int]] = {}
+        for block, label in items:
+            by_file.setdefault(label, []).append(block)
+        for whose, blocks in sorted(by_file.items()):
+            shown = ", ".join(map(str, blocks[:5])) + (f" and {len(blocks) - 5} more" if len(blocks) > 5 else "")
+            out.append(Problem(BAD_BLOCK, key, f"block{'s' if len(blocks) > 1 else ''} {shown} of {whose} "
+                                               f"(envelope at offset {e.offset}) {why}"))
+    return out
+
+
+def _truncated(key: str, size: int, rest: list[Piece]) -> Problem:
     more = f" and {len(rest) - 1} more" if len(rest) > 1 else ""
     return Problem(CORRUPT, key, f"is truncated: it ends at byte {size}, before the end of the envelope of "
                                  f"{rest[0].path} (offset {rest[0].offset}, {rest[0].length} bytes){more}")
@@ -253,12 +285,9 @@ def _truncated(key: str, size: int, rest: list[FileEntry]) -> Problem:
 
 # --------------------------------------------------------------------------- manifests
 
-Groups = dict[str, list[FileEntry]]  # full object key -> the files whose envelopes it holds
-
-
-def manifest_problems(m: Manifest, meta: RepoMeta, stored: dict[str, ObjectInfo]) -> tuple[list[Problem], Groups]:
-    """A manifest against the repository: cluster, objects missing or extra. Returns the problems
-    and the entries to decode, grouped by the full key of the object holding them."""
+def manifest_problems(m: Manifest, meta: RepoMeta, stored: dict[str, ObjectInfo]) -> list[Problem]:
+    """A manifest against the repository: cluster, entries without data, objects under its
+    directory that nothing references (missing objects: see verify_blocks.Work.needed_by)."""
     mkey = manifest_key(m.id)
     problems: list[Problem] = []
     if m.system_identifier != meta.system_identifier:
@@ -272,24 +301,15 @@ def manifest_problems(m: Manifest, meta: RepoMeta, stored: dict[str, ObjectInfo]
             walname.parse_lsn(lsn)
         except ValueError:
             problems.append(Problem(MANIFEST, mkey, f"backup {m.id} has an invalid LSN {lsn!r}"))
-    base = backup_dir(m.id)
-    groups: Groups = {}
     for e in m.files:
-        if e.object is None:
-            if e.size != 0:
-                problems.append(Problem(MANIFEST, mkey, f"file {e.path} is {e.size} bytes but has no object"))
-            continue
-        groups.setdefault(base + e.object, []).append(e)
-    for key, entries in sorted(groups.items()):
-        if key not in stored:
-            names = ", ".join(x.path for x in entries[:3]) + (" …" if len(entries) > 3 else "")
-            problems.append(Problem(OBJECT_MISSING, key, f"backup {m.id} needs it for {len(entries)} file(s) "
-                                                         f"({names}) but it is not stored"))
-    markers = {base + name for name in BACKUP_MARKERS}
+        if e.object is None and e.size != 0 and e.sources is None:
+            problems.append(Problem(MANIFEST, mkey, f"file {e.path} is {e.size} bytes but has no object"))
+    base = backup_dir(m.id)
+    referenced = own_keys(m) | {base + name for name in BACKUP_MARKERS}
     for key in sorted(stored):
-        if key not in markers and key not in groups:
+        if key not in referenced:
             problems.append(Problem(EXTRA, key, f"is under backup {m.id} but its manifest does not reference it"))
-    return problems, {k: v for k, v in groups.items() if k in stored}
+    return problems
 
 
 # --------------------------------------------------------------------------- continuity
@@ -381,7 +401,7 @@ def verify(storage: Storage, opts: VerifyOptions, progress: Callable[[str], None
         parts = o.key.split("/")
         if len(parts) >= 3:
             by_backup.setdefault(parts[1], {})[o.key] = o
-    ids = sorted(i for i, objs in by_backup.items() if manifest_key(i) in objs)
+    ids = all_ids = sorted(i for i, objs in by_backup.items() if manifest_key(i) in objs)
     if opts.backup_id is not None:
         if opts.backup_id not in ids:
             raise NotFoundError(f"backup {opts.backup_id} does not exist in {storage.display}",
@@ -389,20 +409,29 @@ def verify(storage: Storage, opts: VerifyOptions, progress: Callable[[str], None
         ids = [opts.backup_id]
 
     manifests: list[Manifest] = []
-    data_tasks: list[tuple[str, list[FileEntry]]] = []
+    unreadable: set[str] = set()
     for bid in ids:
         try:
             m = read_manifest(storage, bid)
         except IntegrityError as e:
             res.problems.append(Problem(MANIFEST, manifest_key(bid), str(e)))
+            unreadable.add(bid)
             continue
         except NotFoundError:
             continue  # expired while we looked
         manifests.append(m)
-        probs, groups = manifest_problems(m, meta, by_backup.get(bid, {}))
-        res.problems.extend(probs)
-        data_tasks.extend(sorted(groups.items()))
+        res.problems.extend(manifest_problems(m, meta, by_backup.get(bid, {})))
     res.checked.backups = len(ids)
+    by_id = {m.id: m for m in manifests}
+    if opts.backup_id is not None and manifests:
+        _read_dependencies(storage, manifests[0], set(all_ids), by_id, unreadable)
+    broken = chain_problems(list(by_id.values()), unreadable)
+    res.problems.extend(Problem(CHAIN, manifest_key(m.id), broken[m.id].reason) for m in manifests if m.id in broken)
+    work = Work(known=set(by_id))
+    for m in manifests:
+        collect(m, by_id, work)
+    res.problems.extend(Problem(MANIFEST, manifest_key(b), d) for b, d in work.manifest_problems)
+    stored = {k for objs in by_backup.values() for k in objs}
 
     cat = scan_wal(storage, meta.wal_segment_size)
     histories = load_histories(storage, cat)
@@ -426,10 +455,29 @@ def verify(storage: Storage, opts: VerifyOptions, progress: Callable[[str], None
         res.problems.append(Problem(EMPTY, META_KEY, "the repository holds no backup and no archived WAL, so "
                                                      "nothing can be restored from it (run `pitr backup`)"))
 
-    say(f"reading {len(wal_objects)} WAL objects and {len(data_tasks)} backup objects with {opts.jobs} threads")
     pool = ThreadPoolExecutor(max_workers=max(1, opts.jobs), thread_name_prefix="pitr-verify")
     try:
         wal_futs = [pool.submit(check_wal_object, storage, o, meta) for o in wal_objects]
+        # block maps first (small): they say which blocks of which envelopes to check
+        maps = [t for t in work.maps.values() if t.key in stored]
+        map_futs = [pool.submit(read_map, storage, t) for t in maps]
+        for mfut, t in zip(map_futs, maps, strict=True):
+            try:
+                bs, recs = mfut.result()
+            except (IntegrityError, NotFoundError) as e:
+                res.problems.append(Problem(BLOCK_MAP, t.key, str(e)))
+                continue
+            why = expect_blocks(t, bs, recs, work)
+            if why:
+                res.problems.append(Problem(BLOCK_MAP, t.key, why))
+            elif t.entry.sources is not None and t.entry.ref is None:
+                res.checked.files += 1  # checked block by block
+        for key in sorted(set(work.needed_by) | {t.key for t in work.maps.values()}):
+            if key not in stored:
+                res.problems.append(_missing_object(key, work.needed_by.get(key, []) + [
+                    (t.backup, t.entry.path) for t in work.maps.values() if t.key == key]))
+        data_tasks = sorted((k, list(ps.values())) for k, ps in work.pieces.items() if k in stored)
+        say(f"reading {len(wal_objects)} WAL objects and {len(data_tasks)} backup objects with {opts.jobs} threads")
         data_futs = [pool.submit(check_data_object, storage, k, es) for k, es in data_tasks]
         for fut, o in zip(wal_futs, wal_objects, strict=True):
             r = fut.result()  # a StorageError (endpoint down) ends the run: nothing can be judged
@@ -447,9 +495,35 @@ def verify(storage: Storage, opts: VerifyOptions, progress: Callable[[str], None
             res.checked.backup_objects += 1
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    res.checked.files += sum(1 for m in manifests for e in m.files if e.object is None and e.size == 0)
+    res.checked.files += work.files + sum(1 for m in manifests for e in m.files if e.object is None and e.size == 0)
     res.problems.sort(key=lambda p: (p.object, p.kind, p.detail))
     return res
+
+
+def _missing_object(key: str, users: list[tuple[str, str]]) -> Problem:
+    users = list(dict.fromkeys(users))
+    backups = sorted({b for b, _ in users})
+    paths = list(dict.fromkeys(p for _, p in users))
+    names = ", ".join(paths[:3]) + (" …" if len(paths) > 3 else "")
+    who = f"backup{'s' if len(backups) > 1 else ''} {', '.join(backups)} need{'' if len(backups) > 1 else 's'}"
+    return Problem(OBJECT_MISSING, key, f"{who} it for {len(paths)} file(s) ({names}) but it is not stored")
+
+
+def _read_dependencies(storage: Storage, m: Manifest, listed: set[str], by_id: dict[str, Manifest],
+                       unreadable: set[str]) -> None:
+    """Read the manifests of every backup m depends on (its chain, the backups its entries name),
+    so a single backup's chain is judged and the objects it takes from them are read."""
+    while True:
+        todo = sorted(d for d in dependencies(m, by_id) if d in listed and d not in by_id and d not in unreadable)
+        if not todo:
+            return
+        for bid in todo:
+            try:
+                by_id[bid] = read_manifest(storage, bid)
+            except IntegrityError:
+                unreadable.add(bid)
+            except NotFoundError:
+                listed.discard(bid)
 
 
 def _write_once(key: str) -> bool:
