@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,7 @@ from pitr.storage.memory import MemoryStorage
 from tests.test_restore_plan import LINEAR, at, manifest
 
 
-def mk(bid: str, type: str, parent: str | None, stop_seg: int, stop_s: float, **kw: object) -> Manifest:
+def mk(bid: str, type: str, parent: str | None, stop_seg: int, stop_s: float, **kw: Any) -> Manifest:
     m = dataclasses.replace(manifest(bid, 1, stop_seg, stop_seg, stop_s), type=type, parent=parent)
     return dataclasses.replace(m, **kw) if kw else m
 

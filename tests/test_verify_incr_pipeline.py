@@ -17,6 +17,7 @@ from pitr.repo import codec as envelope  # noqa: E402
 from pitr.repo.format import META_KEY, backup_dir  # noqa: E402
 from pitr.repo.manifest import write_manifest  # noqa: E402
 from pitr.repo.meta import new_meta  # noqa: E402
+from pitr.storage.memory import MemoryStorage  # noqa: E402
 from tests.test_incr_blocks import BS, Chain  # noqa: E402
 
 PLAIN = envelope.Codec("none", 0)  # a damaged copy keeps its envelope's length
@@ -46,11 +47,13 @@ def test_a_pipeline_chain_verifies_and_a_reused_damaged_block_is_found(tmp_path:
 
     e = next(x for x in full.files if x.path == "base/5/16385")
     key = backup_dir(full.id) + str(e.object)
-    body, mtime = c.storage.objects[key]
+    store = c.storage
+    assert isinstance(store, MemoryStorage)
+    body, mtime = store.objects[key]
     raw = bytearray(envelope.decode(body[e.offset:e.offset + e.length], max_size=e.size))
     raw[10 * BS] ^= 1  # block 10: unchanged since the full backup, so the newest incr reads it there
     env = envelope.encode(bytes(raw), PLAIN)  # a valid envelope of the wrong bytes
-    c.storage.objects[key] = (body[:e.offset] + env + body[e.offset + e.length:], mtime)
+    store.objects[key] = (body[:e.offset] + env + body[e.offset + e.length:], mtime)
     got = backup_problems(VerifyOptions(newest.id))
     assert got == [("bad-block", f"block 10 of file base/5/16385 of backup {newest.id} (envelope at offset "
                                  f"{e.offset}) does not match its hash in the block map")]
