@@ -398,7 +398,7 @@ def test_the_parent_is_the_newest_usable_backup_or_a_full_one_is_taken() -> None
         assert b.type == "full" and b.reason and why in b.reason, b.reason
     s.delete(f"backups/{IDS[0]}/manifest")  # the incr's parent is gone: its chain is broken
     b = choose_base(s, "incr", server)
-    assert b.type == "full" and b.reason and f"builds on {IDS[0]}, which is missing" in b.reason
+    assert b.type == "full" and b.reason and f"builds on backup {IDS[0]}, which is missing" in b.reason
 
 
 def test_a_missing_ancestor_is_a_clear_error(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from pitr.errors import BackupError, PitrError
 from pitr.ops.backup_files import SourceFile
 from pitr.ops.backup_store import BlockJob
 from pitr.repo import blockmap
+from pitr.repo.chain import chain_problem, parent_chain
 from pitr.repo.format import INCR_MANIFEST_FORMAT
 from pitr.repo.manifest import FileEntry, Manifest, Source, read_manifests, sources_of
 from pitr.storage.base import Storage
@@ -65,16 +66,18 @@ def choose_base(storage: Storage, requested: str, server: Server) -> Base:
     """The parent of a diff/incr (module doc), or a full backup with the reason it had to be one."""
     if requested == "full":
         return Base("full", "full")
-    readable, _bad = read_manifests(storage)
+    readable, bad = read_manifests(storage)
     mine = {m.id: m for m in readable if m.system_identifier == server.system_identifier}
     cands = [m for m in mine.values() if requested == "incr" or m.type == "full"]
     if not cands:
         return Base("full", requested, reason="there is no full backup of this cluster to build on")
     p = max(cands, key=lambda m: m.id)
-    why = _unusable(p, server) or _chain_problem(p, mine)
+    # judged as restore, verify, info and expire judge it (repo/chain.py)
+    broken = chain_problem(p, mine, bad)
+    why = _unusable(p, server) or (f"cannot be built on: {broken.reason}" if broken else None)
     if why:
         return Base("full", requested, reason=f"the newest backup to build on, {p.id}, {why}")
-    chain = _chain(p, mine)
+    chain = [m.id for m in parent_chain(p, mine)]
     return Base(requested, requested, Parent(p, chain, {e.path: e for e in p.files}))
 
 
@@ -85,27 +88,6 @@ def _unusable(p: Manifest, s: Server) -> str | None:
         return f"is on timeline {p.timeline}, the server is on timeline {s.timeline}"
     if p.extra.get("block_size", s.block_size) != s.block_size:
         return f"has blocks of {p.extra.get('block_size')} bytes, the server's are {s.block_size}"
-    return None
-
-
-def _chain(m: Manifest, mine: dict[str, Manifest]) -> list[str]:
-    ids = [m.id]
-    while m.parent is not None:
-        m = mine[m.parent]
-        ids.append(m.id)
-    return ids[::-1]
-
-
-def _chain_problem(m: Manifest, mine: dict[str, Manifest]) -> str | None:
-    seen = {m.id}
-    while m.type != "full":
-        if m.parent is None:
-            return f"is a {m.type} backup that names no parent"
-        nxt = mine.get(m.parent)
-        if nxt is None or nxt.id in seen:
-            return f"builds on {m.parent}, which is missing or unreadable"
-        seen.add(nxt.id)
-        m = nxt
     return None
 
 
