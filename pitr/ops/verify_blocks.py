@@ -19,10 +19,10 @@ once, in offset order, by verify.check_data_object.
 from __future__ import annotations
 
 import hashlib
-import struct
 from dataclasses import dataclass, field
 
 from pitr.errors import IntegrityError
+from pitr.repo import blockmap
 from pitr.repo import codec as envelope
 from pitr.repo.format import backup_dir
 from pitr.repo.manifest import FileEntry, Manifest, path_problem
@@ -33,42 +33,18 @@ CHAIN = "chain-broken"  # a diff/incr backup whose chain is not whole (repo/chai
 BLOCK_MAP = "block-map"  # a block map that does not decode or cannot be followed
 BAD_BLOCK = "bad-block"  # a block that is missing from its source or does not match its hash
 
-# the block map (docs/repository-format.md §6.3); TODO(merge): use pitr.repo.blockmap.parse
-MAP_MAGIC = b"PITRBM1\0"
-_MAP_HEADER = struct.Struct("<8sII")
-_MAP_RECORD = struct.Struct("<16sHI")
-
-
 def parse_map(data: bytes, size: int, nsources: int, what: str) -> tuple[int, list[tuple[bytes, int, int]]]:
     """(block size, [(hash, source index, ordinal)] per block) of a map for a file of `size` bytes
-    whose entry has `nsources` sources; IntegrityError on anything a restore could not follow."""
-    if len(data) < _MAP_HEADER.size:
-        raise IntegrityError(f"{what} is truncated (no header)")
-    magic, bs, count = _MAP_HEADER.unpack_from(data)
-    if magic != MAP_MAGIC:
-        raise IntegrityError(f"{what} is not a pitr block map (bad magic)")
-    if bs <= 0 or bs % 512:
-        raise IntegrityError(f"{what} has an unusable block size {bs}")
-    if count * bs != size:
-        raise IntegrityError(f"{what} covers {count} blocks of {bs} bytes, but the file has {size} bytes")
-    if len(data) != _MAP_HEADER.size + count * _MAP_RECORD.size:
-        raise IntegrityError(f"{what} has {len(data) - _MAP_HEADER.size} bytes of records, not {count} x "
-                             f"{_MAP_RECORD.size}")
-    recs = list(_MAP_RECORD.iter_unpack(data[_MAP_HEADER.size:]))
-    last: dict[int, int] = {}
-    for _h, src, ordinal in recs:
-        if src >= nsources:
-            raise IntegrityError(f"{what} names source {src}, but its entry has {nsources}")
-        if src in last and ordinal <= last[src]:
-            raise IntegrityError(f"{what} lists the blocks of source {src} out of order (ordinals must increase)")
-        last[src] = ordinal
-    return bs, recs
+    whose entry has `nsources` sources; IntegrityError on anything a restore could not follow
+    (the rules live in repo/blockmap.parse)."""
+    bm = blockmap.parse(data, size, nsources, what=what)
+    return bm.block_size, list(zip(bm.hashes(), bm.sources(), bm.ordinals(), strict=True))
 
 
 def max_map_size(size: int) -> int:
     """Decode cap of a map: the smallest block size's worth of records, and never more than 64 MiB
     (a 24 GiB file's map; a relation segment file is 1 GiB) whatever size a manifest claims."""
-    return min(_MAP_HEADER.size + _MAP_RECORD.size * (size // 512), 64 << 20)
+    return min(blockmap.max_map_size(size, 512), 64 << 20)
 
 
 def block_hash(block: bytes | memoryview | bytearray) -> bytes:
