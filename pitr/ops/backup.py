@@ -12,6 +12,9 @@ backup, as a recipe of named steps on ONE connection held from start to stop:
                 switches WAL
   6. wal        wait until every segment from start to stop is in the archive (timeout)
   7. commit     write the manifest (the commit point), drop the claim marker
+On a hot standby the same recipe runs on the standby's own session; ops/backup_standby.py holds what
+differs (check: the repository's cluster, replay neither paused nor stuck; stop: a promotion meanwhile
+fails the backup; wal: the primary archives the last segment, a standby cannot switch WAL).
 Any failure or signal before 7: the connection is closed (which aborts the backup on the
 server), the objects written so far are deleted (best effort), and no manifest exists, so the
 backup is never listed.
@@ -33,6 +36,7 @@ from pathlib import Path
 
 from pitr import __version__
 from pitr.errors import AlreadyExistsError, BackupError, Interrupted, PitrError, PostgresError, UsageError
+from pitr.ops import backup_standby
 from pitr.ops.backup_files import ScanOptions, scan
 from pitr.ops.backup_store import Pipeline, Progress, StoreOptions, is_internal_abort
 from pitr.pg import layout, walname
@@ -59,6 +63,7 @@ class BackupOptions:
     fast: bool = True  # fast (immediate) checkpoint at start: a backup run by hand should start now
     archive_timeout: float = 300.0  # how long to wait for the backup's WAL to reach the archive
     type: str = "full"
+    standby_stall_timeout: float = backup_standby.STALL_TIMEOUT  # a standby's replay may stand still this long
 
 
 @dataclass
@@ -256,7 +261,11 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
                          "use --type full (the default)")
     t0 = time.monotonic()
     facts = server_facts(pg)
-    check_server(storage, facts)
+    standby = facts.info.in_recovery  # standby hook: a hot standby is backed up too (ops/backup_standby.py)
+    if standby:
+        backup_standby.check_standby(storage, pg, facts.info, opts.standby_stall_timeout)
+    else:
+        check_server(storage, facts)
     pgdata = resolve_pgdata(opts.pgdata, facts)
     claimed = dt.datetime.now(dt.UTC)
     backup_id = claim_backup_id(storage, claimed)
@@ -278,15 +287,16 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
         pipe.run(found.files)
         pipe.run(found.last)  # pg_control after everything else
         marks["copy"] = time.monotonic()
-        stop = pg.backup_stop()
+        stop = backup_standby.stop_backup(pg, backup_id) if standby else pg.backup_stop()  # standby hook
         marks["stop"] = time.monotonic()
         stopped = True
         label_lsn, tli, start_wal = parse_backup_label(stop.backup_label)
         seg = facts.info.wal_segment_size
-        wal = walname.segment_range(tli, label_lsn, stop.lsn, seg)
+        wal = walname.backup_segments(tli, label_lsn, stop.lsn, seg)
         log.info("backup %s: stopped at %s; waiting for %d WAL segment(s) to be archived", backup_id,
                  walname.format_lsn(stop.lsn), len(wal))
-        wait_for_wal(storage, wal, opts.archive_timeout, f"backup {backup_id}", archiver_status(pg))
+        wait_for_wal(storage, wal, opts.archive_timeout, f"backup {backup_id}",
+                     backup_standby.archive_status(pg) if standby else archiver_status(pg))  # standby hook
         marks["wal_wait"] = time.monotonic()
         # seconds per step (checkpoint at start, copy, stop, waiting for WAL): where the time went
         timings, prev = {}, t0
@@ -301,7 +311,7 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
             id=backup_id, type="full", system_identifier=facts.info.system_identifier, pg_version=major,
             pg_version_num=facts.info.version_num, wal_segment_size=seg, timeline=tli,
             start_lsn=walname.format_lsn(label_lsn), stop_lsn=walname.format_lsn(stop.lsn),
-            start_wal=start_wal, stop_wal=walname.segment_of_lsn(tli, stop.lsn, seg),
+            start_wal=start_wal, stop_wal=wal[-1],
             start_time=_iso(start_time), stop_time=_iso(stop.time), compress=str(opts.codec),
             backup_label=stop.backup_label, tablespace_map=stop.tablespace_map,
             checksums_enabled=facts.data_checksums, files=files, directories=found.dirs,
@@ -310,6 +320,8 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
             extra={"block_size": facts.block_size, "objects": res.objects, "vanished": len(res.vanished),
                    "pgdata": str(pgdata), "timings": timings, "databases": databases},
         )
+        if standby:  # standby hook: informational
+            m.extra["from_standby"] = True
         m.duration = round(time.monotonic() - t0, 3)
         write_manifest(storage, m)  # the commit point
     except BaseException as e:
