@@ -5,8 +5,9 @@ the N-th call of that function whose arguments' repr contains substr kills the p
 SIGKILL just before the call or just after it returned. FAULT_FILL=PATH fills the filesystem of
 PATH at that moment instead of killing (a disk that becomes full mid-command). FAULT_PAUSE=PATH
 pauses there instead: it creates PATH.reached and waits (up to 300 s) until PATH.go exists, so a test
-acts on the world at that exact step (e.g. promotes a standby mid-backup) and then lets pitr carry on. FAULT_ONCE=PATH kills only while PATH
-does not exist (it is created first), so a restarted helper process runs through. Every Python
+acts on the world at that exact step (e.g. promotes a standby mid-backup) and then lets pitr carry on.
+FAULT_ONCE=PATH kills only while PATH does not exist (it is created first), so a restarted helper
+process runs through. Every Python
 process started with this environment gets the hook, including pitr's detached helpers.
 Nothing here is part of pitr; without FAULT_KILL this module does nothing.
 """
