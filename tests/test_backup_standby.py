@@ -27,7 +27,17 @@ from pitr.repo.manifest import list_backup_ids, read_manifest
 from pitr.repo.meta import new_meta
 from pitr.storage.fs import FsStorage
 from tests.support.faults import kill_env
-from tests.support.pg import PgCluster, chown_pg, make_standby, make_tmpdir, rmtree_pg, run_as_postgres, wait_replayed
+from tests.support.pg import (
+    PgCluster,
+    as_pg_argv,
+    chown_pg,
+    make_standby,
+    make_tmpdir,
+    pg_env,
+    rmtree_pg,
+    run_as_postgres,
+    wait_replayed,
+)
 
 pytestmark = pytest.mark.pg
 
@@ -204,6 +214,62 @@ def test_a_stuck_standby_is_refused(pair: Pair) -> None:
     wait_replayed(pair.primary, pair.standby)
 
 
+def boundary(lsn: str) -> bool:
+    return int(lsn.split("/")[1], 16) % (16 << 20) == 0
+
+
+def test_on_an_idle_primary_the_backup_waits_for_the_primarys_next_switch(pair: Pair) -> None:
+    """Idle primary (no archive_timeout) whose last record is a WAL switch: the standby's backup stops
+    exactly where the next segment begins, and a restore to the backup's end (--target immediate) reads
+    the first record after it, in a segment the primary has not finished. The backup waits for it and
+    completes once the primary switches (a standby cannot), then restores to its end; with a short
+    --archive-timeout it fails naming the primary's archive_timeout and lists nothing."""
+    p = pair.primary
+    p.sql("alter system set archive_timeout = 0")
+    p.sql("select pg_reload_conf()")
+    bg: subprocess.Popen[str] | None = None
+    try:
+        for _ in range(3):  # the primary's bgwriter may log a record between the switch and pg_backup_start
+            p.sql("insert into t (note) select 'boundary ' || g from generate_series(1, 200) g")
+            state = p.table_md5("t")  # sets hint bits (WAL with data checksums) before the switch
+            p.wait_archived(p.switch_wal())
+            wait_replayed(p, pair.standby)
+            bg = subprocess.Popen(as_pg_argv([pair.pitr_exe, "backup", "--json", "--archive-timeout", "120"]),
+                                  env=pg_env(pair.standby.env() | pair.env), cwd="/tmp", stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+            time.sleep(4)
+            assert bg.poll() is None, bg.communicate()  # waiting for the primary
+            p.switch_wal()
+            stdout, stderr = bg.communicate(timeout=120)
+            assert bg.returncode == 0, stdout + stderr
+            out = json.loads(stdout)
+            if boundary(out["stop_lsn"]):
+                break
+        assert boundary(out["stop_lsn"]), out  # the case under test
+        before = pair.backups()
+        r = pair.pitr("backup", "--archive-timeout", "3")
+    finally:
+        if bg is not None and bg.poll() is None:
+            bg.kill()
+        p.sql("alter system reset archive_timeout")
+        p.sql("select pg_reload_conf()")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "did not reach the archive within 3s" in r.stderr and "the primary's archive_timeout" in r.stderr
+    assert pair.backups() == before
+
+    dest = PgCluster(p.bindir, pair.base / "boundary", name="boundary")
+    r = pair.pitr("restore", "--pgdata", dest.data, "--backup", out["id"], "--target", "immediate", "--replay",
+                  "--archive-mode", "off", "--replay-timeout", "240", "--json", on=p)
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        dest.append_conf()
+        dest.start(env={})
+        assert dest.table_md5("t") == state
+    finally:
+        dest.ensure_stopped()
+        rmtree_pg(dest.base)
+
+
 def test_promotion_during_the_backup_fails_it_cleanly(pair: Pair) -> None:
     """The standby is promoted after pg_backup_start, before pg_backup_stop: the backup fails with one
     sentence, exit 1, nothing listed and nothing left of it in the repository."""
@@ -213,8 +279,6 @@ def test_promotion_during_the_backup_fails_it_cleanly(pair: Pair) -> None:
     try:
         pause = pair.base / "pause"
         env = victim.env() | pair.env | kill_env("pitr.pg.conn:PgSession.backup_stop", pause=pause)
-        from tests.support.pg import as_pg_argv, pg_env
-
         proc = subprocess.Popen(as_pg_argv([pair.pitr_exe, "backup"]), env=pg_env(env), cwd="/tmp",
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 stdin=subprocess.DEVNULL)

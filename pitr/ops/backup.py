@@ -292,7 +292,7 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
         stopped = True
         label_lsn, tli, start_wal = parse_backup_label(stop.backup_label)
         seg = facts.info.wal_segment_size
-        wal = walname.backup_segments(tli, label_lsn, stop.lsn, seg)
+        wal = walname.segment_range(tli, label_lsn, stop.lsn, seg)
         log.info("backup %s: stopped at %s; waiting for %d WAL segment(s) to be archived", backup_id,
                  walname.format_lsn(stop.lsn), len(wal))
         wait_for_wal(storage, wal, opts.archive_timeout, f"backup {backup_id}",
@@ -311,7 +311,7 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
             id=backup_id, type="full", system_identifier=facts.info.system_identifier, pg_version=major,
             pg_version_num=facts.info.version_num, wal_segment_size=seg, timeline=tli,
             start_lsn=walname.format_lsn(label_lsn), stop_lsn=walname.format_lsn(stop.lsn),
-            start_wal=start_wal, stop_wal=wal[-1],
+            start_wal=start_wal, stop_wal=walname.segment_of_lsn(tli, stop.lsn, seg),
             start_time=_iso(start_time), stop_time=_iso(stop.time), compress=str(opts.codec),
             backup_label=stop.backup_label, tablespace_map=stop.tablespace_map,
             checksums_enabled=facts.data_checksums, files=files, directories=found.dirs,

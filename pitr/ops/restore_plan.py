@@ -356,7 +356,7 @@ def _wal_plan(m: Manifest, tli: int, path: list[Stretch], catalog: WalCatalog, t
     seg = catalog.seg_size
     notes: list[str] = []
     # 1. the backup's own WAL: without it the copy never becomes consistent
-    own = walname.backup_segments(m.timeline, walname.parse_lsn(m.start_lsn), walname.parse_lsn(m.stop_lsn), seg)
+    own = walname.segment_range(m.timeline, walname.parse_lsn(m.start_lsn), walname.parse_lsn(m.stop_lsn), seg)
     missing = [n for n in own if not catalog.has(n)]
     if missing:
         raise RestoreError(f"the archive lacks WAL segment {missing[0]} that backup {m.id} needs to become "

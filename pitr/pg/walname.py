@@ -108,14 +108,6 @@ def segment_range(tli: int, first_lsn: int, last_lsn: int, seg_size: int = DEFAU
                                                       lsn_segno(last_lsn, seg_size) + 1)]
 
 
-def backup_segments(tli: int, start_lsn: int, stop_lsn: int, seg_size: int = DEFAULT_SEG_SIZE) -> list[str]:
-    """Segments a base backup needs to become consistent: WAL from start_lsn up to stop_lsn, which is
-    the END of the last record needed (pg_backup_stop's LSN, or a standby's minRecoveryPoint), so a stop
-    exactly on a segment boundary does not need the segment that begins there (a standby's backup of an
-    idle primary stops there after a WAL switch, and that segment may not be written for a long time)."""
-    return segment_range(tli, start_lsn, max(start_lsn, stop_lsn - 1), seg_size)
-
-
 @dataclass(frozen=True)
 class HistoryEntry:
     """One line of a .history file: timeline `parent` ended (switched away) at `switch_lsn`."""

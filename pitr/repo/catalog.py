@@ -181,5 +181,5 @@ def backups(storage: Storage) -> list[Manifest]:
 
 def backup_wal(m: Manifest) -> list[str]:
     """Segments a backup needs to become consistent (start to stop on its timeline)."""
-    return walname.backup_segments(m.timeline, walname.parse_lsn(m.start_lsn), walname.parse_lsn(m.stop_lsn),
-                                   m.wal_segment_size)
+    return walname.segment_range(m.timeline, walname.parse_lsn(m.start_lsn), walname.parse_lsn(m.stop_lsn),
+                                 m.wal_segment_size)
