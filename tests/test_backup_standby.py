@@ -12,10 +12,12 @@ promotion, which ends it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +36,12 @@ from tests.support.pg import (
     make_standby,
     make_tmpdir,
     pg_env,
+    pg_major,
     rmtree_pg,
     run_as_postgres,
     wait_replayed,
 )
+from tests.support.s3 import MotoServer
 
 pytestmark = pytest.mark.pg
 
@@ -49,10 +53,7 @@ class Pair:
     base: Path
     repo: Path
     pitr_exe: Path
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {"PITR_REPO": str(self.repo)}
+    env: dict[str, str]  # how pitr and the servers reach the repository
 
     def pitr(self, *args: str | Path, on: PgCluster | None = None, env: dict[str, str] | None = None,
              timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -65,16 +66,17 @@ class Pair:
         return list_backup_ids(FsStorage(self.repo))
 
 
-@pytest.fixture(scope="module")
-def pair(pg_bindir: Path, pitr_exe: Path) -> Iterator[Pair]:
+@contextlib.contextmanager
+def started_pair(bindir: Path, pitr_exe: Path, env: dict[str, str] | None = None) -> Iterator[Pair]:
+    """A primary archiving into a repository (a directory unless env names one) and its streaming standby."""
     base = make_tmpdir("pitr-sb-")
     repo = base / "repo"
     repo.mkdir()
     chown_pg(repo)
-    env = {"PITR_REPO": str(repo)}
+    env = env or {"PITR_REPO": str(repo)}
     # archive_timeout: the primary finishes a segment every few seconds when it has written anything,
     # which is what brings a standby backup's last segment to the archive (docs/backup-standby.md)
-    primary = PgCluster(pg_bindir, base / "primary", name="primary")
+    primary = PgCluster(bindir, base / "primary", name="primary")
     primary.initdb(f"archive_mode = on\narchive_command = '{pitr_exe} wal-push %p'\narchive_timeout = 3\n")
     standby: PgCluster | None = None
     try:
@@ -85,12 +87,18 @@ def pair(pg_bindir: Path, pitr_exe: Path) -> Iterator[Pair]:
         primary.sql("insert into t (note) select md5(g::text) from generate_series(1, 5000) g")
         # max_standby_streaming_delay = -1: a query conflict holds replay until the query ends (a stuck standby)
         standby = make_standby(primary, base / "standby", extra_conf="max_standby_streaming_delay = -1\n", env=env)
-        yield Pair(primary, standby, base, repo, pitr_exe)
+        yield Pair(primary, standby, base, repo, pitr_exe, env)
     finally:
         if standby is not None:
             standby.ensure_stopped()
         primary.ensure_stopped()
         rmtree_pg(base)
+
+
+@pytest.fixture(scope="module")
+def pair(pg_bindir: Path, pitr_exe: Path) -> Iterator[Pair]:
+    with started_pair(pg_bindir, pitr_exe) as p:
+        yield p
 
 
 class Writer:
@@ -125,17 +133,36 @@ def test_standby_backup_restores_to_a_time_after_a_marker(pair: Pair) -> None:
     """Backed up from the standby while the primary writes; restored to a time after a marker row,
     the table is exactly the primary's at that time, and later rows are not there."""
     before = pair.backups()
+    backup_id = backup_under_load_and_restore(pair)
+    assert pair.backups() == [*before, backup_id]
+    m = read_manifest(FsStorage(pair.repo), backup_id)
+    assert m.extra["from_standby"] is True and m.timeline == 1
+    assert "BACKUP FROM: standby" in m.backup_label
+    assert m.extra["pgdata"] == str(pair.standby.data)
+
+
+def test_standby_backup_into_s3(pg_bindir: Path, pitr_exe: Path, moto_server: MotoServer) -> None:
+    """The same with the primary archiving into S3 (moto), on one server version: the standby's backup
+    lands in the bucket, is listed as taken from a standby, and restores to the time after the marker."""
+    if pg_major(pg_bindir) != 18:
+        pytest.skip("checked on PostgreSQL 18 only (the storage path does not depend on the version)")
+    if not moto_server.up:
+        moto_server.recover()
+    env = {"PITR_REPO": f"s3://{moto_server.create_bucket(f'sb-{uuid.uuid4().hex[:12]}')}/prod"} | moto_server.env()
+    with started_pair(pg_bindir, pitr_exe, env) as pair:
+        backup_id = backup_under_load_and_restore(pair)
+        r = pair.pitr("info", "--json")
+        assert r.returncode == 0, r.stderr
+        assert [b["id"] for b in json.loads(r.stdout)["backups"]] == [backup_id]
+
+
+def backup_under_load_and_restore(pair: Pair) -> str:
     with Writer(pair.primary):
         time.sleep(0.5)
         r = pair.pitr("backup", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)
     assert out["from_standby"] is True and out["timeline"] == 1
-    assert pair.backups() == [*before, out["id"]]
-    m = read_manifest(FsStorage(pair.repo), out["id"])
-    assert m.extra["from_standby"] is True and m.timeline == 1
-    assert "BACKUP FROM: standby" in m.backup_label
-    assert m.extra["pgdata"] == str(pair.standby.data)
 
     pair.primary.sql("insert into t (note) values ('marker')")
     time.sleep(1.1)
@@ -159,6 +186,7 @@ def test_standby_backup_restores_to_a_time_after_a_marker(pair: Pair) -> None:
     finally:
         dest.ensure_stopped()
         rmtree_pg(dest.base)
+    return str(out["id"])
 
 
 def test_a_standby_of_another_cluster_is_refused(pair: Pair) -> None:
