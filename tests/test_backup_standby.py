@@ -333,3 +333,47 @@ def test_promotion_during_the_backup_fails_it_cleanly(pair: Pair) -> None:
     leftovers = [p for d in (pair.repo / "backups").iterdir() if d.name not in before for p in d.rglob("*")
                  if p.is_file() and p.name != "started"]
     assert leftovers == []
+
+
+def test_a_timeline_switch_during_the_backup_fails_it_cleanly(pair: Pair) -> None:
+    """A cascaded standby follows its upstream onto a new timeline (the upstream was promoted) while
+    it is being backed up: the backup fails with one sentence and lists nothing (a manifest names one
+    timeline)."""
+    before = pair.backups()
+    upstream = make_standby(pair.primary, pair.base / "upstream", name="upstream", extra_conf="archive_mode = off\n")
+    cascaded: PgCluster | None = None
+    try:
+        cascaded = make_standby(upstream, pair.base / "cascaded", name="cascaded")
+        pause = pair.base / "pause-tli"
+        env = cascaded.env() | pair.env | kill_env("pitr.pg.conn:PgSession.backup_stop", pause=pause)
+        proc = subprocess.Popen(as_pg_argv([pair.pitr_exe, "backup"]), env=pg_env(env), cwd="/tmp",
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 120
+            while not Path(f"{pause}.reached").exists():
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "pitr backup never reached pg_backup_stop"
+                time.sleep(0.05)
+            assert upstream.scalar("select pg_promote(true, 60)") is True
+            upstream.sql("create table after_promotion as select 1 x")
+            upstream.sql("checkpoint")
+            deadline = time.monotonic() + 60
+            while cascaded.scalar("select received_tli from pg_stat_wal_receiver") != 2:
+                assert time.monotonic() < deadline, "the cascaded standby did not follow onto timeline 2"
+                time.sleep(0.2)
+            wait_replayed(upstream, cascaded)
+            cascaded.sql("checkpoint")  # a restartpoint on timeline 2
+            Path(f"{pause}.go").touch()
+            stdout, stderr = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    finally:
+        if cascaded is not None:
+            cascaded.ensure_stopped()
+        upstream.ensure_stopped()
+    assert proc.returncode == 1, stdout + stderr
+    assert "the standby moved from timeline 1 to 2 while it was being copied" in stderr, stderr
+    assert "Traceback" not in stderr
+    assert pair.backups() == before

@@ -300,8 +300,9 @@ def make_standby(primary: PgCluster, base: Path, name: str = "standby", extra_co
 
 
 def wait_replayed(primary: PgCluster, standby: PgCluster, timeout: float = 60) -> None:
-    """Until the standby has replayed everything the primary has written so far."""
-    target = primary.scalar("select pg_current_wal_lsn()")
+    """Until the standby has replayed everything the primary (or upstream standby) has so far."""
+    target = primary.scalar("select case when pg_is_in_recovery() then pg_last_wal_replay_lsn()"
+                            " else pg_current_wal_lsn() end")
     deadline = time.monotonic() + timeout
     while not standby.scalar("select pg_last_wal_replay_lsn() >= %s::pg_lsn", (target,)):
         if time.monotonic() > deadline:
