@@ -5,9 +5,10 @@ PGDATA and connection.
 What a user would check: the standby's backup, taken while the primary writes, restores to a time
 after a marker row with the primary's exact table contents; it is marked as taken from a standby;
 a standby of another cluster, a paused one and a stuck one are refused with one sentence and
-nothing listed; a promotion during the backup fails it cleanly and lists nothing.
-One primary and one standby per server version for the whole module (a second standby for the
-promotion, which ends it).
+nothing listed; a promotion during the backup, or a cascaded standby following its promoted
+upstream onto a new timeline, fails it cleanly and lists nothing; on an idle primary the backup
+waits for the primary's next WAL switch. One primary and one standby per server version for the
+whole module (throwaway standbys for the promotions); one S3 (moto) case on PostgreSQL 18.
 """
 
 from __future__ import annotations
