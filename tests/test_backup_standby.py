@@ -263,10 +263,19 @@ def test_on_an_idle_primary_the_backup_waits_for_the_primarys_next_switch(pair: 
             state = p.table_md5("t")  # sets hint bits (WAL with data checksums) before the switch
             p.wait_archived(p.switch_wal())
             wait_replayed(p, pair.standby)
+            # pause right after pg_backup_stop, so the primary's switch below comes after the stop point
+            pause = pair.base / f"pause-idle-{uuid.uuid4().hex[:6]}"
+            env = pair.standby.env() | pair.env | kill_env("pitr.pg.conn:PgSession.backup_stop", "after", pause=pause)
             bg = subprocess.Popen(as_pg_argv([pair.pitr_exe, "backup", "--json", "--archive-timeout", "120"]),
-                                  env=pg_env(pair.standby.env() | pair.env), cwd="/tmp", stdout=subprocess.PIPE,
+                                  env=pg_env(env), cwd="/tmp", stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
-            time.sleep(4)
+            deadline = time.monotonic() + 120
+            while not Path(f"{pause}.reached").exists():
+                assert bg.poll() is None, bg.communicate()
+                assert time.monotonic() < deadline, "pitr backup never reached pg_backup_stop"
+                time.sleep(0.05)
+            Path(f"{pause}.go").touch()
+            time.sleep(3)
             assert bg.poll() is None, bg.communicate()  # waiting for the primary
             p.switch_wal()
             stdout, stderr = bg.communicate(timeout=120)
@@ -303,6 +312,7 @@ def test_promotion_during_the_backup_fails_it_cleanly(pair: Pair) -> None:
     """The standby is promoted after pg_backup_start, before pg_backup_stop: the backup fails with one
     sentence, exit 1, nothing listed and nothing left of it in the repository."""
     before = pair.backups()
+    dirs = {d.name for d in (pair.repo / "backups").iterdir()}
     # a standby of its own (promotion ends it), which archives nothing once promoted
     victim = make_standby(pair.primary, pair.base / "victim", name="victim", extra_conf="archive_mode = off\n")
     try:
@@ -317,7 +327,7 @@ def test_promotion_during_the_backup_fails_it_cleanly(pair: Pair) -> None:
                 assert proc.poll() is None, proc.communicate()
                 assert time.monotonic() < deadline, "pitr backup never reached pg_backup_stop"
                 time.sleep(0.05)
-            assert len(list((pair.repo / "backups").iterdir())) > len(before)  # it had started writing
+            assert {d.name for d in (pair.repo / "backups").iterdir()} - dirs  # it had started writing
             assert victim.scalar("select pg_promote(true, 60)") is True
             Path(f"{pause}.go").touch()
             stdout, stderr = proc.communicate(timeout=120)
@@ -331,7 +341,7 @@ def test_promotion_during_the_backup_fails_it_cleanly(pair: Pair) -> None:
     assert "Traceback" not in stderr
     assert pair.backups() == before
     # the partial backup's objects are gone (its directory at most keeps nothing but the claim marker)
-    leftovers = [p for d in (pair.repo / "backups").iterdir() if d.name not in before for p in d.rglob("*")
+    leftovers = [p for d in (pair.repo / "backups").iterdir() if d.name not in dirs for p in d.rglob("*")
                  if p.is_file() and p.name != "started"]
     assert leftovers == []
 
