@@ -66,6 +66,8 @@ class Settings:
     fetch_retry_forever: bool = False
     # backup: how long to wait for the backup's WAL to reach the archive
     wal_wait_timeout: float = 300.0
+    # backup of a standby: how long its replay may stand still with received WAL waiting (else: stuck)
+    standby_stall_timeout: float = 60.0
     # async archiving (wal-push pushes every .ready file in parallel through a warm helper)
     archive_async: bool = True  # async by default: a sync push to S3 costs ~0.5-0.8 s a call (boto3, TLS)
     archive_push_jobs: int = 4
@@ -217,6 +219,7 @@ _ENUMS = {"s3_addressing": ("auto", "path", "virtual"), "log_level": ("debug", "
 _RANGES: dict[str, tuple[float | None, float | None]] = {
     "jobs": (1, 64), "archive_push_jobs": (1, 64), "fetch_retries": (0, 100), "prefetch": (0, PREFETCH_MAX),
     "s3_part_size_mb": (S3_PART_MIN_MB, S3_PART_MAX_MB), "wal_wait_timeout": (None, WAL_WAIT_MAX),
+    "standby_stall_timeout": (0, 3600),
     "retain_full": (1, None), "retain_days": (0, None),
 }
 _URL = re.compile(r"https?://(?:[^@/\s]+@)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?(/[^\s?#]*)?", re.ASCII)

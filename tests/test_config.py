@@ -218,6 +218,7 @@ def test_out_of_range_values_name_their_source(tmp_path: Path) -> None:
     ({"PITR_S3_REGION": "us east 1"}, "s3_region"),
     ({"PITR_COMPRESS": "zstd:0"}, "invalid compression level"),
     ({"PITR_RETAIN_DAYS": "nan"}, "finite number"),
+    ({"PITR_STANDBY_STALL_TIMEOUT": "-1"}, "standby_stall_timeout must be between 0 and 3600"),
 ])
 def test_every_setting_is_range_checked(env: dict[str, str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle) as e:

@@ -79,7 +79,8 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--archive-timeout must be 0 or more seconds")
         s = settings_of(ctx, jobs=jobs, compress=compress, pgdata=pgdata, dbname=dbname,
                         wal_wait_timeout=archive_timeout)
-        opts = BackupOptions(parse_codec(s.compress), s.jobs, s.pgdata, fast, s.wal_wait_timeout, type_, checksum)
+        opts = BackupOptions(parse_codec(s.compress), s.jobs, s.pgdata, fast, s.wal_wait_timeout, type_, checksum,
+                             standby_stall_timeout=s.standby_stall_timeout)
         storage = open_repo(s, max_connections=max(10, s.jobs * 4))
         try:
             with _sigterm_interrupts(), PgSession(s.dbname, "pitr backup") as pg, _progress(not json_out) as prog:
@@ -109,14 +110,14 @@ def register(app: typer.Typer) -> None:
                 "compress": m.compress, "checksums_enabled": m.checksums_enabled,
                 "bad_pages": bad, "bad_pages_total": sum(len(v) for v in bad.values()),
                 "vanished_files": len(res.vanished), "repo": storage.display,
-                "timings": m.extra.get("timings", {}),
+                "timings": m.extra.get("timings", {}), "from_standby": bool(m.extra.get("from_standby")),
             })
             return
         rate = m.bytes / m.duration if m.duration else 0.0
         kind = f"{m.type} backup {m.id} (on {m.parent})" if m.parent else f"backup {m.id}"
         emit(f"{kind}: {len(m.files)} files, {human_bytes(m.bytes)} ({human_bytes(m.stored_bytes)} stored) "
              f"in {human_duration(m.duration)} ({human_bytes(rate)}/s); timeline {m.timeline}, "
-             f"WAL {m.start_lsn} .. {m.stop_lsn} archived")
+             f"WAL {m.start_lsn} .. {m.stop_lsn} archived" + ("; taken from a standby" if m.extra.get("from_standby") else ""))
         emit(m.id)
 
     @app.command("restore-point")

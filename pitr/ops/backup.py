@@ -12,6 +12,9 @@ backup, as a recipe of named steps on ONE connection held from start to stop:
                 switches WAL
   6. wal        wait until every segment from start to stop is in the archive (timeout)
   7. commit     write the manifest (the commit point), drop the claim marker
+On a hot standby the same recipe runs on the standby's own session; ops/backup_standby.py holds what
+differs (check: the repository's cluster, replay neither paused nor stuck; stop: a promotion meanwhile
+fails the backup; wal: the primary archives the last segment, a standby cannot switch WAL).
 Any failure or signal before 7: the connection is closed (which aborts the backup on the
 server), the objects written so far are deleted (best effort), and no manifest exists, so the
 backup is never listed.
@@ -33,7 +36,7 @@ from pathlib import Path
 
 from pitr import __version__
 from pitr.errors import AlreadyExistsError, BackupError, Interrupted, PitrError, PostgresError, UsageError
-from pitr.ops import backup_incr
+from pitr.ops import backup_incr, backup_standby
 from pitr.ops.backup_files import ScanOptions, scan
 from pitr.ops.backup_store import Pipeline, Progress, StoreOptions, is_internal_abort
 from pitr.pg import layout, walname
@@ -61,6 +64,7 @@ class BackupOptions:
     archive_timeout: float = 300.0  # how long to wait for the backup's WAL to reach the archive
     type: str = "full"
     checksum: bool = False  # diff/incr: read every file, never trust size + mtime (backup_incr)
+    standby_stall_timeout: float = backup_standby.STALL_TIMEOUT  # a standby's replay may stand still this long
 
 
 @dataclass
@@ -262,7 +266,11 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
         raise UsageError(f"unknown backup type {opts.type!r}", "use --type full, diff or incr")
     t0 = time.monotonic()
     facts = server_facts(pg)
-    check_server(storage, facts)
+    standby = facts.info.in_recovery  # standby hook: a hot standby is backed up too (ops/backup_standby.py)
+    if standby:
+        backup_standby.check_standby(storage, pg, facts.info, opts.standby_stall_timeout)
+    else:
+        check_server(storage, facts)
     pgdata = resolve_pgdata(opts.pgdata, facts)
     base = _choose_base(storage, pg, facts, opts.type)
     claimed = dt.datetime.now(dt.UTC)
@@ -288,7 +296,7 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
         pipe.run(to_read)
         pipe.run(found.last)  # pg_control after everything else
         marks["copy"] = time.monotonic()
-        stop = pg.backup_stop()
+        stop = backup_standby.stop_backup(pg, backup_id) if standby else pg.backup_stop()  # standby hook
         marks["stop"] = time.monotonic()
         stopped = True
         label_lsn, tli, start_wal = parse_backup_label(stop.backup_label)
@@ -299,7 +307,8 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
         wal = walname.segment_range(tli, label_lsn, stop.lsn, seg)
         log.info("backup %s: stopped at %s; waiting for %d WAL segment(s) to be archived", backup_id,
                  walname.format_lsn(stop.lsn), len(wal))
-        wait_for_wal(storage, wal, opts.archive_timeout, f"backup {backup_id}", archiver_status(pg))
+        wait_for_wal(storage, wal, opts.archive_timeout, f"backup {backup_id}",
+                     backup_standby.archive_status(pg) if standby else archiver_status(pg))  # standby hook
         marks["wal_wait"] = time.monotonic()
         # seconds per step (checkpoint at start, copy, stop, waiting for WAL): where the time went
         timings, prev = {}, t0
@@ -325,6 +334,8 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
                    "pgdata": str(pgdata), "timings": timings, "databases": databases},
         )
         backup_incr.annotate(m, base)
+        if standby:  # standby hook: informational
+            m.extra["from_standby"] = True
         m.duration = round(time.monotonic() - t0, 3)
         write_manifest(storage, m)  # the commit point
     except BaseException as e:

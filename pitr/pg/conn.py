@@ -35,6 +35,15 @@ class BackupStop:
     time: datetime.datetime
 
 
+@dataclass(frozen=True)
+class ReplayState:
+    """A standby's WAL replay as its own functions report it."""
+
+    paused: bool  # paused, or a pause requested (pg_wal_replay_pause)
+    receive_lsn: int | None  # last WAL received by streaming; None without a WAL receiver (archive only)
+    replay_lsn: int | None  # end of the last record replayed
+
+
 class PgSession:
     """One connection (autocommit), kept open for the whole operation."""
 
@@ -112,6 +121,21 @@ class PgSession:
         from pitr.pg.walname import parse_lsn
 
         return BackupStop(parse_lsn(str(lsn)), str(label), str(spcmap) if spcmap else None, at)
+
+    def replay_state(self) -> ReplayState:
+        """Where a standby's replay stands (pg_get_wal_replay_pause_state on 14+)."""
+        paused = ("pg_get_wal_replay_pause_state() <> 'not paused'" if self.conn.info.server_version >= 140000
+                  else "pg_is_wal_replay_paused()")
+        row = self.query(f"select {paused}, pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text")[0]
+        from pitr.pg.walname import parse_lsn
+
+        return ReplayState(bool(row[0]), parse_lsn(str(row[1])) if row[1] else None,
+                           parse_lsn(str(row[2])) if row[2] else None)
+
+    def recovery_timeline(self) -> int | None:
+        """The timeline of a standby's minimum recovery point (pg_control); None once out of recovery."""
+        tli = self.scalar("select min_recovery_end_timeline from pg_control_recovery()")
+        return int(tli) if tli else None
 
     def create_restore_point(self, name: str) -> tuple[int, str]:
         """pg_create_restore_point(name): (its LSN, the WAL segment holding it)."""

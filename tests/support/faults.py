@@ -31,7 +31,7 @@ MARKER = "pitr-restore.incomplete"
 
 
 def kill_env(target: str, when: str = "before", nth: int = 1, match: str = "",
-             once: Path | None = None, fill: Path | None = None) -> dict[str, str]:
+             once: Path | None = None, fill: Path | None = None, pause: Path | None = None) -> dict[str, str]:
     """Env that SIGKILLs pitr at the nth call of target ("module:attr[.attr]"), before or after it;
     with fill=PATH it fills PATH's filesystem at that moment instead (and carries on)."""
     assert when in ("before", "after")
@@ -40,6 +40,8 @@ def kill_env(target: str, when: str = "before", nth: int = 1, match: str = "",
         env["FAULT_ONCE"] = str(once)
     if fill is not None:
         env["FAULT_FILL"] = str(fill)
+    if pause is not None:  # pause at that step until the test creates PAUSE.go (it sees PAUSE.reached)
+        env["FAULT_PAUSE"] = str(pause)
     return env
 
 

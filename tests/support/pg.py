@@ -285,6 +285,31 @@ class PgCluster:
         return self.run("pgbench", *args, timeout=timeout)
 
 
+def make_standby(primary: PgCluster, base: Path, name: str = "standby", extra_conf: str = "",
+                 env: Mapping[str, str] | None = None) -> PgCluster:
+    """A streaming hot standby of `primary` (pg_basebackup -R, run as postgres), started and caught up.
+
+    It has no archive_command of its own unless extra_conf sets one (archive_mode = on archives nothing
+    in recovery); `env` reaches its restore/archive commands."""
+    standby = PgCluster(primary.bindir, base, name=name)
+    primary.run("pg_basebackup", "-D", str(standby.data), "-R", "-X", "stream", "-c", "fast", "--no-sync")
+    standby.append_conf("hot_standby = on\n" + extra_conf)
+    standby.start(env=env or {})
+    wait_replayed(primary, standby)
+    return standby
+
+
+def wait_replayed(primary: PgCluster, standby: PgCluster, timeout: float = 60) -> None:
+    """Until the standby has replayed everything the primary (or upstream standby) has so far."""
+    target = primary.scalar("select case when pg_is_in_recovery() then pg_last_wal_replay_lsn()"
+                            " else pg_current_wal_lsn() end")
+    deadline = time.monotonic() + timeout
+    while not standby.scalar("select pg_last_wal_replay_lsn() >= %s::pg_lsn", (target,)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{standby.name} did not replay up to {target} in {timeout}s\n{standby.log_tail()}")
+        time.sleep(0.1)
+
+
 def rmtree_pg(path: Path) -> None:
     """Remove a test dir even if the server left files we cannot easily delete."""
     shutil.rmtree(path, ignore_errors=True)

@@ -3,8 +3,11 @@
 Put this directory on PYTHONPATH and set FAULT_KILL="module:attr[.attr]:before|after:N[:substr]":
 the N-th call of that function whose arguments' repr contains substr kills the process with
 SIGKILL just before the call or just after it returned. FAULT_FILL=PATH fills the filesystem of
-PATH at that moment instead of killing (a disk that becomes full mid-command). FAULT_ONCE=PATH kills only while PATH
-does not exist (it is created first), so a restarted helper process runs through. Every Python
+PATH at that moment instead of killing (a disk that becomes full mid-command). FAULT_PAUSE=PATH
+pauses there instead: it creates PATH.reached and waits (up to 300 s) until PATH.go exists, so a test
+acts on the world at that exact step (e.g. promotes a standby mid-backup) and then lets pitr carry on.
+FAULT_ONCE=PATH kills only while PATH does not exist (it is created first), so a restarted helper
+process runs through. Every Python
 process started with this environment gets the hook, including pitr's detached helpers.
 Nothing here is part of pitr; without FAULT_KILL this module does nothing.
 """
@@ -28,6 +31,7 @@ def _install(spec: str) -> None:
     match = rest[0] if rest else ""
     once = os.environ.get("FAULT_ONCE")
     fill = os.environ.get("FAULT_FILL")
+    pause = os.environ.get("FAULT_PAUSE")
     owner: Any = importlib.import_module(module_name)
     *parents, name = attr_path.split(".")
     for p in parents:
@@ -39,6 +43,9 @@ def _install(spec: str) -> None:
     count = [0]
 
     def die() -> None:
+        if pause:
+            _pause(pause)
+            return
         if fill:
             _fill(fill)
             return
@@ -67,6 +74,17 @@ def _install(spec: str) -> None:
         return result
 
     setattr(owner, name, staticmethod(wrapper) if is_static else wrapper)
+
+
+def _pause(path: str) -> None:
+    """Announce the step (PATH.reached) and wait until the test says go (PATH.go)."""
+    import time
+
+    with open(path + ".reached", "w"):
+        pass
+    deadline = time.monotonic() + 300
+    while not os.path.exists(path + ".go") and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _fill(path: str) -> None:
