@@ -18,7 +18,7 @@ app = typer.Typer(
     help="PostgreSQL point-in-time recovery: base backups, continuous WAL archiving to S3 or a "
     "directory, and restore to any moment (with replay and proof).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
