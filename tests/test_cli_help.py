@@ -6,9 +6,13 @@ Runs the installed console script as a user would; no server is needed.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 PITR = Path(sys.executable).parent / "pitr"
 
@@ -31,3 +35,49 @@ def test_completion_request_completes_commands_and_options() -> None:
     assert r.stdout.split() == ["wal-push", "wal-fetch"]
     r = pitr(env={"_PITR_COMPLETE": "complete_bash", "COMP_WORDS": "pitr restore --target-ti", "COMP_CWORD": "2"})
     assert set(r.stdout.split()) == {"--target-time", "--target-timeline"}
+
+
+def _click_app() -> Any:
+    import typer.main
+
+    from pitr.cli.app import app
+
+    return typer.main.get_command(app)
+
+
+PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*(?:[=.:\[\]|][A-Z0-9_\[\]:.]*)*$")
+
+
+def test_every_value_takes_an_upper_case_placeholder() -> None:
+    from pitr.cli.helpdoc import LITERAL_METAVARS
+
+    group = _click_app()
+    bad = []
+    for cname, cmd in [("", group), *group.commands.items()]:
+        for p in cmd.params:
+            if p.param_type_name == "option" and (p.is_flag or p.count):
+                continue
+            if not (p.metavar in LITERAL_METAVARS or PLACEHOLDER.match(p.metavar or "")):
+                bad.append(f"{cname} {p.opts}: {p.metavar!r}")
+    assert bad == []
+    for cname in group.commands:  # nor does typer's own type notation reach the text
+        out = pitr(cname, "--help").stdout
+        assert "<str>" not in out and "<int>" not in out and "{" not in out.splitlines()[0], (cname, out)
+
+
+@pytest.mark.parametrize("cmd", ["restore", "wal-push", "wal-fetch", "check", "drill", "extract"])
+def test_help_shows_examples(cmd: str) -> None:
+    from pitr.cli.helpdoc import EXAMPLES
+
+    r = pitr(cmd, "--help")
+    assert r.returncode == 0, r.stderr
+    examples = r.stdout.split("Examples:", 1)[1]
+    assert EXAMPLES[cmd] and all(line in examples for line in EXAMPLES[cmd])
+
+
+@pytest.mark.parametrize("cmd", ["restore", "backup", "check", "drill"])
+def test_many_options_are_grouped_in_panels(cmd: str) -> None:
+    out = pitr(cmd, "--help").stdout
+    sections = re.findall(r"^(\w[\w ]*):$", out, re.M)
+    assert len([s for s in sections if s not in ("Options", "Examples", "Arguments")]) >= 2, out
+    assert sections.count("Options") == 1  # each option shown once, the rest in its panel

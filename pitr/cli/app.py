@@ -10,11 +10,13 @@ import typer
 
 from pitr import __version__
 from pitr.cli.common import apply_log_level, hoist_globals, is_verbose, report_error, setup_logging
+from pitr.cli.helpdoc import PitrGroup, dress
 from pitr.config import Settings, load_settings
 from pitr.errors import PitrError
 
 app = typer.Typer(
     name="pitr",
+    cls=PitrGroup,
     help="PostgreSQL point-in-time recovery: base backups, continuous WAL archiving to S3 or a "
     "directory, and restore to any moment (with replay and proof).",
     no_args_is_help=True,
@@ -76,6 +78,7 @@ def _register() -> None:
 
 
 _register()
+dress(app)
 
 
 def run(argv: list[str]) -> None:
