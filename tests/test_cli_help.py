@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,33 @@ def test_many_options_are_grouped_in_panels(cmd: str) -> None:
     sections = re.findall(r"^(\w[\w ]*):$", out, re.M)
     assert len([s for s in sections if s not in ("Options", "Examples", "Arguments")]) >= 2, out
     assert sections.count("Options") == 1  # each option shown once, the rest in its panel
+
+
+def _commands() -> list[str]:
+    return [n for n, c in _click_app().commands.items() if not c.hidden]
+
+
+def test_pitr_help_explains_every_command_as_its_help_does() -> None:
+    for name in _commands():
+        r = pitr("help", name)
+        assert r.returncode == 0, (name, r.stderr)
+        assert r.stdout.startswith(f"Usage: pitr {name} "), (name, r.stdout)
+        assert r.stdout.startswith(pitr(name, "--help").stdout.rstrip("\n")), name  # the same source
+    r = pitr("help", "no-such-command")
+    assert r.returncode == 2 and "no command 'no-such-command'" in r.stderr and r.stdout == ""
+    assert pitr("help").stdout == pitr("--help").stdout
+
+
+def test_man_page_has_every_command_and_is_valid_roff(tmp_path: Path) -> None:
+    r = pitr("help", "--man")
+    assert r.returncode == 0, r.stderr
+    page = r.stdout
+    assert page.startswith(".TH PITR 1 ")
+    for name in _commands():
+        assert f'.SS "pitr {name.replace("-", chr(92) + "-")} ' in page, name
+    assert "\\-\\-target\\-time" in page and "Examples:" in page and ".SH EXIT STATUS" in page
+    if shutil.which("groff"):
+        (tmp_path / "pitr.1").write_text(page)
+        g = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(tmp_path / "pitr.1")],
+                           capture_output=True, text=True, timeout=60)
+        assert g.returncode == 0 and g.stderr == "", g.stderr

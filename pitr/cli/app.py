@@ -67,7 +67,7 @@ def _register() -> None:
 
     for mod in (wal,):
         mod.register(app)
-    for name in ("backup", "restore", "info", "maintenance", "keys", "proof", "surgical"):
+    for name in ("backup", "restore", "info", "maintenance", "keys", "proof", "surgical", "helpcmd"):
         try:
             mod = __import__(f"pitr.cli.{name}", fromlist=["register"])
         except ModuleNotFoundError as e:
