@@ -5,6 +5,7 @@ Runs the installed console script as a user would; no server is needed.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 PITR = Path(sys.executable).parent / "pitr"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def pitr(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -112,3 +114,45 @@ def test_man_page_has_every_command_and_is_valid_roff(tmp_path: Path) -> None:
         g = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(tmp_path / "pitr.1")],
                            capture_output=True, text=True, timeout=60)
         assert g.returncode == 0 and g.stderr == "", g.stderr
+
+
+# --------------------------------------------------------------------------- --json carries `version`
+
+def _json_commands() -> list[str]:
+    return sorted(n for n, c in _click_app().commands.items()
+                  if any("--json" in p.opts for p in c.params))
+
+
+def test_every_json_output_is_documented() -> None:
+    doc = (ROOT / "docs" / "json.md").read_text()
+    missing = [c for c in _json_commands() if f"`pitr {c} " not in doc and f"`pitr {c}`" not in doc]
+    assert missing == []
+
+
+def test_json_is_printed_only_by_emit_json_which_adds_the_versions(capsys: pytest.CaptureFixture[str]) -> None:
+    from pitr import __version__
+    from pitr.cli.render import emit_json
+
+    # every command's --json goes through emit_json: no other JSON writer in the CLI layer
+    writers = [str(p.relative_to(ROOT)) for p in (ROOT / "pitr" / "cli").glob("*.py")
+               if "json.dump" in p.read_text() and p.name != "render.py"]
+    assert writers == []
+    emit_json({"ok": True})
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"version": 1, "pitr_version": __version__, "ok": True}
+    emit_json({"version": 3, "ok": True})  # a record with its own format version keeps it
+    assert json.loads(capsys.readouterr().out)["version"] == 3
+
+
+@pytest.mark.parametrize("argv", [["info", "--json"], ["list", "--json"], ["verify", "--json"],
+                                  ["expire", "--retain-full", "1", "--dry-run", "--json"],
+                                  ["check", "--storage", "--json"]])
+def test_json_outputs_carry_version(argv: list[str], tmp_path: Path) -> None:
+    from pitr import __version__
+    from tests.support.walgen import fs_repo
+
+    repo = fs_repo(tmp_path / "repo")
+    r = pitr("--repo", str(repo.root), *argv)
+    assert r.stdout.strip(), (argv, r.returncode, r.stderr)
+    out = json.loads(r.stdout)
+    assert isinstance(out["version"], int) and out["pitr_version"] == __version__, out
