@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import typer
 
 from pitr import __version__
-from pitr.cli.common import apply_log_level, hoist_globals, is_verbose, report_error, setup_logging
+from pitr.cli.common import (
+    apply_log_level,
+    hoist_globals,
+    is_verbose,
+    log_exit,
+    open_log_file,
+    report_error,
+    setup_logging,
+)
 from pitr.cli.helpdoc import PitrGroup, dress
 from pitr.config import Settings, load_settings
 from pitr.errors import PitrError
@@ -44,12 +53,13 @@ def main_callback(
     repo: Annotated[str | None, typer.Option("--repo", help="Repository: s3://bucket/prefix, file:///path or a directory [env PITR_REPO].", show_default=False)] = None,
     config: Annotated[str | None, typer.Option("--config", help="TOML config file [env PITR_CONFIG; default /etc/pitr/pitr.toml].", show_default=False)] = None,
     s3_endpoint: Annotated[str | None, typer.Option("--s3-endpoint", help="S3-compatible endpoint URL [env PITR_S3_ENDPOINT, AWS_ENDPOINT_URL_S3].", show_default=False)] = None,
+    log_file: Annotated[str | None, typer.Option("--log-file", help="Also append the log, timestamped and at least at info level, to this file (cron, systemd) [env PITR_LOG_FILE, config log_file].", show_default=False)] = None,
     verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help="More log detail on stderr (-vv: debug); tracebacks.")] = 0,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only errors on stderr.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
 ) -> None:
     setup_logging(verbose, quiet)
-    ctx.obj = GlobalOpts({"repo": repo, "config": config, "s3_endpoint": s3_endpoint})
+    ctx.obj = GlobalOpts({"repo": repo, "config": config, "s3_endpoint": s3_endpoint, "log_file": log_file})
 
 
 def settings_of(ctx: typer.Context, **options: Any) -> Settings:
@@ -59,6 +69,7 @@ def settings_of(ctx: typer.Context, **options: Any) -> Settings:
     merged.update(options)
     s = load_settings(merged)
     apply_log_level(s.log_level)
+    open_log_file(s.log_file, ctx.info_name or "")
     return s
 
 
@@ -83,14 +94,15 @@ dress(app)
 
 def run(argv: list[str]) -> None:
     args = hoist_globals(argv)
+    started = time.monotonic()
     try:
         # not standalone: an Exit raised by a command comes back as its exit code
         rc = app(args, prog_name="pitr", standalone_mode=False)
     except (PitrError, KeyboardInterrupt, OSError) as e:
-        sys.exit(report_error(e, is_verbose()))
+        sys.exit(log_exit(report_error(e, is_verbose()), started))
     except Exception as e:  # noqa: BLE001 - usage errors, Abort, or a bug: never a bare traceback
-        sys.exit(_click_failure(e))
-    sys.exit(rc if isinstance(rc, int) else 0)
+        sys.exit(log_exit(_click_failure(e), started))
+    sys.exit(log_exit(rc if isinstance(rc, int) else 0, started))
 
 
 def _click_failure(e: Exception) -> int:

@@ -38,7 +38,7 @@ PREFETCH_SPOOL = "pitr_prefetch"
 PUSHD = "pushd"
 PREFETCHD = "prefetch"
 DEFAULT_CONFIG = "/etc/pitr/pitr.toml"  # same default as pitr.config (not imported: it is heavy)
-_VALUE_OPTIONS = ("--repo", "--config", "--s3-endpoint")
+_VALUE_OPTIONS = ("--repo", "--config", "--s3-endpoint", "--log-file")
 _NOISE = {"-v", "-q", "--verbose", "--quiet"}
 # env that feeds Settings and names the repository; credentials do not change where bytes go
 _ENV_PREFIXES = ("PITR_",)
