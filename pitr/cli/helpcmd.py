@@ -46,7 +46,7 @@ def command_help(ctx: Any, name: str) -> str:
     text = cmd.get_help(sub).rstrip("\n")
     if name in DOCS:
         text += f"\n\n  More: {DOCS[name]} in pitr's source."
-    return text + "\n"
+    return str(text) + "\n"
 
 
 # ------------------------------------------------------------------------------------------ man page
