@@ -6,7 +6,7 @@ import sys
 
 # = errors.EXIT_FETCH_HARD, repeated so that the guard below needs nothing of pitr to work
 _EXIT_FETCH_HARD = 128
-_VALUE_OPTIONS = ("--repo", "--config", "--s3-endpoint")
+_VALUE_OPTIONS = ("--repo", "--config", "--s3-endpoint", "--log-file")
 
 
 def main() -> None:

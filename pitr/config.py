@@ -61,6 +61,8 @@ class Settings:
     compress: str = "zstd:3"
     jobs: int = 2
     log_level: str = "warning"  # debug | info | warning | error (-v / -q override it)
+    # also append log records (timestamped, at least info) to this file: cron and systemd runs
+    log_file: str | None = None
     # wal-fetch: bounded retries before a hard failure (exit > 125); or retry for ever (standby)
     fetch_retries: int = 3
     fetch_retry_forever: bool = False
@@ -246,6 +248,9 @@ def _validate(s: Settings, sources: Mapping[str, str]) -> None:
             raise bad(key, value, f"must be {lo:g} or more")
         if hi is not None and value > hi:
             raise bad(key, value, f"must be at most {hi:g}")
+    if s.log_file is not None and not os.path.isabs(s.log_file):
+        # archive_command runs in the data directory, cron in $HOME: a relative path would scatter logs
+        raise bad("log_file", s.log_file, "must be an absolute path", "write it from / (e.g. /var/log/pitr/pitr.log)")
     if s.wal_wait_timeout <= 0:
         raise bad("wal_wait_timeout", s.wal_wait_timeout, "must be a number of seconds above 0")
     if not _valid_compress(s.compress):

@@ -232,6 +232,7 @@ def helper_main(command: str, global_args: list[str], pos: list[str], opts: dict
 def _push_helper(glob: list[str], pg_wal: Path, sdir: Path, opts: dict[str, str]) -> int:
     import logging
 
+    from pitr.cli.common import open_log_file
     from pitr.cli.repoopen import open_repo
     from pitr.config import load_settings
     from pitr.errors import PitrError
@@ -248,6 +249,7 @@ def _push_helper(glob: list[str], pg_wal: Path, sdir: Path, opts: dict[str, str]
     storage = None
     try:
         settings = load_settings(opts)
+        open_log_file(settings.log_file, "wal-push-daemon", [])  # its pushes/fetches beside the callers' lines
         jobs = max(1, settings.archive_push_jobs)
         storage = open_repo(settings, max_connections=jobs + 2)
         meta = read_meta(storage)
@@ -278,6 +280,7 @@ def _idle_exit() -> float:
 def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, str]) -> int:
     import logging
 
+    from pitr.cli.common import open_log_file
     from pitr.cli.repoopen import open_repo, parse_as_of
     from pitr.config import load_settings
     from pitr.errors import PitrError
@@ -293,6 +296,7 @@ def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, 
     storage = None
     try:
         settings = load_settings(opts)
+        open_log_file(settings.log_file, "wal-prefetch", [])  # its pushes/fetches beside the callers' lines
         jobs = max(1, min(settings.prefetch, settings.jobs))
         # a restore --repo-as-of reads the bucket's past (PITR_REPO_AS_OF in restore_command)
         storage = open_repo(settings, max_connections=jobs + 2, as_of=parse_as_of(None))

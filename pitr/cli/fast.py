@@ -6,7 +6,17 @@ Handles exactly `[globals] wal-push PATH` and `[globals] wal-fetch NAME DEST`; a
 
 from __future__ import annotations
 
-from pitr.cli.common import apply_log_level, hoist_globals, is_verbose, report_error, setup_logging
+import time
+
+from pitr.cli.common import (
+    apply_log_level,
+    hoist_globals,
+    is_verbose,
+    log_exit,
+    open_log_file,
+    report_error,
+    setup_logging,
+)
 from pitr.cli.globalargs import GLOBAL_OPTIONS, is_log_flag
 
 
@@ -82,6 +92,7 @@ def _try_fast(argv: list[str]) -> int | None:
     if (cmd == "wal-push" and len(pos) != 1) or (cmd == "wal-fetch" and len(pos) != 2):
         return None
     setup_logging(verbose, quiet)
+    started = time.monotonic()
     from pitr.config import load_settings
     from pitr.errors import EXIT_FETCH_HARD, PitrError
 
@@ -91,8 +102,9 @@ def _try_fast(argv: list[str]) -> int | None:
         rc = report_error(e, verbose > 0)
         return EXIT_FETCH_HARD if cmd == "wal-fetch" else rc
     apply_log_level(settings.log_level)
+    open_log_file(settings.log_file, cmd, argv)
     from pitr.cli import walcmds
 
     if cmd == "wal-push":
-        return walcmds.run_wal_push(settings, pos[0])
-    return walcmds.run_wal_fetch(settings, pos[0], pos[1])
+        return log_exit(walcmds.run_wal_push(settings, pos[0]), started)
+    return log_exit(walcmds.run_wal_fetch(settings, pos[0], pos[1]), started)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 # global option -> takes a value
 GLOBAL_OPTIONS = {"--repo": True, "--config": True, "--s3-endpoint": True, "-v": False, "--verbose": False,
-                  "-q": False, "--quiet": False}
+                  "-q": False, "--quiet": False, "--log-file": True}
 VALUE_OPTIONS = tuple(o for o, takes_value in GLOBAL_OPTIONS.items() if takes_value)
 DEFAULT_CONFIG = "/etc/pitr/pitr.toml"  # same default as pitr.config (not imported: it is heavy)
 # env that feeds Settings and names the repository; credentials do not change where bytes go

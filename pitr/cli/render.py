@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from pitr.units import human_duration as human_duration  # re-exported: the commands' one duration format
 
+JSON_VERSION = 1  # shape version of every --json output that does not carry its own (docs/json.md)
 
-def emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+def emit_json(obj: Mapping[str, Any]) -> None:
+    """One JSON object on stdout, led by `version` (of its shape) and `pitr_version` (docs/json.md)."""
+    from pitr import __version__
+
+    head = {"version": obj.get("version", JSON_VERSION), "pitr_version": __version__}
+    sys.stdout.write(json.dumps(head | dict(obj), indent=2, sort_keys=False, default=str) + "\n")
 
 
 def emit(text: str) -> None:
