@@ -45,7 +45,7 @@ PANELS: dict[str, str] = {
     **dict.fromkeys(("--check", "--check-file", "--check-db", "--no-amcheck", "--max-rpo", "--max-backup-age",
                      "--max-drill-age", "--storage", "--timeout"), "Checks"),
     **dict.fromkeys(("--dbname", "backup:--pgdata", "--table", "--db", "--relfilenode", "--where"), "Server"),
-    **dict.fromkeys(("--type", "--compress", "--fast", "--archive-timeout"), "Backup"),
+    **dict.fromkeys(("--type", "--compress", "--fast", "--archive-timeout", "--checksum"), "Backup"),
     **dict.fromkeys(("--repo-as-of",), "Repository"),
     **dict.fromkeys(("--jobs",), "Performance"),
     **dict.fromkeys(("--json", "--dry-run", "--to", "--format", "--into-table"), "Output"),
