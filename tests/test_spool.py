@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from pitr.cli import globalargs
 from pitr.ops import archive, spool
 from pitr.pg import walname
+from pitr.repo.codec import Codec
 from pitr.repo.meta import read_meta
 from pitr.storage.s3 import S3Storage
 from tests.support import walgen
@@ -109,6 +111,48 @@ def test_lookahead_ack_without_heavy_imports_and_stale_markers(fake_pgdata: tupl
     assert r.returncode == 1
     assert "not initialized" in r.stderr
     assert not list(other.rglob(b))
+
+
+def test_call_waiting_for_a_busy_helper_stays_light_and_acks_only_once_stored(
+        fake_pgdata: tuple[Path, Path]) -> None:
+    """With a backlog the helper has not stored a file yet when PostgreSQL asks for it: the call waits
+    for the helper's acknowledgement without loading the settings (CPU the helper needs), and
+    acknowledges nothing before the marker says the file is stored; the helper's error still reaches
+    PostgreSQL through the normal path."""
+    pgdata, repo = fake_pgdata
+    env = _env(PITR_REPO=str(repo), PITR_ARCHIVE_ASYNC="true")
+    d, e = walgen.names(7, 2)
+    _queue(pgdata, [d, e])
+    sdir = pgdata / "pg_wal" / spool.ARCHIVE_SPOOL
+    fp = globalargs.fingerprint([], env)
+    fd = spool.take_lock(sdir, spool.PUSHD)  # this test plays the busy helper: it holds the lock
+    assert fd is not None
+    try:
+        spool.publish_fingerprint(fd, fp)
+        call = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "pitr", "wal-push", f"pg_wal/{d}"],
+                                cwd=pgdata, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        assert call.poll() is None, "acknowledged before the helper stored the file"
+        # the helper stores d: archive.push returned, then the marker (what pushd._settle does)
+        archive.push(walgen.FsStorage(repo), read_meta(walgen.FsStorage(repo)), pgdata / "pg_wal" / d,
+                     Codec("zstd", 3))
+        spool.write_ok(sdir, d, fp, spool.file_identity(os.stat(pgdata / "pg_wal" / d)), "stored")
+        _, err = call.communicate(timeout=60)
+        assert call.returncode == 0, err
+        imported = {line.rsplit("|", 1)[-1].strip() for line in err.splitlines() if "|" in line}
+        assert not imported & {"pitr.config", "typer", "boto3", "zstandard"}
+
+        # the helper fails on e: the call reports its message and exits 1, as before
+        call = subprocess.Popen([PITR, "wal-push", f"pg_wal/{e}"], cwd=pgdata, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        spool.write_error(sdir, e, f"cannot write {e}: disk full", "free space in the repository")
+        _, err = call.communicate(timeout=60)
+        assert call.returncode == 1
+        assert f"cannot write {e}: disk full" in err
+        assert not (sdir / f"{e}.ok").exists()
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- with a server

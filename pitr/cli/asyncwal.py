@@ -29,6 +29,7 @@ PUSH_HELPER = "_wal-push-daemon"
 PREFETCH_HELPER = "_wal-prefetch"
 WAIT_LIMIT = 900.0  # an archive_command that never returns blocks PostgreSQL's shutdown
 MAX_SPAWNS = 3
+QUICK_WAIT_LIMIT = 60.0  # then the normal path supervises the helper (WAIT_LIMIT in all)
 # private, for tests only: the prefetcher's idle time-out in seconds (default prefetch.IDLE_EXIT)
 IDLE_EXIT_ENV = "_PITR_PREFETCH_IDLE_EXIT"
 
@@ -52,8 +53,40 @@ def _quick_push(argv: list[str]) -> int | None:
         return None
     sdir = spool.archive_spool_dir(os.environ.get("PITR_SPOOL_PATH"), path)
     if not os.path.exists(sdir / f"{os.path.basename(path)}.ok"):
-        return None
+        return _quick_wait(sdir, path, globalargs.fingerprint(glob, os.environ))
     return 0 if spool.acknowledged(sdir, path, globalargs.fingerprint(glob, os.environ)) else None
+
+
+def _quick_wait(sdir: Path, path: str, fp: str) -> int | None:
+    """0 once the running helper with our settings stored `path`; None for anything else.
+
+    With a backlog the helper is busy and this call usually comes before its file is stored. Waiting
+    here costs a third of the CPU that loading the settings in the normal path does, CPU the helper's
+    compression needs on a small machine. The acknowledgement is the same check as above; an error,
+    a stale marker, a helper gone or with other settings, or a long wait go to the normal path,
+    which reports, restarts or pushes in the foreground as before.
+    """
+    name = os.path.basename(path)
+    status = os.path.join(os.path.dirname(path) or ".", "archive_status", f"{name}.ready")
+    if not os.path.exists(status) or spool.helper_state(sdir, spool.PUSHD) != fp:
+        return None
+    start = time.monotonic()
+    next_look = start + 1.0
+    delay = 0.002
+    while True:
+        if os.path.exists(sdir / f"{name}.ok"):
+            return 0 if spool.acknowledged(sdir, path, fp) else None
+        if os.path.exists(sdir / f"{name}.error"):
+            return None
+        now = time.monotonic()
+        if now - start > QUICK_WAIT_LIMIT:
+            return None
+        if now >= next_look:
+            if spool.helper_state(sdir, spool.PUSHD) != fp:
+                return None
+            next_look = now + 1.0
+        time.sleep(delay)
+        delay = min(0.02, delay * 1.5)
 
 
 def _quick_fetch(argv: list[str]) -> int | None:
