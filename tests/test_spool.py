@@ -193,15 +193,20 @@ def test_async_archiving_keeps_up_under_pgbench(cluster_factory, moto_server: Mo
     first = str(c.scalar("select pg_walfile_name(pg_current_wal_lsn())"))
     c.pgbench(["-i", "-s", "1", "-q"])
     stop = threading.Event()
+    switches = [0]
 
     def switcher() -> None:  # many short segments: a deep .ready queue for the helper
         while not stop.wait(0.1):
             c.switch_wal()
+            switches[0] += 1
 
     t = threading.Thread(target=switcher)
     t.start()
     try:
         c.pgbench(["-c", "2", "-T", "4", "-n"])
+        deadline = time.monotonic() + 60  # a loaded machine switches less often in 4 s: go on to 20
+        while switches[0] < 20 and time.monotonic() < deadline:
+            c.pgbench(["-c", "2", "-t", "50", "-n"])
     finally:
         stop.set()
         t.join()
