@@ -15,11 +15,12 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pitr.errors import RestoreError
+from pitr.ops import stage
 from pitr.ops.restore_dest import MARKER
 from pitr.ops.restore_plan import Plan
 from pitr.pg import walname
@@ -49,12 +50,32 @@ class ReplayResult:
 
 
 @dataclass(frozen=True)
+class StageHelper:
+    """How to start the stage's prefetcher the way restore_command would (ops/stage.py)."""
+
+    token: str
+    argv: Sequence[str]  # pitr and its global options, as in restore_command
+    env: Mapping[str, str]  # restore_command's assignments (PITR_PREFETCH, PITR_STAGE, ...)
+    first: str  # the first segment recovery reads
+
+
+@dataclass(frozen=True)
 class ReplaySpec:
     action: str  # promote | pause | shutdown
     archive_mode: str  # preserve | off
     timeout: float | None
     pg_bin: str | None
     env: Mapping[str, str]
+    stage: StageHelper | None = None
+
+
+def server_settings(pg_version: int) -> dict[str, str]:
+    """Settings for the replay run only (not written to the cluster's configuration)."""
+    import sys
+
+    # PostgreSQL 15+ reads ahead the blocks WAL records touch; 'on' needs posix_fadvise (Linux has it),
+    # and older servers refuse the unknown setting at start
+    return {"recovery_prefetch": "on"} if pg_version >= 15 and sys.platform.startswith("linux") else {}
 
 
 def replay(storage: Storage, plan: Plan, pgdata: Path, owner: tuple[int, int] | None,
@@ -71,7 +92,7 @@ def replay(storage: Storage, plan: Plan, pgdata: Path, owner: tuple[int, int] | 
     if owner:
         os.chown(sockdir, *owner)
     logfile = _replay_log_path(pgdata, owner)
-    srv = PrivateServer(bindir, pgdata, sockdir, logfile, opts.env, owner)
+    srv = PrivateServer(bindir, pgdata, sockdir, logfile, opts.env, owner, server_settings(plan.backup.pg_version))
     action = "promote" if plan.target.kind == "latest" else opts.action
     deadline = None if not opts.timeout else time.monotonic() + opts.timeout
     users = sql_users(owner)
@@ -79,7 +100,11 @@ def replay(storage: Storage, plan: Plan, pgdata: Path, owner: tuple[int, int] | 
     reached = False
     point: tuple[object, ...] | None = None
     timed_out = False
+    sdir = stage.stage_dir(pgdata / "pg_wal", opts.stage.token) if opts.stage else None
     try:
+        if opts.stage and sdir:
+            stage.start_helper(opts.stage.argv, {**opts.env, **opts.stage.env}, sdir, pgdata, owner, opts.stage.first)
+            stage.wait_started(sdir)  # else the first wal-fetch starts one: slower, as safe
         srv.start()
         while True:
             st = srv.read_log()
@@ -98,6 +123,8 @@ def replay(storage: Storage, plan: Plan, pgdata: Path, owner: tuple[int, int] | 
                 break
     finally:
         srv.stop()
+        if sdir:
+            stage.stop(sdir)  # it stops by itself at the end of recovery; not when paused at the target
         shutil.rmtree(sockdir, ignore_errors=True)
     st = srv.read_log()
     last_lsn = (str(point[0]) if point and point[0] else None) or st.redo_done_lsn
