@@ -343,7 +343,7 @@ def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, 
         # a restore --repo-as-of reads the bucket's past (PITR_REPO_AS_OF in restore_command)
         storage = open_repo(settings, max_connections=jobs + 2, as_of=parse_as_of(None))
         meta = read_meta(storage)
-        cfg = prefetch.PrefetchConfig(pdir, fp, settings.prefetch, jobs, idle_exit=_idle_exit())
+        cfg = prefetch.PrefetchConfig(pdir, fp, settings.prefetch, jobs, idle_exit=_idle_exit(), stage=staged)
         log.info("started: %d segments ahead, %d jobs, from %s", settings.prefetch, jobs, storage.display)
         checks = prefetch.keep_going_checks(pgdata, pdir)
 

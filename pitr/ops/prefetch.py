@@ -47,6 +47,7 @@ class PrefetchConfig:
     jobs: int
     idle_exit: float = IDLE_EXIT
     poll: float = 0.005
+    stage: bool = False  # restore_command takes files unasked (ops/stage.py): a vanished file moves the window
 
 
 def window(want: str | None, count: int, seg_size: int) -> list[str]:
@@ -124,7 +125,7 @@ def serve(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig,
             moved = req != last_req
             if moved and want and len(want) == 24:  # a history request does not move the window
                 base = want
-            gone = {n for n in ready if not os.path.exists(cfg.spool / n)}
+            gone = {n for n in ready if not os.path.exists(cfg.spool / n)} if cfg.stage else set()
             if gone:  # taken by restore_command from a stage (or by the foreground, after its request)
                 ready -= gone
                 taken += len(gone)

@@ -41,12 +41,15 @@ class ReplayResult:
     seconds: float
     history_archived: bool | None = None
     notes: list[str] = field(default_factory=list)
+    stage: tuple[int, int] | None = None  # (segments taken from the stage, requests through wal-fetch)
 
     def to_json(self) -> dict[str, object]:
         return {"reached": self.reached, "action": self.action, "stop_reason": self.stop_reason,
                 "last_transaction_time": self.last_xact_time, "last_replayed_lsn": self.last_lsn,
                 "new_timeline": self.new_timeline, "server_log": self.log_file, "seconds": round(self.seconds, 3),
-                "history_archived": self.history_archived, "notes": self.notes}
+                "history_archived": self.history_archived, "notes": self.notes,
+                "restore_command": None if self.stage is None else {
+                    "from_stage": self.stage[0], "through_wal_fetch": self.stage[1]}}
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ def replay(storage: Storage, plan: Plan, pgdata: Path, owner: tuple[int, int] | 
     last_lsn = (str(point[0]) if point and point[0] else None) or st.redo_done_lsn
     last_time = (str(point[1]) if point and point[1] else None) or st.last_xact_time
     res = ReplayResult(reached, action, st.stopping, last_time, last_lsn, st.new_timeline, str(logfile),
-                       time.monotonic() - started)
+                       time.monotonic() - started, stage=stage.counts(sdir) if sdir else None)
     if reached and plan.target.kind not in ("latest",) and st.stopping is None and action == "promote":
         reached = res.reached = False  # PostgreSQL < 14 promotes at the end of WAL short of the target
     if not reached:

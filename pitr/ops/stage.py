@@ -164,3 +164,15 @@ def stop(d: Path, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while spool.helper_state(d, spool.PREFETCHD) is not None and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def counts(d: Path) -> tuple[int, int] | None:
+    """(segments restore_command took from the stage, requests through wal-fetch) from the helper's log."""
+    import re
+
+    try:
+        text = (d / f"{spool.PREFETCHD}.log").read_text(errors="replace")
+    except OSError:
+        return None
+    found = re.findall(r"(\d+) prefetched segments taken, (\d+) requests through wal-fetch", text)
+    return (sum(int(a) for a, _ in found), sum(int(b) for _, b in found)) if found else None
