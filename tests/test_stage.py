@@ -200,3 +200,26 @@ def test_exit_codes_are_wal_fetchs(fake: tuple[Path, Path, list[str]]) -> None:
     assert not (pgdata / "pg_wal" / "RECOVERYXLOG").exists()
     bad = _restore_command(pgdata, cmd.replace(f"PITR_STAGE={token}", "PITR_STAGE=../x"), beyond, _env(repo))
     assert bad.returncode > 125 and "PITR_STAGE" in bad.stderr, bad.stderr
+
+
+def test_restore_command_prints_the_one_liner_with_a_new_stage(fake: tuple[Path, Path, list[str]]) -> None:
+    """`pitr restore-command`: the line for a hand-written standby, a new stage each time, and it works."""
+    pgdata, repo, names = fake
+    src = repo.parent / "src"
+
+    def line(*args: str) -> str:
+        p = subprocess.run([PITR, "--repo", str(repo), "restore-command", *args], capture_output=True, text=True,
+                           env=_env(repo), check=True)
+        m = re.fullmatch(r"restore_command = '(.*)'\n", p.stdout)
+        assert m, p.stdout
+        return m.group(1).replace("''", "'")
+
+    one, two = line(), line()
+    t1 = re.search(r"PITR_STAGE=([0-9a-f]{16}) ", one)
+    t2 = re.search(r"PITR_STAGE=([0-9a-f]{16}) ", two)
+    assert t1 and t2 and t1.group(1) != t2.group(1)
+    assert one.startswith(f"mv -f pg_wal/pitr_stage/{t1.group(1)}/%f %p 2>/dev/null || PITR_PREFETCH=8 ")
+    assert line("--prefetch", "0") == f"PITR_PREFETCH=0 {PITR} --repo {repo} wal-fetch %f %p"
+    r = _restore_command(pgdata, one, names[0], _env(repo))
+    assert r.returncode == 0, r.stderr
+    assert (pgdata / "pg_wal" / "RECOVERYXLOG").read_bytes() == (src / names[0]).read_bytes()
