@@ -32,6 +32,7 @@ MAX_SPAWNS = 3
 QUICK_WAIT_LIMIT = 60.0  # then the normal path supervises the helper (WAIT_LIMIT in all)
 # private, for tests only: the prefetcher's idle time-out in seconds (default prefetch.IDLE_EXIT)
 IDLE_EXIT_ENV = "_PITR_PREFETCH_IDLE_EXIT"
+STAGE_ENV = "PITR_STAGE"  # = stage.ENV (ops/stage.py): restore_command's stage token
 
 
 def quick(argv: list[str]) -> int | None:
@@ -94,7 +95,10 @@ def _quick_fetch(argv: list[str]) -> int | None:
     name, dest = argv[-2], argv[-1]
     if glob is None or not spool.is_archive_name(name):
         return None
-    pdir = spool.prefetch_spool_dir(os.environ.get("PITR_SPOOL_PATH"), dest)
+    token = os.environ.get(STAGE_ENV)
+    if token is not None and not _valid_token(token):
+        return None  # the normal path says what is wrong
+    pdir = prefetch_dir(os.environ.get("PITR_SPOOL_PATH"), dest)
     if not os.path.isdir(pdir):
         return None  # never prefetched here: the normal path decides whether to start
     fp = globalargs.fingerprint(glob, os.environ)
@@ -108,6 +112,29 @@ def _quick_fetch(argv: list[str]) -> int | None:
     if why:
         print(f"pitr: warning: {why}", file=sys.stderr)
     return None
+
+
+def prefetch_dir(spool_path: str | None, dest: str) -> Path:
+    """The prefetcher's directory: restore_command's stage (PITR_STAGE, in pg_wal), else the spool."""
+    token = os.environ.get(STAGE_ENV)
+    if token is not None:  # ops/stage.py: inside pg_wal whatever spool_path says (atomic rename)
+        return Path(os.path.dirname(dest) or ".") / "pitr_stage" / token
+    return spool.prefetch_spool_dir(spool_path, dest)
+
+
+def _valid_token(token: str) -> bool:
+    return 8 <= len(token) <= 32 and set(token) <= set("0123456789abcdef")
+
+
+def check_stage_env() -> None:
+    """ConfigError for a PITR_STAGE that is not a token pitr wrote (wal-fetch then exits above 125)."""
+    token = os.environ.get(STAGE_ENV)
+    if token is not None and not _valid_token(token):
+        from pitr.errors import ConfigError
+
+        raise ConfigError(f"environment variable {STAGE_ENV} must be the stage token pitr wrote into "
+                          f"restore_command (8 to 32 lowercase hexadecimal digits), not {token[:40]!r}",
+                          "print a restore_command with `pitr restore-command` and use it unchanged")
 
 
 # --------------------------------------------------------------------------- wal-push, async mode
@@ -191,17 +218,22 @@ def serve_prefetched(settings: Settings, name: str, dest: str) -> int | None:
     """0 when the prefetcher served `name`, 1 when it found it missing, None to fetch directly."""
     import logging
 
+    check_stage_env()
     if not spool.is_archive_name(name) or not _dest_dir_exists(dest):
         return None  # the direct path says what is wrong with DEST
-    pdir = spool.prefetch_spool_dir(settings.spool_path, dest)
+    pdir = prefetch_dir(settings.spool_path, dest)
     try:
         glob = _global_args()
+        fp = globalargs.fingerprint(glob, os.environ)
         stamp = spool.write_want(pdir, name)
+        if STAGE_ENV in os.environ and spool.helper_state(pdir, spool.PREFETCHD) not in (None, fp):
+            # restore_command takes staged files unasked: a helper with other settings must go (it
+            # empties the stage as it exits); the next call starts one with these
+            spool.request_stop(pdir, spool.PREFETCHD)
         # start the helper now if needed and let it answer: its start-up costs what importing
         # boto3 here would, and every later call finds it warm
         started = _ensure_prefetcher(glob, pdir)
-        state, why = spool.ask_prefetcher(pdir, name, dest, globalargs.fingerprint(glob, os.environ), stamp,
-                                          grace=15.0 if started else 0.0)
+        state, why = spool.ask_prefetcher(pdir, name, dest, fp, stamp, grace=15.0 if started else 0.0)
     except OSError:
         return None
     if state == "served":
@@ -220,7 +252,7 @@ def kick_prefetch(settings: Settings, name: str, dest: str) -> None:
 
     if not spool.is_archive_name(name) or not _dest_dir_exists(dest):
         return
-    pdir = spool.prefetch_spool_dir(settings.spool_path, dest)
+    pdir = prefetch_dir(settings.spool_path, dest)
     try:
         spool.write_want(pdir, name, served=True)
         _ensure_prefetcher(_global_args(), pdir)
@@ -321,12 +353,30 @@ def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, 
     from pitr.repo.meta import read_meta
 
     log = logging.getLogger("pitr")
+    staged = os.environ.get(STAGE_ENV) == pdir.name  # restore_command takes files from here unasked
+    if staged:
+        from pitr.ops import stage
+
+        os.umask(0o077)  # WAL is the cluster's data: nobody but the server's user reads a staged file
+        stage.ensure(pdir)
+        why = stage.problem(pdir)
+        if why:
+            log.error("not staging: %s (restore_command falls back to wal-fetch for every file)", why)
+            req = spool.read_want(pdir)
+            if req:
+                try:
+                    spool.answer(pdir, req[0], req[1], "failed")  # the waiting call fetches by itself
+                except OSError:
+                    pass
+            return 1
     fd = spool.take_lock(pdir, spool.PREFETCHD)
     if fd is None:
         return 0
     fp = globalargs.fingerprint(glob, os.environ)
     spool.publish_fingerprint(fd, fp)
     storage = None
+    if staged:
+        prefetch.clear(pdir, want=False)  # whatever an earlier helper left: only this one's files are served
     try:
         settings = load_settings(opts)
         open_log_file(settings.log_file, "wal-prefetch", [])  # its pushes/fetches beside the callers' lines
@@ -334,9 +384,14 @@ def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, 
         # a restore --repo-as-of reads the bucket's past (PITR_REPO_AS_OF in restore_command)
         storage = open_repo(settings, max_connections=jobs + 2, as_of=parse_as_of(None))
         meta = read_meta(storage)
-        cfg = prefetch.PrefetchConfig(pdir, fp, settings.prefetch, jobs, idle_exit=_idle_exit())
+        cfg = prefetch.PrefetchConfig(pdir, fp, settings.prefetch, jobs, idle_exit=_idle_exit(), stage=staged)
         log.info("started: %d segments ahead, %d jobs, from %s", settings.prefetch, jobs, storage.display)
-        reason, fetched = prefetch.serve(storage, meta, cfg, prefetch.keep_going_checks(pgdata, pdir))
+        checks = prefetch.keep_going_checks(pgdata, pdir)
+
+        def keep_going() -> str | None:
+            return checks() or (None if not staged or pdir.is_dir() else "the stage was removed")
+
+        reason, fetched = prefetch.serve(storage, meta, cfg, keep_going)
         log.info("exiting (%s): %d segments prefetched", reason, fetched)
         return 0
     except PitrError as e:

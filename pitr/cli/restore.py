@@ -69,6 +69,25 @@ def _sigterm(_signum: int, _frame: object) -> None:
 
 def register(app: typer.Typer) -> None:
 
+    @app.command("restore-command")
+    def restore_command_cmd(
+        ctx: typer.Context,
+        prefetch: Annotated[int | None, typer.Option("--prefetch", metavar="N", help="Segments staged ahead; 0 prints the plain `wal-fetch %f %p` [default: the prefetch setting, or 8].", show_default=False)] = None,
+    ) -> None:
+        """Print a restore_command line for a recovery or standby you configure by hand (as fast as `restore`'s)."""
+        from pitr.ops import stage
+        from pitr.pg.recovery import guc_quote, render_restore_command
+
+        s = settings_of(ctx)
+        if prefetch is not None and not 0 <= prefetch <= PREFETCH_MAX:
+            raise UsageError(f"--prefetch must be a number of segments from 0 to {PREFETCH_MAX}, not {prefetch}")
+        n = prefetch if prefetch is not None else (s.prefetch or DEFAULT_RESTORE_PREFETCH)
+        # a new stage token each time: a stage belongs to one restore_command (docs/restore.md §5)
+        cmd = render_restore_command(self_argv(), s.location().url, _redact_url(s.s3_endpoint),
+                                     os.path.abspath(s.config) if s.config else None, n,
+                                     stage=stage.new_token() if n > 0 else None)
+        emit(f"restore_command = {guc_quote(cmd)}")
+
     @app.command("restore")
     def restore_cmd(
         ctx: typer.Context,
@@ -202,6 +221,9 @@ def render_text(r: Any) -> str:
             hist = {True: ", its history file is in the archive", False: ", its history file is NOT in the "
                     "archive yet", None: ""}[rp.history_archived]
             out.append(f"  new timeline               {rp.new_timeline}{hist}")
+        if rp.stage is not None:
+            out.append(f"  restore_command            {rp.stage[0]} segments from the stage, "
+                       f"{rp.stage[1]} through wal-fetch")
         out.append(f"  replay took {human_duration(rp.seconds)}; PostgreSQL was stopped cleanly; server log {rp.log_file}")
         for n in rp.notes:
             out.append(f"  note: {n}")

@@ -7,6 +7,9 @@ checked against the envelope trailer), its first page header checked against its
 cluster, renamed into place, and described by NAME.meta, which the foreground checks again before
 it hands the file over. Files outside the window (consumed, skipped, other timelines) are deleted.
 A timeline switch simply moves the window: files are only ever served under their own name.
+
+The spool may also be a stage (ops/stage.py) that restore_command empties by renaming a file
+away without asking: a look-ahead file that vanished counts as PostgreSQL's latest request.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class PrefetchConfig:
     jobs: int
     idle_exit: float = IDLE_EXIT
     poll: float = 0.005
+    stage: bool = False  # restore_command takes files unasked (ops/stage.py): a vanished file moves the window
 
 
 def window(want: str | None, count: int, seg_size: int) -> list[str]:
@@ -104,6 +108,9 @@ def serve(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig,
     missing: dict[str, float] = {}
     failed: dict[str, float] = {}
     last_req: tuple[str, str] | None = None
+    base: str | None = None  # the segment the window follows: the latest request or file taken
+    ready: set[str] = set()  # segments fetched ahead and in place (taken when they vanish)
+    taken = requests = 0
     handled: str | None = None  # stamp of the request already taken care of
     last_change = time.monotonic()
     next_check = next_prune = 0.0
@@ -115,15 +122,26 @@ def serve(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig,
             now = time.monotonic()
             req = spool.read_want(cfg.spool)
             want = req[0] if req else None
-            wanted = window(want, cfg.count, meta.wal_segment_size)
+            moved = req != last_req
+            if moved and want and len(want) == 24:  # a history request does not move the window
+                base = want
+            gone = {n for n in ready if not os.path.exists(cfg.spool / n)} if cfg.stage else set()
+            if gone:  # taken by restore_command from a stage (or by the foreground, after its request)
+                ready -= gone
+                taken += len(gone)
+                base, moved = max(gone, key=lambda n: walname.segno(n, meta.wal_segment_size)), True
+            wanted = window(base, cfg.count, meta.wal_segment_size)
             busy = {n for n, _ in inflight.values()}
-            if req != last_req or now >= next_prune:
-                if req != last_req:
+            if moved or now >= next_prune:
+                if moved:
                     last_req, last_change = req, now
                 next_prune = now + 0.5
-                _prune(cfg.spool, set(wanted) | ({want} if want else set()) | busy)
+                keep = set(wanted) | ({want} if want else set()) | ({base} if base else set()) | busy
+                ready &= keep
+                _prune(cfg.spool, keep)
             if req and req[1] != handled and reason is None:
                 handled = req[1]
+                requests += req[1].startswith("ask")  # wal-fetch's (stage.start_helper writes "stage-")
                 rname = req[0]
                 if not req[1].startswith("done") and not (cfg.spool / f"{rname}.meta").exists():
                     if rname in busy:
@@ -154,6 +172,8 @@ def serve(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig,
                     try:
                         fut.result()
                         fetched += 1
+                        if len(name) == 24 and not (stamp or "").startswith("ask"):  # wal-fetch's own: not "taken"
+                            ready.add(name)
                         last_change = time.monotonic()  # misses and failures are not progress (idle exit)
                     except NotFoundError:
                         missing[name] = time.monotonic() + MISSING_RECHECK
@@ -165,10 +185,13 @@ def serve(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig,
                         if stamp:
                             spool.answer(cfg.spool, name, stamp, "failed")
                 continue
+            if reason is None and now - last_change > cfg.idle_exit:
+                reason = "idle"
             if reason is not None:
+                # what a user checks: files restore_command took straight from the spool (a stage's
+                # one-liner) against requests that went through wal-fetch
+                log.info("%d prefetched segments taken, %d requests through wal-fetch", taken, requests)
                 return reason, fetched
-            if now - last_change > cfg.idle_exit:
-                return "idle", fetched
             time.sleep(cfg.poll)
 
 
@@ -208,10 +231,11 @@ def _prune(spool_dir: Path, keep: set[str]) -> None:
             pass
 
 
-def clear(spool_dir: Path) -> None:
-    """Remove every prefetched file (on exit: nothing will use them)."""
+def clear(spool_dir: Path, want: bool = True) -> None:
+    """Remove every prefetched file (on exit: nothing will use them); want=False keeps the request."""
     _prune(spool_dir, set())
-    (spool_dir / "want").unlink(missing_ok=True)
+    if want:
+        (spool_dir / "want").unlink(missing_ok=True)
 
 
 def keep_going_checks(pgdata: Path, spool_dir: Path) -> Callable[[], str | None]:

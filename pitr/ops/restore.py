@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pitr.errors import IntegrityError, RestoreError
-from pitr.ops import db_include
+from pitr.ops import db_include, stage
 from pitr.ops.restore_dest import (
     MARKER,
     ROOT_SKIP,
@@ -39,10 +39,10 @@ from pitr.ops.restore_dest import (
 )
 from pitr.ops.restore_files import FileStats, Item, sync_filesystems, write_files
 from pitr.ops.restore_plan import Plan, Target, make_plan, resolve_name
-from pitr.ops.restore_replay import ReplayResult, ReplaySpec, replay
+from pitr.ops.restore_replay import ReplayResult, ReplaySpec, StageHelper, replay
 from pitr.pg import walname
 from pitr.pg.layout import CONTROL_FILE
-from pitr.pg.recovery import render_restore_command, write_recovery
+from pitr.pg.recovery import render_restore_command, restore_command_env, restore_command_globals, write_recovery
 from pitr.repo import restore_points
 from pitr.repo.catalog import WalCatalog, read_history, scan_wal
 from pitr.repo.manifest import Manifest, read_manifests
@@ -142,9 +142,9 @@ def _histories(storage: Storage, catalog: WalCatalog) -> dict[int, list[walname.
     return out
 
 
-def recovery_settings(plan: Plan, opts: RestoreOptions) -> dict[str, str]:
+def recovery_settings(plan: Plan, opts: RestoreOptions, stage_token: str | None = None) -> dict[str, str]:
     s = {"restore_command": render_restore_command(opts.pitr_argv, opts.repo_url, opts.s3_endpoint,
-                                                   opts.config_path, opts.prefetch, opts.repo_as_of)}
+                                                   opts.config_path, opts.prefetch, opts.repo_as_of, stage_token)}
     s |= plan.target.settings()
     if plan.target.kind != "latest":
         s["recovery_target_action"] = opts.action
@@ -162,7 +162,9 @@ def run_restore(storage: Storage, opts: RestoreOptions, progress: Callable[[int,
     plan, _meta = load_plan(storage, opts)
     m = plan.backup
     layout = Layout(opts.pgdata.absolute(), tablespace_locations(m, opts.tablespace_map))
-    settings = recovery_settings(plan, opts)
+    # prefetching recoveries stage verified WAL for a shell one-liner (ops/stage.py); a new stage each restore
+    token = stage.new_token() if (opts.prefetch or 0) > 0 else None
+    settings = recovery_settings(plan, opts, token)
     owner = check_destination(opts.pgdata, opts.delta, m, layout)  # read-only: a dry run refuses alike
     left_out = db_include.excluded(m, opts.db_include) if opts.db_include else {}
     notes = [f"--db-include: databases left out (unusable; drop them after the restore): "
@@ -171,7 +173,7 @@ def run_restore(storage: Storage, opts: RestoreOptions, progress: Callable[[int,
         return RestoreResult(plan, layout.pgdata, True, recovery_settings=settings, seconds=time.monotonic() - t0,
                              notes=notes)
     try:
-        stats = _write(storage, opts, m, layout, owner, settings, progress, phase, left_out)
+        stats = _write(storage, opts, m, layout, owner, settings, progress, phase, left_out, token)
     except OSError as e:  # disk full, I/O error, permissions changed under us: the environment, not a bug
         where = f" ({e.filename})" if e.filename else ""
         raise RestoreError(f"the restore into {layout.pgdata} failed: {e.strerror or e}{where}",
@@ -181,15 +183,21 @@ def run_restore(storage: Storage, opts: RestoreOptions, progress: Callable[[int,
     log.info("restored %d files (%d kept) in %.1fs", stats.files_written, stats.files_kept, stats.seconds)
     if opts.replay:
         phase("starting PostgreSQL to replay WAL to the target")
+        helper = None
+        if token:  # the stage's helper runs before PostgreSQL asks for its first segment
+            helper = StageHelper(token, [*opts.pitr_argv, *restore_command_globals(
+                opts.repo_url, opts.s3_endpoint, opts.config_path)], restore_command_env(
+                opts.prefetch, opts.repo_as_of, token), plan.wal_first)
         result.replay = replay(storage, plan, layout.pgdata, owner, ReplaySpec(
-            opts.action, opts.archive_mode, opts.replay_timeout, opts.pg_bin, opts.server_env))
+            opts.action, opts.archive_mode, opts.replay_timeout, opts.pg_bin, opts.server_env, helper))
     result.seconds = time.monotonic() - t0
     return result
 
 
 def _write(storage: Storage, opts: RestoreOptions, m: Manifest, layout: Layout, owner: tuple[int, int] | None,
            settings: Mapping[str, str], progress: Callable[[int, int], None] | None,
-           phase: Callable[[str], None], left_out: Mapping[int, str] | None = None) -> FileStats:
+           phase: Callable[[str], None], left_out: Mapping[int, str] | None = None,
+           stage_token: str | None = None) -> FileStats:
     """Steps 3-5 of the recipe: mark, write every file, finish with pg_control last."""
     data_mode = root_mode(m)
     dir_mode = 0o750 if data_mode & 0o050 else 0o700
@@ -223,6 +231,7 @@ def _write(storage: Storage, opts: RestoreOptions, m: Manifest, layout: Layout, 
         (layout.pgdata / "tablespace_map").unlink(missing_ok=True)
     for name in ("recovery.conf", "postmaster.pid", "postmaster.opts"):
         (layout.pgdata / name).unlink(missing_ok=True)
+    stage.prepare(layout.pgdata, stage_token, owner)  # earlier stages go: never served to this recovery
     write_recovery(layout.pgdata, settings, owner)
     sync_filesystems(layout.roots())  # every file and directory entry durable before pg_control
     # pg_control last: until it exists PostgreSQL refuses to start on the directory

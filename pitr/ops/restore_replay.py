@@ -15,11 +15,12 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pitr.errors import RestoreError
+from pitr.ops import stage
 from pitr.ops.restore_dest import MARKER
 from pitr.ops.restore_plan import Plan
 from pitr.pg import walname
@@ -40,12 +41,25 @@ class ReplayResult:
     seconds: float
     history_archived: bool | None = None
     notes: list[str] = field(default_factory=list)
+    stage: tuple[int, int] | None = None  # (segments taken from the stage, requests through wal-fetch)
 
     def to_json(self) -> dict[str, object]:
         return {"reached": self.reached, "action": self.action, "stop_reason": self.stop_reason,
                 "last_transaction_time": self.last_xact_time, "last_replayed_lsn": self.last_lsn,
                 "new_timeline": self.new_timeline, "server_log": self.log_file, "seconds": round(self.seconds, 3),
-                "history_archived": self.history_archived, "notes": self.notes}
+                "history_archived": self.history_archived, "notes": self.notes,
+                "restore_command": None if self.stage is None else {
+                    "from_stage": self.stage[0], "through_wal_fetch": self.stage[1]}}
+
+
+@dataclass(frozen=True)
+class StageHelper:
+    """How to start the stage's prefetcher the way restore_command would (ops/stage.py)."""
+
+    token: str
+    argv: Sequence[str]  # pitr and its global options, as in restore_command
+    env: Mapping[str, str]  # restore_command's assignments (PITR_PREFETCH, PITR_STAGE, ...)
+    first: str  # the first segment recovery reads
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,16 @@ class ReplaySpec:
     timeout: float | None
     pg_bin: str | None
     env: Mapping[str, str]
+    stage: StageHelper | None = None
+
+
+def server_settings(pg_version: int) -> dict[str, str]:
+    """Settings for the replay run only (not written to the cluster's configuration)."""
+    import sys
+
+    # PostgreSQL 15+ reads ahead the blocks WAL records touch; 'on' needs posix_fadvise (Linux has it),
+    # and older servers refuse the unknown setting at start
+    return {"recovery_prefetch": "on"} if pg_version >= 15 and sys.platform.startswith("linux") else {}
 
 
 def replay(storage: Storage, plan: Plan, pgdata: Path, owner: tuple[int, int] | None,
@@ -71,7 +95,7 @@ def replay(storage: Storage, plan: Plan, pgdata: Path, owner: tuple[int, int] | 
     if owner:
         os.chown(sockdir, *owner)
     logfile = _replay_log_path(pgdata, owner)
-    srv = PrivateServer(bindir, pgdata, sockdir, logfile, opts.env, owner)
+    srv = PrivateServer(bindir, pgdata, sockdir, logfile, opts.env, owner, server_settings(plan.backup.pg_version))
     action = "promote" if plan.target.kind == "latest" else opts.action
     deadline = None if not opts.timeout else time.monotonic() + opts.timeout
     users = sql_users(owner)
@@ -79,7 +103,11 @@ def replay(storage: Storage, plan: Plan, pgdata: Path, owner: tuple[int, int] | 
     reached = False
     point: tuple[object, ...] | None = None
     timed_out = False
+    sdir = stage.stage_dir(pgdata / "pg_wal", opts.stage.token) if opts.stage else None
     try:
+        if opts.stage and sdir:
+            stage.start_helper(opts.stage.argv, {**opts.env, **opts.stage.env}, sdir, pgdata, owner, opts.stage.first)
+            stage.wait_started(sdir)  # else the first wal-fetch starts one: slower, as safe
         srv.start()
         while True:
             st = srv.read_log()
@@ -98,12 +126,14 @@ def replay(storage: Storage, plan: Plan, pgdata: Path, owner: tuple[int, int] | 
                 break
     finally:
         srv.stop()
+        if sdir:
+            stage.stop(sdir)  # it stops by itself at the end of recovery; not when paused at the target
         shutil.rmtree(sockdir, ignore_errors=True)
     st = srv.read_log()
     last_lsn = (str(point[0]) if point and point[0] else None) or st.redo_done_lsn
     last_time = (str(point[1]) if point and point[1] else None) or st.last_xact_time
     res = ReplayResult(reached, action, st.stopping, last_time, last_lsn, st.new_timeline, str(logfile),
-                       time.monotonic() - started)
+                       time.monotonic() - started, stage=stage.counts(sdir) if sdir else None)
     if reached and plan.target.kind not in ("latest",) and st.stopping is None and action == "promote":
         reached = res.reached = False  # PostgreSQL < 14 promotes at the end of WAL short of the target
     if not reached:

@@ -169,8 +169,12 @@ def stop_helpers(pgdata: Path, timeout: float = 10.0) -> None:
     """Ask the async archiver and the prefetcher working in pgdata's spools to exit, and wait for
     them (bounded): a throwaway directory is removed only once nothing writes into it any more."""
     live = []
-    for sub, helper in ((ARCHIVE_SPOOL, PUSHD), (PREFETCH_SPOOL, PREFETCHD)):
-        d = pgdata / "pg_wal" / sub
+    dirs = [(pgdata / "pg_wal" / ARCHIVE_SPOOL, PUSHD), (pgdata / "pg_wal" / PREFETCH_SPOOL, PREFETCHD)]
+    try:  # the prefetchers of replay stages (ops/stage.py)
+        dirs += [(d, PREFETCHD) for d in sorted((pgdata / "pg_wal" / "pitr_stage").iterdir())]
+    except OSError:
+        pass
+    for d, helper in dirs:
         try:
             if helper_state(d, helper) is not None:
                 request_stop(d, helper)

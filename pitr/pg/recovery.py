@@ -38,20 +38,44 @@ def shell_word(word: str) -> str:
 
 def render_restore_command(pitr_argv: Sequence[str], repo: str | None = None, s3_endpoint: str | None = None,
                            config: str | None = None, prefetch: int | None = None,
-                           repo_as_of: str | None = None) -> str:
+                           repo_as_of: str | None = None, stage: str | None = None) -> str:
     """'[PITR_PREFETCH=N] [PITR_REPO_AS_OF=TS] <pitr> [--repo URL] [--s3-endpoint URL] [--config PATH] wal-fetch %f %p'.
 
     Shell syntax: PostgreSQL runs restore_command through /bin/sh, so a leading assignment sets
     the prefetch depth for every call of this recovery whatever the server's environment says.
+    With a stage token (ops/stage.py) the command first tries to rename the staged, verified
+    file to %p and runs wal-fetch (PITR_STAGE=token) only when that fails.
     """
-    words = [f"PITR_PREFETCH={int(prefetch)}"] if prefetch is not None else []
+    env = restore_command_env(prefetch, repo_as_of, stage)
+    words = [f"{k}={shell_word(v)}" for k, v in env.items()]
+    words += [shell_word(w) for w in [*pitr_argv, *restore_command_globals(repo, s3_endpoint, config)]]
+    fetch = " ".join(words + ["wal-fetch", "%f", "%p"])
+    if not stage:
+        return fetch
+    # the rename is atomic (the stage is in pg_wal); any failure of it falls through to wal-fetch
+    return f"mv -f {shell_word(STAGE_PATH.format(stage))}/%f %p 2>/dev/null || {fetch}"
+
+
+STAGE_PATH = "pg_wal/pitr_stage/{}"  # = ops/stage.relative_dir (pg imports nothing of ops)
+
+
+def restore_command_env(prefetch: int | None, repo_as_of: str | None, stage: str | None) -> dict[str, str]:
+    """The environment assignments restore_command starts wal-fetch with."""
+    env = {"PITR_PREFETCH": str(int(prefetch))} if prefetch is not None else {}
     if repo_as_of:  # a restore from the bucket as it was: every fetch reads that same past
-        words.append("PITR_REPO_AS_OF=" + shell_word(repo_as_of))
-    words += [shell_word(w) for w in pitr_argv]
+        env["PITR_REPO_AS_OF"] = repo_as_of
+    if stage:
+        env["PITR_STAGE"] = stage
+    return env
+
+
+def restore_command_globals(repo: str | None, s3_endpoint: str | None, config: str | None) -> list[str]:
+    """The global options restore_command passes pitr (the repository, never a secret)."""
+    out: list[str] = []
     for opt, val in (("--repo", repo), ("--s3-endpoint", s3_endpoint), ("--config", config)):
         if val:
-            words += [opt, shell_word(val)]
-    return " ".join(words + ["wal-fetch", "%f", "%p"])
+            out += [opt, val]
+    return out
 
 
 def strip_managed(text: str) -> str:

@@ -1,0 +1,225 @@
+"""The replay stage (ops/stage.py) without a server: restore_command as a shell one-liner.
+
+What a user checks: the one-liner hands over verified segments from the stage, the helper keeps
+the stage filled as files are taken (nobody tells it), the helper's log counts what came from the
+stage and what went through wal-fetch, a file in an earlier restore's stage or left before the
+helper started is never handed over, a stage others can write into is refused, and the exit codes
+are wal-fetch's (1 only for a name the repository lacks, above 125 when it cannot be read).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pitr.ops import archive, spool, stage
+from pitr.pg.recovery import render_restore_command
+from pitr.repo.codec import Codec
+from pitr.repo.meta import read_meta
+from tests.support import walgen
+from tests.support.pg import make_tmpdir, rmtree_pg
+
+PITR = str(Path(sys.executable).parent / "pitr")
+OTHER_SYSID = 7300000000000000099
+
+
+@pytest.fixture
+def fake() -> Iterator[tuple[Path, Path, list[str]]]:
+    """(pgdata being recovered, repo, archived segment names) for a fake cluster."""
+    base = make_tmpdir("pitr-stage-")
+    pgdata = base / "data"
+    (pgdata / "pg_wal").mkdir(parents=True)
+    store = walgen.fs_repo(base / "repo")
+    meta = read_meta(store)
+    src = base / "src"
+    src.mkdir()
+    names = walgen.names(5, 8)
+    for n in names:
+        (src / n).write_bytes(walgen.segment(n))
+        archive.push(store, meta, src / n, Codec("zstd", 1))
+    yield pgdata, base / "repo", names
+    for d in stage.helper_dirs(pgdata):
+        stage.stop(d)
+    rmtree_pg(base)
+
+
+def _env(repo: Path) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("PITR_")} | {"PITR_REPO": str(repo)}
+
+
+def _command(token: str, prefetch: int = 3) -> str:
+    return render_restore_command([PITR], prefetch=prefetch, stage=token)
+
+
+def _restore_command(pgdata: Path, cmd: str, name: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run restore_command as PostgreSQL does: %f/%p substituted, /bin/sh -c, in the data directory."""
+    (pgdata / "pg_wal" / "RECOVERYXLOG").unlink(missing_ok=True)
+    value = cmd.replace("%f", name).replace("%p", "pg_wal/RECOVERYXLOG").replace("%%", "%")
+    return subprocess.run(["/bin/sh", "-c", value], cwd=pgdata, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def _wait(pred, what: str, limit: float = 30) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + limit
+    while not pred():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def _start(pgdata: Path, repo: Path, token: str, first: str | None, prefetch: int = 3) -> Path:
+    d = stage.stage_dir(pgdata / "pg_wal", token)
+    stage.start_helper([PITR], _env(repo) | {"PITR_PREFETCH": str(prefetch), "PITR_STAGE": token}, d, pgdata,
+                       None, first)
+    assert stage.wait_started(d), (d / "prefetch.log").read_text()
+    return d
+
+
+def _counts(d: Path) -> tuple[int, int]:
+    """(segments taken from the stage, requests through wal-fetch) from the helper's log once it exited."""
+    stage.stop(d)
+    log = (d / "prefetch.log").read_text()
+    m = re.findall(r"(\d+) prefetched segments taken, (\d+) requests through wal-fetch", log)
+    assert m, log
+    return int(m[-1][0]), int(m[-1][1])
+
+
+def test_one_liner_takes_staged_segments_and_the_window_follows(fake: tuple[Path, Path, list[str]]) -> None:
+    pgdata, repo, names = fake
+    src = repo.parent / "src"
+    token = stage.new_token()
+    stage.prepare(pgdata, token, None)
+    d = _start(pgdata, repo, token, names[0])
+    cmd = _command(token)
+    assert cmd.startswith(f"mv -f pg_wal/pitr_stage/{token}/%f %p 2>/dev/null || PITR_PREFETCH=3 PITR_STAGE={token} ")
+    for n in names:
+        # nobody tells the helper what PostgreSQL took: the files vanishing from the stage move its window
+        _wait(lambda n=n: (d / n).exists(), f"{n} was not staged")
+        r = _restore_command(pgdata, cmd, n, _env(repo))
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        assert (pgdata / "pg_wal" / "RECOVERYXLOG").read_bytes() == (src / n).read_bytes()
+        assert not (d / n).exists()
+    assert (stat_mode := os.stat(d).st_mode & 0o777) == 0o700, oct(stat_mode)
+    # past the end of the archive: wal-fetch answers, 1 and nothing created
+    r = _restore_command(pgdata, cmd, walgen.names(13, 1)[0], _env(repo))
+    assert r.returncode == 1, r.stderr
+    assert not (pgdata / "pg_wal" / "RECOVERYXLOG").exists()
+    assert _counts(d) == (len(names), 1)
+    assert not [e for e in os.listdir(d) if len(e) >= 24 and not e.startswith("prefetch")]  # emptied on exit
+
+
+def test_without_a_helper_the_fallback_starts_one(fake: tuple[Path, Path, list[str]]) -> None:
+    """A hand-written standby: nothing started the helper; the first wal-fetch does, and then the stage serves."""
+    pgdata, repo, names = fake
+    src = repo.parent / "src"
+    token = stage.new_token()
+    cmd = _command(token)
+    d = stage.stage_dir(pgdata / "pg_wal", token)
+    r = _restore_command(pgdata, cmd, names[0], _env(repo))
+    assert r.returncode == 0, r.stderr
+    assert (pgdata / "pg_wal" / "RECOVERYXLOG").read_bytes() == (src / names[0]).read_bytes()
+    assert os.stat(d).st_mode & 0o777 == 0o700 and os.stat(d.parent).st_mode & 0o777 == 0o700
+    for n in names[1:]:
+        _wait(lambda n=n: (d / n).exists(), f"{n} was not staged")
+        r = _restore_command(pgdata, cmd, n, _env(repo))
+        assert r.returncode == 0, r.stderr
+        assert (pgdata / "pg_wal" / "RECOVERYXLOG").read_bytes() == (src / n).read_bytes()
+    assert _counts(d) == (len(names) - 1, 1)
+
+
+def test_a_foreign_file_in_an_earlier_or_unstarted_stage_is_never_served(fake: tuple[Path, Path, list[str]]) -> None:
+    """Threat: a file under the right name with other content (another cluster's segment) left in a stage
+    by an earlier restore, or in this stage before its helper ran (a helper killed while serving another
+    repository). A new restore removes earlier stages and names a new one; a helper empties its stage
+    when it starts."""
+    pgdata, repo, names = fake
+    src = repo.parent / "src"
+    old = stage.new_token()
+    stage.prepare(pgdata, old, None)
+    planted = walgen.segment(names[0], sysid=OTHER_SYSID)
+    (stage.stage_dir(pgdata / "pg_wal", old) / names[0]).write_bytes(planted)
+
+    token = stage.new_token()
+    stage.prepare(pgdata, token, None)  # what `restore` does (also with --delta)
+    assert not stage.stage_dir(pgdata / "pg_wal", old).exists()
+    d = stage.stage_dir(pgdata / "pg_wal", token)
+    (d / names[1]).write_bytes(walgen.segment(names[1], sysid=OTHER_SYSID))  # left before the helper started
+    _start(pgdata, repo, token, names[0])
+    cmd = _command(token)
+    for n in names[:3]:
+        _wait(lambda n=n: (d / n).exists() and (d / f"{n}.meta").exists(), f"{n} was not staged")
+        r = _restore_command(pgdata, cmd, n, _env(repo))
+        assert r.returncode == 0, r.stderr
+        assert (pgdata / "pg_wal" / "RECOVERYXLOG").read_bytes() == (src / n).read_bytes()
+
+
+def test_a_stage_others_can_write_into_is_refused(fake: tuple[Path, Path, list[str]]) -> None:
+    """Another OS user could plant files in a stage it can write into: the helper stages nothing there
+    (it says why in its log) and every file comes through wal-fetch, verified."""
+    pgdata, repo, names = fake
+    src = repo.parent / "src"
+    token = stage.new_token()
+    d = stage.prepare(pgdata, token, None)
+    assert d is not None
+    os.chown(d, 65534, 65534)  # nobody's, open to all: not the server's user's
+    os.chmod(d, 0o777)
+    cmd = _command(token)
+    for n in names[:3]:
+        r = _restore_command(pgdata, cmd, n, _env(repo))
+        assert r.returncode == 0, r.stderr
+        assert (pgdata / "pg_wal" / "RECOVERYXLOG").read_bytes() == (src / n).read_bytes()
+    log = (d / "prefetch.log").read_text()
+    assert "not staging" in log and "not by the server's user" in log, log
+    assert not [e for e in os.listdir(d) if len(e) == 24]
+    assert spool.helper_state(d, spool.PREFETCHD) is None
+
+
+def test_exit_codes_are_wal_fetchs(fake: tuple[Path, Path, list[str]]) -> None:
+    """1 only when the repository proves the name absent; above 125 when the repository is gone,
+    even while the stage still holds other segments."""
+    pgdata, repo, names = fake
+    token = stage.new_token()
+    stage.prepare(pgdata, token, None)
+    d = _start(pgdata, repo, token, names[0])
+    cmd = _command(token)
+    _wait(lambda: (d / names[2]).exists(), "not staged")
+    beyond = walgen.names(13, 1)[0]
+    assert _restore_command(pgdata, cmd, beyond, _env(repo)).returncode == 1
+    assert _restore_command(pgdata, cmd, "00000009.history", _env(repo)).returncode == 1
+    stage.stop(d)
+    shutil.move(repo, repo.with_name("repo.gone"))
+    r = _restore_command(pgdata, cmd, beyond, _env(repo) | {"PITR_FETCH_RETRIES": "0"})
+    assert r.returncode > 125, r.stderr
+    assert not (pgdata / "pg_wal" / "RECOVERYXLOG").exists()
+    bad = _restore_command(pgdata, cmd.replace(f"PITR_STAGE={token}", "PITR_STAGE=../x"), beyond, _env(repo))
+    assert bad.returncode > 125 and "PITR_STAGE" in bad.stderr, bad.stderr
+
+
+def test_restore_command_prints_the_one_liner_with_a_new_stage(fake: tuple[Path, Path, list[str]]) -> None:
+    """`pitr restore-command`: the line for a hand-written standby, a new stage each time, and it works."""
+    pgdata, repo, names = fake
+    src = repo.parent / "src"
+
+    def line(*args: str) -> str:
+        p = subprocess.run([PITR, "--repo", str(repo), "restore-command", *args], capture_output=True, text=True,
+                           env=_env(repo), check=True)
+        m = re.fullmatch(r"restore_command = '(.*)'\n", p.stdout)
+        assert m, p.stdout
+        return m.group(1).replace("''", "'")
+
+    one, two = line(), line()
+    t1 = re.search(r"PITR_STAGE=([0-9a-f]{16}) ", one)
+    t2 = re.search(r"PITR_STAGE=([0-9a-f]{16}) ", two)
+    assert t1 and t2 and t1.group(1) != t2.group(1)
+    assert one.startswith(f"mv -f pg_wal/pitr_stage/{t1.group(1)}/%f %p 2>/dev/null || PITR_PREFETCH=8 ")
+    assert line("--prefetch", "0") == f"PITR_PREFETCH=0 {PITR} --repo {repo} wal-fetch %f %p"
+    r = _restore_command(pgdata, one, names[0], _env(repo))
+    assert r.returncode == 0, r.stderr
+    assert (pgdata / "pg_wal" / "RECOVERYXLOG").read_bytes() == (src / names[0]).read_bytes()
