@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
@@ -304,31 +304,18 @@ def decode_stream(src: BinaryIO, dst: Sink | None, what: str = "object", chunk: 
 
     At most max_size raw bytes are ever produced (and written to dst): a payload that would
     decode to more fails as soon as it passes the cap."""
-    head = src.read(HEADER_SIZE)
-    code = _parse_header(head, what)
-    inf = _Inflater(code, max_size, what)
-    h = hashlib.sha256()
-    pending = b""
+    pieces = decode_iter(src, what, chunk, max_size=max_size)
     while True:
-        buf = src.read(chunk)
-        if not buf:
-            break
-        pending += buf
-        if len(pending) <= TRAILER_SIZE:
-            continue
-        body, pending = pending[:-TRAILER_SIZE], pending[-TRAILER_SIZE:]
-        for out in inf.feed(body):
-            h.update(out)
-            if dst is not None:
-                dst.write(out)
-    trailer = parse_trailer(pending, what)
-    inf.finish()
-    _verify(inf.size, h.hexdigest(), trailer, what)
-    return trailer
+        try:
+            out = next(pieces)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        if dst is not None:
+            dst.write(out)
 
 
 def decode_iter(src: BinaryIO, what: str = "object", chunk: int = CHUNK, *,
-                max_size: int = DEFAULT_MAX_SIZE, checksum: bool = True) -> Iterator[bytes]:
+                max_size: int = DEFAULT_MAX_SIZE, checksum: bool = True) -> Generator[bytes, None, Trailer]:
     """decode_stream as a generator the caller pulls raw pieces from (a block-incremental restore
     reads several sources forward, a little at a time). The size (and with checksum the SHA-256)
     is verified once the generator is exhausted; a caller that stops early, or passes
@@ -352,3 +339,4 @@ def decode_iter(src: BinaryIO, what: str = "object", chunk: int = CHUNK, *,
     trailer = parse_trailer(pending, what)
     inf.finish()
     _verify(inf.size, h.hexdigest() if h is not None else trailer.sha256, trailer, what)
+    return trailer
