@@ -273,7 +273,7 @@ def _validate(s: Settings, sources: Mapping[str, str]) -> None:
 
 
 def _valid_compress(spec: str) -> bool:
-    """The syntax repo.codec.parse_codec accepts (config may not import it: layers)."""
+    """The syntax repo.envelope.parse_codec accepts (config may not import it: layers)."""
     name, sep, level = spec.strip().lower().partition(":")
     if name == "none":
         return not sep

@@ -36,7 +36,7 @@ from pitr.ops.backup import new_backup_id
 from pitr.ops.backup_files import SourceFile
 from pitr.ops.backup_store import Pipeline, StoreOptions, is_internal_abort
 from pitr.pg import pagecheck
-from pitr.repo import codec as envelope
+from pitr.repo import envelope
 from pitr.repo.format import backup_dir, wal_key
 from pitr.repo.manifest import Manifest, list_backup_ids, read_manifest
 from pitr.storage.base import Storage

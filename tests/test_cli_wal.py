@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pitr.errors import EXIT_FETCH_HARD
-from pitr.repo import codec
+from pitr.repo import envelope
 from pitr.repo.format import wal_key
 from pitr.storage.fs import FsStorage
 from tests.support.walgen import SEG, SYSID, fs_repo, segment
@@ -198,16 +198,16 @@ def test_fetch_hard_failures_exit_above_125(repo: FsStorage, seg_file: Path, tmp
     elif case == "not-initialized":
         repo.delete("pitr.json")
     elif case in ("corrupt-object", "truncated-object"):
-        blob = bytearray(codec.encode(seg_file.read_bytes(), codec.Codec("zstd", 3)))
+        blob = bytearray(envelope.encode(seg_file.read_bytes(), envelope.Codec("zstd", 3)))
         if case == "corrupt-object":
             blob[len(blob) // 2] ^= 1
         else:
             del blob[len(blob) // 2:]
         repo.put(key, bytes(blob))
     elif case == "short-segment":
-        repo.put(key, codec.encode(seg_file.read_bytes()[: SEG // 2], codec.Codec("zstd", 3)))
+        repo.put(key, envelope.encode(seg_file.read_bytes()[: SEG // 2], envelope.Codec("zstd", 3)))
     elif case == "foreign-segment":
-        repo.put(key, codec.encode(segment(NAME, sysid=SYSID + 5), codec.Codec("zstd", 3)))
+        repo.put(key, envelope.encode(segment(NAME, sysid=SYSID + 5), envelope.Codec("zstd", 3)))
     elif case == "not-a-wal-name":
         args = ["RECOVERYXLOG", tmp_path / "RECOVERYXLOG"]
     elif case == "too-few-arguments":

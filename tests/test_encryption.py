@@ -250,7 +250,7 @@ def test_wal_push_repush_and_conflict_in_an_encrypted_repo(tmp_path: Path) -> No
     """The identical-re-push check reads the stored trailer through the cipher (a ranged read from the end)."""
     from pitr.errors import ConflictError
     from pitr.ops import archive
-    from pitr.repo.codec import Codec
+    from pitr.repo.envelope import Codec
     from pitr.repo.format import wal_key
     from tests.support.walgen import SYSID, segment
 

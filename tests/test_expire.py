@@ -69,7 +69,7 @@ class Repo0:
         return self
 
     def history(self, tli: int, parent: int, switch_segno: int) -> Repo0:
-        from pitr.repo import codec as envelope
+        from pitr.repo import envelope
 
         text = f"{parent}\t{walname.format_lsn(switch_segno * SEG + 123)}\tno recovery target\n".encode()
         self.s.put(wal_key(walname.history_name(tli)), envelope.encode(text, envelope.Codec("none", 0)))

@@ -13,7 +13,7 @@ import pytest
 
 from pitr.ops import backup as backup_op
 from pitr.pg.conn import PgSession
-from pitr.repo.codec import parse_codec
+from pitr.repo.envelope import parse_codec
 from pitr.repo.manifest import list_backup_ids
 from pitr.storage.fs import FsStorage
 from tests.support.maint import Repo, backup, pg15_cluster, start_repo

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pitr.ops import archive, spool
-from pitr.repo.codec import Codec
+from pitr.repo.envelope import Codec
 from pitr.repo.meta import read_meta
 from tests.support import walgen
 from tests.support.faults import PITR, kill_env, run

@@ -138,7 +138,7 @@ def _stop_helper(pgdata: Path) -> None:
 # --------------------------------------------------------------------------- sync, directory repository
 
 FS_STEPS = {
-    "encoded-not-written": ("pitr.repo.codec:encode", "after", ""),
+    "encoded-not-written": ("pitr.repo.envelope:encode", "after", ""),
     "temp-written-not-linked": ("os:link", "before", TMP_PREFIX),
     "linked-dir-not-fsynced": ("os:link", "after", TMP_PREFIX),
     "stored-not-answered": ("pitr.ops.archive:push", "after", ""),

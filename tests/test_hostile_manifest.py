@@ -26,7 +26,7 @@ from pitr.ops import restore_dest
 from pitr.ops.restore import MARKER, RestoreOptions, run_restore
 from pitr.ops.restore_dest import Layout, prepare_tree
 from pitr.ops.restore_plan import Target
-from pitr.repo import codec as envelope
+from pitr.repo import envelope
 from pitr.repo.format import META_KEY, manifest_key
 from pitr.repo.manifest import read_manifest
 from pitr.repo.meta import new_meta

@@ -19,8 +19,7 @@ from pitr.ops.backup_files import SourceFile
 from pitr.ops.backup_incr import BlockJobs, Parent, plan_files
 from pitr.ops.backup_store import Pipeline, StoreOptions
 from pitr.ops.restore_files import Item, write_files
-from pitr.repo import blockmap
-from pitr.repo import codec as envelope
+from pitr.repo import blockmap, envelope
 from pitr.repo.format import is_backup_id
 from pitr.repo.manifest import Manifest
 from pitr.storage.base import Storage

@@ -16,7 +16,7 @@ import pytest
 
 from pitr.ops.info import gather
 from pitr.pg import walname
-from pitr.repo import codec as envelope
+from pitr.repo import envelope
 from pitr.repo.format import META_KEY, wal_key
 from pitr.repo.manifest import Manifest, write_manifest
 from pitr.repo.meta import new_meta

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pitr.ops import archive, prefetch, spool
-from pitr.repo.codec import Codec
+from pitr.repo.envelope import Codec
 from pitr.repo.meta import read_meta
 from tests.support import walgen
 from tests.support.pg import PgCluster, make_tmpdir, rmtree_pg, run_as_postgres

@@ -16,7 +16,7 @@ import pytest
 
 from pitr.errors import WalFileError
 from pitr.ops import archive
-from pitr.repo.codec import Codec
+from pitr.repo.envelope import Codec
 from pitr.repo.format import wal_key
 from pitr.repo.meta import read_meta
 from pitr.storage.fs import FsStorage

@@ -21,7 +21,7 @@ import pytest
 from pitr.cli import globalargs
 from pitr.ops import archive, spool
 from pitr.pg import walname
-from pitr.repo.codec import Codec
+from pitr.repo.envelope import Codec
 from pitr.repo.meta import read_meta
 from pitr.storage.s3 import S3Storage
 from tests.support import walgen

@@ -22,7 +22,7 @@ import pytest
 
 from pitr.ops import archive, spool, stage
 from pitr.pg.recovery import render_restore_command
-from pitr.repo.codec import Codec
+from pitr.repo.envelope import Codec
 from pitr.repo.meta import read_meta
 from tests.support import walgen
 from tests.support.pg import make_tmpdir, rmtree_pg

@@ -25,7 +25,7 @@ from pitr.ops.init import init_repo
 from pitr.ops.storecheck import conformance
 from pitr.pg import walname
 from pitr.pg.conn import ServerInfo
-from pitr.repo.codec import Codec, encode
+from pitr.repo.envelope import Codec, encode
 from pitr.repo.format import META_KEY, wal_key
 from pitr.repo.meta import new_meta, read_meta
 from pitr.storage.fs import FsStorage

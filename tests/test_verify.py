@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pitr.pg import walname
-from pitr.repo import codec as envelope
+from pitr.repo import envelope
 from pitr.repo.format import META_KEY, backup_data_key, manifest_key, wal_key
 from pitr.repo.manifest import FileEntry, Manifest, write_manifest
 from pitr.repo.meta import new_meta

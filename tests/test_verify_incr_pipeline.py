@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("pitr.ops.backup_incr")
 
 from pitr.ops.verify import VerifyOptions, verify  # noqa: E402
-from pitr.repo import codec as envelope  # noqa: E402
+from pitr.repo import envelope  # noqa: E402
 from pitr.repo.format import META_KEY, backup_dir  # noqa: E402
 from pitr.repo.manifest import write_manifest  # noqa: E402
 from pitr.repo.meta import new_meta  # noqa: E402

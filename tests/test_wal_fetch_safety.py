@@ -27,7 +27,7 @@ import pytest
 
 from pitr.errors import EXIT_FETCH_HARD, RepoMissingError
 from pitr.ops import archive, spool
-from pitr.repo import codec
+from pitr.repo import envelope
 from pitr.repo.format import META_KEY, wal_key
 from pitr.repo.meta import new_meta
 from pitr.storage.base import Storage
@@ -98,14 +98,14 @@ def make_site(request: pytest.FixtureRequest) -> Iterator[object]:
             store = walgen.fs_repo(base / "repo")
             site.env["PITR_REPO"] = str(base / "repo")
             for n in names:
-                store.put(wal_key(n), codec.encode(walgen.segment(n), codec.Codec("zstd", 1)))
+                store.put(wal_key(n), envelope.encode(walgen.segment(n), envelope.Codec("zstd", 1)))
         else:
             moto: MotoServer = request.getfixturevalue("moto_server")
             site.moto, site.bucket = moto, request.getfixturevalue("s3_bucket")
             site.env |= moto.env() | {"PITR_REPO": f"s3://{site.bucket}/db"}
             _s3_put(moto, site.bucket, META_KEY, new_meta(walgen.SYSID, 15, walgen.SEG).to_json())
             for n in names:
-                _s3_put(moto, site.bucket, wal_key(n), codec.encode(walgen.segment(n), codec.Codec("zstd", 1)))
+                _s3_put(moto, site.bucket, wal_key(n), envelope.encode(walgen.segment(n), envelope.Codec("zstd", 1)))
         made.append(site)
         return site
 

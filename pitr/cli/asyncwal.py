@@ -302,7 +302,7 @@ def _push_helper(glob: list[str], pg_wal: Path, sdir: Path, opts: dict[str, str]
     from pitr.config import load_settings
     from pitr.errors import PitrError
     from pitr.ops import pushd
-    from pitr.repo.codec import parse_codec
+    from pitr.repo.envelope import parse_codec
     from pitr.repo.meta import read_meta
 
     log = logging.getLogger("pitr")

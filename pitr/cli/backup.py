@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
         from pitr.errors import UsageError
         from pitr.ops.backup import BACKUP_TYPES, BackupOptions, take_backup
         from pitr.pg.conn import PgSession
-        from pitr.repo.codec import parse_codec
+        from pitr.repo.envelope import parse_codec
 
         if type_ not in BACKUP_TYPES:
             raise UsageError(f"unknown backup type {type_!r}", "use --type full, diff or incr")

@@ -24,7 +24,7 @@ def run_wal_push(settings: Settings, path: str) -> int:
             return rc
     from pitr.cli.repoopen import open_repo
     from pitr.ops import archive
-    from pitr.repo.codec import parse_codec
+    from pitr.repo.envelope import parse_codec
     from pitr.repo.meta import read_meta
 
     storage = None

@@ -31,7 +31,7 @@ from pitr.errors import (
     WalFileError,
 )
 from pitr.pg import walheader, walname
-from pitr.repo import codec as envelope
+from pitr.repo import envelope
 from pitr.repo.format import META_KEY, wal_key
 from pitr.repo.meta import RepoMeta
 from pitr.storage.base import Storage

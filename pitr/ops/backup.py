@@ -41,8 +41,7 @@ from pitr.ops.backup_files import ScanOptions, scan
 from pitr.ops.backup_store import Pipeline, Progress, StoreOptions, is_internal_abort
 from pitr.pg import layout, walname
 from pitr.pg.conn import PgSession, ServerInfo
-from pitr.repo import codec as envelope
-from pitr.repo import restore_points
+from pitr.repo import envelope, restore_points
 from pitr.repo.catalog import present_wal
 from pitr.repo.format import backup_dir
 from pitr.repo.format import started_key as format_started_key

@@ -32,7 +32,7 @@ from typing import BinaryIO, Protocol
 from pitr.errors import BackupError
 from pitr.ops.backup_files import SourceFile
 from pitr.pg.pagecheck import BatchChecker, PageChecker
-from pitr.repo import codec as envelope
+from pitr.repo import envelope
 from pitr.repo.format import backup_data_key
 from pitr.repo.manifest import FileEntry
 from pitr.storage.base import Storage

@@ -28,7 +28,7 @@ from pitr.errors import IntegrityError, NotFoundError, PitrError
 from pitr.ops import spool
 from pitr.ops.archive import confirm_missing
 from pitr.pg import walheader, walname
-from pitr.repo import codec as envelope
+from pitr.repo import envelope
 from pitr.repo.format import wal_key
 from pitr.repo.meta import RepoMeta
 from pitr.storage.base import Storage

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pitr.errors import PitrError, StorageError
 from pitr.ops import archive, spool
-from pitr.repo.codec import Codec
+from pitr.repo.envelope import Codec
 from pitr.repo.meta import RepoMeta
 from pitr.storage.base import Storage
 

@@ -17,8 +17,7 @@ from typing import BinaryIO, Protocol
 import numpy as np
 
 from pitr.errors import IntegrityError
-from pitr.repo import blockmap
-from pitr.repo import codec as envelope
+from pitr.repo import blockmap, envelope
 from pitr.repo.manifest import FileEntry, Source, sources_of
 
 RUN_BLOCKS = 128  # blocks written per call (1 MiB of 8 KiB blocks)

@@ -30,8 +30,7 @@ from typing import BinaryIO
 from pitr.errors import IntegrityError, Interrupted, NotFoundError, RestoreError
 from pitr.ops.restore_assemble import assemble
 from pitr.ops.restore_dest import remove_path
-from pitr.repo import blockmap
-from pitr.repo import codec as envelope
+from pitr.repo import blockmap, envelope
 from pitr.repo.format import backup_dir
 from pitr.repo.manifest import FileEntry, Manifest
 from pitr.storage.base import Storage

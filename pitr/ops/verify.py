@@ -26,7 +26,7 @@ from typing import BinaryIO
 
 from pitr.errors import IntegrityError, NotFoundError
 from pitr.pg import walheader, walname
-from pitr.repo import codec as envelope
+from pitr.repo import envelope
 from pitr.repo.catalog import WalCatalog, scan_wal
 from pitr.repo.chain import chain_problems, dependencies
 from pitr.repo.format import BACKUP_PREFIX, HISTORY_PREFIX, META_KEY, WAL_PREFIX, backup_dir, manifest_key, wal_key

@@ -22,8 +22,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from pitr.errors import IntegrityError
-from pitr.repo import blockmap
-from pitr.repo import codec as envelope
+from pitr.repo import blockmap, envelope
 from pitr.repo.format import backup_dir
 from pitr.repo.manifest import FileEntry, Manifest, path_problem
 from pitr.storage.base import Storage

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pitr.errors import IntegrityError
-from pitr.repo import codec as envelope
+from pitr.repo import envelope
 from pitr.repo.format import backup_dir
 from pitr.repo.manifest import FileEntry
 from pitr.storage.base import Storage

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from pitr.pg import walname
 from pitr.pg.walname import HistoryEntry
-from pitr.repo import codec as envelope
+from pitr.repo import envelope
 from pitr.repo.format import WAL_PREFIX, wal_key
 from pitr.repo.manifest import Manifest, list_manifests
 from pitr.storage.base import ObjectInfo, Storage

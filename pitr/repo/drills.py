@@ -4,7 +4,7 @@
 `check --max-drill-age` read the newest ones. The id starts with the drill's UTC start time
 (YYYYMMDDTHHMMSSZ-<random>), so ids sort by time and the newest record is found from one
 listing without reading the others. Each record is JSON inside the object envelope
-(repo/codec.py), like a manifest, so its bytes are checksummed and an encrypted repository can
+(repo/envelope.py), like a manifest, so its bytes are checksummed and an encrypted repository can
 seal it with the other objects (docs/repository-format.md).
 """
 
@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from pitr.errors import IntegrityError, NotFoundError
-from pitr.repo import codec as envelope
+from pitr.repo import envelope
 from pitr.storage.base import Storage
 
 PREFIX = "drills/"

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pitr.errors import IntegrityError, NotFoundError
-from pitr.repo import codec as envelope
+from pitr.repo import envelope
 from pitr.repo.format import BACKUP_PREFIX, FORMAT_VERSION, MAX_MANIFEST_FORMAT, is_backup_id, manifest_key
 from pitr.storage.base import Storage
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 
-from pitr.repo import codec
+from pitr.repo import envelope
 
 BOMB_RAW = 512 << 20  # what the payload expands to
 
@@ -22,5 +22,5 @@ def bomb(declared: int = 8192, *, content_size: bool = False) -> bytes:
     zero = bytes(1 << 20)
     body = b"".join(comp.compress(zero) for _ in range(BOMB_RAW >> 20)) + comp.flush()
     assert len(body) < 32 << 10
-    return (codec.header_bytes(codec.Codec("zstd", 1)) + body
-            + codec.trailer_bytes(declared, hashlib.sha256(b"x").digest()))
+    return (envelope.header_bytes(envelope.Codec("zstd", 1)) + body
+            + envelope.trailer_bytes(declared, hashlib.sha256(b"x").digest()))

@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 
 from pitr.pg import walname
-from pitr.repo import codec as envelope
+from pitr.repo import envelope
 from pitr.repo.format import backup_data_key
 from pitr.repo.manifest import DirEntry, FileEntry, Manifest, Tablespace, write_manifest
 from pitr.storage.base import Storage

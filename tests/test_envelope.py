@@ -10,8 +10,8 @@ import struct
 import pytest
 
 from pitr.errors import ConfigError, IntegrityError
-from pitr.repo import codec
-from pitr.repo.codec import Codec, decode, decode_stream, encode, encode_stream, parse_codec
+from pitr.repo import envelope
+from pitr.repo.envelope import Codec, decode, decode_stream, encode, encode_stream, parse_codec
 from tests.support.bomb import BOMB_RAW, bomb
 
 CODECS = [Codec("none", 0), Codec("zstd", 3)]
@@ -23,7 +23,7 @@ def sample(n: int = 200_000) -> bytes:
     return (b"postgres wal " * (n // 26))[: n // 2] + os.urandom(n - n // 2)
 
 
-def stream_decode(blob: bytes, chunk: int = codec.CHUNK) -> bytes:
+def stream_decode(blob: bytes, chunk: int = envelope.CHUNK) -> bytes:
     out = io.BytesIO()
     decode_stream(io.BytesIO(blob), out, chunk=chunk)
     return out.getvalue()
@@ -38,9 +38,9 @@ def test_round_trip_bytes_and_stream(c: Codec, raw: bytes) -> None:
     assert decode(streamed) == raw
     assert stream_decode(blob) == raw
     assert stream_decode(streamed, chunk=1000) == raw
-    reader = codec.EncodedReader(encode_stream(io.BytesIO(raw), c, chunk=4096))
+    reader = envelope.EncodedReader(encode_stream(io.BytesIO(raw), c, chunk=4096))
     pulled = b"".join(iter(lambda: reader.read(777), b""))
-    assert decode(pulled) == raw and reader.emitted == len(pulled) and reader.tail == pulled[-codec.TRAILER_SIZE:]
+    assert decode(pulled) == raw and reader.emitted == len(pulled) and reader.tail == pulled[-envelope.TRAILER_SIZE:]
 
 
 def test_layout_matches_the_spec() -> None:
@@ -53,7 +53,7 @@ def test_layout_matches_the_spec() -> None:
     assert (size, digest, end) == (len(raw), hashlib.sha256(raw).digest(), b"PITR-END")
     z = encode(raw, Codec("zstd", 7))
     assert z[5] == 1 and z[6] == 7 and z[16:20] == b"\x28\xb5\x2f\xfd"  # one zstd frame follows
-    t = codec.parse_trailer(z, "x")
+    t = envelope.parse_trailer(z, "x")
     assert t.size == len(raw) and t.sha256 == hashlib.sha256(raw).hexdigest()
 
 
@@ -147,7 +147,7 @@ def test_repository_format_doc_covers_the_schema() -> None:
     for cls in (Manifest, FileEntry, DirEntry, Tablespace, RepoMeta):
         missing = [f.name for f in fields(cls) if f"`{f.name}`" not in doc]
         assert missing == [], f"{cls.__name__}: {missing}"
-    assert f"u8, {codec.VERSION}" in doc and codec.MAGIC.decode() in doc and codec.END.decode() in doc
+    assert f"u8, {envelope.VERSION}" in doc and envelope.MAGIC.decode() in doc and envelope.END.decode() in doc
 
 
 # --------------------------------------------------------------------------- decompression bombs
