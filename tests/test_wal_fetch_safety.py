@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from pitr.errors import EXIT_FETCH_HARD, RepoMissingError
-from pitr.ops import archive, spool
+from pitr.ops import archive, spool, stage
 from pitr.repo import envelope
 from pitr.repo.format import META_KEY, wal_key
 from pitr.repo.meta import new_meta
@@ -318,12 +318,17 @@ def test_recovery_stops_instead_of_promoting_when_the_repository_vanishes(  # ty
     dst = cluster_factory("dst")
     run_as_postgres([pitr_exe, "restore", "--pgdata", dst.data], env=env)
     # replay holds at the first commit (made minutes ago, so "1h" away) until the delay is lifted
-    dst.append_conf("recovery_min_apply_delay = '1h'\n")
+    # (recovery_prefetch off: its WAL read-ahead would ask for the next segments past the held commit)
+    dst.append_conf("recovery_min_apply_delay = '1h'\nrecovery_prefetch = off\n")
     dst.start(env=env)
     assert dst.scalar("select pg_is_in_recovery()") is True
-    pdir = dst.data / "pg_wal" / spool.PREFETCH_SPOOL
+    stages = dst.data / "pg_wal" / stage.STAGE_DIR  # restore's restore_command: the one-liner over a stage
     deadline = time.monotonic() + 60
-    while not [e for e in os.listdir(pdir) if e.endswith(".meta")]:  # the helper is fetching ahead
+
+    def staged() -> list[str]:  # segments the helper verified ahead of replay, waiting under their name
+        return [e for d in stages.iterdir() if d.is_dir() for e in os.listdir(d) if len(e) == 24]
+
+    while not stages.is_dir() or not staged():
         assert time.monotonic() < deadline, dst.log_tail()
         time.sleep(0.1)
 
@@ -364,4 +369,4 @@ def test_recovery_stops_instead_of_promoting_when_the_repository_vanishes(  # ty
         time.sleep(0.2)
     assert dst.scalar("select count(*) from t") == 14
     dst.stop()
-    _stop_helpers(pdir, spool.PREFETCHD)
+    spool.stop_helpers(dst.data)
