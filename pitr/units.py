@@ -1,4 +1,4 @@
-"""Durations in words, one way for every command's output and message (cli/render, ops/check)."""
+"""Durations in words, one way for every command's output and message (cli/render, ops/proof/check)."""
 
 from __future__ import annotations
 

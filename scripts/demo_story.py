@@ -474,7 +474,7 @@ class Demo:
                 c.ensure_stopped()
             except Exception as e:  # keep cleaning up the rest
                 note(f"could not stop {c.name}: {e}")
-        from pitr.ops import spool
+        from pitr.ops.wal import spool
 
         for c in self.clusters:  # their async archivers and prefetchers exit with them; do not leave it to chance
             spool.stop_helpers(c.data)

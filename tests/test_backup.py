@@ -32,9 +32,9 @@ import psycopg
 import pytest
 
 from pitr.errors import StorageError
-from pitr.ops.backup import new_backup_id
-from pitr.ops.backup_files import SourceFile
-from pitr.ops.backup_store import Pipeline, StoreOptions, is_internal_abort
+from pitr.ops.base.backup import new_backup_id
+from pitr.ops.base.backup_files import SourceFile
+from pitr.ops.base.backup_store import Pipeline, StoreOptions, is_internal_abort
 from pitr.pg import pagecheck
 from pitr.repo import envelope
 from pitr.repo.format import backup_dir, wal_key

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 
 from pitr.errors import EXIT_FETCH_HARD, IntegrityError
-from pitr.ops import prefetch, restore_files
-from pitr.ops.restore import run_restore
-from pitr.ops.verify import VerifyOptions, verify
+from pitr.ops.proof.verify import VerifyOptions, verify
+from pitr.ops.recovery import restore_files
+from pitr.ops.recovery.restore import run_restore
+from pitr.ops.wal import prefetch
 from pitr.repo.format import META_KEY, manifest_key, wal_key
 from pitr.repo.manifest import read_manifest, write_manifest
 from pitr.repo.meta import read_meta

@@ -1,4 +1,4 @@
-"""Chains of diff/incr backups (repo/chain.py) and restore's choice among them (ops/restore_plan.py):
+"""Chains of diff/incr backups (repo/chain.py) and restore's choice among them (ops/recovery/restore_plan.py):
 hand-built manifests, read back through the real manifest codec from memory storage."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from pitr.errors import RestoreError
-from pitr.ops.restore_plan import Target, make_plan
+from pitr.ops.recovery.restore_plan import Target, make_plan
 from pitr.pg import walname
 from pitr.repo.chain import chain_problem, chain_problems, dependencies, parent_chain, root_of
 from pitr.repo.manifest import FileEntry, Manifest, read_manifests, write_manifest

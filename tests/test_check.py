@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pitr.config import parse_repo_url
-from pitr.ops.check import judge_archive_command, parse_duration
+from pitr.ops.proof.check import judge_archive_command, parse_duration
 from pitr.repo.format import META_KEY, wal_key
 from pitr.repo.meta import new_meta
 from pitr.storage.fs import FsStorage

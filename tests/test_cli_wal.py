@@ -222,7 +222,7 @@ def test_fetch_hard_failures_exit_above_125(repo: FsStorage, seg_file: Path, tmp
 
 def test_fetch_unexpected_exception_still_exits_above_125(repo: FsStorage, seg_file: Path, tmp_path: Path) -> None:
     """A bug must not look like "end of archive" to PostgreSQL: run main() with a fault injected."""
-    code = ("import sys\nimport pitr.ops.archive as a\n"
+    code = ("import sys\nimport pitr.ops.wal.archive as a\n"
             "def boom(*args, **kw):\n    raise RuntimeError('injected fault')\n"
             "a.fetch_with_retries = boom\n"
             "sys.argv = ['pitr', 'wal-fetch', sys.argv[1], sys.argv[2]]\n"

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from pitr.errors import RestoreError, UsageError
-from pitr.ops import db_include
+from pitr.ops.recovery import db_include
 
 
 def _m(dbs: object) -> object:

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from pitr.errors import RestoreError
-from pitr.ops.restore import RestoreOptions, run_restore
-from pitr.ops.restore_plan import Target
+from pitr.ops.recovery.restore import RestoreOptions, run_restore
+from pitr.ops.recovery.restore_plan import Target
 from pitr.storage.fs import FsStorage
 from tests.conftest import ClusterFactory
 from tests.support.pg import PgCluster, chown_pg, make_tmpdir, rmtree_pg, run_as_postgres

@@ -145,7 +145,7 @@ def test_wrap_unwrap_and_wrong_keys(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the repository layer
 
 def make_encrypted_repo(tmp_path: Path) -> tuple[FsStorage, keys.KeySource]:
-    from pitr.ops.init import init_repo
+    from pitr.ops.admin.init import init_repo
 
     root = tmp_path / "repo"
     inner = FsStorage(root)
@@ -185,7 +185,7 @@ def test_encrypted_repo_refuses_without_key_before_reading_objects(tmp_path: Pat
 
 
 def test_init_encrypt_refusals(tmp_path: Path) -> None:
-    from pitr.ops.init import init_repo
+    from pitr.ops.admin.init import init_repo
 
     info = ServerInfo(150010, 7300000000000000001, 16 << 20, "/data", False)
     plain = FsStorage(tmp_path / "plain")
@@ -210,7 +210,7 @@ def test_init_encrypt_refusals(tmp_path: Path) -> None:
 
 
 def test_key_rotate_rewraps(tmp_path: Path) -> None:
-    from pitr.ops.keys import rotate
+    from pitr.ops.admin.keys import rotate
 
     inner, old = make_encrypted_repo(tmp_path)
     RepoStorage(inner, old).put("backups/b/manifest", b"m" * 100_000)
@@ -249,7 +249,7 @@ def test_a_format_1_reader_asks_for_an_upgrade(tmp_path: Path, monkeypatch: pyte
 def test_wal_push_repush_and_conflict_in_an_encrypted_repo(tmp_path: Path) -> None:
     """The identical-re-push check reads the stored trailer through the cipher (a ranged read from the end)."""
     from pitr.errors import ConflictError
-    from pitr.ops import archive
+    from pitr.ops.wal import archive
     from pitr.repo.envelope import Codec
     from pitr.repo.format import wal_key
     from tests.support.walgen import SYSID, segment

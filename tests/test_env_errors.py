@@ -126,7 +126,7 @@ def test_unclear_target_time_is_refused(tmp_path: Path, value: str, needle: str)
 
 def test_clear_target_times_still_parse() -> None:
     """The same hours with a zone, or on other days, are fine (the refusals above are not blanket)."""
-    code = ("from pitr.ops.restore_plan import parse_time as p;"
+    code = ("from pitr.ops.recovery.restore_plan import parse_time as p;"
             "print(p('2026-10-25 02:30+01'), p('2026-03-29 03:30'), p('13/04/2026 10:00'),"
             " p('2026-03-01 14:30:00.05'))")
     r = subprocess.run([sys.executable, "-c", code], env={"TZ": "Europe/Berlin", "PATH": os.environ["PATH"]},

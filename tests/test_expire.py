@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pitr.errors import StorageError, UsageError
-from pitr.ops.retention import Policy, apply, gather_and_plan
+from pitr.ops.admin.retention import Policy, apply, gather_and_plan
 from pitr.pg import walname
 from pitr.repo.catalog import scan_wal
 from pitr.repo.format import META_KEY, backup_data_key, manifest_key, started_key, wal_key

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pitr.errors import StorageError
-from pitr.ops.retention import Policy, apply, gather_and_plan
+from pitr.ops.admin.retention import Policy, apply, gather_and_plan
 from pitr.repo.format import META_KEY, backup_data_key, manifest_key, wal_key
 from pitr.repo.manifest import FileEntry, list_backup_ids, write_manifest
 from pitr.repo.meta import new_meta

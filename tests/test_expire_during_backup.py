@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pitr.ops import backup as backup_op
+from pitr.ops.base import backup as backup_op
 from pitr.pg.conn import PgSession
 from pitr.repo.envelope import parse_codec
 from pitr.repo.manifest import list_backup_ids

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from pitr.ops.retention import TEMP_GRACE, Policy, apply, gather_and_plan
+from pitr.ops.admin.retention import TEMP_GRACE, Policy, apply, gather_and_plan
 from pitr.repo.format import wal_key
 from tests.support.walgen import fs_repo
 

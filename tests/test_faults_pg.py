@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from pitr.ops import archive
+from pitr.ops.wal import archive
 from pitr.repo.meta import read_meta
 from pitr.storage.fs import FsStorage
 from pitr.storage.s3 import S3Storage
@@ -175,11 +175,11 @@ def pg_ctl_start_fails(dest: PgCluster) -> bool:
 # --------------------------------------------------------------------------- backup
 
 BACKUP_STEPS = {
-    "id-claimed": ("pitr.ops.backup:claim_backup_id", "after", 1, ""),
+    "id-claimed": ("pitr.ops.base.backup:claim_backup_id", "after", 1, ""),
     "some-files-stored": ("pitr.storage.fs:FsStorage.put", "after", 2, "/data/"),
-    "waiting-for-wal": ("pitr.ops.backup:wait_for_wal", "before", 1, ""),
-    "before-manifest": ("pitr.ops.backup:write_manifest", "before", 1, ""),
-    "manifest-written": ("pitr.ops.backup:write_manifest", "after", 1, ""),
+    "waiting-for-wal": ("pitr.ops.base.backup:wait_for_wal", "before", 1, ""),
+    "before-manifest": ("pitr.ops.base.backup:write_manifest", "before", 1, ""),
+    "manifest-written": ("pitr.ops.base.backup:write_manifest", "after", 1, ""),
 }
 
 
@@ -205,11 +205,11 @@ def test_backup_killed_at_each_step(src: Source, pg_version: str, step: str) -> 
 # --------------------------------------------------------------------------- restore
 
 RESTORE_STEPS = {
-    "marker-and-directories": ("pitr.ops.restore:prepare_tree", "after", 1, ""),
-    "some-files": ("pitr.ops.restore_files:FileWriter._settle", "after", 30, ""),
-    "recovery-settings": ("pitr.ops.restore:write_recovery", "after", 1, ""),
-    "synced-before-pg-control": ("pitr.ops.restore:sync_filesystems", "after", 1, ""),
-    "pg-control-written": ("pitr.ops.restore:fsync_dir", "after", 1, ""),
+    "marker-and-directories": ("pitr.ops.recovery.restore:prepare_tree", "after", 1, ""),
+    "some-files": ("pitr.ops.recovery.restore_files:FileWriter._settle", "after", 30, ""),
+    "recovery-settings": ("pitr.ops.recovery.restore:write_recovery", "after", 1, ""),
+    "synced-before-pg-control": ("pitr.ops.recovery.restore:sync_filesystems", "after", 1, ""),
+    "pg-control-written": ("pitr.ops.recovery.restore:fsync_dir", "after", 1, ""),
 }
 
 
@@ -229,7 +229,7 @@ def test_restore_killed_at_each_step(src: Source, pg_version: str, step: str) ->
     assert (dest.data / MARKER).exists()
     if step == "some-files":  # the --delta run that finishes it can be killed too, and finished again
         r = src.pitr("restore", "--pgdata", dest.data, "--archive-mode", "off", "--delta",
-                     env=kill_env("pitr.ops.restore_files:FileWriter._settle", "after", 60))
+                     env=kill_env("pitr.ops.recovery.restore_files:FileWriter._settle", "after", 60))
         assert r.returncode == -9, r.stderr
         assert (dest.data / MARKER).exists() and not (dest.data / "global" / "pg_control").exists()
     delta = src.pitr("restore", "--pgdata", dest.data, "--archive-mode", "off", "--delta")
@@ -248,7 +248,7 @@ def test_restore_onto_a_disk_that_fills_up(src: Source, pg_version: str) -> None
         data = dest.base / "mnt" / "data"
         filler = dest.base / "mnt" / "filler"
         r = src.pitr("restore", "--pgdata", data, "--archive-mode", "off",
-                     env=kill_env("pitr.ops.restore_files:FileWriter._settle", "after", 20, fill=filler))
+                     env=kill_env("pitr.ops.recovery.restore_files:FileWriter._settle", "after", 20, fill=filler))
         assert r.returncode not in (0, -9), r.stdout + r.stderr
         assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
         assert "space" in r.stderr.lower(), r.stderr

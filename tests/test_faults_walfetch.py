@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pitr.ops import archive, spool
+from pitr.ops.wal import archive, spool
 from pitr.repo.envelope import Codec
 from pitr.repo.meta import read_meta
 from tests.support import walgen
@@ -48,9 +48,9 @@ def restoring() -> Iterator[tuple[Path, Path, Path]]:
 
 
 STEPS = {
-    "mid-write": ("pitr.ops.prefetch:_CrcWriter.write", "after", 3, ""),
+    "mid-write": ("pitr.ops.wal.prefetch:_CrcWriter.write", "after", 3, ""),
     "renamed-before-meta": ("os:replace", "after", 1, f"{spool.PREFETCH_SPOOL}/{NAMES[1]}"),
-    "before-meta": ("pitr.ops.spool:write_marker", "before", 1, f"{NAMES[2]}.meta"),
+    "before-meta": ("pitr.ops.wal.spool:write_marker", "before", 1, f"{NAMES[2]}.meta"),
 }
 
 

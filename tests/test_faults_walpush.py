@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pitr.ops import spool
+from pitr.ops.wal import spool
 from pitr.repo.format import META_KEY, wal_key
 from pitr.repo.meta import new_meta
 from pitr.storage.base import Storage
@@ -141,7 +141,7 @@ FS_STEPS = {
     "encoded-not-written": ("pitr.repo.envelope:encode", "after", ""),
     "temp-written-not-linked": ("os:link", "before", TMP_PREFIX),
     "linked-dir-not-fsynced": ("os:link", "after", TMP_PREFIX),
-    "stored-not-answered": ("pitr.ops.archive:push", "after", ""),
+    "stored-not-answered": ("pitr.ops.wal.archive:push", "after", ""),
 }
 
 
@@ -187,9 +187,9 @@ def test_sync_push_killed_at_each_step_s3(s3_site: Site, step: str) -> None:
 
 ASYNC = {"PITR_ARCHIVE_ASYNC": "true", "PITR_ARCHIVE_PUSH_JOBS": "2"}
 ASYNC_STEPS = {
-    "helper-before-push": ("pitr.ops.archive:push", "before"),
-    "helper-stored-no-ok": ("pitr.ops.spool:write_ok", "before"),
-    "helper-after-ok": ("pitr.ops.spool:write_ok", "after"),
+    "helper-before-push": ("pitr.ops.wal.archive:push", "before"),
+    "helper-stored-no-ok": ("pitr.ops.wal.spool:write_ok", "before"),
+    "helper-after-ok": ("pitr.ops.wal.spool:write_ok", "after"),
 }
 
 
@@ -212,7 +212,7 @@ def test_async_helper_killed_once_then_the_push_completes(fs_site: Site, step: s
 
 def test_async_helper_killed_every_time_acknowledges_nothing(fs_site: Site) -> None:
     """Every helper dies after storing but before `.ok`: wal-push must fail, and no `.ok` is left."""
-    rc, err = fs_site.push(ASYNC, kill_env("pitr.ops.spool:write_ok", "before"), timeout=90)
+    rc, err = fs_site.push(ASYNC, kill_env("pitr.ops.wal.spool:write_ok", "before"), timeout=90)
     assert rc != 0 and rc != -9, err
     assert "async archiver" in err and "Traceback" not in err
     assert not _ok_marker(fs_site).exists()

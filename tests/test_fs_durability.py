@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pitr.errors import AlreadyExistsError, StorageError
-from pitr.ops import archive
+from pitr.ops.wal import archive
 from pitr.repo.envelope import Codec
 from pitr.repo.format import wal_key
 from pitr.repo.meta import read_meta

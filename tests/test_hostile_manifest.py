@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 
 from pitr.errors import IntegrityError, RestoreError
-from pitr.ops import restore_dest
-from pitr.ops.restore import MARKER, RestoreOptions, run_restore
-from pitr.ops.restore_dest import Layout, prepare_tree
-from pitr.ops.restore_plan import Target
+from pitr.ops.recovery import restore_dest
+from pitr.ops.recovery.restore import MARKER, RestoreOptions, run_restore
+from pitr.ops.recovery.restore_dest import Layout, prepare_tree
+from pitr.ops.recovery.restore_plan import Target
 from pitr.repo import envelope
 from pitr.repo.format import META_KEY, manifest_key
 from pitr.repo.manifest import read_manifest

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from pitr.errors import IntegrityError
-from pitr.ops.backup_files import SourceFile
-from pitr.ops.backup_incr import BlockJobs, Parent, plan_files
-from pitr.ops.backup_store import Pipeline, StoreOptions
-from pitr.ops.restore_files import Item, write_files
+from pitr.ops.base.backup_files import SourceFile
+from pitr.ops.base.backup_incr import BlockJobs, Parent, plan_files
+from pitr.ops.base.backup_store import Pipeline, StoreOptions
+from pitr.ops.recovery.restore_files import Item, write_files
 from pitr.repo import blockmap, envelope
 from pitr.repo.format import is_backup_id
 from pitr.repo.manifest import Manifest
@@ -222,7 +222,7 @@ def store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_p
     if request.param == "memory":
         return MemoryStorage()
     if request.param == "encrypted":
-        from pitr.ops.init import init_repo
+        from pitr.ops.admin.init import init_repo
         from pitr.pg.conn import ServerInfo
         from pitr.repo import keys
         from pitr.repo.sealed import RepoStorage
@@ -343,7 +343,7 @@ def test_a_damaged_block_fails_the_assembled_check(tmp_path: Path) -> None:
 def test_runs_group_consecutive_blocks_of_one_source() -> None:
     import numpy as np
 
-    from pitr.ops.restore_assemble import runs
+    from pitr.ops.recovery.restore_assemble import runs
 
     src = np.array([1, 1, 1, 0, 1, 1], dtype="<u2")
     ordv = np.array([0, 1, 2, 0, 4, 5], dtype="<u4")
@@ -377,7 +377,7 @@ def _stored(storage: Storage, bid: str, type_: str = "full", parent: str | None 
 
 
 def test_the_parent_is_the_newest_usable_backup_or_a_full_one_is_taken() -> None:
-    from pitr.ops.backup_incr import Server, choose_base
+    from pitr.ops.base.backup_incr import Server, choose_base
 
     s = MemoryStorage()
     server = Server(1, 15, 1, BS)
@@ -417,7 +417,7 @@ def test_a_missing_ancestor_is_a_clear_error(tmp_path: Path) -> None:
 def test_the_started_marker_of_an_incr_names_its_parent() -> None:
     import datetime as dt
 
-    from pitr.ops.backup import mark_started, started_key
+    from pitr.ops.base.backup import mark_started, started_key
 
     s = MemoryStorage()
     now = dt.datetime.now(dt.UTC)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pitr.ops.info import gather
+from pitr.ops.admin.info import gather
 from pitr.pg import walname
 from pitr.repo import envelope
 from pitr.repo.format import META_KEY, wal_key

@@ -7,7 +7,7 @@ import dataclasses
 import json
 
 from pitr.cli.info import render_text, to_json
-from pitr.ops.info import gather
+from pitr.ops.admin.info import gather
 from pitr.repo import envelope
 from pitr.repo.format import META_KEY, manifest_key, wal_key
 from pitr.repo.manifest import write_manifest

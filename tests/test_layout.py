@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pitr.ops.backup_files import ScanOptions, scan
+from pitr.ops.base.backup_files import ScanOptions, scan
 from pitr.pg import layout
 
 

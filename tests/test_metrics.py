@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pitr.ops.check import CheckOptions, CheckResult, age_points
-from pitr.ops.metrics import text
+from pitr.ops.proof.check import CheckOptions, CheckResult, age_points
+from pitr.ops.proof.metrics import text
 from pitr.repo import drills
 from pitr.repo.meta import read_meta
 from pitr.storage.base import ObjectInfo

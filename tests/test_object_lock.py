@@ -132,8 +132,8 @@ def test_init_lock_days_end_to_end(moto_env: MotoServer, pg_bindir: Path, pitr_e
 
 
 def test_encrypted_repository_keeps_the_policy_in_the_plain_part(moto_env: MotoServer) -> None:
-    from pitr.ops.init import init_repo
-    from pitr.ops.lock import record_lock
+    from pitr.ops.admin.init import init_repo
+    from pitr.ops.admin.lock import record_lock
     from pitr.pg.conn import ServerInfo
     from pitr.repo.keys import passphrase_source
     from pitr.repo.meta import read_meta

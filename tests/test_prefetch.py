@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pitr.ops import archive, prefetch, spool
+from pitr.ops.wal import archive, prefetch, spool
 from pitr.repo.envelope import Codec
 from pitr.repo.meta import read_meta
 from tests.support import walgen

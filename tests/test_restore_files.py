@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from pitr.errors import IntegrityError, RestoreError, UsageError
-from pitr.ops import restore_files
-from pitr.ops.restore import MARKER, RestoreOptions, run_restore
-from pitr.ops.restore_files import Item, RangeReader, Task, plan_tasks
-from pitr.ops.restore_plan import Target, parse_target
+from pitr.ops.recovery import restore_files
+from pitr.ops.recovery.restore import MARKER, RestoreOptions, run_restore
+from pitr.ops.recovery.restore_files import Item, RangeReader, Task, plan_tasks
+from pitr.ops.recovery.restore_plan import Target, parse_target
 from pitr.pg.recovery import TAG, guc_quote, render_restore_command, rewrite_auto_conf, set_keys
 from pitr.repo.manifest import FileEntry
 from pitr.storage.base import Storage

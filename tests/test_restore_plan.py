@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from pitr.errors import RestoreError, TargetError, UsageError
-from pitr.ops.restore_plan import (
+from pitr.ops.recovery.restore_plan import (
     Target,
     format_time,
     make_plan,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pitr.cli import globalargs
-from pitr.ops import archive, spool
+from pitr.ops.wal import archive, spool
 from pitr.pg import walname
 from pitr.repo.envelope import Codec
 from pitr.repo.meta import read_meta

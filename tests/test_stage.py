@@ -1,4 +1,4 @@
-"""The replay stage (ops/stage.py) without a server: restore_command as a shell one-liner.
+"""The replay stage (ops/wal/stage.py) without a server: restore_command as a shell one-liner.
 
 What a user checks: the one-liner hands over verified segments from the stage, the helper keeps
 the stage filled as files are taken (nobody tells it), the helper's log counts what came from the
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pitr.ops import archive, spool, stage
+from pitr.ops.wal import archive, spool, stage
 from pitr.pg.recovery import render_restore_command
 from pitr.repo.envelope import Codec
 from pitr.repo.meta import read_meta

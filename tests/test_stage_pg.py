@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pitr.ops import stage
+from pitr.ops.wal import stage
 from tests.support.pg import PgCluster, make_tmpdir, rmtree_pg, run_as_postgres
 from tests.support.s3 import MotoServer
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from pitr.errors import ConflictError, StorageError
-from pitr.ops import archive
-from pitr.ops.init import init_repo
-from pitr.ops.storecheck import conformance
+from pitr.ops.admin.init import init_repo
+from pitr.ops.admin.storecheck import conformance
+from pitr.ops.wal import archive
 from pitr.pg import walname
 from pitr.pg.conn import ServerInfo
 from pitr.repo.envelope import Codec, encode

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pitr.errors import UsageError
-from pitr.ops.restore_plan import make_exclusive, parse_target
+from pitr.ops.recovery.restore_plan import make_exclusive, parse_target
 
 
 @pytest.mark.parametrize("kw", [{"xid": "745"}, {"lsn": "0/3000148"}, {"time": "2026-03-01 12:00:00+00"}])

@@ -89,14 +89,14 @@ def mem() -> MemoryStorage:
 
 
 def run(storage: MemoryStorage, backup: str | None = None) -> list[tuple[str, str]]:
-    from pitr.ops.verify import VerifyOptions, verify
+    from pitr.ops.proof.verify import VerifyOptions, verify
 
     res = verify(storage, VerifyOptions(backup, jobs=3))
     return [(p.kind, p.object) for p in res.problems]
 
 
 def test_clean_repo_has_no_problems_and_counts(mem: MemoryStorage) -> None:
-    from pitr.ops.verify import VerifyOptions, verify
+    from pitr.ops.proof.verify import VerifyOptions, verify
 
     res = verify(mem, VerifyOptions(None, jobs=2))
     assert res.problems == []
@@ -143,7 +143,7 @@ def test_wal_header_history_and_placement(mem: MemoryStorage) -> None:
 
 
 def test_gaps_are_reported_per_run_and_only_where_needed(mem: MemoryStorage) -> None:
-    from pitr.ops.verify import VerifyOptions, verify
+    from pitr.ops.proof.verify import VerifyOptions, verify
 
     mem.delete(wal_key(seg(1, 1)))  # before the only backup's start: not a problem
     mem.delete(wal_key(seg(1, 4)))  # the backup's stop segment: needed to become consistent
@@ -158,7 +158,7 @@ def test_gaps_are_reported_per_run_and_only_where_needed(mem: MemoryStorage) -> 
 
 
 def test_backup_option_reads_only_that_backup_and_its_wal(mem: MemoryStorage) -> None:
-    from pitr.ops.verify import VerifyOptions, verify
+    from pitr.ops.proof.verify import VerifyOptions, verify
 
     fake_backup(mem, "B2", 2, 7, 7)
     flip = bytearray(mem.get(wal_key(seg(1, 1))))

@@ -8,7 +8,7 @@ import dataclasses
 import hashlib
 import struct
 
-from pitr.ops.verify import VerifyOptions, VerifyResult, verify
+from pitr.ops.proof.verify import VerifyOptions, VerifyResult, verify
 from pitr.pg import walname
 from pitr.repo import envelope
 from pitr.repo.format import META_KEY, backup_data_key, manifest_key

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("pitr.ops.backup_incr")
+pytest.importorskip("pitr.ops.base.backup_incr")
 
-from pitr.ops.verify import VerifyOptions, verify  # noqa: E402
+from pitr.ops.proof.verify import VerifyOptions, verify  # noqa: E402
 from pitr.repo import envelope  # noqa: E402
 from pitr.repo.format import META_KEY, backup_dir  # noqa: E402
 from pitr.repo.manifest import write_manifest  # noqa: E402

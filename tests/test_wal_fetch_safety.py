@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from pitr.errors import EXIT_FETCH_HARD, RepoMissingError
-from pitr.ops import archive, spool, stage
+from pitr.ops.wal import archive, spool, stage
 from pitr.repo import envelope
 from pitr.repo.format import META_KEY, wal_key
 from pitr.repo.meta import new_meta

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from pitr.ops.find_target import relate
+from pitr.ops.surgical.find_target import relate
 from pitr.pg.waldump import parse
 
 PG15 = """\

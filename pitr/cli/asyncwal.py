@@ -7,8 +7,8 @@
 - run_async_push(): the wal-push foreground in async mode: start the helper if needed and wait
   until it acknowledged this file (or reports its error).
 - serve_prefetched() / kick_prefetch(): wal-fetch's use of the prefetch spool.
-- helper_main(): the hidden `_wal-push-daemon` and `_wal-prefetch` commands (see ops/pushd.py,
-  ops/prefetch.py).
+- helper_main(): the hidden `_wal-push-daemon` and `_wal-prefetch` commands (see ops/wal/pushd.py,
+  ops/wal/prefetch.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from pitr.cli import globalargs
-from pitr.ops import spool
+from pitr.ops.wal import spool
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the quick path stays standard-library light)
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ MAX_SPAWNS = 3
 QUICK_WAIT_LIMIT = 60.0  # then the normal path supervises the helper (WAIT_LIMIT in all)
 # private, for tests only: the prefetcher's idle time-out in seconds (default prefetch.IDLE_EXIT)
 IDLE_EXIT_ENV = "_PITR_PREFETCH_IDLE_EXIT"
-STAGE_ENV = "PITR_STAGE"  # = stage.ENV (ops/stage.py): restore_command's stage token
+STAGE_ENV = "PITR_STAGE"  # = stage.ENV (ops/wal/stage.py): restore_command's stage token
 
 
 def quick(argv: list[str]) -> int | None:
@@ -117,7 +117,7 @@ def _quick_fetch(argv: list[str]) -> int | None:
 def prefetch_dir(spool_path: str | None, dest: str) -> Path:
     """The prefetcher's directory: restore_command's stage (PITR_STAGE, in pg_wal), else the spool."""
     token = os.environ.get(STAGE_ENV)
-    if token is not None:  # ops/stage.py: inside pg_wal whatever spool_path says (atomic rename)
+    if token is not None:  # ops/wal/stage.py: inside pg_wal whatever spool_path says (atomic rename)
         return Path(os.path.dirname(dest) or ".") / "pitr_stage" / token
     return spool.prefetch_spool_dir(spool_path, dest)
 
@@ -301,7 +301,7 @@ def _push_helper(glob: list[str], pg_wal: Path, sdir: Path, opts: dict[str, str]
     from pitr.cli.repoopen import open_repo
     from pitr.config import load_settings
     from pitr.errors import PitrError
-    from pitr.ops import pushd
+    from pitr.ops.wal import pushd
     from pitr.repo.envelope import parse_codec
     from pitr.repo.meta import read_meta
 
@@ -334,7 +334,7 @@ def _push_helper(glob: list[str], pg_wal: Path, sdir: Path, opts: dict[str, str]
 
 
 def _idle_exit() -> float:
-    from pitr.ops.prefetch import IDLE_EXIT
+    from pitr.ops.wal.prefetch import IDLE_EXIT
 
     try:
         return max(0.1, float(os.environ.get(IDLE_EXIT_ENV, IDLE_EXIT)))
@@ -349,13 +349,13 @@ def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, 
     from pitr.cli.repoopen import open_repo, parse_as_of
     from pitr.config import load_settings
     from pitr.errors import PitrError
-    from pitr.ops import prefetch
+    from pitr.ops.wal import prefetch
     from pitr.repo.meta import read_meta
 
     log = logging.getLogger("pitr")
     staged = os.environ.get(STAGE_ENV) == pdir.name  # restore_command takes files from here unasked
     if staged:
-        from pitr.ops import stage
+        from pitr.ops.wal import stage
 
         os.umask(0o077)  # WAL is the cluster's data: nobody but the server's user reads a staged file
         stage.ensure(pdir)

@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
         """
         from pitr.cli.repoopen import open_repo
         from pitr.errors import UsageError
-        from pitr.ops.backup import BACKUP_TYPES, BackupOptions, take_backup
+        from pitr.ops.base.backup import BACKUP_TYPES, BackupOptions, take_backup
         from pitr.pg.conn import PgSession
         from pitr.repo.envelope import parse_codec
 
@@ -132,7 +132,7 @@ def register(app: typer.Typer) -> None:
         """Create a named restore point (pg_create_restore_point) and, by default, wait until it is archived."""
         from pitr.cli.repoopen import open_repo
         from pitr.errors import UsageError
-        from pitr.ops.backup import create_restore_point
+        from pitr.ops.base.backup import create_restore_point
         from pitr.pg import walname
         from pitr.pg.conn import PgSession
 

@@ -1,7 +1,7 @@
 """Global options as argv carries them, read without typer: the quick path's view of the settings.
 
 archive_command and restore_command run once per WAL file, and cli/asyncwal.quick answers from
-the spools before anything heavy is imported (standard library only, like ops/spool). What it
+the spools before anything heavy is imported (standard library only, like ops/wal/spool). What it
 needs of the command line is here: which global options there are (cli/common.hoist_globals and
 cli/fast parse with the same table), the split of `[globals] COMMAND POS...`, the config file the
 settings would be read from, and a fingerprint of every input of the settings.

@@ -175,7 +175,7 @@ def register(app: typer.Typer) -> None:
 
     def run(ctx: typer.Context, json_out: bool, repo_as_of: str | None = None) -> None:
         from pitr.cli.repoopen import open_repo, parse_as_of
-        from pitr.ops.info import gather
+        from pitr.ops.admin.info import gather
 
         storage = open_repo(settings_of(ctx), as_of=parse_as_of(repo_as_of))
         try:

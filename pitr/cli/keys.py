@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         the new key opens it and every backup and WAL file stays readable."""
         from pitr.cli.render import emit, emit_json
         from pitr.errors import EncryptionKeyError
-        from pitr.ops.keys import rotate
+        from pitr.ops.admin.keys import rotate
         from pitr.repo.keys import passphrase_source, read_key_file
 
         s = settings_of(ctx)

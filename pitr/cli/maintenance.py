@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         that WAL is continuous from each backup to the archive's head. Exit 1 listing every problem."""
         from pitr.cli.repoopen import open_repo, parse_as_of
         from pitr.errors import VerifyError
-        from pitr.ops.verify import VerifyOptions, verify
+        from pitr.ops.proof.verify import VerifyOptions, verify
 
         s = settings_of(ctx, jobs=jobs)
         storage = open_repo(s, as_of=parse_as_of(repo_as_of))
@@ -67,10 +67,10 @@ def register(app: typer.Typer) -> None:
         that segment is archived. Exit 1 with one line per failed point naming the fix."""
         from pitr.cli.repoopen import open_repo
         from pitr.errors import CheckError, UsageError
-        from pitr.ops.check import CheckOptions, check, parse_duration
+        from pitr.ops.proof.check import CheckOptions, check, parse_duration
 
         if storage_test:
-            from pitr.ops.storecheck import storage_check
+            from pitr.ops.admin.storecheck import storage_check
 
             s = settings_of(ctx, dbname=dbname)
             storage = open_repo(s)
@@ -122,7 +122,7 @@ def register(app: typer.Typer) -> None:
         """Delete backups outside the retention policy and the WAL no retained backup needs. Never deletes the
         newest backup or anything a retained backup needs to become consistent and reach the archive's head."""
         from pitr.cli.repoopen import open_repo
-        from pitr.ops.retention import Policy, apply, gather_and_plan
+        from pitr.ops.admin.retention import Policy, apply, gather_and_plan
 
         s = settings_of(ctx)
         if retain_full is not None or retain_days is not None:

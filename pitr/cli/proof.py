@@ -78,8 +78,8 @@ def register(app: typer.Typer) -> None:
         from pitr.cli.repoopen import open_repo, parse_as_of
         from pitr.cli.restore import DEFAULT_RESTORE_PREFETCH, _redact_url, _server_env, self_argv
         from pitr.errors import DrillError
-        from pitr.ops.drill import DrillOptions, run_drill, split_statements
-        from pitr.ops.restore_plan import parse_target
+        from pitr.ops.proof.drill import DrillOptions, run_drill, split_statements
+        from pitr.ops.recovery.restore_plan import parse_target
 
         tgt = parse_target(target_time, target_lsn, target_xid, target_name, target)
         as_of = parse_as_of(repo_as_of)
@@ -146,7 +146,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """The repository's state in the Prometheus text format (metrics named pitr_*, docs/metrics.md)."""
         from pitr.cli.repoopen import open_repo
-        from pitr.ops.metrics import text, write_textfile
+        from pitr.ops.proof.metrics import text, write_textfile
 
         if textfile is not None and not Path(textfile).expanduser().parent.is_dir():
             raise UsageError(f"--textfile {textfile}: its directory does not exist",

@@ -52,7 +52,7 @@ def parse_as_of(text: str | None) -> datetime | None:
     if text is None:
         return None
     from pitr.errors import UsageError
-    from pitr.ops.restore_plan import parse_time
+    from pitr.ops.recovery.restore_plan import parse_time
 
     try:
         return parse_time(text)

@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
         prefetch: Annotated[int | None, typer.Option("--prefetch", metavar="N", help="Segments staged ahead; 0 prints the plain `wal-fetch %f %p` [default: the prefetch setting, or 8].", show_default=False)] = None,
     ) -> None:
         """Print a restore_command line for a recovery or standby you configure by hand (as fast as `restore`'s)."""
-        from pitr.ops import stage
+        from pitr.ops.wal import stage
         from pitr.pg.recovery import guc_quote, render_restore_command
 
         s = settings_of(ctx)
@@ -116,8 +116,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Rebuild a data directory from the nearest backup and recover it to a target (or the end of the archive)."""
         from pitr.cli.repoopen import open_repo, parse_as_of
-        from pitr.ops.restore import MARKER, RestoreOptions, run_restore
-        from pitr.ops.restore_plan import make_exclusive, parse_action, parse_target, parse_timeline
+        from pitr.ops.recovery.restore import MARKER, RestoreOptions, run_restore
+        from pitr.ops.recovery.restore_plan import make_exclusive, parse_action, parse_target, parse_timeline
 
         s = settings_of(ctx, pgdata=pgdata, jobs=jobs, pg_bin=pg_bin)
         if not s.pgdata:
@@ -235,7 +235,7 @@ def render_text(r: Any) -> str:
 
 
 def _utc(iso: str) -> str:
-    from pitr.ops.restore_plan import format_time, parse_iso
+    from pitr.ops.recovery.restore_plan import format_time, parse_iso
 
     try:
         return format_time(parse_iso(iso))

@@ -14,7 +14,7 @@ from pitr.errors import UsageError
 
 
 def _when(opt: str, value: str | None) -> datetime | None:
-    from pitr.ops.restore_plan import parse_time
+    from pitr.ops.recovery.restore_plan import parse_time
 
     if value is None:
         return None
@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """List the transactions that deleted or updated rows of a table, truncated or dropped it, from archived WAL."""
         from pitr.cli.repoopen import open_repo
-        from pitr.ops.find_target import find_target, resolve
+        from pitr.ops.surgical.find_target import find_target, resolve
 
         s = settings_of(ctx, dbname=dbname, jobs=jobs, pg_bin=pg_bin)
         t_since, t_until = _when("--since", since), _when("--until", until)
@@ -98,10 +98,10 @@ def register(app: typer.Typer) -> None:
 
         from pitr.cli.repoopen import open_repo
         from pitr.cli.restore import DEFAULT_RESTORE_PREFETCH, _redact_url, _server_env, _sigterm, self_argv
-        from pitr.ops.extract import ExtractOptions, run_extract
-        from pitr.ops.find_target import split_table
-        from pitr.ops.restore import RestoreOptions
-        from pitr.ops.restore_plan import make_exclusive, parse_target
+        from pitr.ops.recovery.restore import RestoreOptions
+        from pitr.ops.recovery.restore_plan import make_exclusive, parse_target
+        from pitr.ops.surgical.extract import ExtractOptions, run_extract
+        from pitr.ops.surgical.find_target import split_table
 
         s = settings_of(ctx, dbname=dbname, jobs=jobs, pg_bin=pg_bin)
         if (to is None) == (into_table is None):
@@ -154,7 +154,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _current_db(conninfo: str | None) -> str:
-    from pitr.ops.find_target import current_database
+    from pitr.ops.surgical.find_target import current_database
 
     return current_database(conninfo)
 

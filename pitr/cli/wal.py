@@ -25,19 +25,19 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Bind the repository to this cluster (system identifier, version, WAL segment size). Idempotent."""
         from pitr.cli.repoopen import open_repo
-        from pitr.ops.init import init_repo
+        from pitr.ops.admin.init import init_repo
         from pitr.pg.conn import PgSession
 
         s = settings_of(ctx, dbname=dbname, lock_days=lock_days, lock_mode=lock_mode)
         if s.lock_days is not None:
-            from pitr.ops.lock import validate
+            from pitr.ops.admin.lock import validate
 
             validate(s.lock_days, s.lock_mode)
         storage = open_repo(s)
         with PgSession(s.dbname) as pg:
             server = pg.info()
         if s.lock_days is not None:  # refused before anything is written when the bucket cannot lock
-            from pitr.ops.lock import record_lock, require_lockable
+            from pitr.ops.admin.lock import record_lock, require_lockable
 
             require_lockable(storage)
         r = init_repo(storage, server, allow_unsafe_store=s.allow_unsafe_store, encrypt=encrypt)

@@ -23,7 +23,7 @@ def run_wal_push(settings: Settings, path: str) -> int:
         if rc is not None:
             return rc
     from pitr.cli.repoopen import open_repo
-    from pitr.ops import archive
+    from pitr.ops.wal import archive
     from pitr.repo.envelope import parse_codec
     from pitr.repo.meta import read_meta
 
@@ -44,7 +44,7 @@ def run_wal_push(settings: Settings, path: str) -> int:
 def run_wal_fetch(settings: Settings, name: str, dest: str) -> int:
     """0 fetched; 1 not in the archive (PostgreSQL's end of archive); >125 anything else."""
     from pitr.cli.repoopen import open_repo, parse_as_of
-    from pitr.ops import archive
+    from pitr.ops.wal import archive
 
     if settings.prefetch > 0:
         from pitr.cli import asyncwal

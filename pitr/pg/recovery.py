@@ -43,7 +43,7 @@ def render_restore_command(pitr_argv: Sequence[str], repo: str | None = None, s3
 
     Shell syntax: PostgreSQL runs restore_command through /bin/sh, so a leading assignment sets
     the prefetch depth for every call of this recovery whatever the server's environment says.
-    With a stage token (ops/stage.py) the command first tries to rename the staged, verified
+    With a stage token (ops/wal/stage.py) the command first tries to rename the staged, verified
     file to %p and runs wal-fetch (PITR_STAGE=token) only when that fails.
     """
     env = restore_command_env(prefetch, repo_as_of, stage)
@@ -56,7 +56,7 @@ def render_restore_command(pitr_argv: Sequence[str], repo: str | None = None, s3
     return f"mv -f {shell_word(STAGE_PATH.format(stage))}/%f %p 2>/dev/null || {fetch}"
 
 
-STAGE_PATH = "pg_wal/pitr_stage/{}"  # = ops/stage.relative_dir (pg imports nothing of ops)
+STAGE_PATH = "pg_wal/pitr_stage/{}"  # = ops/wal/stage.relative_dir (pg imports nothing of ops)
 
 
 def restore_command_env(prefetch: int | None, repo_as_of: str | None, stage: str | None) -> dict[str, str]:

@@ -9,7 +9,7 @@ starts as a copy of the old timeline's segment and keeps its header.)
 
 Every check of a segment's header (wal-push, wal-fetch, the prefetcher, the foreground's re-check
 of a prefetched file, verify) is problem() here. It runs on the quick path of wal-fetch
-(ops/spool.take_prefetched, standard library only), so this module imports nothing heavier than
+(ops/wal/spool.take_prefetched, standard library only), so this module imports nothing heavier than
 struct and collections: no dataclasses, no typing, and pg/walname (which compiles its regular
 expressions at import) only when a problem is to be described.
 """

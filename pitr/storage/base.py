@@ -8,7 +8,7 @@ Contract (checked by tests/test_storage_contract.py on every backend):
   endpoint that ignores If-None-Match, accepted with allow_unsafe_store) says so with
   conditional_writes_trusted = False: it then looks before it writes, and callers read back what
   they wrote (a concurrent writer can still slip in between). `pitr init` and `check --storage`
-  test the store itself (ops/storecheck.py).
+  test the store itself (ops/admin/storecheck.py).
 - open()/get()/get_range() raise NotFoundError for a missing key; a missing repository
   (directory, bucket) raises RepoMissingError, never NotFoundError, so callers can tell
   "not archived" from "cannot look".

@@ -29,7 +29,7 @@ from pitr.storage.base import UNSAFE_STORE_HINT, ObjectInfo, Storage, TempObject
 
 MiB = 1 << 20
 MAX_SINGLE_PUT = 5 << 30  # S3's limit for one PutObject
-_PROBE_PREFIXES = (".pitr-check/", ".pitr-write-check/")  # ops/storecheck.py and check(): never locked
+_PROBE_PREFIXES = (".pitr-check/", ".pitr-write-check/")  # ops/admin/storecheck.py and check(): never locked
 MULTIPART_GRACE = 86400.0  # an incomplete multipart upload started longer ago is abandoned (expire aborts it)
 PARTS_IN_FLIGHT = 2  # per multipart upload; with --jobs uploads at once this bounds backup memory
 _CONN_HINT = "check that the S3 endpoint is up and that --s3-endpoint / PITR_S3_ENDPOINT is right"

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 
 from pitr.errors import AlreadyExistsError, PitrError, StorageError
-from pitr.ops.check import CheckResult
+from pitr.ops.proof.check import CheckResult
 from pitr.repo.format import META_KEY
 from pitr.repo.meta import SMALL_JSON_MAX
 from pitr.repo.sealed import lock_policy, parse_meta_doc

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pitr.errors import PitrError
-from pitr.ops.info import InfoReport, gather
-from pitr.ops.restore_plan import parse_iso
+from pitr.ops.admin.info import InfoReport, gather
+from pitr.ops.recovery.restore_plan import parse_iso
 from pitr.repo import drills
 from pitr.repo.format import META_KEY, WAL_PREFIX
 from pitr.repo.meta import SMALL_JSON_MAX

@@ -7,7 +7,7 @@ network, decompression (zstd releases the GIL) and disk overlap. Memory stays bo
 jobs x 2 x CHUNK whatever the database size. With --delta a file whose size and SHA-256 already
 match is kept (its mode, owner and mtime fixed) instead of fetched. An entry of a diff/incr backup
 either refers whole to an older backup's object (`ref`: read from backups/<ref>/) or is assembled
-from its sources block by block (ops/restore_assemble), one Task per such file.
+from its sources block by block (ops/recovery/restore_assemble), one Task per such file.
 
 Durability: with fsync=False the files are left to one syncfs() per filesystem afterwards
 (sync_filesystems), which costs one flush instead of thousands of fsync() calls; the recipe does
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pitr.errors import IntegrityError, Interrupted, NotFoundError, RestoreError
-from pitr.ops.restore_assemble import assemble
-from pitr.ops.restore_dest import remove_path
+from pitr.ops.recovery.restore_assemble import assemble
+from pitr.ops.recovery.restore_dest import remove_path
 from pitr.repo import blockmap, envelope
 from pitr.repo.format import backup_dir
 from pitr.repo.manifest import FileEntry, Manifest

@@ -248,7 +248,7 @@ def _rpo_point(storage: Storage, meta: RepoMeta | None, pg: PgSession | None, ma
 def age_points(storage: Storage, meta: RepoMeta | None, opts: CheckOptions, res: CheckResult,
                clock: Callable[[], float]) -> None:
     """--max-backup-age and --max-drill-age: the newest complete backup / passing drill against its limit."""
-    from pitr.ops.proof_ages import newest_backup, newest_passing_drill
+    from pitr.ops.proof.proof_ages import newest_backup, newest_passing_drill
 
     for name, limit, find, what in (
             ("backup-age", opts.max_backup_age, newest_backup, "complete backup"),

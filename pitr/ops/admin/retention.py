@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
 from pitr.errors import IntegrityError, PitrError, UsageError
+from pitr.ops.wal.walreach import Histories, backup_needs, load_histories
 from pitr.pg import walname
 from pitr.repo.catalog import WalCatalog, scan_wal
 from pitr.repo.chain import dependencies, root_of
@@ -46,8 +47,6 @@ from pitr.repo.format import BACKUP_PREFIX, manifest_key, started_key
 from pitr.repo.manifest import Manifest, read_manifest
 from pitr.repo.meta import read_meta
 from pitr.storage.base import ObjectInfo, Storage, TempObject
-
-from .walreach import Histories, backup_needs, load_histories
 
 DAY = 86400.0
 INCOMPLETE_GRACE = DAY  # also how long a backup-in-progress marker is honoured without activity

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from pitr.errors import PitrError
-from pitr.ops.walreach import Histories, leads_to, load_histories
+from pitr.ops.wal.walreach import Histories, leads_to, load_histories
 from pitr.pg import walname
 from pitr.repo import drills
 from pitr.repo.catalog import Stretch, WalCatalog, backup_wal, scan_wal, timeline_path

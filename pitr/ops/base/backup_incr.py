@@ -20,8 +20,8 @@ import logging
 from dataclasses import dataclass, field
 
 from pitr.errors import BackupError, PitrError
-from pitr.ops.backup_files import SourceFile
-from pitr.ops.backup_store import BlockJob
+from pitr.ops.base.backup_files import SourceFile
+from pitr.ops.base.backup_store import BlockJob
 from pitr.repo import blockmap
 from pitr.repo.chain import chain_problem, parent_chain
 from pitr.repo.format import INCR_MANIFEST_FORMAT

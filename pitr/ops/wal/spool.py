@@ -170,7 +170,7 @@ def stop_helpers(pgdata: Path, timeout: float = 10.0) -> None:
     them (bounded): a throwaway directory is removed only once nothing writes into it any more."""
     live = []
     dirs = [(pgdata / "pg_wal" / ARCHIVE_SPOOL, PUSHD), (pgdata / "pg_wal" / PREFETCH_SPOOL, PREFETCHD)]
-    try:  # the prefetchers of replay stages (ops/stage.py)
+    try:  # the prefetchers of replay stages (ops/wal/stage.py)
         dirs += [(d, PREFETCHD) for d in sorted((pgdata / "pg_wal" / "pitr_stage").iterdir())]
     except OSError:
         pass

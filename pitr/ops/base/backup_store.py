@@ -13,7 +13,7 @@ release the GIL, so threads use every core):
 - Memory is bounded by the queue sizes: about jobs x (bundle_size + one multipart window).
 - A file is copied up to its size at scan time (what grew since was written during the backup
   and is rebuilt by WAL replay); a file that vanished is left out; the size read is recorded.
-- A relation file may have a BlockJob (ops/backup_incr): it sees every byte read, hashes each
+- A relation file may have a BlockJob (ops/base/backup_incr): it sees every byte read, hashes each
   block, and says what to store (the whole file, or only its changed blocks); its block map is
   stored right after the file's envelope, in the same bundle or large object.
 """
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
 from pitr.errors import BackupError
-from pitr.ops.backup_files import SourceFile
+from pitr.ops.base.backup_files import SourceFile
 from pitr.pg.pagecheck import BatchChecker, PageChecker
 from pitr.repo import envelope
 from pitr.repo.format import backup_data_key
@@ -74,7 +74,7 @@ class _Unit:
 
 
 class BlockJob(Protocol):
-    """What ops/backup_incr does to one relation file while it is read (module doc)."""
+    """What ops/base/backup_incr does to one relation file while it is read (module doc)."""
 
     def feed(self, data: bytes) -> bytes:
         """The next bytes read (from offset 0, in order); returns the bytes to store."""

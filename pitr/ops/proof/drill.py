@@ -33,9 +33,9 @@ from typing import Any
 
 from pitr import __version__
 from pitr.errors import PitrError, UsageError
-from pitr.ops import spool
-from pitr.ops.restore import RestoreOptions, RestoreResult, load_plan, run_restore
-from pitr.ops.restore_plan import Target, format_time, parse_iso
+from pitr.ops.recovery.restore import RestoreOptions, RestoreResult, load_plan, run_restore
+from pitr.ops.recovery.restore_plan import Target, format_time, parse_iso
+from pitr.ops.wal import spool
 from pitr.pg.server import PrivateServer, sleep_until
 from pitr.repo import drills
 from pitr.storage.base import Storage
@@ -162,7 +162,7 @@ def random_target(storage: Storage, rng: random.Random | None = None) -> tuple[T
     archive): a time after the last commit in the archive cannot be reached, and PostgreSQL
     refuses to promote short of a time target, so the draw stops where a backup proves WAL exists.
     """
-    from pitr.ops.info import gather
+    from pitr.ops.admin.info import gather
 
     report = gather(storage)
     ends = sorted(parse_iso(b.manifest.stop_time) for b in report.backups
@@ -388,7 +388,7 @@ def _describe_restore(rec: dict[str, Any], res: RestoreResult) -> None:
 
 def _serve(place: _Place, res: RestoreResult, opts: DrillOptions) -> tuple[PrivateServer, list[str]]:
     """Start the promoted copy privately, trusting only its private socket; wait until it answers."""
-    from pitr.ops.restore_replay import sql_users
+    from pitr.ops.recovery.restore_replay import sql_users
     from pitr.pg.binaries import find_pg_bin
 
     bindir = find_pg_bin(res.plan.backup.pg_version, opts.pg_bin, opts.server_env.get("PATH"))

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 from pitr.errors import AlreadyExistsError, EncryptionKeyError, NotFoundError, NotInitializedError
-from pitr.ops.storecheck import require_conditional_create
+from pitr.ops.admin.storecheck import require_conditional_create
 from pitr.pg.conn import ServerInfo
 from pitr.repo import keys
 from pitr.repo.crypto import ObjectCipher

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pitr.errors import IntegrityError, RestoreError
-from pitr.ops import db_include, stage
-from pitr.ops.restore_dest import (
+from pitr.ops.recovery import db_include
+from pitr.ops.recovery.restore_dest import (
     MARKER,
     ROOT_SKIP,
     Layout,
@@ -37,9 +37,10 @@ from pitr.ops.restore_dest import (
     write_marker,
     write_small,
 )
-from pitr.ops.restore_files import FileStats, Item, sync_filesystems, write_files
-from pitr.ops.restore_plan import Plan, Target, make_plan, resolve_name
-from pitr.ops.restore_replay import ReplayResult, ReplaySpec, StageHelper, replay
+from pitr.ops.recovery.restore_files import FileStats, Item, sync_filesystems, write_files
+from pitr.ops.recovery.restore_plan import Plan, Target, make_plan, resolve_name
+from pitr.ops.recovery.restore_replay import ReplayResult, ReplaySpec, StageHelper, replay
+from pitr.ops.wal import stage
 from pitr.pg import walname
 from pitr.pg.layout import CONTROL_FILE
 from pitr.pg.recovery import render_restore_command, restore_command_env, restore_command_globals, write_recovery
@@ -74,7 +75,7 @@ class RestoreOptions:
     pg_bin: str | None = None
     server_env: Mapping[str, str] = field(default_factory=dict)
     prefetch: int | None = None  # written into restore_command (None: left to the server's settings)
-    db_include: tuple[str, ...] = ()  # restore only these databases (+ the system ones): ops/db_include
+    db_include: tuple[str, ...] = ()  # restore only these databases (+ the system ones): ops/recovery/db_include
     repo_as_of: str | None = None  # --repo-as-of in UTC ISO form, repeated in restore_command
 
 
@@ -162,7 +163,7 @@ def run_restore(storage: Storage, opts: RestoreOptions, progress: Callable[[int,
     plan, _meta = load_plan(storage, opts)
     m = plan.backup
     layout = Layout(opts.pgdata.absolute(), tablespace_locations(m, opts.tablespace_map))
-    # prefetching recoveries stage verified WAL for a shell one-liner (ops/stage.py); a new stage each restore
+    # prefetching recoveries stage verified WAL for a shell one-liner (ops/wal/stage.py); a new stage each restore
     token = stage.new_token() if (opts.prefetch or 0) > 0 else None
     settings = recovery_settings(plan, opts, token)
     owner = check_destination(opts.pgdata, opts.delta, m, layout)  # read-only: a dry run refuses alike

@@ -25,16 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
 from pitr.errors import IntegrityError, NotFoundError
-from pitr.pg import walheader, walname
-from pitr.repo import envelope
-from pitr.repo.catalog import WalCatalog, scan_wal
-from pitr.repo.chain import chain_problems, dependencies
-from pitr.repo.format import BACKUP_PREFIX, HISTORY_PREFIX, META_KEY, WAL_PREFIX, backup_dir, manifest_key, wal_key
-from pitr.repo.manifest import Manifest, read_manifest
-from pitr.repo.meta import RepoMeta, read_meta
-from pitr.storage.base import ObjectInfo, Storage
-
-from .verify_blocks import (
+from pitr.ops.proof.verify_blocks import (
     BAD_BLOCK,
     BLOCK_MAP,
     CHAIN,
@@ -46,7 +37,15 @@ from .verify_blocks import (
     own_keys,
     read_map,
 )
-from .walreach import Histories, backup_needs, load_histories
+from pitr.ops.wal.walreach import Histories, backup_needs, load_histories
+from pitr.pg import walheader, walname
+from pitr.repo import envelope
+from pitr.repo.catalog import WalCatalog, scan_wal
+from pitr.repo.chain import chain_problems, dependencies
+from pitr.repo.format import BACKUP_PREFIX, HISTORY_PREFIX, META_KEY, WAL_PREFIX, backup_dir, manifest_key, wal_key
+from pitr.repo.manifest import Manifest, read_manifest
+from pitr.repo.meta import RepoMeta, read_meta
+from pitr.storage.base import ObjectInfo, Storage
 
 log = logging.getLogger("pitr.verify")
 

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pitr.errors import PitrError, PostgresError, UsageError
-from pitr.ops import archive
+from pitr.ops.wal import archive
 from pitr.pg import waldump, walname
 from pitr.repo.catalog import scan_wal
 from pitr.repo.manifest import read_manifests

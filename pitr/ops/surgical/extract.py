@@ -5,7 +5,7 @@ The recipe (docs/extract.md):
                 the running server (nothing is restored for an output that would be refused)
   2. restore    into a fresh throwaway directory: only the table's database (restore --db-include,
                 plus the system ones), replayed to TARGET with archiving off on a private socket
-                (ops/restore + restore_replay, promote at the target)
+                (ops/recovery/restore + restore_replay, promote at the target)
   3. read       start the copy again privately, COPY the rows out (--where filters them): to a
                 temp file renamed into place (CSV with a header, or INSERT statements), or into a
                 new table on the running server (same columns and types, no constraints) in one
@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from pitr.errors import PitrError, PostgresError, RestoreError, UsageError
-from pitr.ops import db_include, spool
-from pitr.ops.find_target import split_table
-from pitr.ops.restore import RestoreOptions, RestoreResult, load_plan, run_restore
-from pitr.ops.restore_plan import Target
-from pitr.ops.restore_replay import sql_users
+from pitr.ops.recovery import db_include
+from pitr.ops.recovery.restore import RestoreOptions, RestoreResult, load_plan, run_restore
+from pitr.ops.recovery.restore_plan import Target
+from pitr.ops.recovery.restore_replay import sql_users
+from pitr.ops.surgical.find_target import split_table
+from pitr.ops.wal import spool
 from pitr.storage.base import Storage
 
 

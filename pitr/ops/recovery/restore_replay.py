@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pitr.errors import RestoreError
-from pitr.ops import stage
-from pitr.ops.restore_dest import MARKER
-from pitr.ops.restore_plan import Plan
+from pitr.ops.recovery.restore_dest import MARKER
+from pitr.ops.recovery.restore_plan import Plan
+from pitr.ops.wal import stage
 from pitr.pg import walname
 from pitr.pg.server import PrivateServer
 from pitr.repo.format import wal_key
@@ -54,7 +54,7 @@ class ReplayResult:
 
 @dataclass(frozen=True)
 class StageHelper:
-    """How to start the stage's prefetcher the way restore_command would (ops/stage.py)."""
+    """How to start the stage's prefetcher the way restore_command would (ops/wal/stage.py)."""
 
     token: str
     argv: Sequence[str]  # pitr and its global options, as in restore_command

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pitr.errors import PitrError, StorageError
-from pitr.ops import archive, spool
+from pitr.ops.wal import archive, spool
 from pitr.repo.envelope import Codec
 from pitr.repo.meta import RepoMeta
 from pitr.storage.base import Storage

@@ -12,7 +12,7 @@ backup, as a recipe of named steps on ONE connection held from start to stop:
                 switches WAL
   6. wal        wait until every segment from start to stop is in the archive (timeout)
   7. commit     write the manifest (the commit point), drop the claim marker
-On a hot standby the same recipe runs on the standby's own session; ops/backup_standby.py holds what
+On a hot standby the same recipe runs on the standby's own session; ops/base/backup_standby.py holds what
 differs (check: the repository's cluster, replay neither paused nor stuck; stop: a promotion meanwhile
 fails the backup; wal: the primary archives the last segment, a standby cannot switch WAL).
 Any failure or signal before 7: the connection is closed (which aborts the backup on the
@@ -36,9 +36,9 @@ from pathlib import Path
 
 from pitr import __version__
 from pitr.errors import AlreadyExistsError, BackupError, Interrupted, PitrError, PostgresError, UsageError
-from pitr.ops import backup_incr, backup_standby
-from pitr.ops.backup_files import ScanOptions, scan
-from pitr.ops.backup_store import Pipeline, Progress, StoreOptions, is_internal_abort
+from pitr.ops.base import backup_incr, backup_standby
+from pitr.ops.base.backup_files import ScanOptions, scan
+from pitr.ops.base.backup_store import Pipeline, Progress, StoreOptions, is_internal_abort
 from pitr.pg import layout, walname
 from pitr.pg.conn import PgSession, ServerInfo
 from pitr.repo import envelope, restore_points
@@ -265,7 +265,7 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
         raise UsageError(f"unknown backup type {opts.type!r}", "use --type full, diff or incr")
     t0 = time.monotonic()
     facts = server_facts(pg)
-    standby = facts.info.in_recovery  # standby hook: a hot standby is backed up too (ops/backup_standby.py)
+    standby = facts.info.in_recovery  # standby hook: a hot standby is backed up too (ops/base/backup_standby.py)
     if standby:
         backup_standby.check_standby(storage, pg, facts.info, opts.standby_stall_timeout)
     else:
@@ -356,7 +356,7 @@ def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: 
 
 
 def _choose_base(storage: Storage, pg: PgSession, facts: ServerFacts, requested: str) -> backup_incr.Base:
-    """What a diff/incr builds on (ops/backup_incr), with the server's current timeline."""
+    """What a diff/incr builds on (ops/base/backup_incr), with the server's current timeline."""
     if requested == "full":
         return backup_incr.Base("full", "full")
     # the timeline WAL is written on now (the last checkpoint's may lag just after a promotion)

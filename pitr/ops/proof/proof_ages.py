@@ -7,7 +7,7 @@ until one is readable and belongs to this cluster.
 from __future__ import annotations
 
 from pitr.errors import PitrError
-from pitr.ops.restore_plan import parse_iso
+from pitr.ops.recovery.restore_plan import parse_iso
 from pitr.repo import drills
 from pitr.repo.manifest import list_backup_ids, read_manifest
 from pitr.repo.meta import RepoMeta

@@ -8,7 +8,7 @@ cluster, renamed into place, and described by NAME.meta, which the foreground ch
 it hands the file over. Files outside the window (consumed, skipped, other timelines) are deleted.
 A timeline switch simply moves the window: files are only ever served under their own name.
 
-The spool may also be a stage (ops/stage.py) that restore_command empties by renaming a file
+The spool may also be a stage (ops/wal/stage.py) that restore_command empties by renaming a file
 away without asking: a look-ahead file that vanished counts as PostgreSQL's latest request.
 """
 
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pitr.errors import IntegrityError, NotFoundError, PitrError
-from pitr.ops import spool
-from pitr.ops.archive import confirm_missing
+from pitr.ops.wal import spool
+from pitr.ops.wal.archive import confirm_missing
 from pitr.pg import walheader, walname
 from pitr.repo import envelope
 from pitr.repo.format import wal_key
@@ -47,7 +47,7 @@ class PrefetchConfig:
     jobs: int
     idle_exit: float = IDLE_EXIT
     poll: float = 0.005
-    stage: bool = False  # restore_command takes files unasked (ops/stage.py): a vanished file moves the window
+    stage: bool = False  # restore_command takes files unasked (ops/wal/stage.py): a vanished file moves the window
 
 
 def window(want: str | None, count: int, seg_size: int) -> list[str]:

@@ -2,7 +2,7 @@
 
 restore_command = 'mv -f pg_wal/pitr_stage/TOKEN/%f %p 2>/dev/null || PITR_STAGE=TOKEN ... wal-fetch %f %p'
 
-The prefetcher (ops/prefetch.py) runs with the stage as its spool: it writes each file as a hidden
+The prefetcher (ops/wal/prefetch.py) runs with the stage as its spool: it writes each file as a hidden
 temp file, verifies it (envelope size and SHA-256, page header against the name and the cluster),
 then renames it to its name; restore_command renames it on to %p -- an atomic rename on one file
 system, no Python start. Anything not staged goes to `pitr wal-fetch`, which keeps every exit
@@ -30,7 +30,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pitr.ops import spool
+from pitr.ops.wal import spool
 
 STAGE_DIR = "pitr_stage"  # in pg_wal; PostgreSQL ignores sub-directories there, base backups skip it
 ENV = "PITR_STAGE"  # names this recovery's stage in restore_command (the token only, not a path)

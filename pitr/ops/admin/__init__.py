@@ -1,0 +1,1 @@
+"""Repository administration: init, keys, Object Lock, retention, the store check, info."""

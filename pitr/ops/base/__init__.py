@@ -1,0 +1,1 @@
+"""Base backups: the copy pipeline, block-level diff/incr, standby backups."""

@@ -1,0 +1,1 @@
+"""Restore: the plan, the destination, the file writers and the replay."""
