@@ -111,21 +111,23 @@ def man_page(ctx: Any) -> str:
     return "\n".join(out) + "\n"
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("help")
-    def help_cmd(
-        ctx: typer.Context,
-        command: Annotated[str | None, typer.Argument(help="The command to explain; none: the list of commands.",
-                                                      show_default=False)] = None,
-        man: Annotated[bool, typer.Option("--man", help="Print the whole manual, pitr(1), as a roff man page.")] = False,
-    ) -> None:
-        """Explain a command (its --help and where its documentation is), or print the man page."""
-        from pitr.cli.render import emit
+def help_cmd(
+    ctx: typer.Context,
+    command: Annotated[str | None, typer.Argument(help="The command to explain; none: the list of commands.",
+                                                  show_default=False)] = None,
+    man: Annotated[bool, typer.Option("--man", help="Print the whole manual, pitr(1), as a roff man page.")] = False,
+) -> None:
+    """Explain a command (its --help and where its documentation is), or print the man page."""
+    from pitr.cli.render import emit
 
-        if man:
-            emit(man_page(ctx))
-        elif command:
-            emit(command_help(ctx, command))
-        else:
-            root = ctx.find_root()
-            emit(root.command.get_help(root))
+    if man:
+        emit(man_page(ctx))
+    elif command:
+        emit(command_help(ctx, command))
+    else:
+        root = ctx.find_root()
+        emit(root.command.get_help(root))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("help")(help_cmd)

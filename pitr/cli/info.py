@@ -171,43 +171,47 @@ def render_text(r: Any) -> str:
     return "\n".join(lines)
 
 
+def _show_info(ctx: typer.Context, json_out: bool, repo_as_of: str | None = None) -> None:
+    """What info and list print: the gathered report plus the encryption and Object Lock lines."""
+    from pitr.cli.repoopen import open_repo, parse_as_of
+    from pitr.ops.admin.info import gather
+
+    storage = open_repo(settings_of(ctx), as_of=parse_as_of(repo_as_of))
+    try:
+        report = gather(storage)
+        encrypted = bool(getattr(storage, "encrypted", False))
+        # (MODE, days) from pitr.json, set on the S3 backend when the repository was read
+        lock = getattr(getattr(storage, "inner", None), "retention", None)
+    finally:
+        storage.close()
+    if json_out:
+        emit_json({**to_json(report), "encryption": {"enabled": encrypted,
+                                                      "cipher": "AES-256-GCM" if encrypted else None},
+                   "object_lock": {"enabled": lock is not None, "mode": lock[0].lower() if lock else None,
+                                   "days": lock[1] if lock else None}})
+    else:
+        emit(render_text(report))
+        emit(f"Encryption   {'on (AES-256-GCM)' if encrypted else 'off'}")
+        emit(f"Object Lock  {f'on ({lock[0].lower()}, {lock[1]} days)' if lock else 'off'}")
+
+
+def info_cmd(
+    ctx: typer.Context,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable report on stdout (docs/info-json.md).")] = False,
+    repo_as_of: Annotated[str | None, typer.Option("--repo-as-of", metavar="TS", help="Read the versioned S3 bucket as it was at TS [env PITR_REPO_AS_OF].", show_default=False)] = None,
+) -> None:
+    """Backups, archived WAL per timeline (with gaps), the recoverable window and the current RPO."""
+    _show_info(ctx, json_out, repo_as_of)
+
+
+def list_cmd(
+    ctx: typer.Context,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable report on stdout (docs/info-json.md).")] = False,
+) -> None:
+    """Alias of `pitr info`."""
+    _show_info(ctx, json_out)
+
+
 def register(app: typer.Typer) -> None:
-
-    def run(ctx: typer.Context, json_out: bool, repo_as_of: str | None = None) -> None:
-        from pitr.cli.repoopen import open_repo, parse_as_of
-        from pitr.ops.admin.info import gather
-
-        storage = open_repo(settings_of(ctx), as_of=parse_as_of(repo_as_of))
-        try:
-            report = gather(storage)
-            encrypted = bool(getattr(storage, "encrypted", False))
-            # (MODE, days) from pitr.json, set on the S3 backend when the repository was read
-            lock = getattr(getattr(storage, "inner", None), "retention", None)
-        finally:
-            storage.close()
-        if json_out:
-            emit_json({**to_json(report), "encryption": {"enabled": encrypted,
-                                                          "cipher": "AES-256-GCM" if encrypted else None},
-                       "object_lock": {"enabled": lock is not None, "mode": lock[0].lower() if lock else None,
-                                       "days": lock[1] if lock else None}})
-        else:
-            emit(render_text(report))
-            emit(f"Encryption   {'on (AES-256-GCM)' if encrypted else 'off'}")
-            emit(f"Object Lock  {f'on ({lock[0].lower()}, {lock[1]} days)' if lock else 'off'}")
-
-    @app.command("info")
-    def info_cmd(
-        ctx: typer.Context,
-        json_out: Annotated[bool, typer.Option("--json", help="Machine-readable report on stdout (docs/info-json.md).")] = False,
-        repo_as_of: Annotated[str | None, typer.Option("--repo-as-of", metavar="TS", help="Read the versioned S3 bucket as it was at TS [env PITR_REPO_AS_OF].", show_default=False)] = None,
-    ) -> None:
-        """Backups, archived WAL per timeline (with gaps), the recoverable window and the current RPO."""
-        run(ctx, json_out, repo_as_of)
-
-    @app.command("list")
-    def list_cmd(
-        ctx: typer.Context,
-        json_out: Annotated[bool, typer.Option("--json", help="Machine-readable report on stdout (docs/info-json.md).")] = False,
-    ) -> None:
-        """Alias of `pitr info`."""
-        run(ctx, json_out)
+    app.command("info")(info_cmd)
+    app.command("list")(list_cmd)

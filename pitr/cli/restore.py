@@ -67,114 +67,116 @@ def _sigterm(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def restore_command_cmd(
+    ctx: typer.Context,
+    prefetch: Annotated[int | None, typer.Option("--prefetch", metavar="N", help="Segments staged ahead; 0 prints the plain `wal-fetch %f %p` [default: the prefetch setting, or 8].", show_default=False)] = None,
+) -> None:
+    """Print a restore_command line for a recovery or standby you configure by hand (as fast as `restore`'s)."""
+    from pitr.ops.wal import stage
+    from pitr.pg.recovery import guc_quote, render_restore_command
+
+    s = settings_of(ctx)
+    if prefetch is not None and not 0 <= prefetch <= PREFETCH_MAX:
+        raise UsageError(f"--prefetch must be a number of segments from 0 to {PREFETCH_MAX}, not {prefetch}")
+    n = prefetch if prefetch is not None else (s.prefetch or DEFAULT_RESTORE_PREFETCH)
+    # a new stage token each time: a stage belongs to one restore_command (docs/restore.md §5)
+    cmd = render_restore_command(self_argv(), s.location().url, _redact_url(s.s3_endpoint),
+                                 os.path.abspath(s.config) if s.config else None, n,
+                                 stage=stage.new_token() if n > 0 else None)
+    emit(f"restore_command = {guc_quote(cmd)}")
+
+
+def restore_cmd(
+    ctx: typer.Context,
+    pgdata: Annotated[str | None, typer.Option("--pgdata", "-D", metavar="DIR", help="Data directory to rebuild (new or empty; existing with --delta) [env PGDATA].", show_default=False)] = None,
+    target_time: Annotated[str | None, typer.Option("--target-time", metavar="TS", help="Recover to this time (python-dateutil syntax; no zone = local time).", show_default=False)] = None,
+    target_lsn: Annotated[str | None, typer.Option("--target-lsn", metavar="LSN", help="Recover to this WAL location (e.g. 0/3000148).", show_default=False)] = None,
+    target_xid: Annotated[str | None, typer.Option("--target-xid", metavar="XID", help="Recover to the commit of this transaction ID.", show_default=False)] = None,
+    target_name: Annotated[str | None, typer.Option("--target-name", metavar="NAME", help="Recover to this restore point (pg_create_restore_point).", show_default=False)] = None,
+    target: Annotated[str | None, typer.Option("--target", metavar="immediate", help="'immediate': stop as soon as the backup is consistent.", show_default=False)] = None,
+    target_exclusive: Annotated[bool, typer.Option("--target-exclusive", help="Stop just before the time, LSN or xid target (recovery_target_inclusive = off).")] = False,
+    backup: Annotated[str | None, typer.Option("--backup", metavar="ID", help="Restore this backup ID instead of choosing one.", show_default=False)] = None,
+    target_action: Annotated[str, typer.Option("--target-action", metavar="ACTION", help="At the target: promote, pause or shutdown.")] = "promote",
+    target_timeline: Annotated[str, typer.Option("--target-timeline", metavar="TLI", help="latest, current or a timeline number.")] = "latest",
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", metavar="N", help="Parallel file workers [default 2].", show_default=False)] = None,
+    delta: Annotated[bool, typer.Option("--delta", help="Restore over an existing stopped data directory, keeping files that match the backup.")] = False,
+    replay: Annotated[bool, typer.Option("--replay", help="Also run PostgreSQL (private socket, no TCP) until the target is reached, then stop it and report.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (backup, WAL range, target in UTC) and change nothing.")] = False,
+    archive_mode: Annotated[str, typer.Option("--archive-mode", metavar="MODE", help="preserve (keep the cluster's archiving) or off (drills, copies).")] = "preserve",
+    db_include: Annotated[list[str] | None, typer.Option("--db-include", metavar="NAME", help="Restore only this database (repeatable) plus template0, template1 and postgres; the others are left empty and unusable.", show_default=False)] = None,
+    tablespace_map: Annotated[list[str] | None, typer.Option("--tablespace-map", metavar="OID=DIR", help="Put tablespace OID at DIR instead of its original location (OID=DIR, repeatable).", show_default=False)] = None,
+    pg_bin: Annotated[str | None, typer.Option("--pg-bin", metavar="DIR", help="PostgreSQL bin directory for --replay [default: found by version].", show_default=False)] = None,
+    prefetch: Annotated[int | None, typer.Option("--prefetch", metavar="N", help="Segments wal-fetch fetches ahead during this recovery, written into restore_command; 0 turns it off [default: the prefetch setting, or 8].", show_default=False)] = None,
+    replay_timeout: Annotated[float | None, typer.Option("--replay-timeout", metavar="SECONDS", help="Give up --replay after this many seconds [default: no limit].", show_default=False)] = None,
+    repo_as_of: Annotated[str | None, typer.Option("--repo-as-of", metavar="TS", help="Read the versioned S3 bucket as it was at TS (each object's newest version then; later deletes and overwrites ignored) [env PITR_REPO_AS_OF].", show_default=False)] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
+) -> None:
+    """Rebuild a data directory from the nearest backup and recover it to a target (or the end of the archive)."""
+    from pitr.cli.repoopen import open_repo, parse_as_of
+    from pitr.ops.recovery.restore import MARKER, RestoreOptions, run_restore
+    from pitr.ops.recovery.restore_plan import make_exclusive, parse_action, parse_target, parse_timeline
+
+    s = settings_of(ctx, pgdata=pgdata, jobs=jobs, pg_bin=pg_bin)
+    if not s.pgdata:
+        raise UsageError("no data directory given", "pass --pgdata DIR (or set PGDATA)")
+    if archive_mode not in ("preserve", "off"):
+        raise UsageError(f"--archive-mode must be preserve or off, not {archive_mode!r}")
+    if replay_timeout is not None and replay_timeout <= 0:
+        raise UsageError("--replay-timeout must be a positive number of seconds")
+    if dry_run and replay:
+        raise UsageError("--dry-run and --replay exclude each other")
+    if prefetch is not None and not 0 <= prefetch <= PREFETCH_MAX:  # wal-fetch refuses more (config.py)
+        raise UsageError(f"--prefetch must be a number of segments from 0 to {PREFETCH_MAX}, not {prefetch}")
+    tgt = parse_target(target_time, target_lsn, target_xid, target_name, target)
+    as_of = parse_as_of(repo_as_of)
+    if target_exclusive:
+        tgt = make_exclusive(tgt)
+    opts = RestoreOptions(
+        pgdata=Path(s.pgdata).expanduser().absolute(), target=tgt, timeline=parse_timeline(target_timeline),
+        backup_id=backup, action=parse_action(target_action), jobs=s.jobs, delta=delta, dry_run=dry_run,
+        archive_mode=archive_mode, tablespace_map=parse_tablespace_map(tablespace_map),
+        pitr_argv=self_argv(), repo_url=s.location().url, s3_endpoint=_redact_url(s.s3_endpoint),
+        config_path=os.path.abspath(s.config) if s.config else None, replay=replay,
+        replay_timeout=replay_timeout, pg_bin=s.pg_bin, server_env=_server_env(s),
+        # a restore replays a long run of WAL: fetch ahead unless told otherwise (docs/restore.md)
+        prefetch=prefetch if prefetch is not None else (s.prefetch or DEFAULT_RESTORE_PREFETCH),
+        db_include=tuple(dict.fromkeys(db_include or ())),
+        repo_as_of=as_of.isoformat() if as_of else None)
+    storage = open_repo(s, as_of=as_of)
+    show = sys.stderr.isatty() and not json_out
+
+    def phase(msg: str) -> None:
+        if show:
+            print(f"\r\x1b[Kpitr: {msg}", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        if show and total:
+            print(f"\r\x1b[Kpitr: files {done * 100 // total:3d}% ({human_bytes(done)} of {human_bytes(total)})",
+                  end="", file=sys.stderr, flush=True)
+
+    old = signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        result = run_restore(storage, opts, progress=progress, on_phase=phase)
+    except KeyboardInterrupt:
+        from pitr.errors import Interrupted
+
+        if (opts.pgdata / MARKER).exists():
+            raise Interrupted(f"restore interrupted: {opts.pgdata} is incomplete (marked by {MARKER}) and "
+                              "PostgreSQL will not start on it",
+                              "restore again with --delta to finish, keeping what was written") from None
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        storage.close()
+    if json_out:
+        emit_json(result.to_json())
+        return
+    emit(render_text(result))
+
+
 def register(app: typer.Typer) -> None:
-
-    @app.command("restore-command")
-    def restore_command_cmd(
-        ctx: typer.Context,
-        prefetch: Annotated[int | None, typer.Option("--prefetch", metavar="N", help="Segments staged ahead; 0 prints the plain `wal-fetch %f %p` [default: the prefetch setting, or 8].", show_default=False)] = None,
-    ) -> None:
-        """Print a restore_command line for a recovery or standby you configure by hand (as fast as `restore`'s)."""
-        from pitr.ops.wal import stage
-        from pitr.pg.recovery import guc_quote, render_restore_command
-
-        s = settings_of(ctx)
-        if prefetch is not None and not 0 <= prefetch <= PREFETCH_MAX:
-            raise UsageError(f"--prefetch must be a number of segments from 0 to {PREFETCH_MAX}, not {prefetch}")
-        n = prefetch if prefetch is not None else (s.prefetch or DEFAULT_RESTORE_PREFETCH)
-        # a new stage token each time: a stage belongs to one restore_command (docs/restore.md §5)
-        cmd = render_restore_command(self_argv(), s.location().url, _redact_url(s.s3_endpoint),
-                                     os.path.abspath(s.config) if s.config else None, n,
-                                     stage=stage.new_token() if n > 0 else None)
-        emit(f"restore_command = {guc_quote(cmd)}")
-
-    @app.command("restore")
-    def restore_cmd(
-        ctx: typer.Context,
-        pgdata: Annotated[str | None, typer.Option("--pgdata", "-D", metavar="DIR", help="Data directory to rebuild (new or empty; existing with --delta) [env PGDATA].", show_default=False)] = None,
-        target_time: Annotated[str | None, typer.Option("--target-time", metavar="TS", help="Recover to this time (python-dateutil syntax; no zone = local time).", show_default=False)] = None,
-        target_lsn: Annotated[str | None, typer.Option("--target-lsn", metavar="LSN", help="Recover to this WAL location (e.g. 0/3000148).", show_default=False)] = None,
-        target_xid: Annotated[str | None, typer.Option("--target-xid", metavar="XID", help="Recover to the commit of this transaction ID.", show_default=False)] = None,
-        target_name: Annotated[str | None, typer.Option("--target-name", metavar="NAME", help="Recover to this restore point (pg_create_restore_point).", show_default=False)] = None,
-        target: Annotated[str | None, typer.Option("--target", metavar="immediate", help="'immediate': stop as soon as the backup is consistent.", show_default=False)] = None,
-        target_exclusive: Annotated[bool, typer.Option("--target-exclusive", help="Stop just before the time, LSN or xid target (recovery_target_inclusive = off).")] = False,
-        backup: Annotated[str | None, typer.Option("--backup", metavar="ID", help="Restore this backup ID instead of choosing one.", show_default=False)] = None,
-        target_action: Annotated[str, typer.Option("--target-action", metavar="ACTION", help="At the target: promote, pause or shutdown.")] = "promote",
-        target_timeline: Annotated[str, typer.Option("--target-timeline", metavar="TLI", help="latest, current or a timeline number.")] = "latest",
-        jobs: Annotated[int | None, typer.Option("--jobs", "-j", metavar="N", help="Parallel file workers [default 2].", show_default=False)] = None,
-        delta: Annotated[bool, typer.Option("--delta", help="Restore over an existing stopped data directory, keeping files that match the backup.")] = False,
-        replay: Annotated[bool, typer.Option("--replay", help="Also run PostgreSQL (private socket, no TCP) until the target is reached, then stop it and report.")] = False,
-        dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (backup, WAL range, target in UTC) and change nothing.")] = False,
-        archive_mode: Annotated[str, typer.Option("--archive-mode", metavar="MODE", help="preserve (keep the cluster's archiving) or off (drills, copies).")] = "preserve",
-        db_include: Annotated[list[str] | None, typer.Option("--db-include", metavar="NAME", help="Restore only this database (repeatable) plus template0, template1 and postgres; the others are left empty and unusable.", show_default=False)] = None,
-        tablespace_map: Annotated[list[str] | None, typer.Option("--tablespace-map", metavar="OID=DIR", help="Put tablespace OID at DIR instead of its original location (OID=DIR, repeatable).", show_default=False)] = None,
-        pg_bin: Annotated[str | None, typer.Option("--pg-bin", metavar="DIR", help="PostgreSQL bin directory for --replay [default: found by version].", show_default=False)] = None,
-        prefetch: Annotated[int | None, typer.Option("--prefetch", metavar="N", help="Segments wal-fetch fetches ahead during this recovery, written into restore_command; 0 turns it off [default: the prefetch setting, or 8].", show_default=False)] = None,
-        replay_timeout: Annotated[float | None, typer.Option("--replay-timeout", metavar="SECONDS", help="Give up --replay after this many seconds [default: no limit].", show_default=False)] = None,
-        repo_as_of: Annotated[str | None, typer.Option("--repo-as-of", metavar="TS", help="Read the versioned S3 bucket as it was at TS (each object's newest version then; later deletes and overwrites ignored) [env PITR_REPO_AS_OF].", show_default=False)] = None,
-        json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
-    ) -> None:
-        """Rebuild a data directory from the nearest backup and recover it to a target (or the end of the archive)."""
-        from pitr.cli.repoopen import open_repo, parse_as_of
-        from pitr.ops.recovery.restore import MARKER, RestoreOptions, run_restore
-        from pitr.ops.recovery.restore_plan import make_exclusive, parse_action, parse_target, parse_timeline
-
-        s = settings_of(ctx, pgdata=pgdata, jobs=jobs, pg_bin=pg_bin)
-        if not s.pgdata:
-            raise UsageError("no data directory given", "pass --pgdata DIR (or set PGDATA)")
-        if archive_mode not in ("preserve", "off"):
-            raise UsageError(f"--archive-mode must be preserve or off, not {archive_mode!r}")
-        if replay_timeout is not None and replay_timeout <= 0:
-            raise UsageError("--replay-timeout must be a positive number of seconds")
-        if dry_run and replay:
-            raise UsageError("--dry-run and --replay exclude each other")
-        if prefetch is not None and not 0 <= prefetch <= PREFETCH_MAX:  # wal-fetch refuses more (config.py)
-            raise UsageError(f"--prefetch must be a number of segments from 0 to {PREFETCH_MAX}, not {prefetch}")
-        tgt = parse_target(target_time, target_lsn, target_xid, target_name, target)
-        as_of = parse_as_of(repo_as_of)
-        if target_exclusive:
-            tgt = make_exclusive(tgt)
-        opts = RestoreOptions(
-            pgdata=Path(s.pgdata).expanduser().absolute(), target=tgt, timeline=parse_timeline(target_timeline),
-            backup_id=backup, action=parse_action(target_action), jobs=s.jobs, delta=delta, dry_run=dry_run,
-            archive_mode=archive_mode, tablespace_map=parse_tablespace_map(tablespace_map),
-            pitr_argv=self_argv(), repo_url=s.location().url, s3_endpoint=_redact_url(s.s3_endpoint),
-            config_path=os.path.abspath(s.config) if s.config else None, replay=replay,
-            replay_timeout=replay_timeout, pg_bin=s.pg_bin, server_env=_server_env(s),
-            # a restore replays a long run of WAL: fetch ahead unless told otherwise (docs/restore.md)
-            prefetch=prefetch if prefetch is not None else (s.prefetch or DEFAULT_RESTORE_PREFETCH),
-            db_include=tuple(dict.fromkeys(db_include or ())),
-            repo_as_of=as_of.isoformat() if as_of else None)
-        storage = open_repo(s, as_of=as_of)
-        show = sys.stderr.isatty() and not json_out
-
-        def phase(msg: str) -> None:
-            if show:
-                print(f"\r\x1b[Kpitr: {msg}", file=sys.stderr)
-
-        def progress(done: int, total: int) -> None:
-            if show and total:
-                print(f"\r\x1b[Kpitr: files {done * 100 // total:3d}% ({human_bytes(done)} of {human_bytes(total)})",
-                      end="", file=sys.stderr, flush=True)
-
-        old = signal.signal(signal.SIGTERM, _sigterm)
-        try:
-            result = run_restore(storage, opts, progress=progress, on_phase=phase)
-        except KeyboardInterrupt:
-            from pitr.errors import Interrupted
-
-            if (opts.pgdata / MARKER).exists():
-                raise Interrupted(f"restore interrupted: {opts.pgdata} is incomplete (marked by {MARKER}) and "
-                                  "PostgreSQL will not start on it",
-                                  "restore again with --delta to finish, keeping what was written") from None
-            raise
-        finally:
-            signal.signal(signal.SIGTERM, old)
-            storage.close()
-        if json_out:
-            emit_json(result.to_json())
-            return
-        emit(render_text(result))
+    app.command("restore-command")(restore_command_cmd)
+    app.command("restore")(restore_cmd)
 
 
 def render_text(r: Any) -> str:

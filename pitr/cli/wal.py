@@ -11,82 +11,85 @@ from pitr.cli.common import settings_of
 from pitr.cli.render import emit, emit_json
 
 
+def init_cmd(
+    ctx: typer.Context,
+    dbname: Annotated[str | None, typer.Option("--dbname", "-d", help="libpq conninfo of the running server [libpq env].")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
+    encrypt: Annotated[bool, typer.Option("--encrypt", help="Encrypt every object (AES-256-GCM) under the key "
+                                          "from encryption_key_file or PITR_ENCRYPTION_PASSPHRASE.")] = False,
+    lock_days: Annotated[int | None, typer.Option("--lock-days", metavar="N", help="S3 Object Lock: every object written from now on is retained at least N days (the bucket must have Object Lock enabled) [config lock_days].", show_default=False)] = None,
+    lock_mode: Annotated[str | None, typer.Option("--lock-mode", metavar="MODE", help="governance or compliance [config lock_mode, default governance].", show_default=False)] = None,
+) -> None:
+    """Bind the repository to this cluster (system identifier, version, WAL segment size). Idempotent."""
+    from pitr.cli.repoopen import open_repo
+    from pitr.ops.admin.init import init_repo
+    from pitr.pg.conn import PgSession
+
+    s = settings_of(ctx, dbname=dbname, lock_days=lock_days, lock_mode=lock_mode)
+    if s.lock_days is not None:
+        from pitr.ops.admin.lock import validate
+
+        validate(s.lock_days, s.lock_mode)
+    storage = open_repo(s)
+    with PgSession(s.dbname) as pg:
+        server = pg.info()
+    if s.lock_days is not None:  # refused before anything is written when the bucket cannot lock
+        from pitr.ops.admin.lock import record_lock, require_lockable
+
+        require_lockable(storage)
+    r = init_repo(storage, server, allow_unsafe_store=s.allow_unsafe_store, encrypt=encrypt)
+    if s.lock_days is not None:
+        record_lock(storage, s.lock_days, s.lock_mode)
+    m = r.meta
+    if r.created and r.encrypted:
+        from pitr.cli.keys import lost_key_warning
+
+        key = getattr(storage, "key_source", None)
+        lost_key_warning(storage, key.where if key else "key")
+    if json_out:
+        emit_json({"repo": storage.display, "created": r.created, "system_identifier": str(m.system_identifier),
+                   "pg_version": m.pg_version, "wal_segment_size": m.wal_segment_size, "format": m.format,
+                   "encrypted": r.encrypted,
+                   "object_lock": {"days": s.lock_days, "mode": s.lock_mode} if s.lock_days else None})
+    else:
+        what = "initialized" if r.created else "already initialized"
+        what += " (encrypted)" if r.encrypted else ""
+        what += f" (Object Lock: {s.lock_mode}, {s.lock_days} days)" if s.lock_days else ""
+        emit(f"repository {storage.display} {what} for cluster {m.system_identifier} "
+             f"(PostgreSQL {m.pg_version}, {m.wal_segment_size >> 20} MiB WAL segments)")
+
+
+def wal_push_cmd(
+    ctx: typer.Context,
+    path: Annotated[str, typer.Argument(help="The WAL file to archive (%p), relative to the data directory.")],
+) -> None:
+    """Archive one WAL file (archive_command = 'pitr wal-push %p'). Exit 0 only once durable and verified."""
+    raise typer.Exit(walcmds.run_wal_push(settings_of(ctx), path))
+
+
+def wal_fetch_cmd(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The archive file name PostgreSQL asks for (%f).")],
+    dest: Annotated[str, typer.Argument(help="Where to write it (%p).")],
+) -> None:
+    """Restore one WAL file (restore_command = 'pitr wal-fetch %f %p').
+
+    Exit 0 fetched and verified; 1 not in the archive; 128 any other failure (makes
+    PostgreSQL abort recovery instead of promoting early).
+    """
+    from pitr.errors import EXIT_FETCH_HARD
+
+    try:
+        s = settings_of(ctx)
+    except Exception as e:  # noqa: BLE001 - any failure here must stop recovery, never end it (exit > 125)
+        from pitr.cli.common import is_verbose, report_error
+
+        report_error(e, is_verbose())
+        raise typer.Exit(EXIT_FETCH_HARD) from None
+    raise typer.Exit(walcmds.run_wal_fetch(s, name, dest))
+
+
 def register(app: typer.Typer) -> None:
-
-    @app.command("init")
-    def init_cmd(
-        ctx: typer.Context,
-        dbname: Annotated[str | None, typer.Option("--dbname", "-d", help="libpq conninfo of the running server [libpq env].")] = None,
-        json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
-        encrypt: Annotated[bool, typer.Option("--encrypt", help="Encrypt every object (AES-256-GCM) under the key "
-                                              "from encryption_key_file or PITR_ENCRYPTION_PASSPHRASE.")] = False,
-        lock_days: Annotated[int | None, typer.Option("--lock-days", metavar="N", help="S3 Object Lock: every object written from now on is retained at least N days (the bucket must have Object Lock enabled) [config lock_days].", show_default=False)] = None,
-        lock_mode: Annotated[str | None, typer.Option("--lock-mode", metavar="MODE", help="governance or compliance [config lock_mode, default governance].", show_default=False)] = None,
-    ) -> None:
-        """Bind the repository to this cluster (system identifier, version, WAL segment size). Idempotent."""
-        from pitr.cli.repoopen import open_repo
-        from pitr.ops.admin.init import init_repo
-        from pitr.pg.conn import PgSession
-
-        s = settings_of(ctx, dbname=dbname, lock_days=lock_days, lock_mode=lock_mode)
-        if s.lock_days is not None:
-            from pitr.ops.admin.lock import validate
-
-            validate(s.lock_days, s.lock_mode)
-        storage = open_repo(s)
-        with PgSession(s.dbname) as pg:
-            server = pg.info()
-        if s.lock_days is not None:  # refused before anything is written when the bucket cannot lock
-            from pitr.ops.admin.lock import record_lock, require_lockable
-
-            require_lockable(storage)
-        r = init_repo(storage, server, allow_unsafe_store=s.allow_unsafe_store, encrypt=encrypt)
-        if s.lock_days is not None:
-            record_lock(storage, s.lock_days, s.lock_mode)
-        m = r.meta
-        if r.created and r.encrypted:
-            from pitr.cli.keys import lost_key_warning
-
-            key = getattr(storage, "key_source", None)
-            lost_key_warning(storage, key.where if key else "key")
-        if json_out:
-            emit_json({"repo": storage.display, "created": r.created, "system_identifier": str(m.system_identifier),
-                       "pg_version": m.pg_version, "wal_segment_size": m.wal_segment_size, "format": m.format,
-                       "encrypted": r.encrypted,
-                       "object_lock": {"days": s.lock_days, "mode": s.lock_mode} if s.lock_days else None})
-        else:
-            what = "initialized" if r.created else "already initialized"
-            what += " (encrypted)" if r.encrypted else ""
-            what += f" (Object Lock: {s.lock_mode}, {s.lock_days} days)" if s.lock_days else ""
-            emit(f"repository {storage.display} {what} for cluster {m.system_identifier} "
-                 f"(PostgreSQL {m.pg_version}, {m.wal_segment_size >> 20} MiB WAL segments)")
-
-    @app.command("wal-push")
-    def wal_push_cmd(
-        ctx: typer.Context,
-        path: Annotated[str, typer.Argument(help="The WAL file to archive (%p), relative to the data directory.")],
-    ) -> None:
-        """Archive one WAL file (archive_command = 'pitr wal-push %p'). Exit 0 only once durable and verified."""
-        raise typer.Exit(walcmds.run_wal_push(settings_of(ctx), path))
-
-    @app.command("wal-fetch")
-    def wal_fetch_cmd(
-        ctx: typer.Context,
-        name: Annotated[str, typer.Argument(help="The archive file name PostgreSQL asks for (%f).")],
-        dest: Annotated[str, typer.Argument(help="Where to write it (%p).")],
-    ) -> None:
-        """Restore one WAL file (restore_command = 'pitr wal-fetch %f %p').
-
-        Exit 0 fetched and verified; 1 not in the archive; 128 any other failure (makes
-        PostgreSQL abort recovery instead of promoting early).
-        """
-        from pitr.errors import EXIT_FETCH_HARD
-
-        try:
-            s = settings_of(ctx)
-        except Exception as e:  # noqa: BLE001 - any failure here must stop recovery, never end it (exit > 125)
-            from pitr.cli.common import is_verbose, report_error
-
-            report_error(e, is_verbose())
-            raise typer.Exit(EXIT_FETCH_HARD) from None
-        raise typer.Exit(walcmds.run_wal_fetch(s, name, dest))
+    app.command("init")(init_cmd)
+    app.command("wal-push")(wal_push_cmd)
+    app.command("wal-fetch")(wal_fetch_cmd)
