@@ -418,3 +418,36 @@ def test_fs_invalid_keys_are_refused(tmp_path: Path) -> None:
         with pytest.raises(StorageError):
             s.put(key, b"x")
     assert not (tmp_path / "outside").exists()
+
+
+def _refuse(s: S3Storage, op: str, code: str) -> None:
+    """Make S3 answer `op` with a 403 error `code` (a bucket policy without that permission)."""
+    from types import SimpleNamespace
+
+    def answer(**_: object) -> tuple[object, dict[str, object]]:
+        return (SimpleNamespace(status_code=403, headers={}),
+                {"Error": {"Code": code, "Message": "denied"}, "ResponseMetadata": {"HTTPStatusCode": 403}})
+
+    s.client.meta.events.register(f"before-call.s3.{op}", answer)
+
+
+def test_s3_optional_listings_denied_warn_and_go_on(s3_env: MotoServer, s3_bucket: str,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Without s3:ListBucketVersions / s3:ListBucketMultipartUploads the checks that need them are skipped
+    with a warning naming the grant; any other refusal of those listings is an error."""
+    s = make_s3(s3_env, s3_bucket)
+    s.put("k", b"v")
+    _refuse(s, "ListObjectVersions", "AccessDenied")
+    _refuse(s, "ListMultipartUploads", "AccessDenied")
+    with caplog.at_level("WARNING", logger="pitr.storage"):
+        assert list(s.rewritten("", lambda k: True)) == []
+        assert list(s.stale_temps(0, 1e12)) == []
+    warned = [r.getMessage() for r in caplog.records]
+    assert any("cannot list object versions" in w and "grant s3:ListBucketVersions" in w for w in warned), warned
+    assert any("cannot list incomplete multipart uploads" in w and "s3:ListBucketMultipartUploads" in w
+               for w in warned), warned
+    other = make_s3(s3_env, s3_bucket)
+    _refuse(other, "ListObjectVersions", "SlowDown")
+    with pytest.raises(StorageError, match="list object versions"):
+        other.rewritten("", lambda k: True)
+    assert s.get("k") == b"v"

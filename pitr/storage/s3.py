@@ -358,8 +358,9 @@ class S3Storage(Storage):
                        PartNumber=number, Body=chunk, ChecksumSHA256=checksum)
         return {"ETag": r["ETag"], "PartNumber": number, "ChecksumSHA256": checksum}
 
-    def open(self, key: str) -> BinaryIO:
-        r = self._call(f"read {key}", self.client.get_object, Bucket=self.bucket, Key=self._k(key))
+    def open(self, key: str, **version: str) -> BinaryIO:
+        """A streaming read (of `version`, a VersionId, when given; storage/s3_asof.py reads through here)."""
+        r = self._call(f"read {key}", self.client.get_object, Bucket=self.bucket, Key=self._k(key), **version)
         return io.BufferedReader(_Body(r["Body"], self, key), buffer_size=1 << 20)  # type: ignore[return-value]
 
     def get_range(self, key: str, start: int, length: int | None = None) -> bytes:
@@ -371,7 +372,13 @@ class S3Storage(Storage):
             if length <= 0:
                 return b""
             rng = f"bytes={start}-{start + length - 1}"
-        r = self._call(f"read {key}", self.client.get_object, Bucket=self.bucket, Key=self._k(key), Range=rng)
+        return self.read_range(key, rng, start, length)
+
+    def read_range(self, key: str, rng: str, start: int, length: int | None, **version: str) -> bytes:
+        """One ranged GET (of `version`, a VersionId, when given), read whole and checked against the range
+        asked for: the one ranged read of this backend and of its as-of view (storage/s3_asof.py)."""
+        r = self._call(f"read {key}", self.client.get_object, Bucket=self.bucket, Key=self._k(key), Range=rng,
+                       **version)
         body = r["Body"]
         try:
             data = body.read()
@@ -380,6 +387,16 @@ class S3Storage(Storage):
         finally:
             body.close()
         return self._checked_range(key, r, data, start, length)
+
+    def _listing_denied(self, e: Exception, what: str, consequence: str) -> None:
+        """An optional listing the credentials may not make: a warning naming what is lost and the grant
+        (the caller goes on without it); any other failure is raised as the StorageError it is."""
+        err = self._translate(e, what)
+        if isinstance(err, StorageError) and "refused access" in str(err):
+            logging.getLogger("pitr.storage").warning("cannot %s in %s (access denied)%s", what, self.display,
+                                                      consequence)
+            return
+        raise err from e
 
     def _checked_range(self, key: str, r: dict[str, Any], data: bytes, start: int, length: int | None) -> bytes:
         """The bytes asked for, whatever the endpoint did with the Range header: some (s3rver) read
@@ -443,13 +460,9 @@ class S3Storage(Storage):
                     if want(key):
                         entries.setdefault(key, []).append((v["LastModified"].timestamp(), marker))
         except Exception as e:  # noqa: BLE001
-            err = self._translate(e, "list object versions")
-            if isinstance(err, StorageError) and "refused access" in str(err):
-                logging.getLogger("pitr.storage").warning(
-                    "cannot list object versions in %s (access denied): overwritten objects are not checked; "
-                    "grant s3:ListBucketVersions", self.display)
-                return []
-            raise err from e
+            self._listing_denied(e, "list object versions",
+                                 ": overwritten objects are not checked; grant s3:ListBucketVersions")
+            return []
         out = []
         for key, vs in sorted(entries.items()):
             vs.sort()
@@ -539,13 +552,9 @@ class S3Storage(Storage):
                     if now - started > limit:
                         out.append(TempObject(u["Key"][cut:], 0, started, u["UploadId"]))
         except Exception as e:  # noqa: BLE001
-            err = self._translate(e, "list incomplete multipart uploads")
-            if isinstance(err, StorageError) and "refused access" in str(err):
-                logging.getLogger("pitr.storage").warning(
-                    "cannot list incomplete multipart uploads in %s (access denied); grant "
-                    "s3:ListBucketMultipartUploads so that expire can abort abandoned ones", self.display)
-                return []
-            raise err from e
+            self._listing_denied(e, "list incomplete multipart uploads",
+                                 "; grant s3:ListBucketMultipartUploads so that expire can abort abandoned ones")
+            return []
         return out
 
     def remove_temps(self, temps: Sequence[TempObject]) -> None:

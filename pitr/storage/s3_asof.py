@@ -9,14 +9,13 @@ not a place to write (restore into a new repository).
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any, BinaryIO
 
 from pitr.errors import ConfigError, NotFoundError, UsageError
 from pitr.storage.base import ObjectInfo, Storage
-from pitr.storage.s3 import S3Storage, _Body
+from pitr.storage.s3 import S3Storage
 
 
 class S3AsOfStorage(Storage):
@@ -76,10 +75,7 @@ class S3AsOfStorage(Storage):
 
     # --- reads
     def open(self, key: str) -> BinaryIO:
-        s3 = self.inner
-        r = s3._call(f"read {key}", s3.client.get_object, Bucket=s3.bucket, Key=s3._k(key),
-                     VersionId=self._version(key))
-        return io.BufferedReader(_Body(r["Body"], s3, key), buffer_size=1 << 20)  # type: ignore[return-value]
+        return self.inner.open(key, VersionId=self._version(key))
 
     def get_range(self, key: str, start: int, length: int | None = None) -> bytes:
         vid = self._version(key)
@@ -90,17 +86,7 @@ class S3AsOfStorage(Storage):
         end = size if length is None else min(size, start + length)
         if end <= start:
             return b""
-        s3 = self.inner
-        r = s3._call(f"read {key}", s3.client.get_object, Bucket=s3.bucket, Key=s3._k(key),
-                     VersionId=vid, Range=f"bytes={start}-{end - 1}")
-        body = r["Body"]
-        try:
-            data = body.read()
-        except Exception as e:  # noqa: BLE001
-            raise s3._translate(e, f"read {key}") from e
-        finally:
-            body.close()
-        return s3._checked_range(key, r, data, start, end - start)
+        return self.inner.read_range(key, f"bytes={start}-{end - 1}", start, end - start, VersionId=vid)
 
     def stat(self, key: str) -> ObjectInfo | None:
         v = self._map().get(key)
