@@ -235,7 +235,28 @@ class ObjectCipher:
         return OpeningReader(self, name, src)
 
 
-class SealingReader:
+class _ChunkReader:
+    """read() over a stream that _step() makes one AEAD chunk at a time into _buf (sealing or opening)."""
+
+    _buf: bytearray
+    _done: bool
+
+    def _step(self) -> None:
+        raise NotImplementedError
+
+    def read(self, n: int = -1) -> bytes:
+        while (n < 0 or len(self._buf) < n) and not self._done:
+            self._step()
+        if n < 0 or n >= len(self._buf):
+            out = bytes(self._buf)
+            self._buf.clear()
+            return out
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+
+class SealingReader(_ChunkReader):
     """A read()-able encrypted view of a plaintext stream (for put() of large objects). Memory: O(chunk)."""
 
     def __init__(self, name: str, src: BinaryIO, head: bytes, aead: AESGCM, chunk: int) -> None:
@@ -245,7 +266,7 @@ class SealingReader:
         self._done = False
         self._pending = b""
 
-    def _fill(self) -> None:
+    def _step(self) -> None:
         # read one chunk plus a byte ahead, so we know whether this chunk is the last
         while len(self._pending) <= self._chunk:
             more = self._src.read(self._chunk + 1 - len(self._pending))
@@ -258,24 +279,13 @@ class SealingReader:
         self._i += 1
         self._done = final
 
-    def read(self, n: int = -1) -> bytes:
-        while (n < 0 or len(self._buf) < n) and not self._done:
-            self._fill()
-        if n < 0 or n >= len(self._buf):
-            out = bytes(self._buf)
-            self._buf.clear()
-            return out
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
-
     def close(self) -> None:
         close = getattr(self._src, "close", None)
         if close:
             close()
 
 
-class OpeningReader:
+class OpeningReader(_ChunkReader):
     """A read()-able decrypted view of a stored object's stream; authentication fails loudly, at the
     chunk where it fails (never returns bytes of an unauthenticated chunk)."""
 
@@ -284,7 +294,7 @@ class OpeningReader:
         self._h: _Header | None = None
         self._i = 0
         self._raw = b""
-        self._out = bytearray()
+        self._buf = bytearray()
         self._done = False
 
     def __enter__(self) -> OpeningReader:
@@ -300,7 +310,7 @@ class OpeningReader:
                 return
             self._raw += more
 
-    def _next(self) -> None:
+    def _step(self) -> None:
         if self._h is None:
             self._read_raw(HEADER_SIZE)
             self._h = self._cipher._parse_header(self._name, self._raw)
@@ -312,22 +322,11 @@ class OpeningReader:
         if final and (len(piece) < TAG):
             raise auth_failure(self._name)
         try:
-            self._out += self._h.aead.decrypt(_nonce(self._i, final), piece, _aad(self._name, self._i, final))
+            self._buf += self._h.aead.decrypt(_nonce(self._i, final), piece, _aad(self._name, self._i, final))
         except Exception:  # noqa: BLE001 - InvalidTag
             raise auth_failure(self._name) from None
         self._i += 1
         self._done = final
-
-    def read(self, n: int = -1) -> bytes:
-        while (n < 0 or len(self._out) < n) and not self._done:
-            self._next()
-        if n < 0 or n >= len(self._out):
-            out = bytes(self._out)
-            self._out.clear()
-            return out
-        out = bytes(self._out[:n])
-        del self._out[:n]
-        return out
 
     def readable(self) -> bool:
         return True
