@@ -6,6 +6,8 @@ import sys
 
 # = errors.EXIT_FETCH_HARD, repeated so that the guard below needs nothing of pitr to work
 _EXIT_FETCH_HARD = 128
+# = cli/globalargs.VALUE_OPTIONS, and _is_wal_fetch walks argv as globalargs.split_global_args does: repeated on
+# purpose, not imported, because the guard must work when importing pitr (even pitr.cli) fails
 _VALUE_OPTIONS = ("--repo", "--config", "--s3-endpoint", "--log-file")
 
 
@@ -46,7 +48,9 @@ def _main(argv: list[str]) -> None:
 
 
 def _is_wal_fetch(argv: list[str]) -> bool:
-    """The command word (the first argument that is neither an option nor an option's value)."""
+    """The command word (the first argument that is neither an option nor an option's value).
+
+    Deliberately a copy of cli/globalargs.split_global_args's walk (see _VALUE_OPTIONS)."""
     i = 0
     while i < len(argv):
         a = argv[i]

@@ -63,7 +63,10 @@ def is_log_flag(arg: str) -> bool:
 
 
 def split_global_args(argv: list[str], npos: int) -> list[str] | None:
-    """argv = [global options...] COMMAND POS... -> the global options, or None when not that shape."""
+    """argv = [global options...] COMMAND POS... -> the global options, or None when not that shape.
+
+    pitr/__main__._is_wal_fetch walks argv the same way on purpose: its guard must work even when
+    importing pitr.cli fails, so it keeps its own copy of this loop and of VALUE_OPTIONS."""
     head = argv[: len(argv) - npos - 1]
     i = 0
     while i < len(head):
