@@ -156,3 +156,25 @@ def test_json_outputs_carry_version(argv: list[str], tmp_path: Path) -> None:
     assert r.stdout.strip(), (argv, r.returncode, r.stderr)
     out = json.loads(r.stdout)
     assert isinstance(out["version"], int) and out["pitr_version"] == __version__, out
+
+
+def test_no_option_shows_a_type_placeholder_and_metavars_have_one_home() -> None:
+    """A value option shows what it takes (FORMAT, not click's TEXT), and an option in helpdoc.METAVARS
+    declares no metavar of its own that could drift from the table (check's DUR vs DURATION did)."""
+    import ast
+
+    from pitr.cli.helpdoc import METAVARS
+
+    group = _click_app()
+    typed = [f"{cname} {p.opts}" for cname, cmd in [("", group), *group.commands.items()] for p in cmd.params
+             if p.param_type_name == "option" and not (p.is_flag or p.count) and p.metavar in ("TEXT", "NUMBER")]
+    assert typed == []
+    assert "--format FORMAT" in pitr("extract", "--help").stdout
+    declared = []
+    for path in sorted((ROOT / "pitr" / "cli").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and ast.unparse(node.func) == "typer.Option"
+                    and any(k.arg == "metavar" for k in node.keywords)
+                    and any(isinstance(a, ast.Constant) and a.value in METAVARS for a in node.args)):
+                declared.append(f"{path.name}:{node.lineno}")
+    assert declared == []

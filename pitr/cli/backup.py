@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from pitr.cli.common import settings_of
+from pitr.cli.options import DbName, JsonResult
 from pitr.cli.render import emit, emit_json, human_bytes, human_duration
 
 
@@ -56,8 +57,8 @@ def backup_cmd(
     fast: Annotated[bool, typer.Option("--fast/--no-fast", help="Start with an immediate checkpoint (default), or a spread one that loads the server less but may take up to checkpoint_timeout.")] = True,
     archive_timeout: Annotated[float | None, typer.Option("--archive-timeout", help="Seconds to wait for the backup's WAL to reach the archive [config wal_wait_timeout, default 300].", show_default=False)] = None,
     pgdata: Annotated[str | None, typer.Option("--pgdata", "-D", help="The data directory [env PGDATA; default: the server's data_directory].", show_default=False)] = None,
-    dbname: Annotated[str | None, typer.Option("--dbname", "-d", help="libpq conninfo of the running server [libpq env].", show_default=False)] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
+    dbname: DbName = None,
+    json_out: JsonResult = False,
 ) -> None:
     """Take an online base backup of the running cluster (run on the database host as its OS user).
 
@@ -123,8 +124,8 @@ def restore_point_cmd(
     name: Annotated[str, typer.Argument(help="The restore point's name, for `pitr restore --target-name NAME`.")],
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Switch WAL and wait until the point is in the archive (default), so it is restorable at once.")] = True,
     timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds to wait for the archive [config wal_wait_timeout, default 300].", show_default=False)] = None,
-    dbname: Annotated[str | None, typer.Option("--dbname", "-d", help="libpq conninfo of the running server [libpq env].", show_default=False)] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
+    dbname: DbName = None,
+    json_out: JsonResult = False,
 ) -> None:
     """Create a named restore point (pg_create_restore_point) and, by default, wait until it is archived."""
     from pitr.cli.repoopen import open_repo

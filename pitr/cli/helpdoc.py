@@ -6,7 +6,9 @@ and the man page (cli/helpcmd.py) all render these same objects. Conventions:
 
 - metavars are upper-case placeholders (PATH, DIR, N, ID, TS, DURATION, SECONDS, CONNINFO); the
   same option has the same placeholder in every command. A literal the user types as is (only
-  `--target immediate`) stays lower-case. An option not in METAVARS gets one from its type.
+  `--target immediate`) stays lower-case. METAVARS is the one home of a listed option's placeholder
+  (its declarations carry no metavar=); an option not in it takes its declared one, else one from its
+  type, which tests/test_cli_help.py refuses to let reach the help as TEXT.
 - panels group the options of the commands that have many (PANELLED); a command's own table
   entry (`command:option`) beats the option's general one.
 - help is rendered by click's plain formatter, not rich: it must read the same in a pipe, a man
@@ -29,7 +31,7 @@ METAVARS: dict[str, str] = {
     "--replay-timeout": "SECONDS", "--max-rpo": "DURATION", "--max-backup-age": "DURATION",
     "--max-drill-age": "DURATION", "--retain-full": "N", "--retain-days": "DAYS", "--new-key-file": "PATH",
     "--textfile": "PATH", "--repo-as-of": "TS", "--since": "TS", "--until": "TS", "--target-time": "TS",
-    "--lock-days": "N", "--lock-mode": "MODE", "--prefetch": "N", "--relfilenode": "N",
+    "--lock-days": "N", "--lock-mode": "MODE", "--prefetch": "N", "--relfilenode": "N", "--format": "FORMAT",
 }
 # the value's type (typer's bare_type(), or click's type name on older typer) -> placeholder
 _BY_TYPE = {"int": "N", "integer": "N", "float": "NUMBER", "path": "PATH", "Path": "PATH"}

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from pitr.cli.common import settings_of
+from pitr.cli.options import JsonReport
 from pitr.cli.render import emit, emit_json, human_bytes, human_duration, table
 
 INFO_JSON_VERSION = 1
@@ -197,8 +198,8 @@ def _show_info(ctx: typer.Context, json_out: bool, repo_as_of: str | None = None
 
 def info_cmd(
     ctx: typer.Context,
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable report on stdout (docs/info-json.md).")] = False,
-    repo_as_of: Annotated[str | None, typer.Option("--repo-as-of", metavar="TS", help="Read the versioned S3 bucket as it was at TS [env PITR_REPO_AS_OF].", show_default=False)] = None,
+    json_out: JsonReport = False,
+    repo_as_of: Annotated[str | None, typer.Option("--repo-as-of", help="Read the versioned S3 bucket as it was at TS [env PITR_REPO_AS_OF].", show_default=False)] = None,
 ) -> None:
     """Backups, archived WAL per timeline (with gaps), the recoverable window and the current RPO."""
     _show_info(ctx, json_out, repo_as_of)
@@ -206,7 +207,7 @@ def info_cmd(
 
 def list_cmd(
     ctx: typer.Context,
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable report on stdout (docs/info-json.md).")] = False,
+    json_out: JsonReport = False,
 ) -> None:
     """Alias of `pitr info`."""
     _show_info(ctx, json_out)

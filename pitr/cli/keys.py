@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from pitr.cli.common import settings_of
+from pitr.cli.options import JsonResult
 from pitr.cli.repoopen import NEW_PASSPHRASE_ENV, open_repo
 from pitr.storage.base import Storage
 
@@ -28,7 +29,7 @@ def key_rotate_cmd(
     new_key_file: Annotated[str | None, typer.Option(
         "--new-key-file", help=f"The new key file (32 bytes, hex or base64; mode 600). Without it: "
                                f"the new passphrase from {NEW_PASSPHRASE_ENV}.", show_default=False)] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
+    json_out: JsonResult = False,
 ) -> None:
     """Re-wrap an encrypted repository's data key under a new key (one small write); afterwards only
     the new key opens it and every backup and WAL file stays readable."""

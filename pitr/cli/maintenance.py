@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from pitr.cli.common import settings_of
+from pitr.cli.options import DbName, JsonResult
 from pitr.cli.render import emit, emit_json, human_bytes, human_duration
 
 log = logging.getLogger("pitr")
@@ -18,8 +19,8 @@ def verify_cmd(
     ctx: typer.Context,
     backup: Annotated[str | None, typer.Option("--backup", help="Only this backup and the WAL it needs.", show_default=False)] = None,
     jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Objects read in parallel [config jobs].", show_default=False)] = None,
-    repo_as_of: Annotated[str | None, typer.Option("--repo-as-of", metavar="TS", help="Read the versioned S3 bucket as it was at TS [env PITR_REPO_AS_OF].", show_default=False)] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
+    repo_as_of: Annotated[str | None, typer.Option("--repo-as-of", help="Read the versioned S3 bucket as it was at TS [env PITR_REPO_AS_OF].", show_default=False)] = None,
+    json_out: JsonResult = False,
 ) -> None:
     """Re-read every stored object (checksums, WAL headers), check each manifest against its objects and
     that WAL is continuous from each backup to the archive's head. Exit 1 listing every problem."""
@@ -52,12 +53,12 @@ def verify_cmd(
 
 def check_cmd(
     ctx: typer.Context,
-    dbname: Annotated[str | None, typer.Option("--dbname", "-d", help="libpq conninfo of the running server [libpq env].", show_default=False)] = None,
+    dbname: DbName = None,
     max_rpo: Annotated[str | None, typer.Option("--max-rpo", help="Fail when the newest archived WAL is older than this (90s, 5m, 2h, 1d).", show_default=False)] = None,
-    max_backup_age: Annotated[str | None, typer.Option("--max-backup-age", metavar="DUR", help="Fail when the newest complete backup is older than this (e.g. 26h).", show_default=False)] = None,
-    max_drill_age: Annotated[str | None, typer.Option("--max-drill-age", metavar="DUR", help="Fail when the newest passing drill is older than this (e.g. 8d).", show_default=False)] = None,
+    max_backup_age: Annotated[str | None, typer.Option("--max-backup-age", help="Fail when the newest complete backup is older than this (e.g. 26h).", show_default=False)] = None,
+    max_drill_age: Annotated[str | None, typer.Option("--max-drill-age", help="Fail when the newest passing drill is older than this (e.g. 8d).", show_default=False)] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the switched segment to reach the repository.")] = 60.0,
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
+    json_out: JsonResult = False,
     storage_test: Annotated[bool, typer.Option("--storage", help="Instead, run a conformance self-test of the repository's store (atomic conditional create, read-after-write, listing, multipart, checksums); no server needed.")] = False,
 ) -> None:
     """Check the server's archive settings against this repository, force a WAL switch and wait until

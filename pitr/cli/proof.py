@@ -51,23 +51,23 @@ def render_drill(rec: dict[str, Any]) -> str:
 
 def drill_cmd(
     ctx: typer.Context,
-    target_time: Annotated[str | None, typer.Option("--target-time", metavar="TS", help="Drill to this time (as restore).", show_default=False)] = None,
+    target_time: Annotated[str | None, typer.Option("--target-time", help="Drill to this time (as restore).", show_default=False)] = None,
     target_lsn: Annotated[str | None, typer.Option("--target-lsn", metavar="LSN", help="Drill to this WAL location.", show_default=False)] = None,
     target_xid: Annotated[str | None, typer.Option("--target-xid", metavar="XID", help="Drill to the commit of this transaction.", show_default=False)] = None,
     target_name: Annotated[str | None, typer.Option("--target-name", metavar="NAME", help="Drill to this restore point.", show_default=False)] = None,
     target: Annotated[str | None, typer.Option("--target", metavar="immediate", help="'immediate': the end of the backup.", show_default=False)] = None,
     random_target: Annotated[bool, typer.Option("--random-target", help="Drill to a random time inside the recoverable window.")] = False,
-    backup: Annotated[str | None, typer.Option("--backup", metavar="ID", help="Restore this backup ID.", show_default=False)] = None,
+    backup: Annotated[str | None, typer.Option("--backup", help="Restore this backup ID.", show_default=False)] = None,
     check: Annotated[list[str] | None, typer.Option("--check", metavar="SQL", help="A query whose first column must be true in every row, with at least one row (repeatable).", show_default=False)] = None,
     check_file: Annotated[str | None, typer.Option("--check-file", metavar="FILE", help="A file of checks, one per SQL statement.", show_default=False)] = None,
     check_db: Annotated[str, typer.Option("--check-db", metavar="NAME", help="Database the checks run in.")] = "postgres",
     no_amcheck: Annotated[bool, typer.Option("--no-amcheck", help="Skip pg_amcheck --all.")] = False,
-    pgdata: Annotated[str | None, typer.Option("--pgdata", metavar="DIR", help="Restore here (new or empty) instead of a new temp directory.", show_default=False)] = None,
+    pgdata: Annotated[str | None, typer.Option("--pgdata", help="Restore here (new or empty) instead of a new temp directory.", show_default=False)] = None,
     keep: Annotated[bool, typer.Option("--keep", help="Leave the restored directory (stopped) for inspection.")] = False,
-    pg_bin: Annotated[str | None, typer.Option("--pg-bin", metavar="DIR", help="PostgreSQL bin directory [default: found by version].", show_default=False)] = None,
-    jobs: Annotated[int | None, typer.Option("--jobs", "-j", metavar="N", help="Parallel file workers [default 2].", show_default=False)] = None,
-    replay_timeout: Annotated[float | None, typer.Option("--replay-timeout", metavar="SECONDS", help="Fail the drill when replay takes longer.", show_default=False)] = None,
-    repo_as_of: Annotated[str | None, typer.Option("--repo-as-of", metavar="TS", help="Drill from the versioned S3 bucket as it was at TS; the record is printed, not stored [env PITR_REPO_AS_OF].", show_default=False)] = None,
+    pg_bin: Annotated[str | None, typer.Option("--pg-bin", help="PostgreSQL bin directory [default: found by version].", show_default=False)] = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Parallel file workers [default 2].", show_default=False)] = None,
+    replay_timeout: Annotated[float | None, typer.Option("--replay-timeout", help="Fail the drill when replay takes longer.", show_default=False)] = None,
+    repo_as_of: Annotated[str | None, typer.Option("--repo-as-of", help="Drill from the versioned S3 bucket as it was at TS; the record is printed, not stored [env PITR_REPO_AS_OF].", show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="The drill record on stdout (docs/drill.md).")] = False,
 ) -> None:
     """Prove the repository restores: restore into a throwaway directory, replay to TARGET, run pg_amcheck
@@ -139,7 +139,7 @@ def drill_cmd(
 
 def metrics_cmd(
     ctx: typer.Context,
-    textfile: Annotated[str | None, typer.Option("--textfile", metavar="PATH", help="Write atomically to PATH (node_exporter textfile collector) instead of stdout.", show_default=False)] = None,
+    textfile: Annotated[str | None, typer.Option("--textfile", help="Write atomically to PATH (node_exporter textfile collector) instead of stdout.", show_default=False)] = None,
 ) -> None:
     """The repository's state in the Prometheus text format (metrics named pitr_*, docs/metrics.md)."""
     from pitr.cli.repoopen import open_repo

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from pitr.cli.common import settings_of
+from pitr.cli.options import JsonResult
 from pitr.cli.render import emit, emit_json, human_bytes, human_duration
 from pitr.config import PREFETCH_MAX
 from pitr.errors import UsageError
@@ -69,7 +70,7 @@ def _sigterm(_signum: int, _frame: object) -> None:
 
 def restore_command_cmd(
     ctx: typer.Context,
-    prefetch: Annotated[int | None, typer.Option("--prefetch", metavar="N", help="Segments staged ahead; 0 prints the plain `wal-fetch %f %p` [default: the prefetch setting, or 8].", show_default=False)] = None,
+    prefetch: Annotated[int | None, typer.Option("--prefetch", help="Segments staged ahead; 0 prints the plain `wal-fetch %f %p` [default: the prefetch setting, or 8].", show_default=False)] = None,
 ) -> None:
     """Print a restore_command line for a recovery or standby you configure by hand (as fast as `restore`'s)."""
     from pitr.ops.wal import stage
@@ -88,28 +89,28 @@ def restore_command_cmd(
 
 def restore_cmd(
     ctx: typer.Context,
-    pgdata: Annotated[str | None, typer.Option("--pgdata", "-D", metavar="DIR", help="Data directory to rebuild (new or empty; existing with --delta) [env PGDATA].", show_default=False)] = None,
-    target_time: Annotated[str | None, typer.Option("--target-time", metavar="TS", help="Recover to this time (python-dateutil syntax; no zone = local time).", show_default=False)] = None,
+    pgdata: Annotated[str | None, typer.Option("--pgdata", "-D", help="Data directory to rebuild (new or empty; existing with --delta) [env PGDATA].", show_default=False)] = None,
+    target_time: Annotated[str | None, typer.Option("--target-time", help="Recover to this time (python-dateutil syntax; no zone = local time).", show_default=False)] = None,
     target_lsn: Annotated[str | None, typer.Option("--target-lsn", metavar="LSN", help="Recover to this WAL location (e.g. 0/3000148).", show_default=False)] = None,
     target_xid: Annotated[str | None, typer.Option("--target-xid", metavar="XID", help="Recover to the commit of this transaction ID.", show_default=False)] = None,
     target_name: Annotated[str | None, typer.Option("--target-name", metavar="NAME", help="Recover to this restore point (pg_create_restore_point).", show_default=False)] = None,
     target: Annotated[str | None, typer.Option("--target", metavar="immediate", help="'immediate': stop as soon as the backup is consistent.", show_default=False)] = None,
     target_exclusive: Annotated[bool, typer.Option("--target-exclusive", help="Stop just before the time, LSN or xid target (recovery_target_inclusive = off).")] = False,
-    backup: Annotated[str | None, typer.Option("--backup", metavar="ID", help="Restore this backup ID instead of choosing one.", show_default=False)] = None,
+    backup: Annotated[str | None, typer.Option("--backup", help="Restore this backup ID instead of choosing one.", show_default=False)] = None,
     target_action: Annotated[str, typer.Option("--target-action", metavar="ACTION", help="At the target: promote, pause or shutdown.")] = "promote",
     target_timeline: Annotated[str, typer.Option("--target-timeline", metavar="TLI", help="latest, current or a timeline number.")] = "latest",
-    jobs: Annotated[int | None, typer.Option("--jobs", "-j", metavar="N", help="Parallel file workers [default 2].", show_default=False)] = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Parallel file workers [default 2].", show_default=False)] = None,
     delta: Annotated[bool, typer.Option("--delta", help="Restore over an existing stopped data directory, keeping files that match the backup.")] = False,
     replay: Annotated[bool, typer.Option("--replay", help="Also run PostgreSQL (private socket, no TCP) until the target is reached, then stop it and report.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (backup, WAL range, target in UTC) and change nothing.")] = False,
     archive_mode: Annotated[str, typer.Option("--archive-mode", metavar="MODE", help="preserve (keep the cluster's archiving) or off (drills, copies).")] = "preserve",
     db_include: Annotated[list[str] | None, typer.Option("--db-include", metavar="NAME", help="Restore only this database (repeatable) plus template0, template1 and postgres; the others are left empty and unusable.", show_default=False)] = None,
     tablespace_map: Annotated[list[str] | None, typer.Option("--tablespace-map", metavar="OID=DIR", help="Put tablespace OID at DIR instead of its original location (OID=DIR, repeatable).", show_default=False)] = None,
-    pg_bin: Annotated[str | None, typer.Option("--pg-bin", metavar="DIR", help="PostgreSQL bin directory for --replay [default: found by version].", show_default=False)] = None,
-    prefetch: Annotated[int | None, typer.Option("--prefetch", metavar="N", help="Segments wal-fetch fetches ahead during this recovery, written into restore_command; 0 turns it off [default: the prefetch setting, or 8].", show_default=False)] = None,
-    replay_timeout: Annotated[float | None, typer.Option("--replay-timeout", metavar="SECONDS", help="Give up --replay after this many seconds [default: no limit].", show_default=False)] = None,
-    repo_as_of: Annotated[str | None, typer.Option("--repo-as-of", metavar="TS", help="Read the versioned S3 bucket as it was at TS (each object's newest version then; later deletes and overwrites ignored) [env PITR_REPO_AS_OF].", show_default=False)] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
+    pg_bin: Annotated[str | None, typer.Option("--pg-bin", help="PostgreSQL bin directory for --replay [default: found by version].", show_default=False)] = None,
+    prefetch: Annotated[int | None, typer.Option("--prefetch", help="Segments wal-fetch fetches ahead during this recovery, written into restore_command; 0 turns it off [default: the prefetch setting, or 8].", show_default=False)] = None,
+    replay_timeout: Annotated[float | None, typer.Option("--replay-timeout", help="Give up --replay after this many seconds [default: no limit].", show_default=False)] = None,
+    repo_as_of: Annotated[str | None, typer.Option("--repo-as-of", help="Read the versioned S3 bucket as it was at TS (each object's newest version then; later deletes and overwrites ignored) [env PITR_REPO_AS_OF].", show_default=False)] = None,
+    json_out: JsonResult = False,
 ) -> None:
     """Rebuild a data directory from the nearest backup and recover it to a target (or the end of the archive)."""
     from pitr.cli.repoopen import open_repo, parse_as_of

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from pitr.cli.common import settings_of
+from pitr.cli.options import DbName, JsonResult
 from pitr.cli.render import emit, emit_json, human_duration
 from pitr.errors import UsageError
 
@@ -27,13 +28,13 @@ def _when(opt: str, value: str | None) -> datetime | None:
 def find_target_cmd(
     ctx: typer.Context,
     table: Annotated[str | None, typer.Option("--table", metavar="SCHEMA.TABLE", help="The table that was hurt (resolved on the running server through --dbname).", show_default=False)] = None,
-    since: Annotated[str | None, typer.Option("--since", metavar="TS", help="Start of the window [default: the newest backup's start].", show_default=False)] = None,
-    until: Annotated[str | None, typer.Option("--until", metavar="TS", help="End of the window [default: the end of the archive].", show_default=False)] = None,
-    relfilenode: Annotated[int | None, typer.Option("--relfilenode", metavar="N", help="The table's file number, for a table that no longer exists (with --db).", show_default=False)] = None,
+    since: Annotated[str | None, typer.Option("--since", help="Start of the window [default: the newest backup's start].", show_default=False)] = None,
+    until: Annotated[str | None, typer.Option("--until", help="End of the window [default: the end of the archive].", show_default=False)] = None,
+    relfilenode: Annotated[int | None, typer.Option("--relfilenode", help="The table's file number, for a table that no longer exists (with --db).", show_default=False)] = None,
     db: Annotated[str | None, typer.Option("--db", metavar="NAME", help="The table's database [default: the one --dbname connects to].", show_default=False)] = None,
-    dbname: Annotated[str | None, typer.Option("--dbname", "-d", help="libpq conninfo of the running server [libpq env].", show_default=False)] = None,
-    jobs: Annotated[int | None, typer.Option("--jobs", "-j", metavar="N", help="Segments decoded at once [default: the jobs setting].", show_default=False)] = None,
-    pg_bin: Annotated[str | None, typer.Option("--pg-bin", metavar="DIR", help="PostgreSQL bin directory holding pg_waldump [default: found by version].", show_default=False)] = None,
+    dbname: DbName = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Segments decoded at once [default: the jobs setting].", show_default=False)] = None,
+    pg_bin: Annotated[str | None, typer.Option("--pg-bin", help="PostgreSQL bin directory holding pg_waldump [default: found by version].", show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout (docs/find-target.md).")] = False,
 ) -> None:
     """List the transactions that deleted or updated rows of a table, truncated or dropped it, from archived WAL."""
@@ -70,23 +71,23 @@ def find_target_cmd(
 def extract_cmd(
     ctx: typer.Context,
     table: Annotated[str, typer.Option("--table", metavar="SCHEMA.TABLE", help="The table whose rows to bring back.", show_default=False)],
-    target_time: Annotated[str | None, typer.Option("--target-time", metavar="TS", help="The rows as they were at this time.", show_default=False)] = None,
+    target_time: Annotated[str | None, typer.Option("--target-time", help="The rows as they were at this time.", show_default=False)] = None,
     target_lsn: Annotated[str | None, typer.Option("--target-lsn", metavar="LSN", help="The rows as they were at this WAL location.", show_default=False)] = None,
     target_xid: Annotated[str | None, typer.Option("--target-xid", metavar="XID", help="The rows as they were at the commit of this transaction (with --target-exclusive: just before it).", show_default=False)] = None,
     target_name: Annotated[str | None, typer.Option("--target-name", metavar="NAME", help="The rows as they were at this restore point.", show_default=False)] = None,
     target: Annotated[str | None, typer.Option("--target", metavar="immediate", help="'immediate': as of the end of the backup.", show_default=False)] = None,
     target_exclusive: Annotated[bool, typer.Option("--target-exclusive", help="Stop just before the time, LSN or xid target.")] = False,
-    backup: Annotated[str | None, typer.Option("--backup", metavar="ID", help="Restore this backup ID instead of choosing one.", show_default=False)] = None,
+    backup: Annotated[str | None, typer.Option("--backup", help="Restore this backup ID instead of choosing one.", show_default=False)] = None,
     db: Annotated[str | None, typer.Option("--db", metavar="NAME", help="The table's database [default: the one --dbname connects to].", show_default=False)] = None,
     to: Annotated[str | None, typer.Option("--to", metavar="FILE", help="Write the rows to this new file.", show_default=False)] = None,
-    fmt: Annotated[str, typer.Option("--format", metavar="csv|sql", help="--to format: CSV with a header, or INSERT statements.")] = "csv",
+    fmt: Annotated[str, typer.Option("--format", help="--to format: CSV with a header, or INSERT statements.")] = "csv",
     into_table: Annotated[str | None, typer.Option("--into-table", metavar="NAME", help="Load the rows into this new table on the running server (--dbname).", show_default=False)] = None,
     where: Annotated[str | None, typer.Option("--where", metavar="SQL", help="Only the rows matching this condition (SQL, run on the throwaway copy).", show_default=False)] = None,
-    dbname: Annotated[str | None, typer.Option("--dbname", "-d", help="libpq conninfo of the running server [libpq env].", show_default=False)] = None,
-    jobs: Annotated[int | None, typer.Option("--jobs", "-j", metavar="N", help="Parallel file workers of the restore [default 2].", show_default=False)] = None,
-    pg_bin: Annotated[str | None, typer.Option("--pg-bin", metavar="DIR", help="PostgreSQL bin directory [default: found by version].", show_default=False)] = None,
-    replay_timeout: Annotated[float | None, typer.Option("--replay-timeout", metavar="SECONDS", help="Give up after this many seconds of replay [default: no limit].", show_default=False)] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
+    dbname: DbName = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Parallel file workers of the restore [default 2].", show_default=False)] = None,
+    pg_bin: Annotated[str | None, typer.Option("--pg-bin", help="PostgreSQL bin directory [default: found by version].", show_default=False)] = None,
+    replay_timeout: Annotated[float | None, typer.Option("--replay-timeout", help="Give up after this many seconds of replay [default: no limit].", show_default=False)] = None,
+    json_out: JsonResult = False,
 ) -> None:
     """Bring back a table's rows as they were at a target, without rewinding the cluster."""
     import os

@@ -8,17 +8,18 @@ import typer
 
 from pitr.cli import walcmds
 from pitr.cli.common import settings_of
+from pitr.cli.options import DbName, JsonResult
 from pitr.cli.render import emit, emit_json
 
 
 def init_cmd(
     ctx: typer.Context,
-    dbname: Annotated[str | None, typer.Option("--dbname", "-d", help="libpq conninfo of the running server [libpq env].")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
+    dbname: DbName = None,
+    json_out: JsonResult = False,
     encrypt: Annotated[bool, typer.Option("--encrypt", help="Encrypt every object (AES-256-GCM) under the key "
                                           "from encryption_key_file or PITR_ENCRYPTION_PASSPHRASE.")] = False,
-    lock_days: Annotated[int | None, typer.Option("--lock-days", metavar="N", help="S3 Object Lock: every object written from now on is retained at least N days (the bucket must have Object Lock enabled) [config lock_days].", show_default=False)] = None,
-    lock_mode: Annotated[str | None, typer.Option("--lock-mode", metavar="MODE", help="governance or compliance [config lock_mode, default governance].", show_default=False)] = None,
+    lock_days: Annotated[int | None, typer.Option("--lock-days", help="S3 Object Lock: every object written from now on is retained at least N days (the bucket must have Object Lock enabled) [config lock_days].", show_default=False)] = None,
+    lock_mode: Annotated[str | None, typer.Option("--lock-mode", help="governance or compliance [config lock_mode, default governance].", show_default=False)] = None,
 ) -> None:
     """Bind the repository to this cluster (system identifier, version, WAL segment size). Idempotent."""
     from pitr.cli.repoopen import open_repo
