@@ -6,12 +6,12 @@ The --json shape is documented in docs/info-json.md; change both together.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 
 from pitr.cli.common import settings_of
-from pitr.cli.options import JsonReport
+from pitr.cli.options import JsonReport, RepoAsOf
 from pitr.cli.render import emit, emit_json, human_bytes, human_duration, table
 
 INFO_JSON_VERSION = 1
@@ -199,7 +199,7 @@ def _show_info(ctx: typer.Context, json_out: bool, repo_as_of: str | None = None
 def info_cmd(
     ctx: typer.Context,
     json_out: JsonReport = False,
-    repo_as_of: Annotated[str | None, typer.Option("--repo-as-of", help="Read the versioned S3 bucket as it was at TS [env PITR_REPO_AS_OF].", show_default=False)] = None,
+    repo_as_of: RepoAsOf = None,
 ) -> None:
     """Backups, archived WAL per timeline (with gaps), the recoverable window and the current RPO."""
     _show_info(ctx, json_out, repo_as_of)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from pitr.cli.common import settings_of
-from pitr.cli.options import DbName, JsonResult
+from pitr.cli.options import DbName, JsonResult, RepoAsOf
 from pitr.cli.render import emit, emit_json, human_bytes, human_duration
 
 log = logging.getLogger("pitr")
@@ -19,7 +19,7 @@ def verify_cmd(
     ctx: typer.Context,
     backup: Annotated[str | None, typer.Option("--backup", help="Only this backup and the WAL it needs.", show_default=False)] = None,
     jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Objects read in parallel [config jobs].", show_default=False)] = None,
-    repo_as_of: Annotated[str | None, typer.Option("--repo-as-of", help="Read the versioned S3 bucket as it was at TS [env PITR_REPO_AS_OF].", show_default=False)] = None,
+    repo_as_of: RepoAsOf = None,
     json_out: JsonResult = False,
 ) -> None:
     """Re-read every stored object (checksums, WAL headers), check each manifest against its objects and

@@ -16,3 +16,11 @@ DbName = Annotated[str | None, typer.Option("--dbname", "-d", help="libpq connin
 JsonResult = Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")]
 # info and its alias list
 JsonReport = Annotated[bool, typer.Option("--json", help="Machine-readable report on stdout (docs/info-json.md).")]
+# info and verify read a versioned bucket as of a moment (restore and drill word it for what they do)
+RepoAsOf = Annotated[str | None, typer.Option("--repo-as-of", help="Read the versioned S3 bucket as it was at TS [env PITR_REPO_AS_OF].", show_default=False)]
+# the commands that restore (restore, drill, extract): which backup, how many file workers, which binaries
+RestoreBackup = Annotated[str | None, typer.Option("--backup", help="Restore this backup ID instead of choosing one.", show_default=False)]
+RestoreJobs = Annotated[int | None, typer.Option("--jobs", "-j", help="Parallel file workers [default 2].", show_default=False)]
+PgBin = Annotated[str | None, typer.Option("--pg-bin", help="PostgreSQL bin directory [default: found by version].", show_default=False)]
+# find-target and extract: the database of --table
+TableDb = Annotated[str | None, typer.Option("--db", metavar="NAME", help="The table's database [default: the one --dbname connects to].", show_default=False)]

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from pitr.cli.common import settings_of
+from pitr.cli.options import PgBin, RestoreJobs
 from pitr.cli.render import emit, emit_json, human_bytes, human_duration
 from pitr.errors import UsageError
 
@@ -64,8 +65,8 @@ def drill_cmd(
     no_amcheck: Annotated[bool, typer.Option("--no-amcheck", help="Skip pg_amcheck --all.")] = False,
     pgdata: Annotated[str | None, typer.Option("--pgdata", help="Restore here (new or empty) instead of a new temp directory.", show_default=False)] = None,
     keep: Annotated[bool, typer.Option("--keep", help="Leave the restored directory (stopped) for inspection.")] = False,
-    pg_bin: Annotated[str | None, typer.Option("--pg-bin", help="PostgreSQL bin directory [default: found by version].", show_default=False)] = None,
-    jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Parallel file workers [default 2].", show_default=False)] = None,
+    pg_bin: PgBin = None,
+    jobs: RestoreJobs = None,
     replay_timeout: Annotated[float | None, typer.Option("--replay-timeout", help="Fail the drill when replay takes longer.", show_default=False)] = None,
     repo_as_of: Annotated[str | None, typer.Option("--repo-as-of", help="Drill from the versioned S3 bucket as it was at TS; the record is printed, not stored [env PITR_REPO_AS_OF].", show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="The drill record on stdout (docs/drill.md).")] = False,

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from pitr.cli.common import settings_of
-from pitr.cli.options import JsonResult
+from pitr.cli.options import JsonResult, RestoreBackup, RestoreJobs
 from pitr.cli.render import emit, emit_json, human_bytes, human_duration
 from pitr.config import PREFETCH_MAX
 from pitr.errors import UsageError
@@ -96,10 +96,10 @@ def restore_cmd(
     target_name: Annotated[str | None, typer.Option("--target-name", metavar="NAME", help="Recover to this restore point (pg_create_restore_point).", show_default=False)] = None,
     target: Annotated[str | None, typer.Option("--target", metavar="immediate", help="'immediate': stop as soon as the backup is consistent.", show_default=False)] = None,
     target_exclusive: Annotated[bool, typer.Option("--target-exclusive", help="Stop just before the time, LSN or xid target (recovery_target_inclusive = off).")] = False,
-    backup: Annotated[str | None, typer.Option("--backup", help="Restore this backup ID instead of choosing one.", show_default=False)] = None,
+    backup: RestoreBackup = None,
     target_action: Annotated[str, typer.Option("--target-action", metavar="ACTION", help="At the target: promote, pause or shutdown.")] = "promote",
     target_timeline: Annotated[str, typer.Option("--target-timeline", metavar="TLI", help="latest, current or a timeline number.")] = "latest",
-    jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Parallel file workers [default 2].", show_default=False)] = None,
+    jobs: RestoreJobs = None,
     delta: Annotated[bool, typer.Option("--delta", help="Restore over an existing stopped data directory, keeping files that match the backup.")] = False,
     replay: Annotated[bool, typer.Option("--replay", help="Also run PostgreSQL (private socket, no TCP) until the target is reached, then stop it and report.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (backup, WAL range, target in UTC) and change nothing.")] = False,

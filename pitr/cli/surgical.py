@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from pitr.cli.common import settings_of
-from pitr.cli.options import DbName, JsonResult
+from pitr.cli.options import DbName, JsonResult, PgBin, RestoreBackup, TableDb
 from pitr.cli.render import emit, emit_json, human_duration
 from pitr.errors import UsageError
 
@@ -31,7 +31,7 @@ def find_target_cmd(
     since: Annotated[str | None, typer.Option("--since", help="Start of the window [default: the newest backup's start].", show_default=False)] = None,
     until: Annotated[str | None, typer.Option("--until", help="End of the window [default: the end of the archive].", show_default=False)] = None,
     relfilenode: Annotated[int | None, typer.Option("--relfilenode", help="The table's file number, for a table that no longer exists (with --db).", show_default=False)] = None,
-    db: Annotated[str | None, typer.Option("--db", metavar="NAME", help="The table's database [default: the one --dbname connects to].", show_default=False)] = None,
+    db: TableDb = None,
     dbname: DbName = None,
     jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Segments decoded at once [default: the jobs setting].", show_default=False)] = None,
     pg_bin: Annotated[str | None, typer.Option("--pg-bin", help="PostgreSQL bin directory holding pg_waldump [default: found by version].", show_default=False)] = None,
@@ -77,15 +77,15 @@ def extract_cmd(
     target_name: Annotated[str | None, typer.Option("--target-name", metavar="NAME", help="The rows as they were at this restore point.", show_default=False)] = None,
     target: Annotated[str | None, typer.Option("--target", metavar="immediate", help="'immediate': as of the end of the backup.", show_default=False)] = None,
     target_exclusive: Annotated[bool, typer.Option("--target-exclusive", help="Stop just before the time, LSN or xid target.")] = False,
-    backup: Annotated[str | None, typer.Option("--backup", help="Restore this backup ID instead of choosing one.", show_default=False)] = None,
-    db: Annotated[str | None, typer.Option("--db", metavar="NAME", help="The table's database [default: the one --dbname connects to].", show_default=False)] = None,
+    backup: RestoreBackup = None,
+    db: TableDb = None,
     to: Annotated[str | None, typer.Option("--to", metavar="FILE", help="Write the rows to this new file.", show_default=False)] = None,
     fmt: Annotated[str, typer.Option("--format", help="--to format: CSV with a header, or INSERT statements.")] = "csv",
     into_table: Annotated[str | None, typer.Option("--into-table", metavar="NAME", help="Load the rows into this new table on the running server (--dbname).", show_default=False)] = None,
     where: Annotated[str | None, typer.Option("--where", metavar="SQL", help="Only the rows matching this condition (SQL, run on the throwaway copy).", show_default=False)] = None,
     dbname: DbName = None,
     jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Parallel file workers of the restore [default 2].", show_default=False)] = None,
-    pg_bin: Annotated[str | None, typer.Option("--pg-bin", help="PostgreSQL bin directory [default: found by version].", show_default=False)] = None,
+    pg_bin: PgBin = None,
     replay_timeout: Annotated[float | None, typer.Option("--replay-timeout", help="Give up after this many seconds of replay [default: no limit].", show_default=False)] = None,
     json_out: JsonResult = False,
 ) -> None:
