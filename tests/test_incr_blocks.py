@@ -27,7 +27,7 @@ from pitr.storage.memory import MemoryStorage
 from pitr.storage.s3 import S3Storage
 
 BS = 8192
-IDS = ("20260101T000000F", "20260102T000000F", "20260103T000000F")
+IDS = ("20260101T000000F", "20260102T000000F", "20260103T000000F", "20260104T000000F")
 
 
 # --------------------------------------------------------------------------- block maps
@@ -176,12 +176,13 @@ class Chain:
                                       st.st_mtime, st.st_mode & 0o7777))
         return out
 
-    def backup(self, checksum: bool = False) -> Manifest:
+    def backup(self, checksum: bool = False, diff: bool = False) -> Manifest:
+        """An incr on the newest backup (a full one first); diff: on the first (full) backup."""
         bid = IDS[len(self.manifests)]
         parent = None
         if self.manifests:
-            pm = self.manifests[-1]
-            chain = [m.id for m in self.manifests]
+            pm = self.manifests[0] if diff else self.manifests[-1]
+            chain = [m.id for m in self.manifests if m.id <= pm.id and (not diff or m.id == pm.id)]
             parent = Parent(pm, chain, {e.path: e for e in pm.files}, {m.id: m for m in self.manifests})
         read, refs, _ = plan_files(self.scan(), parent, checksum)
         pipe = Pipeline(self.storage, StoreOptions(bid, self.codec, 2, large_file=200 * BS),
@@ -195,7 +196,7 @@ class Chain:
                      start_wal="0" * 24, stop_wal="0" * 24, start_time=iso, stop_time=iso, compress="zstd:1",
                      backup_label="", tablespace_map=None, checksums_enabled=False, files=files, directories=[],
                      stored_bytes=pipe.result.stored_bytes)
-        annotate(m, Base("incr" if parent else "full", "incr", parent))
+        annotate(m, Base(("diff" if diff else "incr") if parent else "full", "incr", parent))
         write_manifest(self.storage, m)
         m = Manifest.from_json(m.to_json())  # what a restore reads back, validated
         self.manifests.append(m)
