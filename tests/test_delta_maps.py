@@ -255,3 +255,15 @@ def test_an_incr_of_one_percent_changed_blocks_stores_under_five_percent_of_a_fu
     assert inc_maps < full_maps * 0.05, (inc_maps, full_maps)  # the maps store what changed, not every block
     assert inc.stored_bytes < full.stored_bytes * 0.05, (inc.stored_bytes, full.stored_bytes)
     restored(c, inc, tmp_path / "r")
+
+
+def test_a_delta_over_a_parent_entry_that_is_a_ref(tmp_path: Path) -> None:
+    """base/5/16385 was referenced whole by i1 (from the full): i2's delta names i1, whose entry is
+    resolved through its ref to the full's map."""
+    c, full, i1 = _chain(tmp_path)
+    assert entry(i1, "base/5/16385").ref == full.id
+    c.patch("base/5/16385", 4, os.urandom(BS))
+    i2 = c.backup()
+    e = entry(i2, "base/5/16385")
+    assert e.map and e.map["base"] == i1.id and [s["backup"] for s in e.sources or []] == [i2.id, full.id]
+    restored(c, i2, tmp_path / "r")
