@@ -111,7 +111,8 @@ class Resolver:
                                  "run `pitr verify`; restore another backup with --backup")
         be = self._entry(base, e.path)
         if be is None:
-            raise IntegrityError(f"{what} builds on backup {base}, which has no entry for {e.path}",
+            gone = "is missing" if self.lookup(base) is None else f"has no entry for {e.path}"
+            raise IntegrityError(f"{what} builds on backup {base}, which {gone}",
                                  "run `pitr verify`; restore another backup with --backup")
         bhome = be.ref or base
         if bhome != base and (bhome >= base or bhome not in self.chain):
