@@ -91,22 +91,39 @@ class Resolver:
         return data
 
     def effective(self, home: str, e: FileEntry, what: str | None = None) -> blockmap.BlockMap:
-        """The map of entry e (its objects in backups/<home>/: e.ref or its manifest's ID), one record per block."""
+        """The map of entry e (its objects in backups/<home>/: e.ref or its manifest's ID), one record per block.
+        Walks down the bases to a whole map, then overlays the deltas back up (a loop, not recursion:
+        a chain may be longer than Python's recursion limit)."""
         what = what or f"backup {home}'s block map of {e.path}"
-        data = self.raw(home, e, what)
-        nsrc = len(e.sources) if e.sources else 1
-        loc = e.map or {}
-        if loc.get("sha256") is None:  # format 1: whole maps, no binding (older backups)
-            if data[:8] != blockmap.MAGIC_V1:
-                raise IntegrityError(f"{what} is not a format-1 map, yet its entry records no SHA-256 for it")
-            return blockmap.parse(data, e.size, nsrc, self.block_size, what)
-        base = loc.get("base")
-        delta = blockmap.parse_delta(data, e.size, nsrc, self.block_size, base is None, what)
-        if base is None:
-            m = delta.as_map()
-            blockmap.check_order(m.records, what)
-            return m
-        if not is_backup_id(base) or base >= home or base not in self.chain:
+        deltas: list[tuple[blockmap.Delta, FileEntry, str, str]] = []  # newest first
+        bmap: blockmap.BlockMap | None = None
+        while bmap is None:
+            data = self.raw(home, e, what)
+            nsrc = len(e.sources) if e.sources else 1
+            loc = e.map or {}
+            if loc.get("sha256") is None:  # format 1: whole maps, no binding (older backups)
+                if data[:8] != blockmap.MAGIC_V1:
+                    raise IntegrityError(f"{what} is not a format-1 map, yet its entry records no SHA-256 for it")
+                bmap = blockmap.parse(data, e.size, nsrc, self.block_size, what)
+                break
+            base = loc.get("base")
+            delta = blockmap.parse_delta(data, e.size, nsrc, self.block_size, base is None, what)
+            if base is None:
+                bmap = delta.as_map()
+                blockmap.check_order(bmap.records, what)
+                break
+            deltas.append((delta, e, home, what))
+            home, e, what = self._base(base, home, e, what)
+        for delta, de, dhome, dwhat in reversed(deltas):
+            table = blockmap.translate(blockmap.entry_sources(e, home), blockmap.entry_sources(de, dhome))
+            bmap = blockmap.overlay(bmap, table, delta, dwhat)
+            e, home = de, dhome
+        return bmap
+
+    def _base(self, base: object, home: str, e: FileEntry, what: str) -> tuple[str, FileEntry, str]:
+        """(its home, the entry, its label) of the base a delta names; IntegrityError unless it is an
+        older backup of the chain holding an entry for the path (each step goes strictly back)."""
+        if not is_backup_id(base) or not isinstance(base, str) or base >= home or base not in self.chain:
             raise IntegrityError(f"{what} builds on backup {base!r}, which is not an older backup of its chain",
                                  "run `pitr verify`; restore another backup with --backup")
         be = self._entry(base, e.path)
@@ -117,6 +134,4 @@ class Resolver:
         bhome = be.ref or base
         if bhome != base and (bhome >= base or bhome not in self.chain):
             raise IntegrityError(f"{what} builds on backup {base}, whose entry for {e.path} refers outside the chain")
-        bmap = self.effective(bhome, be, f"backup {bhome}'s block map of {e.path}")
-        table = blockmap.translate(blockmap.entry_sources(be, bhome), blockmap.entry_sources(e, home))
-        return blockmap.overlay(bmap, table, delta, what)
+        return bhome, be, f"backup {bhome}'s block map of {e.path}"
