@@ -33,20 +33,6 @@ CHAIN = "chain-broken"  # a diff/incr backup whose chain is not whole (repo/chai
 BLOCK_MAP = "block-map"  # a block map that does not decode or cannot be followed
 BAD_BLOCK = "bad-block"  # a block that is missing from its source or does not match its hash
 
-def parse_map(data: bytes, size: int, nsources: int, what: str) -> tuple[int, list[tuple[bytes, int, int]]]:
-    """(block size, [(hash, source index, ordinal)] per block) of a map for a file of `size` bytes
-    whose entry has `nsources` sources; IntegrityError on anything a restore could not follow
-    (the rules live in repo/blockmap.parse)."""
-    bm = blockmap.parse(data, size, nsources, what=what)
-    return bm.block_size, list(zip(bm.hashes(), bm.sources(), bm.ordinals(), strict=True))
-
-
-def max_map_size(size: int) -> int:
-    """Decode cap of a map: the smallest block size's worth of records, and never more than 64 MiB
-    (a 24 GiB file's map; a relation segment file is 1 GiB) whatever size a manifest claims."""
-    return min(blockmap.max_map_size(size, 512), 64 << 20)
-
-
 def block_hash(block: bytes | memoryview | bytearray, version: int = 2) -> bytes:
     return blockmap.block_hash(block) if version == 2 else blockmap.block_hash_v1(block)
 
