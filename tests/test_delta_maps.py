@@ -5,6 +5,7 @@ and built on, the stored size of an incremental at 1 % changed blocks, and verif
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import struct
 import time
@@ -213,7 +214,8 @@ def _as_format_1(c: Chain, m: Manifest) -> Manifest:
     return out
 
 
-def test_an_older_format_1_chain_restores_and_a_new_incr_builds_on_it(tmp_path: Path) -> None:
+def test_an_older_format_1_chain_restores_and_a_new_incr_builds_on_it(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
     c = Chain(tmp_path)
     c.write(REL, os.urandom(30 * BS))
     c.write("base/5/16385", os.urandom(10 * BS))
@@ -221,7 +223,9 @@ def test_an_older_format_1_chain_restores_and_a_new_incr_builds_on_it(tmp_path: 
     assert map_bytes(c, old_full)[:8] == b"PITRBM1\0"
     restored(c, old_full, tmp_path / "r0")
     c.patch(REL, 4, os.urandom(BS))
-    inc = c.backup()  # the parent's maps are format 1 (blake2b): the changed file is stored whole
+    with caplog.at_level(logging.INFO, logger="pitr.backup"):
+        inc = c.backup()  # the parent's maps are format 1 (blake2b): the changed file is stored whole
+    assert f"block map of {REL} is of format 1 (blake2b); copying the file whole" in caplog.text
     e = entry(inc)
     assert e.sources is None and e.sha256 == hashlib.sha256((tmp_path / "src" / REL).read_bytes()).hexdigest()
     assert e.map and map_bytes(c, inc)[:8] == b"PITRBM2\0"
