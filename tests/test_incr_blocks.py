@@ -16,27 +16,27 @@ import pytest
 
 from pitr.errors import IntegrityError
 from pitr.ops.base.backup_files import SourceFile
-from pitr.ops.base.backup_incr import BlockJobs, Parent, plan_files
+from pitr.ops.base.backup_incr import Base, BlockJobs, Parent, annotate, plan_files
 from pitr.ops.base.backup_store import Pipeline, StoreOptions
 from pitr.ops.recovery.restore_files import Item, write_files
 from pitr.repo import blockmap, envelope
 from pitr.repo.format import is_backup_id
-from pitr.repo.manifest import Manifest
+from pitr.repo.manifest import Manifest, write_manifest
 from pitr.storage.base import Storage
 from pitr.storage.memory import MemoryStorage
 from pitr.storage.s3 import S3Storage
 
 BS = 8192
-IDS = ("20260101T000000F", "20260102T000000F", "20260103T000000F")
+IDS = ("20260101T000000F", "20260102T000000F", "20260103T000000F", "20260104T000000F")
 
 
 # --------------------------------------------------------------------------- block maps
 
 def _map(records: list[tuple[int, int]], bs: int = BS) -> bytes:
     b = blockmap.Builder(bs)
-    for s, o in records:
-        b.add(bytes(16), s, o)
-    return b.pack()
+    for n, (s, o) in enumerate(records):
+        b.add(n, bytes(16), s, o)
+    return b.pack(len(records))
 
 
 def test_block_map_round_trip_and_hash_bytes_kept() -> None:
@@ -52,7 +52,7 @@ def test_block_map_round_trip_and_hash_bytes_kept() -> None:
     (_map([(0, 1), (0, 1)]), 2 * BS, 1, "out of order"),
     (_map([(1, 5), (0, 0), (1, 4)]), 3 * BS, 2, "out of order"),
     (_map([(0, 0)])[:-1], BS, 1, "bytes of records"),
-    (b"PITRBM2\0" + _map([(0, 0)])[8:], BS, 1, "bad magic"),
+    (b"PITRBM9\0" + _map([(0, 0)])[8:], BS, 1, "bad magic"),
     (_map([(0, 0)], bs=1000), 1000, 1, "block size"),
     (b"PITR", 0, 1, "truncated"),
 ])
@@ -138,8 +138,8 @@ def test_hostile_parent_and_newer_format_are_refused() -> None:
     with pytest.raises(IntegrityError, match="parent"):
         _load(d)
     d = _incr_manifest()
-    d["format"] = 4
-    with pytest.raises(IntegrityError, match="reads up to 3"):
+    d["format"] = 5
+    with pytest.raises(IntegrityError, match="reads up to 4"):
         _load(d)
 
 
@@ -176,13 +176,14 @@ class Chain:
                                       st.st_mtime, st.st_mode & 0o7777))
         return out
 
-    def backup(self, checksum: bool = False) -> Manifest:
+    def backup(self, checksum: bool = False, diff: bool = False) -> Manifest:
+        """An incr on the newest backup (a full one first); diff: on the first (full) backup."""
         bid = IDS[len(self.manifests)]
         parent = None
         if self.manifests:
-            pm = self.manifests[-1]
-            chain = [m.id for m in self.manifests]
-            parent = Parent(pm, chain, {e.path: e for e in pm.files})
+            pm = self.manifests[0] if diff else self.manifests[-1]
+            chain = [m.id for m in self.manifests if m.id <= pm.id and (not diff or m.id == pm.id)]
+            parent = Parent(pm, chain, {e.path: e for e in pm.files}, {m.id: m for m in self.manifests})
         read, refs, _ = plan_files(self.scan(), parent, checksum)
         pipe = Pipeline(self.storage, StoreOptions(bid, self.codec, 2, large_file=200 * BS),
                         block_jobs=BlockJobs(self.storage, bid, BS, parent))
@@ -194,8 +195,9 @@ class Chain:
                      pg_version_num=150000, wal_segment_size=16 << 20, timeline=1, start_lsn="0/1", stop_lsn="0/2",
                      start_wal="0" * 24, stop_wal="0" * 24, start_time=iso, stop_time=iso, compress="zstd:1",
                      backup_label="", tablespace_map=None, checksums_enabled=False, files=files, directories=[],
-                     stored_bytes=pipe.result.stored_bytes, parent=parent.id if parent else None,
-                     format=3 if parent else 1)
+                     stored_bytes=pipe.result.stored_bytes)
+        annotate(m, Base(("diff" if diff else "incr") if parent else "full", "incr", parent))
+        write_manifest(self.storage, m)
         m = Manifest.from_json(m.to_json())  # what a restore reads back, validated
         self.manifests.append(m)
         return m
@@ -323,7 +325,7 @@ def test_checksum_and_mtime_going_backwards_read_every_file(tmp_path: Path) -> N
 
 
 def test_a_damaged_block_fails_the_assembled_check(tmp_path: Path) -> None:
-    """Sources are not hashed on their own: the assembled file's SHA-256 is what catches a bad block."""
+    """Sources are not hashed on their own: each assembled block's hash against the effective map catches it."""
     c = Chain(tmp_path, envelope.Codec("none", 0))
     c.write("base/5/16384", os.urandom(40 * BS))
     c.backup()
@@ -336,7 +338,7 @@ def test_a_damaged_block_fails_the_assembled_check(tmp_path: Path) -> None:
     body, t = c.storage.objects[key]
     at = e.offset + envelope.HEADER_SIZE + 100  # inside the one changed block, uncompressed
     c.storage.objects[key] = (body[:at] + bytes([body[at] ^ 1]) + body[at + 1:], t)
-    with pytest.raises(IntegrityError, match="once assembled"):
+    with pytest.raises(IntegrityError, match="block 7 .*does not match its block map's hash"):
         c.restore(i1, tmp_path / "r")
 
 

@@ -38,12 +38,15 @@ class Broken:
 
 
 def named_backups(e: FileEntry) -> set[str]:
-    """IDs of the backups a file entry takes bytes from (its `ref`, its `sources`), itself aside.
-    Read with getattr: manifests written before these fields existed have none."""
+    """IDs of the backups a file entry takes bytes from (its `ref`, its `sources`, its map's `base`),
+    itself aside. Read with getattr: manifests written before these fields existed have none."""
     out: set[str] = set()
     ref = getattr(e, "ref", None)
     if isinstance(ref, str):
         out.add(ref)
+    loc = getattr(e, "map", None)
+    if isinstance(loc, dict) and isinstance(loc.get("base"), str):
+        out.add(loc["base"])
     sources = getattr(e, "sources", None)
     if isinstance(sources, list):
         for s in sources:

@@ -12,7 +12,10 @@ MAX_FORMAT_VERSION = 2  # the newest repository format this pitr reads
 # diff/incr manifests: an older pitr must refuse them ("upgrade pitr") rather than restore a file
 # whose blocks live in other backups (docs/repository-format.md §6.2)
 INCR_MANIFEST_FORMAT = 3
-MAX_MANIFEST_FORMAT = 3  # the newest manifest format this pitr reads
+# any manifest with a format-2 block map (BLAKE3, delta over a base, bound by map.sha256): an older
+# pitr would misread the maps (docs/repository-format.md §6.2.1)
+MAP2_MANIFEST_FORMAT = 4
+MAX_MANIFEST_FORMAT = 4  # the newest manifest format this pitr reads
 META_KEY = "pitr.json"
 WAL_PREFIX = "wal/"
 HISTORY_PREFIX = "wal/history/"

@@ -230,6 +230,9 @@ class Manifest:
             why = _location_problem(f.map, True)
             if why:
                 return f"has a block map location that {why}"
+            why = _map_binding_problem(f, f.ref or self.id)
+            if why:
+                return why
         if f.sources is None:
             return None
         if not isinstance(f.sources, list) or not f.sources or len(f.sources) > 1 << 16:
@@ -298,6 +301,21 @@ def _location_problem(d: object, may_be_empty: bool) -> str | None:
     if not all(isinstance(d.get(k, 0), int) and not isinstance(d.get(k, 0), bool) and d.get(k, 0) >= 0
                for k in ("offset", "length")):
         return "has an offset or length that is not a whole number"
+    return None
+
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _map_binding_problem(f: FileEntry, home: str) -> str | None:
+    """map.sha256 (format 2) is 64 lower-case hex digits; map.base, only on a block-incremental
+    entry's format-2 map, is an older backup's ID (docs/repository-format.md §6.2.1)."""
+    assert f.map is not None
+    sha, base = f.map.get("sha256"), f.map.get("base")
+    if sha is not None and (not isinstance(sha, str) or not _SHA256_HEX.fullmatch(sha)):
+        return "has a block map SHA-256 that is not 64 hex digits"
+    if base is not None and (sha is None or f.sources is None or not is_backup_id(base) or base >= home):
+        return f"has a block map whose base {base!r} is not an older backup's ID (with a SHA-256 and sources)"
     return None
 
 

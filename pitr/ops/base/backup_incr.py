@@ -6,10 +6,13 @@
 - plan_files: a file is referenced whole (`ref`, not read) only when its size and mtime equal
   its parent entry's and that mtime is older than the parent's start minus MTIME_SLACK; if any
   file's mtime went backwards, or with --checksum, every file is read (docs/backup.md says why).
-- BlockJobs: for each block-eligible file read, hash every block as it streams past (the map
-  every backup stores) and, when the parent has a map for it, keep only the blocks whose hash
-  differs; the new map says where every block lives (sources). Each job holds one file's map
-  (22 bytes a block) and one chunk at a time.
+- BlockJobs: for each block-eligible file read, hash every block once (BLAKE3) as it streams past
+  and, when the parent has a format-2 map for it, keep only the blocks whose hash differs from the
+  parent's effective map (repo/mapchain); the new map is a delta over the parent's (the changed and
+  new blocks, docs/repository-format.md §6.2.1) and the entry's `sources` say where the unchanged
+  blocks live. No whole-file SHA-256 is computed for such a file: its effective map is its proof.
+  A parent map of format 1 (blake2b) cannot be compared with: that file is stored whole, with a
+  whole format-2 map, and the log says so. Each job holds the parent's map and one chunk at a time.
 """
 
 from __future__ import annotations
@@ -17,15 +20,19 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from pitr.errors import BackupError, PitrError
 from pitr.ops.base.backup_files import SourceFile
 from pitr.ops.base.backup_store import BlockJob
 from pitr.repo import blockmap
 from pitr.repo.chain import chain_problem, parent_chain
-from pitr.repo.format import INCR_MANIFEST_FORMAT
-from pitr.repo.manifest import FileEntry, Manifest, Source, read_manifests, sources_of
+from pitr.repo.format import INCR_MANIFEST_FORMAT, MAP2_MANIFEST_FORMAT
+from pitr.repo.manifest import FileEntry, Manifest, Source, read_manifests
+from pitr.repo.mapchain import Resolver
 from pitr.storage.base import Storage
 
 log = logging.getLogger("pitr.backup")
@@ -38,6 +45,7 @@ class Parent:
     manifest: Manifest
     chain: list[str]  # IDs from the root full backup to the parent
     entries: dict[str, FileEntry] = field(default_factory=dict)
+    by_id: Mapping[str, Manifest] = field(default_factory=dict)  # the readable manifests (bases of its maps)
 
     @property
     def id(self) -> str:
@@ -78,7 +86,7 @@ def choose_base(storage: Storage, requested: str, server: Server) -> Base:
     if why:
         return Base("full", requested, reason=f"the newest backup to build on, {p.id}, {why}")
     chain = [m.id for m in parent_chain(p, mine)]
-    return Base(requested, requested, Parent(p, chain, {e.path: e for e in p.files}))
+    return Base(requested, requested, Parent(p, chain, {e.path: e for e in p.files}, mine))
 
 
 def _unusable(p: Manifest, s: Server) -> str | None:
@@ -132,6 +140,7 @@ class BlockJobs:
 
     def __init__(self, storage: Storage, backup_id: str, block_size: int, parent: Parent | None) -> None:
         self.storage, self.backup_id, self.block_size, self.parent = storage, backup_id, block_size, parent
+        self.resolver = Resolver(storage, parent.by_id.get, parent.chain, block_size) if parent is not None else None
 
     def __call__(self, f: SourceFile) -> BlockJob | None:
         if not blockmap.eligible(f.rel, f.size, self.block_size):
@@ -139,15 +148,17 @@ class BlockJobs:
         pe = self.parent.entries.get(f.rel) if self.parent is not None else None
         if pe is None or pe.map is None or pe.size == 0:
             return WholeJob(self.block_size)
-        assert self.parent is not None
+        assert self.parent is not None and self.resolver is not None
         home = pe.ref or self.parent.id
-        srcs = sources_of(pe) if pe.sources else [Source(home, pe.object, pe.offset, pe.length, "file")]
+        if pe.map.get("sha256") is None:  # format 1: blake2b hashes cannot be compared with BLAKE3 ones
+            log.info("backup %s's block map of %s is of format 1 (blake2b); copying the file whole", home, f.rel)
+            return WholeJob(self.block_size)
         try:
-            pmap = blockmap.read(self.storage, home, pe, self.block_size)
+            pmap = self.resolver.effective(home, pe)
         except PitrError as e:  # a damaged parent map costs a whole copy, never a wrong one
             log.warning("backup %s's block map of %s is unusable (%s); copying the file whole", home, f.rel, e)
             return WholeJob(self.block_size)
-        return IncrJob(self.block_size, self.backup_id, pmap, srcs)
+        return IncrJob(self.block_size, self.backup_id, self.parent.id, pmap, blockmap.entry_sources(pe, home))
 
 
 class _Blocks:
@@ -171,6 +182,7 @@ class WholeJob(_Blocks):
     def __init__(self, block_size: int) -> None:
         super().__init__(block_size)
         self.hashes = bytearray()  # 16 bytes a block: 2 MiB for a 1 GiB segment
+        self.map_sha = ""
 
     def feed(self, data: bytes) -> bytes:
         view, n = self.blocks(data)
@@ -183,69 +195,79 @@ class WholeJob(_Blocks):
     def map_bytes(self) -> bytes | None:
         if self.rest or not self.hashes:
             return None  # shrank to a partial block while read: no map (WAL replay fixes the file)
-        return blockmap.whole_file(bytes(self.hashes), self.bs)
+        mb = blockmap.whole_file(bytes(self.hashes), self.bs)
+        self.map_sha = hashlib.sha256(mb).hexdigest()
+        return mb
 
     def finish(self, entry: FileEntry) -> None:
-        return None
+        if entry.map is not None:
+            entry.map["sha256"] = self.map_sha  # binds the map to the manifest (format 2)
 
 
 class IncrJob(_Blocks):
-    """A file whose parent has a map: keep the blocks whose hash differs (or are new). Memory: the
-    parent's map and the new one, packed (about 40 bytes a block), never the file."""
+    """A file whose parent has a format-2 map: keep the blocks whose hash differs (or are new); the
+    map is a delta over the parent's. Memory: the parent's effective map (about 22 bytes a block)
+    and the delta, never the file."""
 
-    def __init__(self, block_size: int, backup_id: str, parent: blockmap.BlockMap, sources: list[Source]) -> None:
+    def __init__(self, block_size: int, backup_id: str, parent_id: str, parent: blockmap.BlockMap,
+                 sources: list[Source]) -> None:
         super().__init__(block_size)
-        self.backup_id = backup_id
-        self.sources = sources  # the parent's; here they are sources 1..n
+        self.backup_id, self.parent_id = backup_id, parent_id
+        self.sources = sources  # the parent entry's, which its effective map indexes
         self.p_hash = parent.hash_bytes()
         self.p_src = parent.records["source"]
-        self.p_ord = parent.records["ordinal"]
         self.pc = parent.count
-        self.sha = hashlib.sha256()
         self.out = blockmap.Builder(block_size)
-        self.used: set[int] = set()
+        self.blocks_seen = 0
+        self.unchanged = bytearray(self.pc)  # 1 where the block equals the parent's
         self.changed = 0
-        self._kept: list[Source] = []
+        self.map_sha = ""
 
     def feed(self, data: bytes) -> bytes:
-        self.sha.update(data)
         view, n = self.blocks(data)
         bs, hs = self.bs, blockmap.HASH_SIZE
         keep: list[memoryview] = []
-        base = self.out.count
+        first = self.blocks_seen
+        h_of = blockmap.block_hash
         for i in range(n):
             block = view[i * bs:(i + 1) * bs]
-            h = blockmap.block_hash(block)
-            b = base + i
+            h = h_of(block)
+            b = first + i
             if b < self.pc and self.p_hash[b * hs:(b + 1) * hs] == h:
-                s = int(self.p_src[b]) + 1
-                self.used.add(s)
-                self.out.add(h, s, int(self.p_ord[b]))
+                self.unchanged[b] = 1
             else:
-                self.out.add(h, 0, self.changed)
+                self.out.add(b, h, 0, self.changed)
                 self.changed += 1
                 keep.append(block)
+        self.blocks_seen += n
         return b"".join(keep)
 
     def map_bytes(self) -> bytes | None:
         if self.rest:
             raise BackupError(f"a relation file shrank to a partial block while backup {self.backup_id} read it",
                               "run the backup again")
-        used = sorted(self.used)  # parent sources no block points at any more are dropped
-        self._kept = [self.sources[s - 1] for s in used]
-        table = [0] * (len(self.sources) + 1)
-        for i, s in enumerate(used):
-            table[s] = i + 1
-        return blockmap.renumber(self.out.pack(), table)
+        mb = self.out.pack(self.blocks_seen)
+        self.map_sha = hashlib.sha256(mb).hexdigest()
+        return mb
 
     def finish(self, entry: FileEntry) -> None:
-        entry.sha256 = self.sha.hexdigest() if entry.size else ""
+        entry.sha256 = ""  # the effective map (checked block by block) is this entry's integrity
+        if entry.map is not None:
+            entry.map["sha256"] = self.map_sha
+            entry.map["base"] = self.parent_id
+        # parent sources no unchanged block points at any more are dropped
+        n = min(self.pc, self.blocks_seen)
+        mask = np.frombuffer(bytes(self.unchanged[:n]), dtype=np.uint8).astype(bool)
+        used = np.unique(self.p_src[:n][mask]).tolist() if n else []
         own = Source(self.backup_id, entry.object, entry.offset, entry.length, "blocks")
-        entry.sources = [own.to_json()] + [s.to_json() for s in self._kept]
+        entry.sources = [own.to_json()] + [self.sources[s].to_json() for s in used]
 
 
 def annotate(m: Manifest, base: Base) -> None:
-    """Type, parent, format 3 and the chain on a diff/incr manifest; the fall-back reason on a full one."""
+    """Type, parent, format 3 and the chain on a diff/incr manifest; the fall-back reason on a full one;
+    format 4 on any manifest with a format-2 block map (an older pitr must refuse it, not misread it)."""
+    if any(e.map and e.map.get("sha256") for e in m.files):
+        m.format = max(m.format, MAP2_MANIFEST_FORMAT)
     if base.parent is None:
         if base.reason:
             m.extra["requested_type"] = base.requested
@@ -253,5 +275,5 @@ def annotate(m: Manifest, base: Base) -> None:
         return
     m.type = base.type
     m.parent = base.parent.id
-    m.format = INCR_MANIFEST_FORMAT
+    m.format = max(m.format, INCR_MANIFEST_FORMAT)
     m.extra["chain"] = [*base.parent.chain, m.id]

@@ -2,7 +2,8 @@
 
 Every file entry becomes one or more *pieces*: an envelope at (object, offset, length) in some
 backup's directory, with what its decoded bytes must be — the size and SHA-256 of a file stored
-whole, and/or the content hash of given blocks (ordinal -> blake2b-128, from block maps). Pieces
+whole, and/or the content hash of given blocks (ordinal -> BLAKE3 or, in format-1 maps, blake2b,
+from effective block maps: repo/mapchain, the same resolution restore uses). Pieces
 are grouped by object, merged when several entries name the same envelope (a file referenced
 whole by later backups, a parent's blocks reused by an incremental), so each object is streamed
 once, in offset order, by verify.check_data_object.
@@ -11,20 +12,20 @@ once, in offset order, by verify.check_data_object.
   must also match the map's hash (the next incremental trusts those hashes).
 - a `ref` entry: the backup it names must hold an entry of the same path with the same content
   and location; its envelope (and map) are checked in that backup's directory.
-- a block-incremental entry (`sources`): its map must parse (repo-format §6.3) and every block
-  it lists must be present at its ordinal in its source and match its hash. The whole file's
-  SHA-256 is checked by restore after assembly (and by `pitr drill`); verify checks each block.
+- a block-incremental entry (`sources`): its map must match the SHA-256 its entry records, resolve
+  over its base chain (repo-format §6.2.1) and every block of the effective map must be present at
+  its ordinal in its source and match its hash. Restore checks the same hashes (format 2) or the
+  whole file's SHA-256 (older entries) after assembly.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
-from pitr.errors import IntegrityError
-from pitr.repo import blockmap, envelope
+from pitr.repo import blockmap
 from pitr.repo.format import backup_dir
 from pitr.repo.manifest import FileEntry, Manifest, path_problem
+from pitr.repo.mapchain import Lookup, Resolver, chain_ids
 from pitr.storage.base import Storage
 
 # kinds of problem (docs/maintenance.md), beside those of verify.py
@@ -32,22 +33,8 @@ CHAIN = "chain-broken"  # a diff/incr backup whose chain is not whole (repo/chai
 BLOCK_MAP = "block-map"  # a block map that does not decode or cannot be followed
 BAD_BLOCK = "bad-block"  # a block that is missing from its source or does not match its hash
 
-def parse_map(data: bytes, size: int, nsources: int, what: str) -> tuple[int, list[tuple[bytes, int, int]]]:
-    """(block size, [(hash, source index, ordinal)] per block) of a map for a file of `size` bytes
-    whose entry has `nsources` sources; IntegrityError on anything a restore could not follow
-    (the rules live in repo/blockmap.parse)."""
-    bm = blockmap.parse(data, size, nsources, what=what)
-    return bm.block_size, list(zip(bm.hashes(), bm.sources(), bm.ordinals(), strict=True))
-
-
-def max_map_size(size: int) -> int:
-    """Decode cap of a map: the smallest block size's worth of records, and never more than 64 MiB
-    (a 24 GiB file's map; a relation segment file is 1 GiB) whatever size a manifest claims."""
-    return min(blockmap.max_map_size(size, 512), 64 << 20)
-
-
-def block_hash(block: bytes | memoryview | bytearray) -> bytes:
-    return hashlib.blake2b(block, digest_size=16).digest()
+def block_hash(block: bytes | memoryview | bytearray, version: int = 2) -> bytes:
+    return blockmap.block_hash(block) if version == 2 else blockmap.block_hash_v1(block)
 
 
 @dataclass
@@ -64,14 +51,15 @@ class Piece:
     file_size: int = 0
     file: bool = False  # counts as a checked file
     block_size: int = 0
-    # ordinal -> [(hash, block number in its file, "file P of backup B")]
-    blocks: dict[int, list[tuple[bytes, int, str]]] = field(default_factory=dict)
+    # ordinal -> [(hash, block number in its file, "file P of backup B", map format: 1 blake2b, 2 BLAKE3)]
+    blocks: dict[int, list[tuple[bytes, int, str, int]]] = field(default_factory=dict)
 
-    def expect_block(self, block_size: int, ordinal: int, digest: bytes, block: int, label: str) -> str | None:
+    def expect_block(self, block_size: int, ordinal: int, digest: bytes, block: int, label: str,
+                     version: int = 2) -> str | None:
         if self.block_size and self.block_size != block_size:
             return f"is read with block sizes {self.block_size} and {block_size}"
         self.block_size = block_size
-        self.blocks.setdefault(ordinal, []).append((digest, block, label))
+        self.blocks.setdefault(ordinal, []).append((digest, block, label, version))
         return None
 
 
@@ -104,14 +92,18 @@ class BlockSink:
     def _block(self, block: bytes | memoryview | bytearray) -> None:
         want = self.piece.blocks.get(self.ordinal)
         if want:
-            got = block_hash(block)
-            self.bad.extend((block, label) for h, block, label in want if h != got)
+            got: dict[int, bytes] = {}
+            for h, n, label, version in want:
+                if version not in got:
+                    got[version] = block_hash(block, version)
+                if h != got[version]:
+                    self.bad.append((n, label))
         self.ordinal += 1
 
     def missing(self) -> list[tuple[int, str]]:
         """Expected blocks past the end of what was decoded: (block number, file label)."""
         return [(block, label) for o, lst in sorted(self.piece.blocks.items()) if o >= self.ordinal
-                for _h, block, label in lst]
+                for _h, block, label, _v in lst]
 
 
 @dataclass
@@ -122,6 +114,10 @@ class MapTask:
     entry: FileEntry
     home: str  # the backup whose directory holds the entry's objects
     backup: str  # the backup whose manifest lists the entry (for problem lines)
+    lookup: Lookup | None = None  # manifests by ID, and the IDs of backup's chain: where its map's
+    chain: set[str] = field(default_factory=set)  # bases may be resolved (set by collect)
+    index: dict[str, dict[str, FileEntry]] = field(default_factory=dict)  # shared: path -> entry per backup
+    version: int = 2  # the map's format, once read_map has read it (which hash its blocks have)
 
 
 @dataclass
@@ -134,6 +130,7 @@ class Work:
     manifest_problems: list[tuple[str, str]] = field(default_factory=list)  # (backup, detail)
     known: set[str] = field(default_factory=set)  # IDs of the backups present (only those are read)
     files: int = 0  # entries checked through another entry's envelope (ref) or block by block (sources)
+    index: dict[str, dict[str, FileEntry]] = field(default_factory=dict)  # path -> entry, per backup (map bases)
 
     def piece(self, home: str, obj: str, offset: int, length: int, backup: str, path: str, size: int) -> Piece:
         key = backup_dir(home) + obj
@@ -177,6 +174,7 @@ def _loc(d: object) -> tuple[str, int, int] | None:
 def collect(m: Manifest, by_id: dict[str, Manifest], work: Work) -> None:
     """Add the pieces and maps backup m needs to `work` (m's chain has been judged already: a ref
     to a backup that is not present is a chain problem, reported there, and skipped here)."""
+    chain: set[str] | None = None
     for e in m.files:
         ref = getattr(e, "ref", None)
         home = m.id
@@ -205,22 +203,24 @@ def collect(m: Manifest, by_id: dict[str, Manifest], work: Work) -> None:
             p = work.piece(home, e.object, e.offset, e.length, m.id, e.path, e.size)
             p.sha256, p.exact, p.file, p.file_size = e.sha256, True, True, e.size
         if loc is not None:
+            if chain is None:
+                chain = chain_ids(m, by_id.get)
             work.maps.setdefault((backup_dir(home) + loc[0], loc[1], loc[2]),
-                                 MapTask(backup_dir(home) + loc[0], loc[1], loc[2], e, home, m.id))
+                                 MapTask(backup_dir(home) + loc[0], loc[1], loc[2], e, home, m.id, by_id.get, chain,
+                                         work.index))
         elif sources is not None:
             work.manifest_problems.append((m.id, f"{label} has sources but no block map"))
 
 
 def read_map(storage: Storage, t: MapTask) -> tuple[int, list[tuple[bytes, int, int]]]:
-    """Fetch, decode and parse one map; IntegrityError (or NotFoundError) when it cannot be."""
+    """Fetch, check and resolve one map (its binding to the manifest, its base chain) into its
+    effective map; IntegrityError (or NotFoundError) when it cannot be. Sets t.version."""
     e = t.entry
     what = f"the block map of {e.path} (backup {t.backup}) at offset {t.offset}"
-    raw = storage.get_range(t.key, t.offset, t.length)
-    if len(raw) != t.length:
-        raise IntegrityError(f"{what} is cut short: its object is shorter than the manifest says")
-    data = envelope.decode(raw, what, max_size=max_map_size(e.size))
-    sources = getattr(e, "sources", None)
-    return parse_map(data, e.size, len(sources) if sources else 1, what)
+    resolver = Resolver(storage, t.lookup or (lambda _b: None), t.chain or {t.backup, t.home}, None, t.index)
+    bm = resolver.effective(t.home, e, what)
+    t.version = bm.version
+    return bm.block_size, list(zip(bm.hashes(), bm.sources(), bm.ordinals(), strict=True))
 
 
 def expect_blocks(t: MapTask, bs: int, recs: list[tuple[bytes, int, int]], work: Work) -> str | None:
@@ -252,7 +252,7 @@ def expect_blocks(t: MapTask, bs: int, recs: list[tuple[bytes, int, int]], work:
             continue
         if p is None:
             return f"{label}: its block map puts block {n} in source {src}, which holds no readable object"
-        why = p.expect_block(bs, ordinal, h, n, label)
+        why = p.expect_block(bs, ordinal, h, n, label, t.version)
         if why:
             return f"{label}: its envelope {why}"
     return None

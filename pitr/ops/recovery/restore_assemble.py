@@ -4,8 +4,9 @@ The entry's block map says, for every block, which source holds it and at which 
 source envelope is decoded forward exactly once (ordinals increase within a source, which the
 map parser enforces), so the blocks are written in file order while every source is streamed:
 memory is one ranged-read window per source plus one run of blocks, whatever the file's size.
-The assembled file's size and SHA-256 must equal the entry's (the one check that covers every
-source, so sources are not hashed again on their own).
+What proves the assembly right: for an entry written with a format-2 map (`sha256` empty), every
+block's BLAKE3 against the effective map, and the size; for an older entry, the assembled file's
+size and SHA-256 (sources are not hashed again on their own).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from pitr.errors import IntegrityError
 from pitr.repo import blockmap, envelope
-from pitr.repo.manifest import FileEntry, Source, sources_of
+from pitr.repo.manifest import FileEntry, Source
 
 RUN_BLOCKS = 128  # blocks written per call (1 MiB of 8 KiB blocks)
 DECODE_CHUNK = 64 << 10  # compressed bytes per read from a source
@@ -98,13 +99,15 @@ def assemble(e: FileEntry, home: str, bmap: blockmap.BlockMap, open_range: OpenR
              what: str, window: int) -> int:
     """Write e's bytes to out from its sources; returns stored bytes read. IntegrityError on any mismatch.
     home: the backup holding e's object (e.ref or the manifest's own ID); window: ranged-read size."""
-    srcs: list[Source] = sources_of(e) if e.sources else [Source(home, e.object, e.offset, e.length, "file")]
+    srcs: list[Source] = blockmap.entry_sources(e, home)
     rec = bmap.records
     used = np.unique(rec["source"]).tolist() if len(rec) else []
     chunk = max(256 << 10, window // max(1, len(used)))
     streams: dict[int, _SourceStream] = {}
     readers: list[Reader] = []
-    h = hashlib.sha256()
+    h = hashlib.sha256() if e.sha256 else None
+    hash_fn, want, hs = bmap.hash_fn, bmap.hash_bytes(), blockmap.HASH_SIZE
+    bs = bmap.block_size
     written = 0
     try:
         for i in used:
@@ -120,15 +123,23 @@ def assemble(e: FileEntry, home: str, bmap: blockmap.BlockMap, open_range: OpenR
             pieces = envelope.decode_iter(r, sw, DECODE_CHUNK, max_size=need + (64 << 20),  # type: ignore[arg-type]
                                           checksum=False)
             streams[i] = _SourceStream(pieces, bmap.block_size, sw)
-        for _first, s_i, o, n in runs(rec["source"], rec["ordinal"]):
+        for first, s_i, o, n in runs(rec["source"], rec["ordinal"]):
             data = streams[s_i].run(o, n)
-            h.update(data)
+            if h is not None:
+                h.update(data)
+            else:
+                view = memoryview(data)
+                for i in range(n):
+                    b = first + i
+                    if hash_fn(view[i * bs:(i + 1) * bs]) != want[b * hs:(b + 1) * hs]:
+                        raise IntegrityError(f"{what}: block {b} (source {s_i}) does not match its block map's hash",
+                                             "run `pitr verify`; restore from another backup with --backup")
             out.write(data)
             written += len(data)
     finally:
         for r in readers:
             r.close()
-    if written != e.size or h.hexdigest() != e.sha256:
+    if written != e.size or (h is not None and h.hexdigest() != e.sha256):
         raise IntegrityError(f"{what} does not match its manifest entry once assembled (size or SHA-256)",
                              "run `pitr verify`; restore from another backup with --backup")
     return sum(getattr(r, "bytes_read", 0) for r in readers)

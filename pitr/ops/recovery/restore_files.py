@@ -4,10 +4,11 @@
 in one object (fetched with a single ranged read, decoded from memory) or one large envelope,
 fetched in CHUNK ranges with the next range read ahead while the current one is decoded, so
 network, decompression (zstd releases the GIL) and disk overlap. Memory stays bounded by
-jobs x 2 x CHUNK whatever the database size. With --delta a file whose size and SHA-256 already
-match is kept (its mode, owner and mtime fixed) instead of fetched. An entry of a diff/incr backup
-either refers whole to an older backup's object (`ref`: read from backups/<ref>/) or is assembled
-from its sources block by block (ops/recovery/restore_assemble), one Task per such file.
+jobs x 2 x CHUNK whatever the database size. With --delta a file whose size and SHA-256 (for a
+block-incremental entry of format 2: every block's hash in its effective map) already match is
+kept (its mode, owner and mtime fixed) instead of fetched. An entry of a diff/incr backup either
+refers whole to an older backup's object (`ref`: read from backups/<ref>/) or is assembled from
+its sources block by block (ops/recovery/restore_assemble), one Task per such file.
 
 Durability: with fsync=False the files are left to one syncfs() per filesystem afterwards
 (sync_filesystems), which costs one flush instead of thousands of fsync() calls; the recipe does
@@ -33,6 +34,7 @@ from pitr.ops.recovery.restore_dest import remove_path
 from pitr.repo import blockmap, envelope
 from pitr.repo.format import backup_dir
 from pitr.repo.manifest import FileEntry, Manifest
+from pitr.repo.mapchain import Resolver, chain_ids, storage_lookup
 from pitr.storage.base import Storage
 
 CHUNK = 8 << 20  # ranged read size of a large file's envelope
@@ -168,8 +170,10 @@ class FileWriter:
     """Runs one Task: fetch, verify, write (fsync) -- or keep a matching file with --delta."""
 
     def __init__(self, storage: Storage, backup_id: str, owner: tuple[int, int] | None, delta: bool,
-                 ahead: ThreadPoolExecutor, cancel: threading.Event, fsync: bool = True) -> None:
+                 ahead: ThreadPoolExecutor, cancel: threading.Event, fsync: bool = True,
+                 resolver: Resolver | None = None) -> None:
         self.storage, self.backup_id, self.owner, self.delta = storage, backup_id, owner, delta
+        self.resolver = resolver or Resolver(storage, storage_lookup(storage), {backup_id})
         self.fsync = fsync
         self.prefix = backup_dir(backup_id)
         self.ahead, self.cancel = ahead, cancel
@@ -189,7 +193,7 @@ class FileWriter:
         for it in task.items:
             if self.cancel.is_set():
                 raise Interrupted("restore interrupted")
-            if self.delta and _matches(it.dest, it.entry):
+            if self.delta and self._matches(it, task.home or self.backup_id):
                 self._settle(it.dest, it.entry)
                 st.files_kept += 1
                 st.bytes_kept += it.entry.size
@@ -242,7 +246,7 @@ class FileWriter:
         """A block-incremental file: its map, then its blocks from every source (restore_assemble)."""
         e = it.entry
         what = f"backup {self.backup_id}'s copy of {e.path}"
-        bmap = blockmap.read(self.storage, home, e, None, f"{what} (block map)")
+        bmap = self.resolver.effective(home, e, f"{what} (block map)")
 
         def open_range(backup: str, obj: str, offset: int, length: int, chunk: int) -> RangeReader:
             return RangeReader(self.storage, backup_dir(backup) + obj, offset, length, self.ahead, self.cancel, chunk)
@@ -254,6 +258,19 @@ class FileWriter:
                 os.fsync(f.fileno())
         self._settle(it.dest, e)
         return read
+
+    def _matches(self, it: Item, home: str) -> bool:
+        e = it.entry
+        if e.sha256 or e.size == 0 or not e.sources:
+            return _matches(it.dest, e)
+        try:  # a block-incremental entry of format 2: compare block by block with its effective map
+            st = os.lstat(it.dest)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or st.st_size != e.size:
+            return False
+        bmap = self.resolver.effective(home, e, f"backup {self.backup_id}'s copy of {e.path} (block map)")
+        return _blocks_match(it.dest, bmap)
 
     def _open(self, it: Item) -> BinaryIO:
         dest = it.dest
@@ -301,6 +318,19 @@ class _BytesReader:
         return out
 
 
+def _blocks_match(dest: Path, bmap: blockmap.BlockMap) -> bool:
+    bs, hs, want, fn = bmap.block_size, blockmap.HASH_SIZE, bmap.hash_bytes(), bmap.hash_fn
+    b = 0
+    with open(dest, "rb") as f:
+        while buf := f.read(bs * 128):
+            view = memoryview(buf)
+            for i in range(len(buf) // bs):
+                if fn(view[i * bs:(i + 1) * bs]) != want[b * hs:(b + 1) * hs]:
+                    return False
+                b += 1
+    return b == bmap.count
+
+
 def _matches(dest: Path, e: FileEntry) -> bool:
     try:
         st = os.lstat(dest)
@@ -327,7 +357,11 @@ def write_files(storage: Storage, m: Manifest, items: list[Item], jobs: int, own
     t0 = time.monotonic()
     done_bytes = 0
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="pitr-ahead") as ahead:
-        writer = FileWriter(storage, m.id, owner, delta, ahead, cancel, fsync)
+        resolver = None
+        if any(i.entry.sources for i in items):  # effective block maps resolve over m's chain
+            lookup = storage_lookup(storage, [m])
+            resolver = Resolver(storage, lookup, chain_ids(m, lookup))
+        writer = FileWriter(storage, m.id, owner, delta, ahead, cancel, fsync, resolver)
         pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="pitr-restore")
         try:
             futs = {pool.submit(writer.run, t): t for t in tasks}
