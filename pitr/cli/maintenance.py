@@ -141,7 +141,7 @@ def expire_cmd(
         out["locked"] = [{"object": k, "retained_until": u.isoformat()} for k, u in locked]
         out["deleted"] = None if done is None else {"backups": done.backups, "incomplete": done.incomplete,
                                                     "objects": done.objects, "bytes": done.bytes,
-                                                    "temps": done.temps}
+                                                    "temps": done.temps, "drills": done.drills}
         emit_json(out)
         return
     emit(f"policy: {_describe(policy)}")
@@ -160,6 +160,9 @@ def expire_cmd(
                  f"{t.first} to {t.last}: {t.reason}")
         else:
             emit(f"WAL timeline {t.timeline}: keep everything from {t.keep_from}")
+    for d in plan.drills:
+        if d.action == "delete":
+            emit(f"{d.action:<6}  drill {d.id}  {d.reason}")
     if plan.temps:
         emit(f"temp    {len(plan.temps)} leftover temporary object(s) of interrupted writes "
              f"({human_bytes(sum(t.size for t in plan.temps))}): remove")

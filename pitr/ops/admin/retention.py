@@ -26,6 +26,11 @@ A backup in progress (a directory without a manifest holding a `started` marker,
 that position on is kept, on every timeline; while its marker does not name a start LSN yet
 (the server's checkpoint is still running) no WAL is deleted at all. A marker untouched for
 longer is stale (a backup killed without cleanup) and is not honoured.
+Drill records (drills/<id>.json) go with the backup they restored: a record naming a backup that
+is expired (or already gone) is deleted, except the newest record and the newest passing one —
+info, metrics and `check --max-drill-age` read those, and a drill stays proof of the restore
+procedure after its backup ages out. A record naming no backup (the drill failed before choosing
+one) goes once it is older than every retained backup; an unreadable record is never deleted.
 Temporary objects of interrupted writes (`.tmp.*` files, incomplete multipart uploads) last
 touched more than `temp_grace` ago are removed too; a write in progress is younger than that.
 """
@@ -41,6 +46,7 @@ from datetime import datetime
 from pitr.errors import IntegrityError, PitrError, UsageError
 from pitr.ops.wal.walreach import Histories, backup_needs, load_histories
 from pitr.pg import walname
+from pitr.repo import drills
 from pitr.repo.catalog import WalCatalog, scan_wal
 from pitr.repo.chain import dependencies, root_of
 from pitr.repo.format import BACKUP_PREFIX, manifest_key, started_key
@@ -79,6 +85,14 @@ class BackupDecision:
     stop_time: str
     stored_bytes: int
     keys: list[str] = field(default_factory=list)  # data objects to delete after the manifest
+
+
+@dataclass
+class DrillDecision:
+    id: str
+    action: str  # keep | delete
+    reason: str
+    backup: str | None  # the backup the drill restored (None: it names none, or the record is unreadable)
 
 
 @dataclass
@@ -124,6 +138,7 @@ class RetentionPlan:
     wal: list[WalTimeline] = field(default_factory=list)
     wal_keys: list[str] = field(default_factory=list)
     temps: list[TempObject] = field(default_factory=list)  # leftovers of interrupted writes, to remove
+    drills: list[DrillDecision] = field(default_factory=list)  # oldest first
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -131,12 +146,16 @@ class RetentionPlan:
         return [b for b in self.backups if b.action == "expire"]
 
     @property
+    def drills_deleted(self) -> list[DrillDecision]:
+        return [d for d in self.drills if d.action == "delete"]
+
+    @property
     def wal_bytes(self) -> int:
         return sum(t.delete_bytes for t in self.wal)
 
     @property
     def empty(self) -> bool:
-        return (not self.expired and not self.wal_keys and not self.temps
+        return (not self.expired and not self.wal_keys and not self.temps and not self.drills_deleted
                 and not any(i.action == "delete" for i in self.incomplete))
 
     def to_json(self) -> dict[str, object]:
@@ -152,6 +171,7 @@ class RetentionPlan:
                     "timelines": [asdict(t) for t in self.wal]},
             "temps": {"delete_objects": len(self.temps), "delete_bytes": sum(t.size for t in self.temps),
                       "keys": [t.key for t in self.temps]},
+            "drills": [asdict(d) for d in self.drills],
             "notes": list(self.notes),
         }
 
@@ -206,11 +226,13 @@ def choose_backups(manifests: list[Manifest], policy: Policy, now: float) -> dic
 def plan(manifests: list[Manifest], listing: dict[str, list[ObjectInfo]], cat: WalCatalog,
          histories: Histories, policy: Policy, now: float,
          incomplete_grace: float = INCOMPLETE_GRACE, markers: dict[str, dict[str, object] | None] | None = None,
-         temps: Sequence[TempObject] | None = None, temp_grace: float = TEMP_GRACE) -> RetentionPlan:
+         temps: Sequence[TempObject] | None = None, temp_grace: float = TEMP_GRACE,
+         drill_records: dict[str, dict[str, object] | None] | None = None) -> RetentionPlan:
     """Decide what goes. manifests: complete backups, oldest first; listing: backup id -> every
     object under its directory; markers: backup id -> its parsed `started` marker (None when
     unreadable) for directories without a manifest; temps: leftovers of interrupted writes;
-    now: seconds since the epoch. Touches no storage."""
+    drill_records: drill id -> its record (None when unreadable); now: seconds since the epoch.
+    Touches no storage."""
     policy.validate()
     p = RetentionPlan(policy)
     p.temps = sorted((t for t in temps or [] if now - t.mtime > temp_grace), key=lambda t: t.key)
@@ -226,6 +248,7 @@ def plan(manifests: list[Manifest], listing: dict[str, list[ObjectInfo]], cat: W
             p.backups.append(BackupDecision(m.id, "expire", why, m.type, m.stop_time,
                                             sum(o.size for o in objs), keys))
     _plan_incomplete(p, manifests, listing, now, incomplete_grace)
+    _plan_drills(p, drill_records or {}, [m for m in manifests if m.id in keep])
     hold = _plan_in_progress(p, listing, markers or {}, manifests, now, incomplete_grace)
     retained = [m for m in manifests if m.id in keep]
     if not retained:
@@ -275,6 +298,53 @@ def _plan_in_progress(p: RetentionPlan, listing: dict[str, list[ObjectInfo]],
         p.in_progress.append(InProgress(bid, True, walname.format_lsn(lsn) if lsn is not None else None, host,
                                         pid_n, started, why))
     return hold
+
+
+def _drilled_backup(rec: dict[str, object]) -> str | None:
+    b = rec.get("backup")
+    bid = b.get("id") if isinstance(b, dict) else None
+    return bid if isinstance(bid, str) else None
+
+
+def _plan_drills(p: RetentionPlan, records: dict[str, dict[str, object] | None], retained: list[Manifest]) -> None:
+    """Drill records of backups that are gone go, but never the two that info, metrics and check read."""
+    readable = {did: r for did, r in records.items() if r is not None}
+    newest = max(readable, default=None)
+    newest_ok = max((did for did, r in readable.items() if r.get("passed") is True), default=None)
+    kept = {m.id for m in retained}
+    expired = {b.id for b in p.expired}
+    floor = min((_stop_epoch(m) for m in retained), default=None)
+    for did in sorted(records):
+        rec = records[did]
+        if rec is None:
+            p.drills.append(DrillDecision(did, "keep", "the record cannot be read: expire never deletes what it "
+                                                       "cannot read", None))
+            p.notes.append(f"drill record {did} cannot be read: kept (look at {drills.key_of(did)} by hand)")
+            continue
+        bid = _drilled_backup(rec)
+        action, why = "keep", ""
+        if did == newest:
+            why = "the newest drill (info and metrics show it)"
+        elif did == newest_ok:
+            why = "the newest passing drill (check --max-drill-age reads it)"
+        elif bid is not None:
+            if bid in kept:
+                why = f"its backup {bid} is retained"
+            else:
+                action = "delete"
+                why = f"its backup {bid} {'is expired' if bid in expired else 'no longer exists'}"
+        elif floor is not None and _drill_epoch(rec) < floor:
+            action, why = "delete", "it names no backup and is older than every retained backup"
+        else:
+            why = "it names no backup and is not older than every retained backup"
+        p.drills.append(DrillDecision(did, action, why, bid))
+
+
+def _drill_epoch(rec: dict[str, object]) -> float:
+    try:  # drills.read checked that `started` is an ISO time
+        return datetime.fromisoformat(str(rec.get("started")).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return math.inf  # not datable: never "older than every retained backup"
 
 
 def _expire_reason(policy: Policy) -> str:
@@ -350,6 +420,7 @@ class Applied:
     objects: int = 0
     bytes: int = 0
     temps: int = 0
+    drills: int = 0
 
 
 def gather_and_plan(storage: Storage, policy: Policy, now: float,
@@ -366,6 +437,7 @@ def gather_and_plan(storage: Storage, policy: Policy, now: float,
     markers = {b: read_marker(storage, b) for b, objs in listing.items()
                if b not in ids and any(o.key == started_key(b) for o in objs)}
     temps = storage.stale_temps(temp_grace, now)
+    drill_records = {did: read_drill(storage, did) for did in drills.list_ids(storage)}
     manifests = [read_manifest(storage, b) for b in ids]  # unreadable: IntegrityError, nothing deleted
     for m in manifests:
         try:
@@ -375,7 +447,15 @@ def gather_and_plan(storage: Storage, policy: Policy, now: float,
             raise IntegrityError(f"the manifest of backup {m.id} has an invalid LSN", _UNREADABLE) from None
     cat = scan_wal(storage, meta.wal_segment_size)  # listed after the markers: see _plan_in_progress
     return plan(manifests, listing, cat, load_histories(storage, cat), policy, now, incomplete_grace, markers,
-                temps, temp_grace)
+                temps, temp_grace, drill_records)
+
+
+def read_drill(storage: Storage, drill_id: str) -> dict[str, object] | None:
+    """A drill record, None when it cannot be read (then it is kept: never delete what cannot be read)."""
+    try:
+        return drills.read(storage, drill_id)
+    except PitrError:
+        return None
 
 
 def read_marker(storage: Storage, backup_id: str) -> dict[str, object] | None:
@@ -401,6 +481,12 @@ def apply(storage: Storage, p: RetentionPlan, progress: Callable[[str], None] | 
         done.objects += 1 + len(b.keys)
         done.bytes += b.stored_bytes
         say(f"expired backup {b.id} ({len(b.keys) + 1} objects)")
+    gone = [drills.key_of(d.id) for d in p.drills_deleted]
+    _delete(storage, gone)
+    done.drills = len(gone)
+    done.objects += len(gone)
+    if gone:
+        say(f"deleted {len(gone)} drill record(s) of expired backups")
     for i in p.incomplete:
         if i.action == "delete":
             _delete(storage, i.keys)
