@@ -143,6 +143,7 @@ def expire_cmd(
                                                     "objects": done.objects, "bytes": done.bytes,
                                                     "temps": done.temps, "drills": done.drills}
         emit_json(out)
+        _fail_on_unreadable(plan.unreadable)
         return
     emit(f"policy: {_describe(policy)}")
     for b in plan.backups:
@@ -178,6 +179,22 @@ def expire_cmd(
         until = max(u for _, u in locked)
         emit(f"locked  {len(locked)} object version(s) are still under Object Lock and were left in place "
              f"(the last unlocks {until.strftime('%Y-%m-%d %H:%M UTC')}); a later expire deletes them")
+    _fail_on_unreadable(plan.unreadable)
+
+
+def _fail_on_unreadable(unreadable: dict[str, str]) -> None:
+    """After the rest of the policy was applied: exit 1 naming the backups expire could not judge."""
+    from pitr.errors import IntegrityError
+
+    if unreadable:
+        ids = ", ".join(unreadable)
+        one = len(unreadable) == 1
+        raise IntegrityError(f"the manifest of backup{'' if one else 's'} {ids} cannot be read "
+                             f"({next(iter(unreadable.values()))}{'' if one else ', …'}): "
+                             f"{'it was' if one else 'they were'} kept, with every older backup and every backup "
+                             "building on it, and no WAL was deleted",
+                             "run `pitr verify`; once the backup is repaired or deleted by hand, the next expire "
+                             "applies the whole policy")
 
 
 def register(app: typer.Typer) -> None:

@@ -31,6 +31,11 @@ is expired (or already gone) is deleted, except the newest record and the newest
 info, metrics and `check --max-drill-age` read those, and a drill stays proof of the restore
 procedure after its backup ages out. A record naming no backup (the drill failed before choosing
 one) goes once it is older than every retained backup; an unreadable record is never deleted.
+A backup whose manifest cannot be read (damaged, hostile, vanished mid-run) is never deleted, and
+neither is anything it may need or that needs it: every older backup stays (it may be a diff or
+incr built on any of them), every readable backup whose chain or entries name it stays (with what
+they need), and no WAL is deleted (which WAL it needs is unknown). The rest of the policy is
+applied; the CLI then exits 1 naming it.
 Temporary objects of interrupted writes (`.tmp.*` files, incomplete multipart uploads) last
 touched more than `temp_grace` ago are removed too; a write in progress is younger than that.
 """
@@ -43,7 +48,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
-from pitr.errors import IntegrityError, PitrError, UsageError
+from pitr.errors import IntegrityError, NotFoundError, PitrError, StorageError, UsageError
 from pitr.ops.wal.walreach import Histories, backup_needs, load_histories
 from pitr.pg import walname
 from pitr.repo import drills
@@ -58,7 +63,7 @@ DAY = 86400.0
 INCOMPLETE_GRACE = DAY  # also how long a backup-in-progress marker is honoured without activity
 TEMP_GRACE = 3600.0  # a temp file untouched this long belongs to no write in progress
 DELETE_BATCH = 1000
-_UNREADABLE = "run `pitr verify`; expire deletes nothing until it can read every manifest"
+_UNREADABLE = "run `pitr verify`; expire keeps that backup, every older one and all WAL until it can read it"
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,7 @@ class RetentionPlan:
     wal_keys: list[str] = field(default_factory=list)
     temps: list[TempObject] = field(default_factory=list)  # leftovers of interrupted writes, to remove
     drills: list[DrillDecision] = field(default_factory=list)  # oldest first
+    unreadable: dict[str, str] = field(default_factory=dict)  # backup id -> why its manifest cannot be read
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -172,6 +178,7 @@ class RetentionPlan:
             "temps": {"delete_objects": len(self.temps), "delete_bytes": sum(t.size for t in self.temps),
                       "keys": [t.key for t in self.temps]},
             "drills": [asdict(d) for d in self.drills],
+            "unreadable": [{"id": bid, "problem": why} for bid, why in sorted(self.unreadable.items())],
             "notes": list(self.notes),
         }
 
@@ -227,17 +234,22 @@ def plan(manifests: list[Manifest], listing: dict[str, list[ObjectInfo]], cat: W
          histories: Histories, policy: Policy, now: float,
          incomplete_grace: float = INCOMPLETE_GRACE, markers: dict[str, dict[str, object] | None] | None = None,
          temps: Sequence[TempObject] | None = None, temp_grace: float = TEMP_GRACE,
-         drill_records: dict[str, dict[str, object] | None] | None = None) -> RetentionPlan:
+         drill_records: dict[str, dict[str, object] | None] | None = None,
+         unreadable: dict[str, str] | None = None) -> RetentionPlan:
     """Decide what goes. manifests: complete backups, oldest first; listing: backup id -> every
     object under its directory; markers: backup id -> its parsed `started` marker (None when
     unreadable) for directories without a manifest; temps: leftovers of interrupted writes;
-    drill_records: drill id -> its record (None when unreadable); now: seconds since the epoch.
-    Touches no storage."""
+    drill_records: drill id -> its record (None when unreadable); unreadable: backup id -> why its
+    manifest cannot be read; now: seconds since the epoch. Touches no storage."""
     policy.validate()
     p = RetentionPlan(policy)
     p.temps = sorted((t for t in temps or [] if now - t.mtime > temp_grace), key=lambda t: t.key)
     manifests = sorted(manifests, key=lambda m: m.id)
     keep = choose_backups(manifests, policy, now)
+    bad = dict(sorted((unreadable or {}).items()))
+    p.unreadable = bad
+    if bad:
+        _keep_around_unreadable(keep, manifests, bad)
     for m in manifests:
         objs = listing.get(m.id, [])
         if m.id in keep:
@@ -247,10 +259,20 @@ def plan(manifests: list[Manifest], listing: dict[str, list[ObjectInfo]], cat: W
             keys = sorted(o.key for o in objs if o.key != manifest_key(m.id))
             p.backups.append(BackupDecision(m.id, "expire", why, m.type, m.stop_time,
                                             sum(o.size for o in objs), keys))
-    _plan_incomplete(p, manifests, listing, now, incomplete_grace)
-    _plan_drills(p, drill_records or {}, [m for m in manifests if m.id in keep])
+    for bid, why in bad.items():
+        objs = listing.get(bid, [])
+        p.backups.append(BackupDecision(bid, "keep", f"its manifest cannot be read ({why}): kept, with every older "
+                                        "backup and every backup that builds on it", "unknown", "",
+                                        sum(o.size for o in objs)))
+        p.notes.append(f"backup {bid} cannot be read: it, every older backup, every backup building on it and "
+                       "all WAL are kept; run `pitr verify`")
+    p.backups.sort(key=lambda b: b.id)
+    _plan_incomplete(p, manifests, listing, now, incomplete_grace, set(bad))
+    _plan_drills(p, drill_records or {}, [m for m in manifests if m.id in keep], set(bad))
     hold = _plan_in_progress(p, listing, markers or {}, manifests, now, incomplete_grace)
     retained = [m for m in manifests if m.id in keep]
+    if bad:  # the WAL an unreadable backup needs is unknown (its notes say so)
+        return p
     if not retained:
         p.notes.append("no complete backup exists: WAL is kept (it is expired only relative to a retained backup)")
         return p
@@ -306,12 +328,13 @@ def _drilled_backup(rec: dict[str, object]) -> str | None:
     return bid if isinstance(bid, str) else None
 
 
-def _plan_drills(p: RetentionPlan, records: dict[str, dict[str, object] | None], retained: list[Manifest]) -> None:
+def _plan_drills(p: RetentionPlan, records: dict[str, dict[str, object] | None], retained: list[Manifest],
+                 unreadable: set[str]) -> None:
     """Drill records of backups that are gone go, but never the two that info, metrics and check read."""
     readable = {did: r for did, r in records.items() if r is not None}
     newest = max(readable, default=None)
     newest_ok = max((did for did, r in readable.items() if r.get("passed") is True), default=None)
-    kept = {m.id for m in retained}
+    kept = {m.id for m in retained} | unreadable
     expired = {b.id for b in p.expired}
     floor = min((_stop_epoch(m) for m in retained), default=None)
     for did in sorted(records):
@@ -347,6 +370,25 @@ def _drill_epoch(rec: dict[str, object]) -> float:
         return math.inf  # not datable: never "older than every retained backup"
 
 
+def _keep_around_unreadable(keep: dict[str, str], manifests: list[Manifest], bad: dict[str, str]) -> None:
+    """Add to keep what an unreadable backup may build on (every older backup: its chain is unknown)
+    and what builds on it (its dependants), then everything those need."""
+    by_id = {m.id: m for m in manifests}
+    for m in manifests:
+        later = [b for b in bad if b > m.id]  # IDs sort by start time; a chain only builds on older backups
+        if later:
+            keep.setdefault(m.id, f"older than unreadable backup {later[0]}, which may build on it")
+            continue
+        named = sorted(dependencies(m, by_id) & bad.keys())
+        if named:
+            keep.setdefault(m.id, f"builds on unreadable backup {named[0]}")
+    for bid in sorted(keep):
+        if bid in by_id:
+            for dep in sorted(dependencies(by_id[bid], by_id)):
+                if dep in by_id:
+                    keep.setdefault(dep, f"needed by kept backup {bid}")
+
+
 def _expire_reason(policy: Policy) -> str:
     parts = []
     if policy.retain_full is not None:
@@ -357,8 +399,8 @@ def _expire_reason(policy: Policy) -> str:
 
 
 def _plan_incomplete(p: RetentionPlan, manifests: list[Manifest], listing: dict[str, list[ObjectInfo]],
-                     now: float, grace: float) -> None:
-    complete = {m.id for m in manifests}
+                     now: float, grace: float, unreadable: set[str]) -> None:
+    complete = {m.id for m in manifests} | unreadable  # an unreadable manifest is still a manifest
     newest = manifests[-1].id if manifests else None
     for bid, objs in sorted(listing.items()):
         if bid in complete or not objs:
@@ -438,16 +480,41 @@ def gather_and_plan(storage: Storage, policy: Policy, now: float,
                if b not in ids and any(o.key == started_key(b) for o in objs)}
     temps = storage.stale_temps(temp_grace, now)
     drill_records = {did: read_drill(storage, did) for did in drills.list_ids(storage)}
-    manifests = [read_manifest(storage, b) for b in ids]  # unreadable: IntegrityError, nothing deleted
-    for m in manifests:
+    manifests: list[Manifest] = []
+    unreadable: dict[str, str] = {}
+    for b in ids:
         try:
-            walname.parse_lsn(m.start_lsn)
-            walname.parse_lsn(m.stop_lsn)
-        except ValueError:
-            raise IntegrityError(f"the manifest of backup {m.id} has an invalid LSN", _UNREADABLE) from None
+            m = read_manifest(storage, b)
+        except NotFoundError as e:  # vanished since the listing (another expire): nothing to decide now
+            unreadable[b] = str(e)
+            continue
+        except StorageError:
+            raise  # the repository, not this manifest, is at fault: decide nothing
+        except PitrError as e:
+            unreadable[b] = str(e)
+            continue
+        problem = _position_problem(m)
+        if problem:
+            unreadable[b] = problem
+        else:
+            manifests.append(m)
     cat = scan_wal(storage, meta.wal_segment_size)  # listed after the markers: see _plan_in_progress
     return plan(manifests, listing, cat, load_histories(storage, cat), policy, now, incomplete_grace, markers,
-                temps, temp_grace, drill_records)
+                temps, temp_grace, drill_records, unreadable)
+
+
+def _position_problem(m: Manifest) -> str | None:
+    """Why a readable manifest's positions cannot be planned with (None when they can)."""
+    try:
+        walname.parse_lsn(m.start_lsn)
+        walname.parse_lsn(m.stop_lsn)
+    except ValueError:
+        return f"the manifest of backup {m.id} has an invalid LSN"
+    try:
+        _stop_epoch(m)
+    except IntegrityError as e:
+        return str(e)
+    return None
 
 
 def read_drill(storage: Storage, drill_id: str) -> dict[str, object] | None:
