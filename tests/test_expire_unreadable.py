@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from pitr.ops.admin.retention import Policy, apply, gather_and_plan
+from pitr.repo import drills
 from pitr.repo.format import META_KEY, backup_data_key, manifest_key, wal_key
 from pitr.repo.manifest import list_backup_ids, write_manifest
 from pitr.repo.meta import new_meta
@@ -31,6 +32,12 @@ def damaged(r: Repo0) -> Repo0:
 
 def test_an_unreadable_backup_keeps_what_it_may_need_and_what_needs_it() -> None:
     r = damaged(Repo0())
+    drills.write(r.s, {"version": 1, "id": "20240101T000000Z-000001", "started": "2024-01-01T00:00:00Z",
+                       "passed": True, "backup": {"id": "B3"}})
+    drills.write(r.s, {"version": 1, "id": "20240101T000000Z-000002", "started": "2024-01-01T00:00:00Z",
+                       "passed": True, "backup": {"id": "B5"}})
+    drills.write(r.s, {"version": 1, "id": "20240102T000000Z-000003", "started": "2024-01-02T00:00:00Z",
+                       "passed": True, "backup": {"id": "B6"}})
     later = time.time() + 3 * 86400  # every directory is old enough to count as a leftover if it had no manifest
     p = gather_and_plan(r.s, Policy(retain_full=1), later)
     assert decisions(p) == {"B1": "keep", "B2": "keep", "B3": "keep", "B4": "keep", "B5": "expire", "B6": "keep"}
@@ -38,6 +45,9 @@ def test_an_unreadable_backup_keeps_what_it_may_need_and_what_needs_it() -> None
     assert "cannot be read" in why["B3"] and "B3" in why["B1"] and "B3" in why["B4"]
     assert list(p.unreadable) == ["B3"] and p.wal_keys == [] and p.incomplete == []
     assert any("B3" in n and "WAL" in n for n in p.notes)
+    assert {d.id: d.action for d in p.drills} == {"20240101T000000Z-000001": "keep",  # its backup cannot be read
+                                                  "20240101T000000Z-000002": "delete",
+                                                  "20240102T000000Z-000003": "keep"}
     apply(r.s, p)
     assert list_backup_ids(r.s) == ["B1", "B2", "B3", "B4", "B6"]
     assert r.s.get(backup_data_key("B3", 0)) and r.s.get(manifest_key("B3")) == b"this is not a manifest"
