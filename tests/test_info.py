@@ -169,3 +169,23 @@ def test_uninitialized_and_missing_repositories_fail_clearly(tmp_path: Path) -> 
     assert "is not initialized" in p.stderr and "pitr init" in p.stderr and "Traceback" not in p.stderr
     p = pitr("--repo", str(tmp_path / "nowhere"), "info")
     assert p.returncode == 1 and "does not exist" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_backup_taken_on_a_standby_says_so(repo: FsStorage) -> None:
+    build_history(repo)
+    m = manifest("20261104T000000F", 1, 8, 8, "2026-11-04T00:00:00.000001Z")
+    m.extra["from_standby"] = True
+    write_manifest(repo, m)
+    m = manifest("20261105T000000F", 1, 8, 8, "2026-11-05T00:00:00.000001Z")
+    m.extra["from_standby"] = "yes"  # untrusted: anything but true reads as "not from a standby"
+    write_manifest(repo, m)
+    p = pitr("--repo", str(repo.root), "info", "--json")
+    assert p.returncode == 0, p.stderr
+    flags = {b["id"]: b["from_standby"] for b in json.loads(p.stdout)["backups"]}
+    assert flags == {"20261101T000000F": False, "20261102T000000F": False, "20261103T000000F": False,
+                     "20261104T000000F": True, "20261105T000000F": False}
+    p = pitr("--repo", str(repo.root), "info")
+    assert p.returncode == 0, p.stderr
+    rows = {line.split()[0]: line for line in p.stdout.splitlines() if line.startswith("2026")}
+    assert "full from standby" in rows["20261104T000000F"]
+    assert [bid for bid, line in rows.items() if "standby" in line] == ["20261104T000000F"]

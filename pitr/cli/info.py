@@ -44,7 +44,7 @@ def to_json(r: Any) -> dict[str, Any]:
                 "start_lsn": m.start_lsn, "stop_lsn": m.stop_lsn, "start_wal": m.start_wal, "stop_wal": m.stop_wal,
                 "bytes": m.bytes, "stored_bytes": m.stored_bytes, "files": len(m.files), "duration": m.duration,
                 "compress": m.compress, "pg_version": m.pg_version, "checksums_enabled": m.checksums_enabled,
-                "bad_pages": b.bad_pages,
+                "bad_pages": b.bad_pages, "from_standby": b.from_standby,
             })
         if b.missing_wal:
             item["missing_wal"] = b.missing_wal
@@ -124,7 +124,8 @@ def render_text(r: Any) -> str:
                 status = f"chain broken: {b.problem}"
             if b.bad_pages:
                 status += f", {b.bad_pages} bad page(s)"
-            rows.append([b.id, m.type + (f" on {b.parent}" if b.parent else ""), str(m.timeline), _human_time(m.start_time), _human_time(m.stop_time),
+            kind = m.type + (" from standby" if b.from_standby else "") + (f" on {b.parent}" if b.parent else "")
+            rows.append([b.id, kind, str(m.timeline), _human_time(m.start_time), _human_time(m.stop_time),
                          m.start_lsn, m.stop_lsn, human_bytes(m.bytes), human_bytes(m.stored_bytes),
                          human_duration(m.duration), status])
         lines.append("backups (times in UTC)")

@@ -141,8 +141,9 @@ def expire_cmd(
         out["locked"] = [{"object": k, "retained_until": u.isoformat()} for k, u in locked]
         out["deleted"] = None if done is None else {"backups": done.backups, "incomplete": done.incomplete,
                                                     "objects": done.objects, "bytes": done.bytes,
-                                                    "temps": done.temps}
+                                                    "temps": done.temps, "drills": done.drills}
         emit_json(out)
+        _fail_on_unreadable(plan.unreadable)
         return
     emit(f"policy: {_describe(policy)}")
     for b in plan.backups:
@@ -160,6 +161,9 @@ def expire_cmd(
                  f"{t.first} to {t.last}: {t.reason}")
         else:
             emit(f"WAL timeline {t.timeline}: keep everything from {t.keep_from}")
+    for d in plan.drills:
+        if d.action == "delete":
+            emit(f"{d.action:<6}  drill {d.id}  {d.reason}")
     if plan.temps:
         emit(f"temp    {len(plan.temps)} leftover temporary object(s) of interrupted writes "
              f"({human_bytes(sum(t.size for t in plan.temps))}): remove")
@@ -175,6 +179,22 @@ def expire_cmd(
         until = max(u for _, u in locked)
         emit(f"locked  {len(locked)} object version(s) are still under Object Lock and were left in place "
              f"(the last unlocks {until.strftime('%Y-%m-%d %H:%M UTC')}); a later expire deletes them")
+    _fail_on_unreadable(plan.unreadable)
+
+
+def _fail_on_unreadable(unreadable: dict[str, str]) -> None:
+    """After the rest of the policy was applied: exit 1 naming the backups expire could not judge."""
+    from pitr.errors import IntegrityError
+
+    if unreadable:
+        ids = ", ".join(unreadable)
+        one = len(unreadable) == 1
+        raise IntegrityError(f"the manifest of backup{'' if one else 's'} {ids} cannot be read "
+                             f"({next(iter(unreadable.values()))}{'' if one else ', …'}): "
+                             f"{'it was' if one else 'they were'} kept, with every older backup and every backup "
+                             "building on it, and no WAL was deleted",
+                             "run `pitr verify`; once the backup is repaired or deleted by hand, the next expire "
+                             "applies the whole policy")
 
 
 def register(app: typer.Typer) -> None:

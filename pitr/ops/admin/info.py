@@ -53,6 +53,11 @@ class BackupSummary:
         return m.parent if m is not None and m.type != "full" else None
 
     @property
+    def from_standby(self) -> bool:
+        """Taken on a hot standby (backup_standby.py marks it); only a literal true counts (untrusted)."""
+        return self.manifest is not None and self.manifest.extra.get("from_standby") is True
+
+    @property
     def bad_pages(self) -> int:
         return sum(len(f.bad_pages) for f in self.manifest.files) if self.manifest else 0
 

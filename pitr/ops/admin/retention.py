@@ -26,6 +26,16 @@ A backup in progress (a directory without a manifest holding a `started` marker,
 that position on is kept, on every timeline; while its marker does not name a start LSN yet
 (the server's checkpoint is still running) no WAL is deleted at all. A marker untouched for
 longer is stale (a backup killed without cleanup) and is not honoured.
+Drill records (drills/<id>.json) go with the backup they restored: a record naming a backup that
+is expired (or already gone) is deleted, except the newest record and the newest passing one —
+info, metrics and `check --max-drill-age` read those, and a drill stays proof of the restore
+procedure after its backup ages out. A record naming no backup (the drill failed before choosing
+one) goes once it is older than every retained backup; an unreadable record is never deleted.
+A backup whose manifest cannot be read (damaged, hostile, vanished mid-run) is never deleted, and
+neither is anything it may need or that needs it: every older backup stays (it may be a diff or
+incr built on any of them), every readable backup whose chain or entries name it stays (with what
+they need), and no WAL is deleted (which WAL it needs is unknown). The rest of the policy is
+applied; the CLI then exits 1 naming it.
 Temporary objects of interrupted writes (`.tmp.*` files, incomplete multipart uploads) last
 touched more than `temp_grace` ago are removed too; a write in progress is younger than that.
 """
@@ -38,9 +48,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
-from pitr.errors import IntegrityError, PitrError, UsageError
+from pitr.errors import IntegrityError, NotFoundError, PitrError, StorageError, UsageError
 from pitr.ops.wal.walreach import Histories, backup_needs, load_histories
 from pitr.pg import walname
+from pitr.repo import drills
 from pitr.repo.catalog import WalCatalog, scan_wal
 from pitr.repo.chain import dependencies, root_of
 from pitr.repo.format import BACKUP_PREFIX, manifest_key, started_key
@@ -52,7 +63,7 @@ DAY = 86400.0
 INCOMPLETE_GRACE = DAY  # also how long a backup-in-progress marker is honoured without activity
 TEMP_GRACE = 3600.0  # a temp file untouched this long belongs to no write in progress
 DELETE_BATCH = 1000
-_UNREADABLE = "run `pitr verify`; expire deletes nothing until it can read every manifest"
+_UNREADABLE = "run `pitr verify`; expire keeps that backup, every older one and all WAL until it can read it"
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,14 @@ class BackupDecision:
     stop_time: str
     stored_bytes: int
     keys: list[str] = field(default_factory=list)  # data objects to delete after the manifest
+
+
+@dataclass
+class DrillDecision:
+    id: str
+    action: str  # keep | delete
+    reason: str
+    backup: str | None  # the backup the drill restored (None: it names none, or the record is unreadable)
 
 
 @dataclass
@@ -124,6 +143,8 @@ class RetentionPlan:
     wal: list[WalTimeline] = field(default_factory=list)
     wal_keys: list[str] = field(default_factory=list)
     temps: list[TempObject] = field(default_factory=list)  # leftovers of interrupted writes, to remove
+    drills: list[DrillDecision] = field(default_factory=list)  # oldest first
+    unreadable: dict[str, str] = field(default_factory=dict)  # backup id -> why its manifest cannot be read
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -131,12 +152,16 @@ class RetentionPlan:
         return [b for b in self.backups if b.action == "expire"]
 
     @property
+    def drills_deleted(self) -> list[DrillDecision]:
+        return [d for d in self.drills if d.action == "delete"]
+
+    @property
     def wal_bytes(self) -> int:
         return sum(t.delete_bytes for t in self.wal)
 
     @property
     def empty(self) -> bool:
-        return (not self.expired and not self.wal_keys and not self.temps
+        return (not self.expired and not self.wal_keys and not self.temps and not self.drills_deleted
                 and not any(i.action == "delete" for i in self.incomplete))
 
     def to_json(self) -> dict[str, object]:
@@ -152,6 +177,8 @@ class RetentionPlan:
                     "timelines": [asdict(t) for t in self.wal]},
             "temps": {"delete_objects": len(self.temps), "delete_bytes": sum(t.size for t in self.temps),
                       "keys": [t.key for t in self.temps]},
+            "drills": [asdict(d) for d in self.drills],
+            "unreadable": [{"id": bid, "problem": why} for bid, why in sorted(self.unreadable.items())],
             "notes": list(self.notes),
         }
 
@@ -206,16 +233,23 @@ def choose_backups(manifests: list[Manifest], policy: Policy, now: float) -> dic
 def plan(manifests: list[Manifest], listing: dict[str, list[ObjectInfo]], cat: WalCatalog,
          histories: Histories, policy: Policy, now: float,
          incomplete_grace: float = INCOMPLETE_GRACE, markers: dict[str, dict[str, object] | None] | None = None,
-         temps: Sequence[TempObject] | None = None, temp_grace: float = TEMP_GRACE) -> RetentionPlan:
+         temps: Sequence[TempObject] | None = None, temp_grace: float = TEMP_GRACE,
+         drill_records: dict[str, dict[str, object] | None] | None = None,
+         unreadable: dict[str, str] | None = None) -> RetentionPlan:
     """Decide what goes. manifests: complete backups, oldest first; listing: backup id -> every
     object under its directory; markers: backup id -> its parsed `started` marker (None when
     unreadable) for directories without a manifest; temps: leftovers of interrupted writes;
-    now: seconds since the epoch. Touches no storage."""
+    drill_records: drill id -> its record (None when unreadable); unreadable: backup id -> why its
+    manifest cannot be read; now: seconds since the epoch. Touches no storage."""
     policy.validate()
     p = RetentionPlan(policy)
     p.temps = sorted((t for t in temps or [] if now - t.mtime > temp_grace), key=lambda t: t.key)
     manifests = sorted(manifests, key=lambda m: m.id)
     keep = choose_backups(manifests, policy, now)
+    bad = dict(sorted((unreadable or {}).items()))
+    p.unreadable = bad
+    if bad:
+        _keep_around_unreadable(keep, manifests, bad)
     for m in manifests:
         objs = listing.get(m.id, [])
         if m.id in keep:
@@ -225,9 +259,20 @@ def plan(manifests: list[Manifest], listing: dict[str, list[ObjectInfo]], cat: W
             keys = sorted(o.key for o in objs if o.key != manifest_key(m.id))
             p.backups.append(BackupDecision(m.id, "expire", why, m.type, m.stop_time,
                                             sum(o.size for o in objs), keys))
-    _plan_incomplete(p, manifests, listing, now, incomplete_grace)
+    for bid, why in bad.items():
+        objs = listing.get(bid, [])
+        p.backups.append(BackupDecision(bid, "keep", f"its manifest cannot be read ({why}): kept, with every older "
+                                        "backup and every backup that builds on it", "unknown", "",
+                                        sum(o.size for o in objs)))
+        p.notes.append(f"backup {bid} cannot be read: it, every older backup, every backup building on it and "
+                       "all WAL are kept; run `pitr verify`")
+    p.backups.sort(key=lambda b: b.id)
+    _plan_incomplete(p, manifests, listing, now, incomplete_grace, set(bad))
+    _plan_drills(p, drill_records or {}, [m for m in manifests if m.id in keep], set(bad))
     hold = _plan_in_progress(p, listing, markers or {}, manifests, now, incomplete_grace)
     retained = [m for m in manifests if m.id in keep]
+    if bad:  # the WAL an unreadable backup needs is unknown (its notes say so)
+        return p
     if not retained:
         p.notes.append("no complete backup exists: WAL is kept (it is expired only relative to a retained backup)")
         return p
@@ -277,6 +322,73 @@ def _plan_in_progress(p: RetentionPlan, listing: dict[str, list[ObjectInfo]],
     return hold
 
 
+def _drilled_backup(rec: dict[str, object]) -> str | None:
+    b = rec.get("backup")
+    bid = b.get("id") if isinstance(b, dict) else None
+    return bid if isinstance(bid, str) else None
+
+
+def _plan_drills(p: RetentionPlan, records: dict[str, dict[str, object] | None], retained: list[Manifest],
+                 unreadable: set[str]) -> None:
+    """Drill records of backups that are gone go, but never the two that info, metrics and check read."""
+    readable = {did: r for did, r in records.items() if r is not None}
+    newest = max(readable, default=None)
+    newest_ok = max((did for did, r in readable.items() if r.get("passed") is True), default=None)
+    kept = {m.id for m in retained} | unreadable
+    expired = {b.id for b in p.expired}
+    floor = min((_stop_epoch(m) for m in retained), default=None)
+    for did in sorted(records):
+        rec = records[did]
+        if rec is None:
+            p.drills.append(DrillDecision(did, "keep", "the record cannot be read: expire never deletes what it "
+                                                       "cannot read", None))
+            p.notes.append(f"drill record {did} cannot be read: kept (look at {drills.key_of(did)} by hand)")
+            continue
+        bid = _drilled_backup(rec)
+        action, why = "keep", ""
+        if did == newest:
+            why = "the newest drill (info and metrics show it)"
+        elif did == newest_ok:
+            why = "the newest passing drill (check --max-drill-age reads it)"
+        elif bid is not None:
+            if bid in kept:
+                why = f"its backup {bid} is retained"
+            else:
+                action = "delete"
+                why = f"its backup {bid} {'is expired' if bid in expired else 'no longer exists'}"
+        elif floor is not None and _drill_epoch(rec) < floor:
+            action, why = "delete", "it names no backup and is older than every retained backup"
+        else:
+            why = "it names no backup and is not older than every retained backup"
+        p.drills.append(DrillDecision(did, action, why, bid))
+
+
+def _drill_epoch(rec: dict[str, object]) -> float:
+    try:  # drills.read checked that `started` is an ISO time
+        return datetime.fromisoformat(str(rec.get("started")).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return math.inf  # not datable: never "older than every retained backup"
+
+
+def _keep_around_unreadable(keep: dict[str, str], manifests: list[Manifest], bad: dict[str, str]) -> None:
+    """Add to keep what an unreadable backup may build on (every older backup: its chain is unknown)
+    and what builds on it (its dependants), then everything those need."""
+    by_id = {m.id: m for m in manifests}
+    for m in manifests:
+        later = [b for b in bad if b > m.id]  # IDs sort by start time; a chain only builds on older backups
+        if later:
+            keep.setdefault(m.id, f"older than unreadable backup {later[0]}, which may build on it")
+            continue
+        named = sorted(dependencies(m, by_id) & bad.keys())
+        if named:
+            keep.setdefault(m.id, f"builds on unreadable backup {named[0]}")
+    for bid in sorted(keep):
+        if bid in by_id:
+            for dep in sorted(dependencies(by_id[bid], by_id)):
+                if dep in by_id:
+                    keep.setdefault(dep, f"needed by kept backup {bid}")
+
+
 def _expire_reason(policy: Policy) -> str:
     parts = []
     if policy.retain_full is not None:
@@ -287,8 +399,8 @@ def _expire_reason(policy: Policy) -> str:
 
 
 def _plan_incomplete(p: RetentionPlan, manifests: list[Manifest], listing: dict[str, list[ObjectInfo]],
-                     now: float, grace: float) -> None:
-    complete = {m.id for m in manifests}
+                     now: float, grace: float, unreadable: set[str]) -> None:
+    complete = {m.id for m in manifests} | unreadable  # an unreadable manifest is still a manifest
     newest = manifests[-1].id if manifests else None
     for bid, objs in sorted(listing.items()):
         if bid in complete or not objs:
@@ -350,6 +462,7 @@ class Applied:
     objects: int = 0
     bytes: int = 0
     temps: int = 0
+    drills: int = 0
 
 
 def gather_and_plan(storage: Storage, policy: Policy, now: float,
@@ -366,16 +479,50 @@ def gather_and_plan(storage: Storage, policy: Policy, now: float,
     markers = {b: read_marker(storage, b) for b, objs in listing.items()
                if b not in ids and any(o.key == started_key(b) for o in objs)}
     temps = storage.stale_temps(temp_grace, now)
-    manifests = [read_manifest(storage, b) for b in ids]  # unreadable: IntegrityError, nothing deleted
-    for m in manifests:
+    drill_records = {did: read_drill(storage, did) for did in drills.list_ids(storage)}
+    manifests: list[Manifest] = []
+    unreadable: dict[str, str] = {}
+    for b in ids:
         try:
-            walname.parse_lsn(m.start_lsn)
-            walname.parse_lsn(m.stop_lsn)
-        except ValueError:
-            raise IntegrityError(f"the manifest of backup {m.id} has an invalid LSN", _UNREADABLE) from None
+            m = read_manifest(storage, b)
+        except NotFoundError as e:  # vanished since the listing (another expire): nothing to decide now
+            unreadable[b] = str(e)
+            continue
+        except StorageError:
+            raise  # the repository, not this manifest, is at fault: decide nothing
+        except PitrError as e:
+            unreadable[b] = str(e)
+            continue
+        problem = _position_problem(m)
+        if problem:
+            unreadable[b] = problem
+        else:
+            manifests.append(m)
     cat = scan_wal(storage, meta.wal_segment_size)  # listed after the markers: see _plan_in_progress
     return plan(manifests, listing, cat, load_histories(storage, cat), policy, now, incomplete_grace, markers,
-                temps, temp_grace)
+                temps, temp_grace, drill_records, unreadable)
+
+
+def _position_problem(m: Manifest) -> str | None:
+    """Why a readable manifest's positions cannot be planned with (None when they can)."""
+    try:
+        walname.parse_lsn(m.start_lsn)
+        walname.parse_lsn(m.stop_lsn)
+    except ValueError:
+        return f"the manifest of backup {m.id} has an invalid LSN"
+    try:
+        _stop_epoch(m)
+    except IntegrityError as e:
+        return str(e)
+    return None
+
+
+def read_drill(storage: Storage, drill_id: str) -> dict[str, object] | None:
+    """A drill record, None when it cannot be read (then it is kept: never delete what cannot be read)."""
+    try:
+        return drills.read(storage, drill_id)
+    except PitrError:
+        return None
 
 
 def read_marker(storage: Storage, backup_id: str) -> dict[str, object] | None:
@@ -401,6 +548,12 @@ def apply(storage: Storage, p: RetentionPlan, progress: Callable[[str], None] | 
         done.objects += 1 + len(b.keys)
         done.bytes += b.stored_bytes
         say(f"expired backup {b.id} ({len(b.keys) + 1} objects)")
+    gone = [drills.key_of(d.id) for d in p.drills_deleted]
+    _delete(storage, gone)
+    done.drills = len(gone)
+    done.objects += len(gone)
+    if gone:
+        say(f"deleted {len(gone)} drill record(s) of expired backups")
     for i in p.incomplete:
         if i.action == "delete":
             _delete(storage, i.keys)
