@@ -288,7 +288,7 @@ class _Run:
         return self.base.parent.id if self.base.parent is not None else None
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Copied:
     """What step 4 (copy) leaves for the manifest."""
 
@@ -297,7 +297,7 @@ class _Copied:
     pipe: Pipeline
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Stopped:
     """What step 5 (stop) learned: the stop position and what the backup_label says."""
 
