@@ -15,6 +15,8 @@ backup, as a recipe of named steps on ONE connection held from start to stop:
 On a hot standby the same recipe runs on the standby's own session; ops/base/backup_standby.py holds what
 differs (check: the repository's cluster, replay neither paused nor stuck; stop: a promotion meanwhile
 fails the backup; wal: the primary archives the last segment, a standby cannot switch WAL).
+take_backup reads as that list: _check, _claim, _start, _copy, _stop, _wait_wal, _commit (then
+_drop_claim), sharing one _Run; _abandon is the failure path.
 Any failure or signal before 7: the connection is closed (which aborts the backup on the
 server), the objects written so far are deleted (best effort), and no manifest exists, so the
 backup is never listed.
@@ -37,15 +39,15 @@ from pathlib import Path
 from pitr import __version__
 from pitr.errors import AlreadyExistsError, BackupError, Interrupted, PitrError, PostgresError, UsageError
 from pitr.ops.base import backup_incr, backup_standby
-from pitr.ops.base.backup_files import ScanOptions, scan
+from pitr.ops.base.backup_files import Scan, ScanOptions, scan
 from pitr.ops.base.backup_store import Pipeline, Progress, StoreOptions, is_internal_abort
 from pitr.pg import layout, walname
-from pitr.pg.conn import PgSession, ServerInfo
+from pitr.pg.conn import BackupStop, PgSession, ServerInfo
 from pitr.repo import envelope, restore_points
 from pitr.repo.catalog import present_wal
 from pitr.repo.format import backup_dir
 from pitr.repo.format import started_key as format_started_key
-from pitr.repo.manifest import Manifest, write_manifest
+from pitr.repo.manifest import FileEntry, Manifest, write_manifest
 from pitr.repo.meta import check_cluster, read_meta
 from pitr.storage.base import Storage
 
@@ -258,101 +260,211 @@ def _cleanup(storage: Storage, backup_id: str) -> None:
 
 # --------------------------------------------------------------------------- recipe
 
+@dataclass
+class _Run:
+    """What the steps of one backup share; filled in as the recipe goes."""
+
+    storage: Storage
+    pg: PgSession
+    opts: BackupOptions
+    t0: float
+    facts: ServerFacts
+    pgdata: Path
+    base: backup_incr.Base
+    claimed: dt.datetime
+    backup_id: str = ""
+    start_lsn: int = 0
+    start_time: dt.datetime | None = None  # with start_lsn: set by _start
+    marks: dict[str, float] = field(default_factory=dict)  # step -> monotonic time it ended
+    stopped: bool = False  # pg_backup_stop returned: the server holds no backup open any more
+
+    @property
+    def standby(self) -> bool:
+        """A hot standby is backed up too (ops/base/backup_standby.py holds what differs)."""
+        return self.facts.info.in_recovery
+
+    @property
+    def parent_id(self) -> str | None:
+        return self.base.parent.id if self.base.parent is not None else None
+
+
+@dataclass(frozen=True)
+class _Copied:
+    """What step 4 (copy) leaves for the manifest."""
+
+    found: Scan
+    refs: list[FileEntry]  # a diff/incr's files taken whole from its parent
+    pipe: Pipeline
+
+
+@dataclass(frozen=True)
+class _Stopped:
+    """What step 5 (stop) learned: the stop position and what the backup_label says."""
+
+    stop: BackupStop
+    label_lsn: int
+    tli: int
+    start_wal: str
+
+
 def take_backup(storage: Storage, pg: PgSession, opts: BackupOptions, progress: Progress | None = None,
                 abort: threading.Event | None = None) -> BackupResult:
     """Run the whole recipe (module doc). On any failure the session is closed and nothing is listed."""
+    run = _check(storage, pg, opts)
+    _claim(run)
+    try:
+        _start(run)
+        copied = _copy(run, progress, abort)
+        stopped = _stop(run)
+        _wait_wal(run, stopped)
+        m = _commit(run, copied, stopped)
+    except BaseException as e:
+        instead = _abandon(run, e)
+        if instead is None:
+            raise
+        raise instead from None
+    _drop_claim(run)
+    res = copied.pipe.result
+    log.info("backup %s: complete (%d files, %d bytes)", run.backup_id, len(m.files), m.bytes)
+    return BackupResult(m, res.objects, res.vanished, run.base.requested, run.base.reason)
+
+
+def _check(storage: Storage, pg: PgSession, opts: BackupOptions) -> _Run:
+    """Step 1: the type, the server (primary or standby), PGDATA, and what a diff/incr builds on."""
     if opts.type not in BACKUP_TYPES:
         raise UsageError(f"unknown backup type {opts.type!r}", "use --type full, diff or incr")
     t0 = time.monotonic()
     facts = server_facts(pg)
-    standby = facts.info.in_recovery  # standby hook: a hot standby is backed up too (ops/base/backup_standby.py)
-    if standby:
+    if facts.info.in_recovery:  # standby hook
         backup_standby.check_standby(storage, pg, facts.info, opts.standby_stall_timeout)
     else:
         check_server(storage, facts)
     pgdata = resolve_pgdata(opts.pgdata, facts)
     base = _choose_base(storage, pg, facts, opts.type)
-    claimed = dt.datetime.now(dt.UTC)
-    backup_id = claim_backup_id(storage, claimed)
-    log.info("backup %s: starting (%s checkpoint)", backup_id, "fast" if opts.fast else "spread")
-    stopped = False
+    return _Run(storage, pg, opts, t0, facts, pgdata, base, claimed=dt.datetime.now(dt.UTC))
+
+
+def _claim(run: _Run) -> None:
+    """Step 2: a backup ID of our own."""
+    run.backup_id = claim_backup_id(run.storage, run.claimed)
+    log.info("backup %s: starting (%s checkpoint)", run.backup_id, "fast" if run.opts.fast else "spread")
+
+
+def _start(run: _Run) -> None:
+    """Step 3: pg_backup_start, then the claim marker names the start LSN (and the parent)."""
+    run.start_lsn, run.start_time = run.pg.backup_start(f"pitr backup {run.backup_id}", run.opts.fast)
+    mark_started(run.storage, run.backup_id, run.claimed, run.start_lsn, run.start_time, run.parent_id)
+    run.marks["start"] = time.monotonic()
+    log.info("backup %s: started at %s", run.backup_id, walname.format_lsn(run.start_lsn))
+
+
+def _copy(run: _Run, progress: Progress | None, abort: threading.Event | None) -> _Copied:
+    """Step 4: scan PGDATA and store what changed, pg_control last."""
+    facts, storage, opts, pgdata, base = run.facts, run.storage, run.opts, run.pgdata, run.base
+    found = scan(pgdata, ScanOptions(
+        version_dir=layout.tablespace_version_dir(facts.info.major, facts.catalog_version),
+        checksums=facts.data_checksums, relseg_blocks=facts.relseg_blocks, block_size=facts.block_size,
+        extra_empty=tuple(x for x in [layout.stats_temp_rel(facts.stats_temp_directory, str(pgdata))] if x),
+    ))
+    to_read, refs, _ = backup_incr.plan_files(found.files, base.parent, opts.checksum)
+    jobs = backup_incr.BlockJobs(storage, run.backup_id, facts.block_size, base.parent)
+    pipe = Pipeline(storage, StoreOptions(run.backup_id, opts.codec, opts.jobs, run.start_lsn, facts.block_size),
+                    found.total_bytes - sum(e.size for e in refs), progress, abort, jobs)
+    pipe.run(to_read)
+    pipe.run(found.last)  # pg_control after everything else
+    run.marks["copy"] = time.monotonic()
+    return _Copied(found, refs, pipe)
+
+
+def _stop(run: _Run) -> _Stopped:
+    """Step 5: pg_backup_stop; a diff/incr must still be on its parent's timeline."""
+    pg = run.pg
+    stop = backup_standby.stop_backup(pg, run.backup_id) if run.standby else pg.backup_stop()  # standby hook
+    run.marks["stop"] = time.monotonic()
+    run.stopped = True
+    label_lsn, tli, start_wal = parse_backup_label(stop.backup_label)
+    parent = run.base.parent
+    if parent is not None and tli != parent.manifest.timeline:
+        raise BackupError(f"backup {run.backup_id} started on timeline {tli}, not its parent's "
+                          f"({parent.manifest.timeline}); nothing was listed", "run the backup again")
+    return _Stopped(stop, label_lsn, tli, start_wal)
+
+
+def _wait_wal(run: _Run, s: _Stopped) -> None:
+    """Step 6: every segment from start to stop reaches the archive."""
+    wal = walname.segment_range(s.tli, s.label_lsn, s.stop.lsn, run.facts.info.wal_segment_size)
+    log.info("backup %s: stopped at %s; waiting for %d WAL segment(s) to be archived", run.backup_id,
+             walname.format_lsn(s.stop.lsn), len(wal))
+    wait_for_wal(run.storage, wal, run.opts.archive_timeout, f"backup {run.backup_id}",
+                 backup_standby.archive_status(run.pg) if run.standby else archiver_status(run.pg))  # standby hook
+    run.marks["wal_wait"] = time.monotonic()
+
+
+def _commit(run: _Run, copied: _Copied, s: _Stopped) -> Manifest:
+    """Step 7: write the manifest, the commit point: from here the backup is listed."""
+    m = _manifest(run, copied, s)
+    write_manifest(run.storage, m)  # the commit point
+    return m
+
+
+def _manifest(run: _Run, copied: _Copied, s: _Stopped) -> Manifest:
+    facts, stop, res, refs = run.facts, s.stop, copied.pipe.result, copied.refs
+    assert run.start_time is not None  # _start ran before any stop
+    timings = _timings(run.t0, run.marks)
+    seg = facts.info.wal_segment_size
+    files = sorted(res.entries + refs, key=lambda e: e.path)
+    # {oid: name}: what `restore --db-include` tells the databases' directories apart by
+    databases = {str(oid): str(name) for oid, name in run.pg.query("select oid, datname from pg_database")}
+    m = Manifest(
+        id=run.backup_id, type="full", system_identifier=facts.info.system_identifier, pg_version=facts.info.major,
+        pg_version_num=facts.info.version_num, wal_segment_size=seg, timeline=s.tli,
+        start_lsn=walname.format_lsn(s.label_lsn), stop_lsn=walname.format_lsn(stop.lsn),
+        start_wal=s.start_wal, stop_wal=walname.segment_of_lsn(s.tli, stop.lsn, seg),
+        start_time=_iso(run.start_time), stop_time=_iso(stop.time), compress=str(run.opts.codec),
+        backup_label=stop.backup_label, tablespace_map=stop.tablespace_map,
+        checksums_enabled=facts.data_checksums, files=files, directories=copied.found.dirs,
+        tablespaces=copied.found.tablespaces, bytes=res.raw_bytes + sum(e.size for e in refs),
+        stored_bytes=res.stored_bytes,
+        duration=0.0, pitr_version=__version__,
+        extra={"block_size": facts.block_size, "objects": res.objects, "vanished": len(res.vanished),
+               "pgdata": str(run.pgdata), "timings": timings, "databases": databases},
+    )
+    backup_incr.annotate(m, run.base)
+    if run.standby:  # standby hook: informational
+        m.extra["from_standby"] = True
+    m.duration = round(time.monotonic() - run.t0, 3)
+    return m
+
+
+def _timings(t0: float, marks: dict[str, float]) -> dict[str, float]:
+    """Seconds per step (checkpoint at start, copy, stop, waiting for WAL): where the time went."""
+    timings, prev = {}, t0
+    for step, at in marks.items():
+        timings[step] = round(at - prev, 3)
+        prev = at
+    return timings
+
+
+def _abandon(run: _Run, e: BaseException) -> BaseException | None:
+    """After a failure before the commit: abort the server's backup, delete what was written; the
+    exception to raise instead of e (None: re-raise e)."""
+    if not run.stopped:
+        run.pg.close()  # ends the session: the server aborts the non-exclusive backup
+    _cleanup(run.storage, run.backup_id)
+    if is_internal_abort(e) or isinstance(e, KeyboardInterrupt):
+        aborted = "" if run.stopped else "the server's backup was aborted and "
+        return Interrupted(f"backup {run.backup_id} was interrupted; {aborted}nothing was listed")
+    if isinstance(e, PostgresError) and not run.stopped:
+        return BackupError(f"backup {run.backup_id} failed: {e}", e.hint)
+    return None
+
+
+def _drop_claim(run: _Run) -> None:
+    """The manifest exists: the claim marker has done its job (best effort; verify ignores it)."""
     try:
-        start_lsn, start_time = pg.backup_start(f"pitr backup {backup_id}", opts.fast)
-        mark_started(storage, backup_id, claimed, start_lsn, start_time,
-                     base.parent.id if base.parent is not None else None)
-        marks = {"start": time.monotonic()}
-        log.info("backup %s: started at %s", backup_id, walname.format_lsn(start_lsn))
-        major = facts.info.major
-        found = scan(pgdata, ScanOptions(
-            version_dir=layout.tablespace_version_dir(major, facts.catalog_version),
-            checksums=facts.data_checksums, relseg_blocks=facts.relseg_blocks, block_size=facts.block_size,
-            extra_empty=tuple(x for x in [layout.stats_temp_rel(facts.stats_temp_directory, str(pgdata))] if x),
-        ))
-        to_read, refs, _ = backup_incr.plan_files(found.files, base.parent, opts.checksum)
-        jobs = backup_incr.BlockJobs(storage, backup_id, facts.block_size, base.parent)
-        pipe = Pipeline(storage, StoreOptions(backup_id, opts.codec, opts.jobs, start_lsn, facts.block_size),
-                        found.total_bytes - sum(e.size for e in refs), progress, abort, jobs)
-        pipe.run(to_read)
-        pipe.run(found.last)  # pg_control after everything else
-        marks["copy"] = time.monotonic()
-        stop = backup_standby.stop_backup(pg, backup_id) if standby else pg.backup_stop()  # standby hook
-        marks["stop"] = time.monotonic()
-        stopped = True
-        label_lsn, tli, start_wal = parse_backup_label(stop.backup_label)
-        if base.parent is not None and tli != base.parent.manifest.timeline:
-            raise BackupError(f"backup {backup_id} started on timeline {tli}, not its parent's "
-                              f"({base.parent.manifest.timeline}); nothing was listed", "run the backup again")
-        seg = facts.info.wal_segment_size
-        wal = walname.segment_range(tli, label_lsn, stop.lsn, seg)
-        log.info("backup %s: stopped at %s; waiting for %d WAL segment(s) to be archived", backup_id,
-                 walname.format_lsn(stop.lsn), len(wal))
-        wait_for_wal(storage, wal, opts.archive_timeout, f"backup {backup_id}",
-                     backup_standby.archive_status(pg) if standby else archiver_status(pg))  # standby hook
-        marks["wal_wait"] = time.monotonic()
-        # seconds per step (checkpoint at start, copy, stop, waiting for WAL): where the time went
-        timings, prev = {}, t0
-        for step, at in marks.items():
-            timings[step] = round(at - prev, 3)
-            prev = at
-        res = pipe.result
-        files = sorted(res.entries + refs, key=lambda e: e.path)
-        # {oid: name}: what `restore --db-include` tells the databases' directories apart by
-        databases = {str(oid): str(name) for oid, name in pg.query("select oid, datname from pg_database")}
-        m = Manifest(
-            id=backup_id, type="full", system_identifier=facts.info.system_identifier, pg_version=major,
-            pg_version_num=facts.info.version_num, wal_segment_size=seg, timeline=tli,
-            start_lsn=walname.format_lsn(label_lsn), stop_lsn=walname.format_lsn(stop.lsn),
-            start_wal=start_wal, stop_wal=walname.segment_of_lsn(tli, stop.lsn, seg),
-            start_time=_iso(start_time), stop_time=_iso(stop.time), compress=str(opts.codec),
-            backup_label=stop.backup_label, tablespace_map=stop.tablespace_map,
-            checksums_enabled=facts.data_checksums, files=files, directories=found.dirs,
-            tablespaces=found.tablespaces, bytes=res.raw_bytes + sum(e.size for e in refs),
-            stored_bytes=res.stored_bytes,
-            duration=0.0, pitr_version=__version__,
-            extra={"block_size": facts.block_size, "objects": res.objects, "vanished": len(res.vanished),
-                   "pgdata": str(pgdata), "timings": timings, "databases": databases},
-        )
-        backup_incr.annotate(m, base)
-        if standby:  # standby hook: informational
-            m.extra["from_standby"] = True
-        m.duration = round(time.monotonic() - t0, 3)
-        write_manifest(storage, m)  # the commit point
-    except BaseException as e:
-        if not stopped:
-            pg.close()  # ends the session: the server aborts the non-exclusive backup
-        _cleanup(storage, backup_id)
-        if is_internal_abort(e) or isinstance(e, KeyboardInterrupt):
-            aborted = "" if stopped else "the server's backup was aborted and "
-            raise Interrupted(f"backup {backup_id} was interrupted; {aborted}nothing was listed") from None
-        if isinstance(e, PostgresError) and not stopped:
-            raise BackupError(f"backup {backup_id} failed: {e}", e.hint) from None
-        raise
-    try:
-        storage.delete(started_key(backup_id))
+        run.storage.delete(started_key(run.backup_id))
     except PitrError:
         pass
-    log.info("backup %s: complete (%d files, %d bytes)", backup_id, len(m.files), m.bytes)
-    return BackupResult(m, res.objects, res.vanished, base.requested, base.reason)
 
 
 def _choose_base(storage: Storage, pg: PgSession, facts: ServerFacts, requested: str) -> backup_incr.Base:

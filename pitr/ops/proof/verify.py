@@ -12,6 +12,10 @@ Read-only. One listing of wal/ and one of backups/, then:
    the backup leads to, is archived; a timeline > 1 that has segments has its .history file.
 
 With a backup ID, only that backup and the WAL it needs (plus the .history files) are read.
+
+verify reads as its recipe, one function per step sharing one _Run: _list_backups, _read_manifests
+(2), _judge_chains, _list_wal, _wal_to_read, _judge_continuity (3), _read_objects (1: WAL objects,
+block maps, backup data objects, by `jobs` threads), _finish (count, sort).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
@@ -387,116 +391,185 @@ class VerifyOptions:
     jobs: int = 2
 
 
+@dataclass
+class _Run:
+    """What the phases of one verify share; filled in as the recipe goes."""
+
+    storage: Storage
+    opts: VerifyOptions
+    meta: RepoMeta
+    say: Callable[[str], None]
+    res: VerifyResult = field(default_factory=VerifyResult)
+    by_backup: dict[str, dict[str, ObjectInfo]] = field(default_factory=dict)  # id -> objects under backups/<id>/
+    stored: set[str] = field(default_factory=set)  # every key under backups/
+    all_ids: list[str] = field(default_factory=list)  # the backups with a manifest
+    ids: list[str] = field(default_factory=list)  # the backups to verify
+    manifests: list[Manifest] = field(default_factory=list)  # theirs, readable
+    unreadable: set[str] = field(default_factory=set)
+    by_id: dict[str, Manifest] = field(default_factory=dict)  # + the manifests a single backup depends on
+
+
 def verify(storage: Storage, opts: VerifyOptions, progress: Callable[[str], None] | None = None) -> VerifyResult:
     """Check the repository; never writes. Raises only when it cannot look at all (metadata
     missing, storage unreachable, an unknown --backup ID)."""
-    meta = read_meta(storage)
-    res = VerifyResult()
-    say = progress or (lambda _msg: None)
+    run = _Run(storage, opts, read_meta(storage), progress or (lambda _msg: None))
+    _list_backups(run)
+    _read_manifests(run)
+    work = _judge_chains(run)
+    cat, histories = _list_wal(run)
+    wal_objects = _wal_to_read(run, cat, histories)
+    _judge_continuity(run, cat, histories)
+    _read_objects(run, work, wal_objects)
+    return _finish(run, work)
 
-    # one listing of backups/: manifests and the objects under each backup directory
-    by_backup: dict[str, dict[str, ObjectInfo]] = {}
-    for o in storage.list(BACKUP_PREFIX):
+
+def _list_backups(run: _Run) -> None:
+    """One listing of backups/: manifests and the objects under each backup directory."""
+    for o in run.storage.list(BACKUP_PREFIX):
         parts = o.key.split("/")
         if len(parts) >= 3:
-            by_backup.setdefault(parts[1], {})[o.key] = o
-    ids = all_ids = sorted(i for i, objs in by_backup.items() if manifest_key(i) in objs)
-    if opts.backup_id is not None:
-        if opts.backup_id not in ids:
-            raise NotFoundError(f"backup {opts.backup_id} does not exist in {storage.display}",
+            run.by_backup.setdefault(parts[1], {})[o.key] = o
+    run.stored = {k for objs in run.by_backup.values() for k in objs}
+    run.ids = run.all_ids = sorted(i for i, objs in run.by_backup.items() if manifest_key(i) in objs)
+    if run.opts.backup_id is not None:
+        if run.opts.backup_id not in run.ids:
+            raise NotFoundError(f"backup {run.opts.backup_id} does not exist in {run.storage.display}",
                                 "list the backups with `pitr info`")
-        ids = [opts.backup_id]
+        run.ids = [run.opts.backup_id]
 
-    manifests: list[Manifest] = []
-    unreadable: set[str] = set()
-    for bid in ids:
+
+def _read_manifests(run: _Run) -> None:
+    """Phase 2: each manifest against the repository (and, for one backup, the manifests it depends on)."""
+    for bid in run.ids:
         try:
-            m = read_manifest(storage, bid)
+            m = read_manifest(run.storage, bid)
         except IntegrityError as e:
-            res.problems.append(Problem(MANIFEST, manifest_key(bid), str(e)))
-            unreadable.add(bid)
+            run.res.problems.append(Problem(MANIFEST, manifest_key(bid), str(e)))
+            run.unreadable.add(bid)
             continue
         except NotFoundError:
             continue  # expired while we looked
-        manifests.append(m)
-        res.problems.extend(manifest_problems(m, meta, by_backup.get(bid, {})))
-    res.checked.backups = len(ids)
-    by_id = {m.id: m for m in manifests}
-    if opts.backup_id is not None and manifests:
-        _read_dependencies(storage, manifests[0], set(all_ids), by_id, unreadable)
-    broken = chain_problems(list(by_id.values()), unreadable)
-    res.problems.extend(Problem(CHAIN, manifest_key(m.id), broken[m.id].reason) for m in manifests if m.id in broken)
-    work = Work(known=set(by_id))
-    for m in manifests:
-        collect(m, by_id, work)
-    res.problems.extend(Problem(MANIFEST, manifest_key(b), d) for b, d in work.manifest_problems)
-    stored = {k for objs in by_backup.values() for k in objs}
+        run.manifests.append(m)
+        run.res.problems.extend(manifest_problems(m, run.meta, run.by_backup.get(bid, {})))
+    run.res.checked.backups = len(run.ids)
+    run.by_id = {m.id: m for m in run.manifests}
+    if run.opts.backup_id is not None and run.manifests:
+        _read_dependencies(run.storage, run.manifests[0], set(run.all_ids), run.by_id, run.unreadable)
 
-    cat = scan_wal(storage, meta.wal_segment_size)
-    histories = load_histories(storage, cat)
-    res.checked.timelines = len(set(cat.timelines) | set(cat.history_files))
+
+def _judge_chains(run: _Run) -> Work:
+    """Broken diff/incr chains; what each manifest's entries need read (verify_blocks.Work)."""
+    broken = chain_problems(list(run.by_id.values()), run.unreadable)
+    run.res.problems.extend(Problem(CHAIN, manifest_key(m.id), broken[m.id].reason)
+                            for m in run.manifests if m.id in broken)
+    work = Work(known=set(run.by_id))
+    for m in run.manifests:
+        collect(m, run.by_id, work)
+    run.res.problems.extend(Problem(MANIFEST, manifest_key(b), d) for b, d in work.manifest_problems)
+    return work
+
+
+def _list_wal(run: _Run) -> tuple[WalCatalog, Histories]:
+    """One listing of wal/ and its history files; WAL objects under a key wal-fetch would not look at."""
+    cat = scan_wal(run.storage, run.meta.wal_segment_size)
+    histories = load_histories(run.storage, cat)
+    run.res.checked.timelines = len(set(cat.timelines) | set(cat.history_files))
     for name, info in sorted(cat.objects.items()):
         if info.key != wal_key(name):
-            res.problems.append(Problem(MISPLACED, info.key, f"{name} belongs under {wal_key(name)}; "
-                                                             f"wal-fetch will not find it"))
+            run.res.problems.append(Problem(MISPLACED, info.key, f"{name} belongs under {wal_key(name)}; "
+                                                                 f"wal-fetch will not find it"))
+    return cat, histories
 
-    if opts.backup_id is None:
-        wal_objects = [o for _n, o in sorted(cat.objects.items())]
-    else:
-        needs = backup_needs(manifests[0], cat, histories) if manifests else []
-        wanted = {cat.seg_name(n.timeline, s) for n in needs for s in range(n.first, n.last + 1)}
-        wanted |= {walname.history_name(t) for t in cat.history_files}
-        wal_objects = [cat.objects[n] for n in sorted(wanted) if n in cat.objects]
-    res.problems.extend(continuity_problems(manifests, cat, histories))
-    if opts.backup_id is None:
-        res.problems.extend(tamper_problems(storage))
-    if not ids and not cat.objects:
-        res.problems.append(Problem(EMPTY, META_KEY, "the repository holds no backup and no archived WAL, so "
-                                                     "nothing can be restored from it (run `pitr backup`)"))
 
-    pool = ThreadPoolExecutor(max_workers=max(1, opts.jobs), thread_name_prefix="pitr-verify")
+def _wal_to_read(run: _Run, cat: WalCatalog, histories: Histories) -> list[ObjectInfo]:
+    """Every WAL object; with a backup ID, the segments that backup needs and the history files."""
+    if run.opts.backup_id is None:
+        return [o for _n, o in sorted(cat.objects.items())]
+    needs = backup_needs(run.manifests[0], cat, histories) if run.manifests else []
+    wanted = {cat.seg_name(n.timeline, s) for n in needs for s in range(n.first, n.last + 1)}
+    wanted |= {walname.history_name(t) for t in cat.history_files}
+    return [cat.objects[n] for n in sorted(wanted) if n in cat.objects]
+
+
+def _judge_continuity(run: _Run, cat: WalCatalog, histories: Histories) -> None:
+    """Phase 3, from the listings alone: missing WAL and history files, rewritten objects, an empty repository."""
+    run.res.problems.extend(continuity_problems(run.manifests, cat, histories))
+    if run.opts.backup_id is None:
+        run.res.problems.extend(tamper_problems(run.storage))
+    if not run.ids and not cat.objects:
+        run.res.problems.append(Problem(EMPTY, META_KEY, "the repository holds no backup and no archived WAL, so "
+                                                         "nothing can be restored from it (run `pitr backup`)"))
+
+
+def _read_objects(run: _Run, work: Work, wal_objects: list[ObjectInfo]) -> None:
+    """Phase 1: decode every object to check by `jobs` threads; block maps first (small), since they say
+    which blocks of which envelopes to check."""
+    pool = ThreadPoolExecutor(max_workers=max(1, run.opts.jobs), thread_name_prefix="pitr-verify")
     try:
-        wal_futs = [pool.submit(check_wal_object, storage, o, meta) for o in wal_objects]
-        # block maps first (small): they say which blocks of which envelopes to check
-        maps = [t for t in work.maps.values() if t.key in stored]
-        map_futs = [pool.submit(read_map, storage, t) for t in maps]
-        for mfut, t in zip(map_futs, maps, strict=True):
-            try:
-                bs, recs = mfut.result()
-            except (IntegrityError, NotFoundError) as e:
-                res.problems.append(Problem(BLOCK_MAP, t.key, str(e)))
-                continue
-            why = expect_blocks(t, bs, recs, work)
-            if why:
-                res.problems.append(Problem(BLOCK_MAP, t.key, why))
-            elif t.entry.sources is not None and t.entry.ref is None:
-                res.checked.files += 1  # checked block by block
-        for key in sorted(set(work.needed_by) | {t.key for t in work.maps.values()}):
-            if key not in stored:
-                res.problems.append(_missing_object(key, work.needed_by.get(key, []) + [
-                    (t.backup, t.entry.path) for t in work.maps.values() if t.key == key]))
-        data_tasks = sorted((k, list(ps.values())) for k, ps in work.pieces.items() if k in stored)
-        say(f"reading {len(wal_objects)} WAL objects and {len(data_tasks)} backup objects with {opts.jobs} threads")
-        data_futs = [pool.submit(check_data_object, storage, k, es) for k, es in data_tasks]
-        for fut, o in zip(wal_futs, wal_objects, strict=True):
-            r = fut.result()  # a StorageError (endpoint down) ends the run: nothing can be judged
-            res.problems.extend(r.problems)
-            res.checked.bytes += r.bytes
-            if o.key.startswith(HISTORY_PREFIX) or not _is_segment(o.key):
-                res.checked.wal_other += 1
-            else:
-                res.checked.wal_segments += 1
-        for fut in data_futs:
-            r = fut.result()
-            res.problems.extend(r.problems)
-            res.checked.bytes += r.bytes
-            res.checked.files += r.files
-            res.checked.backup_objects += 1
+        wal_futs = [pool.submit(check_wal_object, run.storage, o, run.meta) for o in wal_objects]
+        _read_block_maps(run, work, pool)
+        _report_missing_objects(run, work)
+        data_tasks = sorted((k, list(ps.values())) for k, ps in work.pieces.items() if k in run.stored)
+        run.say(f"reading {len(wal_objects)} WAL objects and {len(data_tasks)} backup objects with "
+                f"{run.opts.jobs} threads")
+        data_futs = [pool.submit(check_data_object, run.storage, k, es) for k, es in data_tasks]
+        _tally_wal(run, wal_futs, wal_objects)
+        _tally_data(run, data_futs)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    res.checked.files += work.files + sum(1 for m in manifests for e in m.files if e.object is None and e.size == 0)
-    res.problems.sort(key=lambda p: (p.object, p.kind, p.detail))
-    return res
+
+
+def _read_block_maps(run: _Run, work: Work, pool: ThreadPoolExecutor) -> None:
+    maps = [t for t in work.maps.values() if t.key in run.stored]
+    map_futs = [pool.submit(read_map, run.storage, t) for t in maps]
+    for mfut, t in zip(map_futs, maps, strict=True):
+        try:
+            bs, recs = mfut.result()
+        except (IntegrityError, NotFoundError) as e:
+            run.res.problems.append(Problem(BLOCK_MAP, t.key, str(e)))
+            continue
+        why = expect_blocks(t, bs, recs, work)
+        if why:
+            run.res.problems.append(Problem(BLOCK_MAP, t.key, why))
+        elif t.entry.sources is not None and t.entry.ref is None:
+            run.res.checked.files += 1  # checked block by block
+
+
+def _report_missing_objects(run: _Run, work: Work) -> None:
+    for key in sorted(set(work.needed_by) | {t.key for t in work.maps.values()}):
+        if key not in run.stored:
+            run.res.problems.append(_missing_object(key, work.needed_by.get(key, []) + [
+                (t.backup, t.entry.path) for t in work.maps.values() if t.key == key]))
+
+
+def _tally_wal(run: _Run, futs: list[Future[_Outcome]], wal_objects: list[ObjectInfo]) -> None:
+    checked = run.res.checked
+    for fut, o in zip(futs, wal_objects, strict=True):
+        r = fut.result()  # a StorageError (endpoint down) ends the run: nothing can be judged
+        run.res.problems.extend(r.problems)
+        checked.bytes += r.bytes
+        if o.key.startswith(HISTORY_PREFIX) or not _is_segment(o.key):
+            checked.wal_other += 1
+        else:
+            checked.wal_segments += 1
+
+
+def _tally_data(run: _Run, futs: list[Future[_Outcome]]) -> None:
+    checked = run.res.checked
+    for fut in futs:
+        r = fut.result()
+        run.res.problems.extend(r.problems)
+        checked.bytes += r.bytes
+        checked.files += r.files
+        checked.backup_objects += 1
+
+
+def _finish(run: _Run, work: Work) -> VerifyResult:
+    """Count the files checked through another entry's envelope or block by block, and the empty ones; sort."""
+    run.res.checked.files += work.files + sum(1 for m in run.manifests for e in m.files
+                                              if e.object is None and e.size == 0)
+    run.res.problems.sort(key=lambda p: (p.object, p.kind, p.detail))
+    return run.res
 
 
 def _missing_object(key: str, users: list[tuple[str, str]]) -> Problem:

@@ -11,6 +11,8 @@ The recipe, in order (docs/restore.md):
   5. finish    backup_label, tablespace_map, recovery settings + recovery.signal, syncfs, then
                global/pg_control LAST; remove the marker
   6. replay    with --replay, run PostgreSQL until it reaches the target (restore_replay)
+run_restore reads as that list, one function per step sharing one _Job: _plan, _check, then _write
+(_mark, _write_files, _configure, _write_control), _replay.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from pitr.pg.layout import CONTROL_FILE
 from pitr.pg.recovery import render_restore_command, restore_command_env, restore_command_globals, write_recovery
 from pitr.repo import restore_points
 from pitr.repo.catalog import WalCatalog, read_history, scan_wal
-from pitr.repo.manifest import Manifest, read_manifests
+from pitr.repo.manifest import FileEntry, Manifest, read_manifests
 from pitr.repo.meta import RepoMeta, read_meta
 from pitr.storage.base import Storage
 
@@ -155,91 +157,159 @@ def recovery_settings(plan: Plan, opts: RestoreOptions, stage_token: str | None 
     return s
 
 
+@dataclass
+class _Job:
+    """What the steps of one restore share."""
+
+    storage: Storage
+    opts: RestoreOptions
+    plan: Plan
+    layout: Layout
+    token: str | None  # the WAL stage of a prefetching recovery (ops/wal/stage.py), else None
+    settings: dict[str, str]  # the recovery settings written (restore_command, target, timeline, ...)
+    progress: Callable[[int, int], None] | None
+    phase: Callable[[str], None]
+    owner: tuple[int, int] | None = None  # who the written files belong to (check_destination)
+    left_out: dict[int, str] = field(default_factory=dict)  # --db-include: {oid: name} not restored
+    t_files: float = 0.0  # when the file writing began (FileStats.seconds counts from here)
+
+    @property
+    def m(self) -> Manifest:
+        return self.plan.backup
+
+    @property
+    def notes(self) -> list[str]:
+        return [f"--db-include: databases left out (unusable; drop them after the restore): "
+                f"{', '.join(sorted(self.left_out.values()))}"] if self.left_out else []
+
+
 def run_restore(storage: Storage, opts: RestoreOptions, progress: Callable[[int, int], None] | None = None,
                 on_phase: Callable[[str], None] | None = None) -> RestoreResult:
     """Plan, check, write, configure recovery and (with replay) run it. Nothing is touched on refusal."""
     t0 = time.monotonic()
-    phase = on_phase or (lambda _msg: None)
-    plan, _meta = load_plan(storage, opts)
-    m = plan.backup
-    layout = Layout(opts.pgdata.absolute(), tablespace_locations(m, opts.tablespace_map))
-    # prefetching recoveries stage verified WAL for a shell one-liner (ops/wal/stage.py); a new stage each restore
-    token = stage.new_token() if (opts.prefetch or 0) > 0 else None
-    settings = recovery_settings(plan, opts, token)
-    owner = check_destination(opts.pgdata, opts.delta, m, layout)  # read-only: a dry run refuses alike
-    left_out = db_include.excluded(m, opts.db_include) if opts.db_include else {}
-    notes = [f"--db-include: databases left out (unusable; drop them after the restore): "
-             f"{', '.join(sorted(left_out.values()))}"] if left_out else []
+    job = _plan(storage, opts, progress, on_phase or (lambda _msg: None))
+    _check(job)
     if opts.dry_run:
-        return RestoreResult(plan, layout.pgdata, True, recovery_settings=settings, seconds=time.monotonic() - t0,
-                             notes=notes)
-    try:
-        stats = _write(storage, opts, m, layout, owner, settings, progress, phase, left_out, token)
-    except OSError as e:  # disk full, I/O error, permissions changed under us: the environment, not a bug
-        where = f" ({e.filename})" if e.filename else ""
-        raise RestoreError(f"the restore into {layout.pgdata} failed: {e.strerror or e}{where}",
-                           "fix the cause and restore again (with --delta to keep what was written); until then "
-                           f"the directory is marked incomplete ({MARKER}) and has no pg_control") from e
-    result = RestoreResult(plan, layout.pgdata, False, stats, settings, notes=notes)
+        return RestoreResult(job.plan, job.layout.pgdata, True, recovery_settings=job.settings,
+                             seconds=time.monotonic() - t0, notes=job.notes)
+    stats = _write(job)
+    result = RestoreResult(job.plan, job.layout.pgdata, False, stats, job.settings, notes=job.notes)
     log.info("restored %d files (%d kept) in %.1fs", stats.files_written, stats.files_kept, stats.seconds)
     if opts.replay:
-        phase("starting PostgreSQL to replay WAL to the target")
-        helper = None
-        if token:  # the stage's helper runs before PostgreSQL asks for its first segment
-            helper = StageHelper(token, [*opts.pitr_argv, *restore_command_globals(
-                opts.repo_url, opts.s3_endpoint, opts.config_path)], restore_command_env(
-                opts.prefetch, opts.repo_as_of, token), plan.wal_first)
-        result.replay = replay(storage, plan, layout.pgdata, owner, ReplaySpec(
-            opts.action, opts.archive_mode, opts.replay_timeout, opts.pg_bin, opts.server_env, helper))
+        result.replay = _replay(job)
     result.seconds = time.monotonic() - t0
     return result
 
 
-def _write(storage: Storage, opts: RestoreOptions, m: Manifest, layout: Layout, owner: tuple[int, int] | None,
-           settings: Mapping[str, str], progress: Callable[[int, int], None] | None,
-           phase: Callable[[str], None], left_out: Mapping[int, str] | None = None,
-           stage_token: str | None = None) -> FileStats:
-    """Steps 3-5 of the recipe: mark, write every file, finish with pg_control last."""
+def _plan(storage: Storage, opts: RestoreOptions, progress: Callable[[int, int], None] | None,
+          phase: Callable[[str], None]) -> _Job:
+    """Step 1: the backup and the WAL to replay (restore_plan), where its files go, the recovery settings."""
+    plan, _meta = load_plan(storage, opts)
+    layout = Layout(opts.pgdata.absolute(), tablespace_locations(plan.backup, opts.tablespace_map))
+    # prefetching recoveries stage verified WAL for a shell one-liner (ops/wal/stage.py); a new stage each restore
+    token = stage.new_token() if (opts.prefetch or 0) > 0 else None
+    return _Job(storage, opts, plan, layout, token, recovery_settings(plan, opts, token), progress, phase)
+
+
+def _check(job: _Job) -> None:
+    """Step 2, read-only (a dry run refuses alike): the destination, and the databases --db-include names."""
+    job.owner = check_destination(job.opts.pgdata, job.opts.delta, job.m, job.layout)
+    job.left_out = db_include.excluded(job.m, job.opts.db_include) if job.opts.db_include else {}
+
+
+def _write(job: _Job) -> FileStats:
+    """Steps 3-5: mark, write every file, finish with pg_control last."""
+    try:
+        removed = _mark(job)
+        stats = _write_files(job, removed)
+        _configure(job)
+        _write_control(job, stats)
+    except OSError as e:  # disk full, I/O error, permissions changed under us: the environment, not a bug
+        where = f" ({e.filename})" if e.filename else ""
+        raise RestoreError(f"the restore into {job.layout.pgdata} failed: {e.strerror or e}{where}",
+                           "fix the cause and restore again (with --delta to keep what was written); until then "
+                           f"the directory is marked incomplete ({MARKER}) and has no pg_control") from e
+    return stats
+
+
+def _mark(job: _Job) -> int:
+    """Step 3: the marker first (with --delta, pg_control goes too), then the directory tree; the
+    number of files --delta removed."""
+    m, layout = job.m, job.layout
     data_mode = root_mode(m)
     dir_mode = 0o750 if data_mode & 0o050 else 0o700
-    phase(f"restoring backup {m.id} into {layout.pgdata}")
-    write_marker(layout.pgdata, m, owner, data_mode)
+    job.phase(f"restoring backup {m.id} into {layout.pgdata}")
+    write_marker(layout.pgdata, m, job.owner, data_mode)
     removed = 0
-    if opts.delta:
+    if job.opts.delta:
         (layout.pgdata / CONTROL_FILE).unlink(missing_ok=True)  # never startable while half-updated
         removed = clean_for_delta(m, layout)
-    prepare_tree(m, layout, owner, dir_mode)
+    prepare_tree(m, layout, job.owner, dir_mode)
+    return removed
+
+
+def _write_files(job: _Job, removed: int) -> FileStats:
+    """Step 4: every file but pg_control by --jobs workers (--db-include: the left-out databases sparse)."""
+    m, layout, owner, left_out = job.m, job.layout, job.owner, job.left_out
     files, zeroed = db_include.split(m.files, dict(left_out)) if left_out else (m.files, [])
     items = [Item(f, layout.dest(f.path)) for f in files
              if f.path != CONTROL_FILE and not ("/" not in f.path and f.path in ROOT_SKIP)]
-    control = next((f for f in m.files if f.path == CONTROL_FILE), None)
-    if control is None:
-        raise IntegrityError(f"backup {m.id} has no global/pg_control in its manifest")
-    t_files = time.monotonic()
-    stats = write_files(storage, m, items, opts.jobs, owner, opts.delta, progress, fsync=False)
+    _control_entry(m)  # refused before any file is written
+    job.t_files = time.monotonic()
+    stats = write_files(job.storage, m, items, job.opts.jobs, owner, job.opts.delta, job.progress, fsync=False)
     stats.removed = removed
     if left_out:
         db_include.write_sparse([(f, layout.dest(f.path)) for f in zeroed], owner)
         write_small(layout.pgdata / db_include.NOTE_FILE, db_include.note_text(dict(left_out)).encode(), owner,
                     0o600)
-
-    phase("writing backup_label, tablespace_map and recovery settings")
-    write_small(layout.pgdata / "backup_label", m.backup_label.encode(), owner, 0o600)
-    tsmap = render_tablespace_map(m, layout.tablespaces)
-    if tsmap:
-        write_small(layout.pgdata / "tablespace_map", tsmap.encode(), owner, 0o600)
-    else:
-        (layout.pgdata / "tablespace_map").unlink(missing_ok=True)
-    for name in ("recovery.conf", "postmaster.pid", "postmaster.opts"):
-        (layout.pgdata / name).unlink(missing_ok=True)
-    stage.prepare(layout.pgdata, stage_token, owner)  # earlier stages go: never served to this recovery
-    write_recovery(layout.pgdata, settings, owner)
-    sync_filesystems(layout.roots())  # every file and directory entry durable before pg_control
-    # pg_control last: until it exists PostgreSQL refuses to start on the directory
-    cstats = write_files(storage, m, [Item(control, layout.pgdata / CONTROL_FILE)], 1, owner, False)
-    stats.add(cstats)
-    stats.seconds = time.monotonic() - t_files  # files, flushed to disk, pg_control included
-    fsync_dir(layout.pgdata / "global")
-    (layout.pgdata / MARKER).unlink()
-    fsync_dir(layout.pgdata)
     return stats
+
+
+def _configure(job: _Job) -> None:
+    """Step 5a: backup_label, tablespace_map and the recovery settings; then everything durable."""
+    pgdata, owner = job.layout.pgdata, job.owner
+    job.phase("writing backup_label, tablespace_map and recovery settings")
+    write_small(pgdata / "backup_label", job.m.backup_label.encode(), owner, 0o600)
+    tsmap = render_tablespace_map(job.m, job.layout.tablespaces)
+    if tsmap:
+        write_small(pgdata / "tablespace_map", tsmap.encode(), owner, 0o600)
+    else:
+        (pgdata / "tablespace_map").unlink(missing_ok=True)
+    for name in ("recovery.conf", "postmaster.pid", "postmaster.opts"):
+        (pgdata / name).unlink(missing_ok=True)
+    stage.prepare(pgdata, job.token, owner)  # earlier stages go: never served to this recovery
+    write_recovery(pgdata, job.settings, owner)
+    sync_filesystems(job.layout.roots())  # every file and directory entry durable before pg_control
+
+
+def _write_control(job: _Job, stats: FileStats) -> None:
+    """Step 5b: pg_control LAST (until it exists PostgreSQL refuses to start on the directory), then
+    the marker goes."""
+    pgdata = job.layout.pgdata
+    cstats = write_files(job.storage, job.m, [Item(_control_entry(job.m), pgdata / CONTROL_FILE)], 1, job.owner,
+                         False)
+    stats.add(cstats)
+    stats.seconds = time.monotonic() - job.t_files  # files, flushed to disk, pg_control included
+    fsync_dir(pgdata / "global")
+    (pgdata / MARKER).unlink()
+    fsync_dir(pgdata)
+
+
+def _control_entry(m: Manifest) -> FileEntry:
+    control = next((f for f in m.files if f.path == CONTROL_FILE), None)
+    if control is None:
+        raise IntegrityError(f"backup {m.id} has no global/pg_control in its manifest")
+    return control
+
+
+def _replay(job: _Job) -> ReplayResult:
+    """Step 6 (--replay): run PostgreSQL on the directory until it reaches the target."""
+    opts, plan = job.opts, job.plan
+    job.phase("starting PostgreSQL to replay WAL to the target")
+    helper = None
+    if job.token:  # the stage's helper runs before PostgreSQL asks for its first segment
+        helper = StageHelper(job.token, [*opts.pitr_argv, *restore_command_globals(
+            opts.repo_url, opts.s3_endpoint, opts.config_path)], restore_command_env(
+            opts.prefetch, opts.repo_as_of, job.token), plan.wal_first)
+    return replay(job.storage, plan, job.layout.pgdata, job.owner, ReplaySpec(
+        opts.action, opts.archive_mode, opts.replay_timeout, opts.pg_bin, opts.server_env, helper))
