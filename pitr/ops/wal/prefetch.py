@@ -50,6 +50,11 @@ class PrefetchConfig:
     stage: bool = False  # restore_command takes files unasked (ops/wal/stage.py): a vanished file moves the window
 
 
+def fetch_workers(prefetch: int, prefetch_jobs: int) -> int:
+    """Segments fetched at once: prefetch_jobs, at most the window (on S3 a fetch mostly waits on the network)."""
+    return max(1, min(prefetch, prefetch_jobs))
+
+
 def window(want: str | None, count: int, seg_size: int) -> list[str]:
     """The segments after `want` on its timeline (empty unless want is a plain segment name)."""
     if want is None or count <= 0:
