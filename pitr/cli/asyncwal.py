@@ -370,7 +370,8 @@ def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, 
     try:
         settings = load_settings(opts)
         open_log_file(settings.log_file, "wal-prefetch", [])  # its pushes/fetches beside the callers' lines
-        jobs = prefetch.fetch_workers(settings.prefetch, settings.prefetch_jobs)
+        jobs = prefetch.fetch_workers(settings.prefetch, settings.prefetch_jobs, settings.jobs,
+                                      settings.location().kind == "s3")
         # a restore --repo-as-of reads the bucket's past (PITR_REPO_AS_OF in restore_command)
         storage = open_repo(settings, max_connections=jobs + 2, as_of=parse_as_of(None))
         meta = read_meta(storage)

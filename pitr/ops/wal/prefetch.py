@@ -50,9 +50,14 @@ class PrefetchConfig:
     stage: bool = False  # restore_command takes files unasked (ops/wal/stage.py): a vanished file moves the window
 
 
-def fetch_workers(prefetch: int, prefetch_jobs: int) -> int:
-    """Segments fetched at once: prefetch_jobs, at most the window (on S3 a fetch mostly waits on the network)."""
-    return max(1, min(prefetch, prefetch_jobs))
+REMOTE_FETCHES = 8  # segments fetched at once from S3 when prefetch_jobs is 0 (automatic)
+
+
+def fetch_workers(prefetch: int, prefetch_jobs: int, jobs: int, remote: bool) -> int:
+    """Segments fetched at once, at most the window: prefetch_jobs, or when 0 REMOTE_FETCHES on S3 (a
+    fetch mostly waits on the network) and `jobs` on a directory (CPU-bound: more at once only
+    delays the segment replay needs next; measured in docs/performance.md)."""
+    return max(1, min(prefetch, prefetch_jobs or (REMOTE_FETCHES if remote else jobs)))
 
 
 def window(want: str | None, count: int, seg_size: int) -> list[str]:
