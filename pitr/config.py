@@ -76,6 +76,9 @@ class Settings:
     spool_path: str | None = None
     # restore-side prefetch of the next segments
     prefetch: int = 0
+    # segments the prefetcher (and restore's stage helper) fetches at once, at most `prefetch`;
+    # 0: automatic (8 on S3, where a fetch waits on the network; `jobs` on a directory, CPU-bound)
+    prefetch_jobs: int = 0
     # restore --replay: PostgreSQL bin directory (default: found by the backup's major version)
     pg_bin: str | None = None
     # encryption at rest: the key file of an encrypted repository (the passphrase comes only from the
@@ -220,6 +223,7 @@ _ENUMS = {"s3_addressing": ("auto", "path", "virtual"), "log_level": ("debug", "
 # key -> (lowest, highest) allowed, for every numeric setting (None: no bound on that side)
 _RANGES: dict[str, tuple[float | None, float | None]] = {
     "jobs": (1, 64), "archive_push_jobs": (1, 64), "fetch_retries": (0, 100), "prefetch": (0, PREFETCH_MAX),
+    "prefetch_jobs": (0, 64),
     "s3_part_size_mb": (S3_PART_MIN_MB, S3_PART_MAX_MB), "wal_wait_timeout": (None, WAL_WAIT_MAX),
     "standby_stall_timeout": (0, 3600),
     "retain_full": (1, None), "retain_days": (0, None),

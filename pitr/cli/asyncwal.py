@@ -187,9 +187,8 @@ def run_async_push(settings: Settings, path: str) -> int | None:
                     return report_error(PitrError(
                         f"the async archiver stopped without storing {wal.name}",
                         f"see {log_path}; or set archive_async = false"), is_verbose())
-                _trim_log(log_path)
-                spool.start_helper(sys.executable, glob, PUSH_HELPER,
-                                   [os.path.abspath(wal.parent), os.path.abspath(sdir)], log_path)
+                spool.start_helper(spool.helper_argv(sys.executable, glob, PUSH_HELPER,
+                                                     [os.path.abspath(wal.parent), os.path.abspath(sdir)]), log_path)
                 spawned += 1
                 next_look = now + 5.0
             elif state != fp:
@@ -202,14 +201,6 @@ def run_async_push(settings: Settings, path: str) -> int | None:
                                           f"{WAIT_LIMIT:.0f}s", f"see {log_path}"), is_verbose())
         time.sleep(delay)
         delay = min(0.02, delay * 1.5)
-
-
-def _trim_log(path: Path, limit: int = 1 << 20) -> None:
-    try:
-        if path.stat().st_size > limit:
-            path.unlink()
-    except OSError:
-        pass
 
 
 # --------------------------------------------------------------------------- wal-fetch prefetch
@@ -269,9 +260,8 @@ def _ensure_prefetcher(glob: list[str], pdir: Path) -> bool:
     """Start the prefetcher unless one runs; True when this call started it."""
     if spool.helper_state(pdir, spool.PREFETCHD) is not None:
         return False
-    log_path = pdir / f"{spool.PREFETCHD}.log"
-    _trim_log(log_path)
-    spool.start_helper(sys.executable, glob, PREFETCH_HELPER, [os.path.abspath(pdir), os.getcwd()], log_path)
+    spool.start_helper(spool.helper_argv(sys.executable, glob, PREFETCH_HELPER, [os.path.abspath(pdir), os.getcwd()]),
+                       pdir / f"{spool.PREFETCHD}.log")
     return True
 
 
@@ -380,7 +370,8 @@ def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, 
     try:
         settings = load_settings(opts)
         open_log_file(settings.log_file, "wal-prefetch", [])  # its pushes/fetches beside the callers' lines
-        jobs = max(1, min(settings.prefetch, settings.jobs))
+        jobs = prefetch.fetch_workers(settings.prefetch, settings.prefetch_jobs, settings.jobs,
+                                      settings.location().kind == "s3")
         # a restore --repo-as-of reads the bucket's past (PITR_REPO_AS_OF in restore_command)
         storage = open_repo(settings, max_connections=jobs + 2, as_of=parse_as_of(None))
         meta = read_meta(storage)

@@ -50,6 +50,16 @@ class PrefetchConfig:
     stage: bool = False  # restore_command takes files unasked (ops/wal/stage.py): a vanished file moves the window
 
 
+REMOTE_FETCHES = 8  # segments fetched at once from S3 when prefetch_jobs is 0 (automatic)
+
+
+def fetch_workers(prefetch: int, prefetch_jobs: int, jobs: int, remote: bool) -> int:
+    """Segments fetched at once, at most the window: prefetch_jobs, or when 0 REMOTE_FETCHES on S3 (a
+    fetch mostly waits on the network) and `jobs` on a directory (CPU-bound: more at once only
+    delays the segment replay needs next; measured in docs/performance.md)."""
+    return max(1, min(prefetch, prefetch_jobs or (REMOTE_FETCHES if remote else jobs)))
+
+
 def window(want: str | None, count: int, seg_size: int) -> list[str]:
     """The segments after `want` on its timeline (empty unless want is a plain segment name)."""
     if want is None or count <= 0:
@@ -103,96 +113,134 @@ def serve(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig,
 
     Returns why it stopped and how many files it fetched.
     """
-    inflight: dict[Future[None], tuple[str, str | None]] = {}  # -> (name, stamp if a request)
-    asked: dict[str, str] = {}  # requests for a segment whose look-ahead fetch was in flight: name -> stamp
-    missing: dict[str, float] = {}
-    failed: dict[str, float] = {}
-    last_req: tuple[str, str] | None = None
-    base: str | None = None  # the segment the window follows: the latest request or file taken
-    ready: set[str] = set()  # segments fetched ahead and in place (taken when they vanish)
-    taken = requests = 0
-    handled: str | None = None  # stamp of the request already taken care of
-    last_change = time.monotonic()
-    next_check = next_prune = 0.0
-    reason: str | None = None
-    fetched = 0
     # one worker more than the window may use: a request never queues behind look-ahead
     with ThreadPoolExecutor(max_workers=cfg.jobs + 1, thread_name_prefix="prefetch") as pool:
+        return _Prefetcher(storage, meta, cfg, pool).run(keep_going)
+
+
+class _Prefetcher:
+    """One prefetcher's state between the turns of its loop: follow the request, fetch, collect, prune."""
+
+    def __init__(self, storage: Storage, meta: RepoMeta, cfg: PrefetchConfig, pool: ThreadPoolExecutor) -> None:
+        self.storage, self.meta, self.cfg, self.pool = storage, meta, cfg, pool
+        self.inflight: dict[Future[None], tuple[str, str | None]] = {}  # -> (name, stamp if a request)
+        self.asked: dict[str, str] = {}  # requests for a segment whose look-ahead fetch was in flight: name -> stamp
+        self.missing: dict[str, float] = {}  # name -> when to look for it again
+        self.failed: dict[str, float] = {}
+        self.last_req: tuple[str, str] | None = None
+        self.base: str | None = None  # the segment the window follows: the latest request or file taken
+        self.ready: set[str] = set()  # segments fetched ahead and in place (taken when they vanish)
+        self.taken = self.requests = self.fetched = 0
+        self.handled: str | None = None  # stamp of the request already taken care of
+        self.last_change = time.monotonic()
+        self.next_prune = 0.0
+
+    def run(self, keep_going: Callable[[], str | None]) -> tuple[str, int]:
+        reason: str | None = None
+        next_check = 0.0
         while True:
             now = time.monotonic()
-            req = spool.read_want(cfg.spool)
-            want = req[0] if req else None
-            moved = req != last_req
-            if moved and want and len(want) == 24:  # a history request does not move the window
-                base = want
-            gone = {n for n in ready if not os.path.exists(cfg.spool / n)} if cfg.stage else set()
-            if gone:  # taken by restore_command from a stage (or by the foreground, after its request)
-                ready -= gone
-                taken += len(gone)
-                base, moved = max(gone, key=lambda n: walname.segno(n, meta.wal_segment_size)), True
-            wanted = window(base, cfg.count, meta.wal_segment_size)
-            busy = {n for n, _ in inflight.values()}
-            if moved or now >= next_prune:
-                if moved:
-                    last_req, last_change = req, now
-                next_prune = now + 0.5
-                keep = set(wanted) | ({want} if want else set()) | ({base} if base else set()) | busy
-                ready &= keep
-                _prune(cfg.spool, keep)
-            if req and req[1] != handled and reason is None:
-                handled = req[1]
-                requests += req[1].startswith("ask")  # wal-fetch's (stage.start_helper writes "stage-")
-                rname = req[0]
-                if not req[1].startswith("done") and not (cfg.spool / f"{rname}.meta").exists():
-                    if rname in busy:
-                        asked[rname] = req[1]  # answered when that fetch ends, not by a 120 s time-out
-                    else:
-                        inflight[pool.submit(fetch_one, storage, meta, cfg, rname)] = (rname, req[1])
-                        busy.add(rname)
+            req, moved = self.follow()
+            wanted = window(self.base, self.cfg.count, self.meta.wal_segment_size)
+            if moved or now >= self.next_prune:
+                self.prune(now, req, moved, wanted)
             if reason is None:
-                window_busy = sum(1 for _, st in inflight.values() if st is None)
-                for name in wanted:
-                    if window_busy >= cfg.jobs:
-                        break
-                    if name in busy or (cfg.spool / f"{name}.meta").exists():
-                        continue
-                    if missing.get(name, 0.0) > now or failed.get(name, 0.0) > now:
-                        continue
-                    inflight[pool.submit(fetch_one, storage, meta, cfg, name)] = (name, None)
-                    window_busy += 1
+                self.request(req)
+                self.fill_window(now, wanted)
             if now >= next_check:  # before the wait below: fetches in flight must not starve this check
                 next_check = now + 1.0
                 if reason is None:
                     reason = keep_going()
-            if inflight:
-                finished, _ = wait(list(inflight), timeout=cfg.poll, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    name, stamp = inflight.pop(fut)
-                    stamp = asked.pop(name, None) or stamp
-                    try:
-                        fut.result()
-                        fetched += 1
-                        if len(name) == 24 and not (stamp or "").startswith("ask"):  # wal-fetch's own: not "taken"
-                            ready.add(name)
-                        last_change = time.monotonic()  # misses and failures are not progress (idle exit)
-                    except NotFoundError:
-                        missing[name] = time.monotonic() + MISSING_RECHECK
-                        if stamp:
-                            spool.answer(cfg.spool, name, stamp, _verdict_on_miss(storage, meta, name))
-                    except (PitrError, OSError) as e:
-                        log.warning("prefetching %s failed: %s", name, e)
-                        failed[name] = time.monotonic() + 2.0
-                        if stamp:
-                            spool.answer(cfg.spool, name, stamp, "failed")
+            if self.inflight:
+                self.collect()
                 continue
-            if reason is None and now - last_change > cfg.idle_exit:
+            if reason is None and now - self.last_change > self.cfg.idle_exit:
                 reason = "idle"
             if reason is not None:
                 # what a user checks: files restore_command took straight from the spool (a stage's
                 # one-liner) against requests that went through wal-fetch
-                log.info("%d prefetched segments taken, %d requests through wal-fetch", taken, requests)
-                return reason, fetched
-            time.sleep(cfg.poll)
+                log.info("%d prefetched segments taken, %d requests through wal-fetch", self.taken, self.requests)
+                return reason, self.fetched
+            time.sleep(self.cfg.poll)
+
+    def _busy(self) -> set[str]:
+        return {n for n, _ in self.inflight.values()}
+
+    def follow(self) -> tuple[tuple[str, str] | None, bool]:
+        """PostgreSQL's latest request, and whether the window moved (new request, or files taken)."""
+        req = spool.read_want(self.cfg.spool)
+        want = req[0] if req else None
+        moved = req != self.last_req
+        if moved and want and len(want) == 24:  # a history request does not move the window
+            self.base = want
+        gone = {n for n in self.ready if not os.path.exists(self.cfg.spool / n)} if self.cfg.stage else set()
+        if gone:  # taken by restore_command from a stage (or by the foreground, after its request)
+            self.ready -= gone
+            self.taken += len(gone)
+            self.base, moved = max(gone, key=lambda n: walname.segno(n, self.meta.wal_segment_size)), True
+        return req, moved
+
+    def prune(self, now: float, req: tuple[str, str] | None, moved: bool, wanted: list[str]) -> None:
+        """Delete what PostgreSQL will not ask for any more (at most every 0.5 s unless the window moved)."""
+        if moved:
+            self.last_req, self.last_change = req, now
+        self.next_prune = now + 0.5
+        want = req[0] if req else None
+        keep = set(wanted) | ({want} if want else set()) | ({self.base} if self.base else set()) | self._busy()
+        self.ready &= keep
+        _prune(self.cfg.spool, keep)
+
+    def request(self, req: tuple[str, str] | None) -> None:
+        """Fetch a new request first (a look-ahead fetch of it in flight answers it when it ends)."""
+        if not req or req[1] == self.handled:
+            return
+        self.handled = req[1]
+        self.requests += req[1].startswith("ask")  # wal-fetch's (stage.start_helper writes "stage-")
+        rname = req[0]
+        if not req[1].startswith("done") and not (self.cfg.spool / f"{rname}.meta").exists():
+            if rname in self._busy():
+                self.asked[rname] = req[1]  # answered when that fetch ends, not by a 120 s time-out
+            else:
+                self._submit(rname, req[1])
+
+    def fill_window(self, now: float, wanted: list[str]) -> None:
+        """Start look-ahead fetches for the window's segments, at most cfg.jobs at once."""
+        busy = self._busy()
+        window_busy = sum(1 for _, st in self.inflight.values() if st is None)
+        for name in wanted:
+            if window_busy >= self.cfg.jobs:
+                break
+            if name in busy or (self.cfg.spool / f"{name}.meta").exists():
+                continue
+            if self.missing.get(name, 0.0) > now or self.failed.get(name, 0.0) > now:
+                continue
+            self._submit(name, None)
+            window_busy += 1
+
+    def _submit(self, name: str, stamp: str | None) -> None:
+        self.inflight[self.pool.submit(fetch_one, self.storage, self.meta, self.cfg, name)] = (name, stamp)
+
+    def collect(self) -> None:
+        """Wait briefly for fetches to end; record each, answering the request it carried if it failed."""
+        finished, _ = wait(list(self.inflight), timeout=self.cfg.poll, return_when=FIRST_COMPLETED)
+        for fut in finished:
+            name, stamp = self.inflight.pop(fut)
+            stamp = self.asked.pop(name, None) or stamp
+            try:
+                fut.result()
+                self.fetched += 1
+                if len(name) == 24 and not (stamp or "").startswith("ask"):  # wal-fetch's own: not "taken"
+                    self.ready.add(name)
+                self.last_change = time.monotonic()  # misses and failures are not progress (idle exit)
+            except NotFoundError:
+                self.missing[name] = time.monotonic() + MISSING_RECHECK
+                if stamp:
+                    spool.answer(self.cfg.spool, name, stamp, _verdict_on_miss(self.storage, self.meta, name))
+            except (PitrError, OSError) as e:
+                log.warning("prefetching %s failed: %s", name, e)
+                self.failed[name] = time.monotonic() + 2.0
+                if stamp:
+                    spool.answer(self.cfg.spool, name, stamp, "failed")
 
 
 def _verdict_on_miss(storage: Storage, meta: RepoMeta, name: str) -> str:

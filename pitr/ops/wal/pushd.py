@@ -75,79 +75,103 @@ def push_one(storage: Storage, meta: RepoMeta, cfg: PushdConfig, name: str) -> t
 def serve(storage: Storage, meta: RepoMeta, cfg: PushdConfig,
           keep_going: Callable[[], str | None]) -> PushdStats:
     """Push ready files until idle for cfg.idle_exit seconds or keep_going() returns a reason to stop."""
-    stats = PushdStats()
-    status_dir = cfg.pg_wal / "archive_status"
-    done: set[str] = set()  # acknowledged by us or a predecessor with the same settings
-    inflight: dict[Future[tuple[str, str]], str] = {}
-    retry_at: dict[str, float] = {}
-    not_before = 0.0  # back-off after storage failures, for every file
-    failures = 0
-    idle_since = time.monotonic()
-    next_cleanup = 0.0
-    stop: str | None = None
     with ThreadPoolExecutor(max_workers=cfg.jobs, thread_name_prefix="pushd") as pool:
+        return _Pusher(storage, meta, cfg, pool).run(keep_going)
+
+
+class _Pusher:
+    """The async archiver's state between the turns of its loop: scan, submit, settle, clean up."""
+
+    def __init__(self, storage: Storage, meta: RepoMeta, cfg: PushdConfig, pool: ThreadPoolExecutor) -> None:
+        self.storage, self.meta, self.cfg, self.pool = storage, meta, cfg, pool
+        self.stats = PushdStats()
+        self.status_dir = cfg.pg_wal / "archive_status"
+        self.done: set[str] = set()  # acknowledged by us or a predecessor with the same settings
+        self.inflight: dict[Future[tuple[str, str]], str] = {}
+        self.retry_at: dict[str, float] = {}
+        self.not_before = 0.0  # back-off after storage failures, for every file
+        self.failures = 0  # storage failures in a row
+        self.idle_since = time.monotonic()
+
+    def run(self, keep_going: Callable[[], str | None]) -> PushdStats:
+        next_cleanup = 0.0
+        stop: str | None = None
         while True:
             now = time.monotonic()
-            ready = ready_files(status_dir)
-            busy = set(inflight.values())
-            if stop is None and now >= not_before:
-                for name in ready:
-                    if len(inflight) >= cfg.jobs * 2:
-                        break
-                    if name in busy or name in done or retry_at.get(name, 0.0) > now:
-                        continue
-                    if spool.acknowledged(cfg.spool, cfg.pg_wal / name, cfg.fingerprint):
-                        done.add(name)
-                        continue
-                    inflight[pool.submit(push_one, storage, meta, cfg, name)] = name
-            if inflight:
-                finished, _ = wait(list(inflight), timeout=cfg.poll * 5, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    name = inflight.pop(fut)
-                    failures = _settle(fut, name, cfg, stats, done, retry_at, failures)
-                    if failures:
-                        not_before = time.monotonic() + min(10.0, 0.5 * 2 ** min(failures - 1, 5))
-                idle_since = time.monotonic()
-            elif stop is None and any(n not in done for n in ready):
-                idle_since = now  # waiting out a back-off is not idleness
+            ready = self.scan()
+            if stop is None and now >= self.not_before:
+                self.submit(now, ready)
+            if self.inflight:
+                self.settle()
+                self.idle_since = time.monotonic()
+            elif stop is None and any(n not in self.done for n in ready):
+                self.idle_since = now  # waiting out a back-off is not idleness
             now = time.monotonic()
             if now >= next_cleanup:
                 next_cleanup = now + CLEANUP_EVERY
-                _cleanup(cfg.spool, set(ready), done)
+                self.cleanup(ready)
                 if stop is None:
                     stop = keep_going()
-            if inflight:
+            if self.inflight:
                 continue
             if stop is not None:
-                stats.reason = stop
-                return stats
-            if now - idle_since > cfg.idle_exit:
-                stats.reason = "idle"
-                return stats
-            time.sleep(cfg.poll if now - idle_since < 1.0 else cfg.poll * 3)
+                self.stats.reason = stop
+                return self.stats
+            if now - self.idle_since > self.cfg.idle_exit:
+                self.stats.reason = "idle"
+                return self.stats
+            time.sleep(self.cfg.poll if now - self.idle_since < 1.0 else self.cfg.poll * 3)
 
+    def scan(self) -> list[str]:
+        """The files PostgreSQL wants archived now, in its order."""
+        return ready_files(self.status_dir)
 
-def _settle(fut: Future[tuple[str, str]], name: str, cfg: PushdConfig, stats: PushdStats, done: set[str],
-            retry_at: dict[str, float], failures: int) -> int:
-    """Record one finished push as .ok or .error; returns the count of storage failures in a row."""
-    try:
-        identity, status = fut.result()
-    except FileNotFoundError:
-        return failures  # PostgreSQL archived or removed it meanwhile
-    except _Changed:
-        retry_at[name] = time.monotonic() + 1.0
-        return failures
-    except (PitrError, OSError) as e:
-        stats.failed += 1
-        spool.write_error(cfg.spool, name, str(e), e.hint if isinstance(e, PitrError) else None)
-        log.warning("pushing %s failed: %s", name, e)
-        retry_at[name] = time.monotonic() + 2.0
-        return failures + 1 if isinstance(e, StorageError) else failures
-    spool.write_ok(cfg.spool, name, cfg.fingerprint, identity, status)
-    retry_at.pop(name, None)
-    done.add(name)
-    stats.pushed += 1
-    return 0
+    def submit(self, now: float, ready: list[str]) -> None:
+        """Start pushes of ready files not stored yet, keeping at most 2 x jobs in flight."""
+        busy = set(self.inflight.values())
+        for name in ready:
+            if len(self.inflight) >= self.cfg.jobs * 2:
+                break
+            if name in busy or name in self.done or self.retry_at.get(name, 0.0) > now:
+                continue
+            if spool.acknowledged(self.cfg.spool, self.cfg.pg_wal / name, self.cfg.fingerprint):
+                self.done.add(name)
+                continue
+            self.inflight[self.pool.submit(push_one, self.storage, self.meta, self.cfg, name)] = name
+
+    def settle(self) -> None:
+        """Wait briefly for pushes to end and record each; storage failures in a row back every file off."""
+        finished, _ = wait(list(self.inflight), timeout=self.cfg.poll * 5, return_when=FIRST_COMPLETED)
+        for fut in finished:
+            name = self.inflight.pop(fut)
+            self.failures = self._record(fut, name)
+            if self.failures:
+                self.not_before = time.monotonic() + min(10.0, 0.5 * 2 ** min(self.failures - 1, 5))
+
+    def _record(self, fut: Future[tuple[str, str]], name: str) -> int:
+        """Record one finished push as .ok or .error; returns the count of storage failures in a row."""
+        cfg = self.cfg
+        try:
+            identity, status = fut.result()
+        except FileNotFoundError:
+            return self.failures  # PostgreSQL archived or removed it meanwhile
+        except _Changed:
+            self.retry_at[name] = time.monotonic() + 1.0
+            return self.failures
+        except (PitrError, OSError) as e:
+            self.stats.failed += 1
+            spool.write_error(cfg.spool, name, str(e), e.hint if isinstance(e, PitrError) else None)
+            log.warning("pushing %s failed: %s", name, e)
+            self.retry_at[name] = time.monotonic() + 2.0
+            return self.failures + 1 if isinstance(e, StorageError) else self.failures
+        spool.write_ok(cfg.spool, name, cfg.fingerprint, identity, status)
+        self.retry_at.pop(name, None)
+        self.done.add(name)
+        self.stats.pushed += 1
+        return 0
+
+    def cleanup(self, ready: list[str]) -> None:
+        _cleanup(self.cfg.spool, set(ready), self.done)
 
 
 def _cleanup(spool_dir: Path, ready: set[str], done: set[str]) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from pitr.pg import walheader
@@ -215,15 +215,39 @@ def publish_fingerprint(fd: int, fp: str) -> None:
     os.pwrite(fd, fp.encode(), 0)
 
 
-def start_helper(python: str, global_args: list[str], command: str, args: Iterable[str], log: Path) -> None:
-    """Start `pitr [globals] COMMAND ARGS` detached (own session, no inherited stdio), not waited for."""
+def start_helper(argv: Sequence[str], log: Path, *, env: Mapping[str, str] | None = None, cwd: Path | None = None,
+                 owner: tuple[int, int] | None = None, log_mode: int = 0o666) -> None:
+    """Start a helper process detached (own session, no inherited stdio, output appended to log), not waited for.
+
+    The one starter of pitr's background helpers (async archiver, prefetcher, stage helper). A log
+    over 1 MiB is started afresh. env/cwd default to this process's; owner (uid, gid) is the user
+    the helper runs as when we are root, and owns the log; log_mode is the new log's mode (umask applies).
+    """
     import subprocess
 
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        subprocess.Popen([python, "-m", "pitr", *global_args, command, *args],
-                         stdin=subprocess.DEVNULL, stdout=out, stderr=out, close_fds=True,
-                         start_new_session=True)
+    try:
+        if log.stat().st_size > 1 << 20:
+            log.unlink()
+    except OSError:
+        pass
+    kw: dict[str, object] = {}
+    if owner is not None and os.geteuid() == 0:
+        kw = {"user": owner[0], "group": owner[1], "extra_groups": []}
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, log_mode)
+    try:
+        if owner is not None:
+            os.fchown(fd, *owner)
+        subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, close_fds=True,
+                         start_new_session=True, env=None if env is None else dict(env),
+                         cwd=None if cwd is None else str(cwd), **kw)  # type: ignore[call-overload]
+    finally:
+        os.close(fd)
+
+
+def helper_argv(python: str, global_args: list[str], command: str, args: Iterable[str]) -> list[str]:
+    """`pitr [globals] COMMAND ARGS` run by this Python (what wal-push and wal-fetch start)."""
+    return [python, "-m", "pitr", *global_args, command, *args]
 
 
 # --------------------------------------------------------------------------- prefetch

@@ -115,27 +115,14 @@ def start_helper(argv: Sequence[str], env: Mapping[str, str], d: Path, pgdata: P
     environment with restore_command's assignments, so the helper's settings (and fingerprint)
     are those of every later wal-fetch. `first` is the first segment recovery will ask for.
     """
-    import subprocess
-
     if first:  # where recovery starts: staged first, then the segments after it (not counted as a request)
         tmp = d / f".want.{os.getpid()}"
         tmp.write_text(f"{first} stage-{os.getpid()}-{time.monotonic_ns()}")
         if owner is not None:
             os.chown(tmp, *owner)
         os.replace(tmp, d / "want")
-    kw: dict[str, object] = {}
-    if owner is not None and os.geteuid() == 0:
-        kw = {"user": owner[0], "group": owner[1], "extra_groups": []}
-    log = d / f"{spool.PREFETCHD}.log"
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        if owner is not None:
-            os.fchown(fd, *owner)
-        subprocess.Popen([*argv, "_wal-prefetch", str(d), str(pgdata)], stdin=subprocess.DEVNULL, stdout=fd,
-                         stderr=fd, close_fds=True, start_new_session=True, env=dict(env), cwd=str(pgdata),
-                         **kw)  # type: ignore[call-overload]
-    finally:
-        os.close(fd)
+    spool.start_helper([*argv, "_wal-prefetch", str(d), str(pgdata)], d / f"{spool.PREFETCHD}.log", env=env,
+                       cwd=pgdata, owner=owner, log_mode=0o600)
 
 
 def wait_started(d: Path, timeout: float = 15.0) -> bool:
