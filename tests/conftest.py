@@ -63,6 +63,17 @@ def moto_server() -> Iterator[MotoServer]:
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def moto_env(moto_server: MotoServer) -> Iterator[MotoServer]:
+    """The moto server with its endpoint and credentials in os.environ for the module's tests: what the
+    in-process S3Storage a test inspects the repository with reads (subprocesses get their env explicitly)."""
+    mp = pytest.MonkeyPatch()
+    for k, v in moto_server.env().items():
+        mp.setenv(k, v)
+    yield moto_server
+    mp.undo()
+
+
 @pytest.fixture
 def s3_bucket(moto_server: MotoServer) -> Iterator[str]:
     """A fresh bucket per test; a test that left the server in an outage gets it back up after."""

@@ -100,16 +100,6 @@ def start_archiving(kind: str, bindir: Path, pitr_exe: Path, moto: MotoServer | 
 
 
 @pytest.fixture(scope="module")
-def moto_env(moto_server: MotoServer) -> Iterator[MotoServer]:
-    """Credentials for the in-process S3Storage this module inspects the archive with."""
-    mp = pytest.MonkeyPatch()
-    for k, v in moto_server.env().items():
-        mp.setenv(k, v)
-    yield moto_server
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def arch_fs(pg_bindir: Path, pitr_exe: Path) -> Iterator[Archiving]:
     arch = start_archiving("fs", pg_bindir, pitr_exe, None)
     yield arch

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,19 +22,9 @@ from pitr.storage.base import Storage
 from pitr.storage.fs import FsStorage
 from pitr.storage.s3 import S3Storage
 from tests.support.pg import PgCluster, chown_pg, make_tmpdir, rmtree_pg, run_as_postgres
-from tests.support.s3 import MotoServer
 
 pytestmark = pytest.mark.pg
 MARKER = "PLAINTEXT-MARKER-7f3a9c"
-
-
-@pytest.fixture(scope="module")
-def moto_env(moto_server: MotoServer) -> Iterator[MotoServer]:
-    mp = pytest.MonkeyPatch()
-    for k, v in moto_server.env().items():
-        mp.setenv(k, v)
-    yield moto_server
-    mp.undo()
 
 
 def key_file(path: Path) -> Path:

@@ -13,7 +13,6 @@ import json
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,15 +23,6 @@ from pitr.storage.s3 import S3Storage
 from pitr.storage.s3_asof import S3AsOfStorage
 from tests.support.pg import PgCluster, make_tmpdir, rmtree_pg, run_as_postgres
 from tests.support.s3 import MotoServer
-
-
-@pytest.fixture
-def moto_env(moto_server: MotoServer) -> Iterator[MotoServer]:
-    mp = pytest.MonkeyPatch()
-    for k, v in moto_server.env().items():
-        mp.setenv(k, v)
-    yield moto_server
-    mp.undo()
 
 
 def versioned_bucket(moto: MotoServer) -> str:

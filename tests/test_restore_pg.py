@@ -141,15 +141,6 @@ def start_story(kind: str, bindir: Path, pitr_exe: Path, moto: MotoServer | None
 
 
 @pytest.fixture(scope="module")
-def moto_env(moto_server: MotoServer) -> Iterator[MotoServer]:
-    mp = pytest.MonkeyPatch()
-    for k, v in moto_server.env().items():
-        mp.setenv(k, v)
-    yield moto_server
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def story_fs(pg_bindir: Path, pitr_exe: Path) -> Iterator[Story]:
     st = start_story("fs", pg_bindir, pitr_exe, None)
     yield st
