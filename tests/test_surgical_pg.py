@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.maint import start_source
 from tests.support.pg import PgCluster, make_tmpdir, rmtree_pg, run_as_postgres
 
 pytestmark = pytest.mark.pg
@@ -67,12 +68,9 @@ def _xid_of(pg: PgCluster, sql: str) -> int:
 def acc(pg_bindir: Path, pitr_exe: Path) -> Iterator[Accidents]:
     base = make_tmpdir("pitr-sg-")
     env = {"PITR_REPO": f"file://{base / 'repo'}"}
-    src = PgCluster(pg_bindir, base / "src", name="src")
-    src.initdb(f"archive_mode = on\narchive_command = '{pitr_exe} wal-push %p'\n")
+    src = start_source(PgCluster(pg_bindir, base / "src", name="src"), env, pitr_exe)
     a = Accidents(src, base, env, pitr_exe)
     try:
-        src.start(env=env)
-        a.pitr("init", "--dbname", src.conninfo)
         src.sql("create table invoices (id int primary key, customer text not null, amount numeric(12,2) not null)")
         src.sql("insert into invoices select g, 'customer-' || (g % 97), round((g * 7.31)::numeric % 5000, 2)"
                 " from generate_series(1, 2000) g")
