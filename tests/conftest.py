@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from pitr.cli.asyncwal import PREFETCH_HELPER, PUSH_HELPER
+from pitr.storage.fs import FsStorage
+from tests.support.maint import Repo, pg15_cluster, start_repo
 from tests.support.pg import MADE_TMPDIRS, PgCluster, make_tmpdir, pg_bin_dirs, rmtree_pg, run_as_postgres
 from tests.support.s3 import MotoServer
 
@@ -121,6 +123,17 @@ def cluster_factory(pg_bindir: Path, tmp_pg_dir: Path) -> Iterator[ClusterFactor
 
     yield make
     for cluster in made:
+        cluster.ensure_stopped()
+
+
+@pytest.fixture
+def fs_repo(tmp_pg_dir: Path, pitr_exe: Path) -> Iterator[Repo]:
+    """A PostgreSQL 15 cluster archiving into a directory repository (support/maint.py), stopped after the test."""
+    cluster = pg15_cluster(tmp_pg_dir)
+    root = tmp_pg_dir / "repo"
+    try:
+        yield start_repo(cluster, FsStorage(root), {"PITR_REPO": f"file://{root}"}, pitr_exe, root)
+    finally:
         cluster.ensure_stopped()
 
 
