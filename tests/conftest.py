@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from pitr.cli.asyncwal import PREFETCH_HELPER, PUSH_HELPER
+from pitr.storage.fs import FsStorage
+from tests.support.maint import Repo, pg15_cluster, start_repo
 from tests.support.pg import MADE_TMPDIRS, PgCluster, make_tmpdir, pg_bin_dirs, rmtree_pg, run_as_postgres
 from tests.support.s3 import MotoServer
 
@@ -63,6 +65,17 @@ def moto_server() -> Iterator[MotoServer]:
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def moto_env(moto_server: MotoServer) -> Iterator[MotoServer]:
+    """The moto server with its endpoint and credentials in os.environ for the module's tests: what the
+    in-process S3Storage a test inspects the repository with reads (subprocesses get their env explicitly)."""
+    mp = pytest.MonkeyPatch()
+    for k, v in moto_server.env().items():
+        mp.setenv(k, v)
+    yield moto_server
+    mp.undo()
+
+
 @pytest.fixture
 def s3_bucket(moto_server: MotoServer) -> Iterator[str]:
     """A fresh bucket per test; a test that left the server in an outage gets it back up after."""
@@ -110,6 +123,17 @@ def cluster_factory(pg_bindir: Path, tmp_pg_dir: Path) -> Iterator[ClusterFactor
 
     yield make
     for cluster in made:
+        cluster.ensure_stopped()
+
+
+@pytest.fixture
+def fs_repo(tmp_pg_dir: Path, pitr_exe: Path) -> Iterator[Repo]:
+    """A PostgreSQL 15 cluster archiving into a directory repository (support/maint.py), stopped after the test."""
+    cluster = pg15_cluster(tmp_pg_dir)
+    root = tmp_pg_dir / "repo"
+    try:
+        yield start_repo(cluster, FsStorage(root), {"PITR_REPO": f"file://{root}"}, pitr_exe, root)
+    finally:
         cluster.ensure_stopped()
 
 

@@ -23,8 +23,8 @@ from pitr.pg import walname
 from pitr.repo.format import wal_key
 from pitr.storage.base import Storage
 from pitr.storage.fs import FsStorage
-from pitr.storage.s3 import S3Storage
 from tests.conftest import ClusterFactory
+from tests.support.maint import new_repo
 from tests.support.pg import PgCluster, chown_pg, make_tmpdir, rmtree_pg, run_as_postgres
 from tests.support.s3 import MotoServer
 
@@ -71,15 +71,7 @@ def assert_no_gap(segments: list[str], seg_size: int) -> None:
 
 def start_archiving(kind: str, bindir: Path, pitr_exe: Path, moto: MotoServer | None) -> Archiving:
     base = make_tmpdir("pitr-arch-")
-    if kind == "fs":
-        repo = base / "repo"  # pitr init creates it, as postgres
-        env = {"PITR_REPO": f"file://{repo}"}
-        storage: Storage = FsStorage(repo)
-    else:
-        assert moto is not None
-        bucket = moto.create_bucket(f"arch-{uuid.uuid4().hex[:12]}")
-        env = {"PITR_REPO": f"s3://{bucket}/prod/main"} | moto.env()
-        storage = S3Storage(bucket, "prod/main", endpoint=moto.endpoint)
+    env, storage = new_repo(kind, base, moto, "prod/main")
     pg = PgCluster(bindir, base / "pg", name=f"arch-{kind}")
     # wal_keep_size: keep every segment in pg_wal so the test can compare them with the archive
     pg.initdb(f"archive_mode = on\narchive_command = '{pitr_exe} wal-push %p'\nwal_keep_size = '2GB'\n")
@@ -97,16 +89,6 @@ def start_archiving(kind: str, bindir: Path, pitr_exe: Path, moto: MotoServer | 
         pg.ensure_stopped()
         raise
     return arch
-
-
-@pytest.fixture(scope="module")
-def moto_env(moto_server: MotoServer) -> Iterator[MotoServer]:
-    """Credentials for the in-process S3Storage this module inspects the archive with."""
-    mp = pytest.MonkeyPatch()
-    for k, v in moto_server.env().items():
-        mp.setenv(k, v)
-    yield moto_server
-    mp.undo()
 
 
 @pytest.fixture(scope="module")

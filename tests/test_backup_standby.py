@@ -66,6 +66,21 @@ class Pair:
     def backups(self) -> list[str]:
         return list_backup_ids(FsStorage(self.repo))
 
+    def paused_backup(self, on: PgCluster, pause: Path, *args: str, when: str = "before") -> subprocess.Popen[str]:
+        """`pitr backup ARGS` of `on` in the background, held at pg_backup_stop (before or after it) until
+        the test creates PAUSE.go; returns once it is held there."""
+        env = on.env() | self.env | kill_env("pitr.pg.conn:PgSession.backup_stop", when, pause=pause)
+        proc = subprocess.Popen(as_pg_argv([self.pitr_exe, "backup", *args]), env=pg_env(env), cwd="/tmp",
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not Path(f"{pause}.reached").exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                stdout, stderr = proc.communicate()
+                raise AssertionError(f"pitr backup never reached pg_backup_stop\n{stdout}{stderr}")
+            time.sleep(0.05)
+        return proc
+
 
 @contextlib.contextmanager
 def started_pair(bindir: Path, pitr_exe: Path, env: dict[str, str] | None = None) -> Iterator[Pair]:
@@ -265,15 +280,7 @@ def test_on_an_idle_primary_the_backup_waits_for_the_primarys_next_switch(pair: 
             wait_replayed(p, pair.standby)
             # pause right after pg_backup_stop, so the primary's switch below comes after the stop point
             pause = pair.base / f"pause-idle-{uuid.uuid4().hex[:6]}"
-            env = pair.standby.env() | pair.env | kill_env("pitr.pg.conn:PgSession.backup_stop", "after", pause=pause)
-            bg = subprocess.Popen(as_pg_argv([pair.pitr_exe, "backup", "--json", "--archive-timeout", "120"]),
-                                  env=pg_env(env), cwd="/tmp", stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
-            deadline = time.monotonic() + 120
-            while not Path(f"{pause}.reached").exists():
-                assert bg.poll() is None, bg.communicate()
-                assert time.monotonic() < deadline, "pitr backup never reached pg_backup_stop"
-                time.sleep(0.05)
+            bg = pair.paused_backup(pair.standby, pause, "--json", "--archive-timeout", "120", when="after")
             Path(f"{pause}.go").touch()
             time.sleep(3)
             assert bg.poll() is None, bg.communicate()  # waiting for the primary
@@ -317,16 +324,8 @@ def test_promotion_during_the_backup_fails_it_cleanly(pair: Pair) -> None:
     victim = make_standby(pair.primary, pair.base / "victim", name="victim", extra_conf="archive_mode = off\n")
     try:
         pause = pair.base / "pause"
-        env = victim.env() | pair.env | kill_env("pitr.pg.conn:PgSession.backup_stop", pause=pause)
-        proc = subprocess.Popen(as_pg_argv([pair.pitr_exe, "backup"]), env=pg_env(env), cwd="/tmp",
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                stdin=subprocess.DEVNULL)
+        proc = pair.paused_backup(victim, pause)
         try:
-            deadline = time.monotonic() + 120
-            while not Path(f"{pause}.reached").exists():
-                assert proc.poll() is None, proc.communicate()
-                assert time.monotonic() < deadline, "pitr backup never reached pg_backup_stop"
-                time.sleep(0.05)
             assert {d.name for d in (pair.repo / "backups").iterdir()} - dirs  # it had started writing
             assert victim.scalar("select pg_promote(true, 60)") is True
             Path(f"{pause}.go").touch()
@@ -356,16 +355,8 @@ def test_a_timeline_switch_during_the_backup_fails_it_cleanly(pair: Pair) -> Non
     try:
         cascaded = make_standby(upstream, pair.base / "cascaded", name="cascaded")
         pause = pair.base / "pause-tli"
-        env = cascaded.env() | pair.env | kill_env("pitr.pg.conn:PgSession.backup_stop", pause=pause)
-        proc = subprocess.Popen(as_pg_argv([pair.pitr_exe, "backup"]), env=pg_env(env), cwd="/tmp",
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                stdin=subprocess.DEVNULL)
+        proc = pair.paused_backup(cascaded, pause)
         try:
-            deadline = time.monotonic() + 120
-            while not Path(f"{pause}.reached").exists():
-                assert proc.poll() is None, proc.communicate()
-                assert time.monotonic() < deadline, "pitr backup never reached pg_backup_stop"
-                time.sleep(0.05)
             assert upstream.scalar("select pg_promote(true, 60)") is True
             upstream.sql("create table after_promotion as select 1 x")
             upstream.sql("checkpoint")

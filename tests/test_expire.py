@@ -8,7 +8,7 @@ import datetime
 import json
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from pitr.storage.base import Storage
 from pitr.storage.fs import FsStorage
 from pitr.storage.memory import MemoryStorage
 from pitr.storage.s3 import S3Storage
-from tests.support.maint import Repo, backup, pg15_cluster, snapshot, start_repo
+from tests.support.maint import Repo, backup, snapshot
 from tests.support.pg import PgCluster
 from tests.support.s3 import MotoServer
 
@@ -333,16 +333,6 @@ def test_expire_on_s3_across_listing_pages(moto_server: MotoServer, s3_bucket: s
 
 
 # --------------------------------------------------------------------------- real PostgreSQL
-
-@pytest.fixture
-def fs_repo(tmp_pg_dir: Path, pitr_exe: Path) -> Iterator[Repo]:
-    cluster = pg15_cluster(tmp_pg_dir)
-    root = tmp_pg_dir / "repo"
-    try:
-        yield start_repo(cluster, FsStorage(root), {"PITR_REPO": f"file://{root}"}, pitr_exe, root)
-    finally:
-        cluster.ensure_stopped()
-
 
 def wal_segnos(storage: Storage) -> list[int]:
     return sorted(walname.segno(o.key.rsplit("/", 1)[1], SEG) for o in storage.list("wal/")

@@ -5,8 +5,6 @@ A needs, so that A, once listed, verifies with all its WAL."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,20 +13,9 @@ from pitr.ops.base import backup as backup_op
 from pitr.pg.conn import PgSession
 from pitr.repo.envelope import parse_codec
 from pitr.repo.manifest import list_backup_ids
-from pitr.storage.fs import FsStorage
-from tests.support.maint import Repo, backup, pg15_cluster, start_repo
+from tests.support.maint import Repo, backup
 
 pytestmark = pytest.mark.pg
-
-
-@pytest.fixture
-def fs_repo(tmp_pg_dir: Path, pitr_exe: Path) -> Iterator[Repo]:
-    cluster = pg15_cluster(tmp_pg_dir)
-    root = tmp_pg_dir / "repo"
-    try:
-        yield start_repo(cluster, FsStorage(root), {"PITR_REPO": f"file://{root}"}, pitr_exe, root)
-    finally:
-        cluster.ensure_stopped()
 
 
 def test_expire_between_a_backups_wal_wait_and_its_manifest(fs_repo: Repo, monkeypatch: pytest.MonkeyPatch) -> None:

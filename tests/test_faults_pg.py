@@ -59,6 +59,13 @@ class Source:
              timeout: float = 180) -> subprocess.CompletedProcess[str]:
         return run([self.pitr_exe, *args], self.cluster.env() | self.env | (env or {}), timeout=timeout)
 
+    def pitr_killed(self, step: tuple[str, str, int, str], *args: str | Path) -> subprocess.CompletedProcess[str]:
+        """pitr ARGS SIGKILLed at step (target, before/after, nth call, match); the kill point must be reached."""
+        target, when, nth, match = step
+        r = self.pitr(*args, env=kill_env(target, when, nth, match))
+        assert r.returncode == -9, f"the kill point was not reached: {r.returncode}\n{r.stdout}{r.stderr}"
+        return r
+
     def listed(self) -> list[str]:
         r = self.pitr("info", "--json")
         assert r.returncode == 0, r.stderr
@@ -186,10 +193,8 @@ BACKUP_STEPS = {
 @pytest.mark.parametrize("step", list(BACKUP_STEPS))
 def test_backup_killed_at_each_step(src: Source, pg_version: str, step: str) -> None:
     only15(pg_version)
-    target, when, nth, match = BACKUP_STEPS[step]
     before = src.listed()
-    r = src.pitr("backup", env=kill_env(target, when, nth, match))
-    assert r.returncode == -9, f"the kill point was not reached: {r.returncode}\n{r.stdout}{r.stderr}"
+    r = src.pitr_killed(BACKUP_STEPS[step], "backup")
     assert r.stdout.strip() == "", "a killed backup printed an ID as if it had completed"
     after = src.listed()
     new = [b for b in after if b not in before]
@@ -216,10 +221,8 @@ RESTORE_STEPS = {
 @pytest.mark.parametrize("step", list(RESTORE_STEPS))
 def test_restore_killed_at_each_step(src: Source, pg_version: str, step: str) -> None:
     only15(pg_version)
-    target, when, nth, match = RESTORE_STEPS[step]
     dest = src.new_dir("rk")
-    r = src.pitr("restore", "--pgdata", dest.data, "--archive-mode", "off", env=kill_env(target, when, nth, match))
-    assert r.returncode == -9, f"the kill point was not reached: {r.returncode}\n{r.stdout}{r.stderr}"
+    src.pitr_killed(RESTORE_STEPS[step], "restore", "--pgdata", dest.data, "--archive-mode", "off")
     assert (dest.data / MARKER).exists(), "a killed restore must leave DIR marked incomplete"
     if step != "pg-control-written":
         assert not (dest.data / "global" / "pg_control").exists()

@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pitr.ops.wal import archive, spool
-from pitr.repo.envelope import Codec
-from pitr.repo.meta import read_meta
+from pitr.ops.wal import spool
 from tests.support import walgen
 from tests.support.faults import PITR, kill_env, run
 from tests.support.pg import chown_pg, make_tmpdir, rmtree_pg
@@ -27,17 +25,9 @@ NAMES = walgen.names(5, 5)
 def restoring() -> Iterator[tuple[Path, Path, Path]]:
     """(pgdata being recovered, repository, directory with the original segments)."""
     base = make_tmpdir("pitr-ff-")
-    pgdata = base / "data"
-    (pgdata / "pg_wal").mkdir(parents=True)
-    store = walgen.fs_repo(base / "repo")
-    meta = read_meta(store)
-    src = base / "src"
-    src.mkdir()
-    for i, n in enumerate(NAMES):
-        (src / n).write_bytes(walgen.segment(n, seed=i))
-        archive.push(store, meta, src / n, Codec("zstd", 1))
+    pgdata = walgen.archived_cluster(base, NAMES, seeded=True)
     chown_pg(base, recursive=True)
-    yield pgdata, base / "repo", src
+    yield pgdata, base / "repo", base / "src"
     pdir = pgdata / "pg_wal" / spool.PREFETCH_SPOOL
     if pdir.is_dir():
         spool.request_stop(pdir, spool.PREFETCHD)

@@ -23,6 +23,7 @@ import pytest
 
 from pitr.repo.manifest import read_manifest
 from pitr.storage.fs import FsStorage
+from tests.support.maint import start_source
 from tests.support.pg import PgCluster, make_tmpdir, rmtree_pg, run_as_postgres
 
 pytestmark = pytest.mark.pg
@@ -80,12 +81,9 @@ def _now(pg: PgCluster) -> str:
 def chain(pg_bindir: Path, pitr_exe: Path) -> Iterator[Chain]:
     base = make_tmpdir("pitr-incr-")
     env = {"PITR_REPO": f"file://{base / 'repo'}"}
-    src = PgCluster(pg_bindir, base / "src", name="src-incr")
-    src.initdb(f"archive_mode = on\narchive_command = '{pitr_exe} wal-push %p'\n")
+    src = start_source(PgCluster(pg_bindir, base / "src", name="src-incr"), env, pitr_exe)
     c = Chain(src, base, env, pitr_exe)
     try:
-        src.start(env=env)
-        c.pitr("init", "--dbname", src.conninfo)
         # nothing to build on yet: a full backup, with the reason on stderr and in --json
         p = c.pitr("backup", "--type", "incr", "--json", "--pgdata", src.data)
         c.fallback = json.loads(p.stdout) | {"stderr": p.stderr}

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,15 +17,6 @@ from botocore.exceptions import ClientError
 from pitr.storage.s3 import S3Storage
 from tests.support.pg import PgCluster, make_tmpdir, rmtree_pg, run_as_postgres
 from tests.support.s3 import MotoServer
-
-
-@pytest.fixture
-def moto_env(moto_server: MotoServer) -> Iterator[MotoServer]:
-    mp = pytest.MonkeyPatch()
-    for k, v in moto_server.env().items():
-        mp.setenv(k, v)
-    yield moto_server
-    mp.undo()
 
 
 def lock_bucket(moto: MotoServer) -> str:

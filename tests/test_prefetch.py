@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pitr.ops.wal import archive, prefetch, spool
-from pitr.repo.envelope import Codec
-from pitr.repo.meta import read_meta
+from pitr.ops.wal import prefetch, spool
 from tests.support import walgen
 from tests.support.pg import PgCluster, make_tmpdir, rmtree_pg, run_as_postgres
 from tests.support.s3 import MotoServer
@@ -40,16 +38,8 @@ def test_window_stays_on_the_timeline() -> None:
 def restore_dir() -> Iterator[tuple[Path, Path, list[str]]]:
     """(pgdata being restored, repo, archived segment names) for a fake cluster."""
     base = make_tmpdir("pitr-pf-")
-    pgdata = base / "data"
-    (pgdata / "pg_wal").mkdir(parents=True)
-    store = walgen.fs_repo(base / "repo")
-    meta = read_meta(store)
-    src = base / "src"
-    src.mkdir()
     names = walgen.names(5, 6)
-    for n in names:
-        (src / n).write_bytes(walgen.segment(n))
-        archive.push(store, meta, src / n, Codec("zstd", 1))
+    pgdata = walgen.archived_cluster(base, names)
     yield pgdata, base / "repo", names
     _stop_helpers(pgdata / "pg_wal" / spool.PREFETCH_SPOOL, spool.PREFETCHD)
     rmtree_pg(base)

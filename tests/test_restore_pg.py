@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ClusterFactory
+from tests.support.maint import new_repo, start_source
 from tests.support.pg import (
     IS_ROOT,
     PgCluster,
@@ -97,17 +97,10 @@ def work(pg: PgCluster, label: str, rows: int = 200) -> None:
 
 def start_story(kind: str, bindir: Path, pitr_exe: Path, moto: MotoServer | None) -> Story:
     base = make_tmpdir("pitr-rs-")
-    if kind == "fs":
-        env = {"PITR_REPO": f"file://{base / 'repo'}"}
-    else:
-        assert moto is not None
-        env = {"PITR_REPO": f"s3://{moto.create_bucket(f'rs-{uuid.uuid4().hex[:12]}')}/prod"} | moto.env()
-    src = PgCluster(bindir, base / "src", name=f"src-{kind}")
-    src.initdb(f"archive_mode = on\narchive_command = '{pitr_exe} wal-push %p'\n")
+    env = new_repo(kind, base, moto)[0]
+    src = start_source(PgCluster(bindir, base / "src", name=f"src-{kind}"), env, pitr_exe)
     st = Story(kind, src, base, env, pitr_exe)
     try:
-        src.start(env=env)
-        st.pitr("init", "--dbname", src.conninfo)
         src.sql("create table invoices (id int primary key, customer text not null, amount numeric(12,2) not null,"
                 " issued date not null, paid boolean not null default false)")
         src.sql("insert into invoices select g, 'customer-' || (g % 97), round((g * 7.31)::numeric % 5000, 2),"
@@ -138,15 +131,6 @@ def start_story(kind: str, bindir: Path, pitr_exe: Path, moto: MotoServer | None
         src.ensure_stopped()
         raise
     return st
-
-
-@pytest.fixture(scope="module")
-def moto_env(moto_server: MotoServer) -> Iterator[MotoServer]:
-    mp = pytest.MonkeyPatch()
-    for k, v in moto_server.env().items():
-        mp.setenv(k, v)
-    yield moto_server
-    mp.undo()
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from pitr.ops.wal import archive, spool, stage
+from pitr.ops.wal import spool, stage
 from pitr.pg.recovery import render_restore_command
-from pitr.repo.envelope import Codec
-from pitr.repo.meta import read_meta
 from tests.support import walgen
 from tests.support.pg import make_tmpdir, rmtree_pg
 
@@ -35,16 +33,8 @@ OTHER_SYSID = 7300000000000000099
 def fake() -> Iterator[tuple[Path, Path, list[str]]]:
     """(pgdata being recovered, repo, archived segment names) for a fake cluster."""
     base = make_tmpdir("pitr-stage-")
-    pgdata = base / "data"
-    (pgdata / "pg_wal").mkdir(parents=True)
-    store = walgen.fs_repo(base / "repo")
-    meta = read_meta(store)
-    src = base / "src"
-    src.mkdir()
     names = walgen.names(5, 8)
-    for n in names:
-        (src / n).write_bytes(walgen.segment(n))
-        archive.push(store, meta, src / n, Codec("zstd", 1))
+    pgdata = walgen.archived_cluster(base, names)
     yield pgdata, base / "repo", names
     for d in stage.helper_dirs(pgdata):
         stage.stop(d)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from pitr.ops.wal import stage
+from tests.support.maint import new_repo, start_source
 from tests.support.pg import PgCluster, make_tmpdir, rmtree_pg, run_as_postgres
 from tests.support.s3 import MotoServer
 
@@ -54,16 +55,9 @@ def source(kind: str, bindir: Path, pitr_exe: Path, moto: MotoServer | None) -> 
     if key in _SOURCES:
         return _SOURCES[key]
     base = make_tmpdir("pitr-stpg-")
-    if kind == "fs":
-        env = {"PITR_REPO": f"file://{base / 'repo'}"}
-    else:
-        assert moto is not None
-        env = {"PITR_REPO": f"s3://{moto.create_bucket(f'st-{uuid.uuid4().hex[:12]}')}/db"} | moto.env()
-    src = PgCluster(bindir, base / "src", name=f"src-{kind}")
-    src.initdb(f"archive_mode = on\narchive_command = '{pitr_exe} wal-push %p'\n")
+    env = new_repo(kind, base, moto, "db")[0]
+    src = start_source(PgCluster(bindir, base / "src", name=f"src-{kind}"), env, pitr_exe)
     s = Source(src, base, env, pitr_exe)
-    src.start(env=env)
-    s.pitr("init", "--dbname", src.conninfo)
     src.sql("create table t (id int, pad text)")
     # replay maintains the indexes: PostgreSQL works on each segment as a server does (and not faster than
     # a helper on a machine loaded by parallel test runs can stage)

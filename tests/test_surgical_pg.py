@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.support.pg import PgCluster, make_tmpdir, rmtree_pg, run_as_postgres
+from tests.support.maint import start_source
+from tests.support.pg import PgCluster, chown_pg, make_tmpdir, rmtree_pg, run_as_postgres
 
 pytestmark = pytest.mark.pg
 
@@ -66,13 +66,14 @@ def _xid_of(pg: PgCluster, sql: str) -> int:
 @pytest.fixture(scope="module")
 def acc(pg_bindir: Path, pitr_exe: Path) -> Iterator[Accidents]:
     base = make_tmpdir("pitr-sg-")
-    env = {"PITR_REPO": f"file://{base / 'repo'}"}
-    src = PgCluster(pg_bindir, base / "src", name="src")
-    src.initdb(f"archive_mode = on\narchive_command = '{pitr_exe} wal-push %p'\n")
+    # extract's TMPDIR: its throwaway copies are this module's alone to count (another worker's or test
+    # session's extract may run meanwhile)
+    (base / "tmp").mkdir()
+    chown_pg(base / "tmp")
+    env = {"PITR_REPO": f"file://{base / 'repo'}", "TMPDIR": str(base / "tmp")}
+    src = start_source(PgCluster(pg_bindir, base / "src", name="src"), env, pitr_exe)
     a = Accidents(src, base, env, pitr_exe)
     try:
-        src.start(env=env)
-        a.pitr("init", "--dbname", src.conninfo)
         src.sql("create table invoices (id int primary key, customer text not null, amount numeric(12,2) not null)")
         src.sql("insert into invoices select g, 'customer-' || (g % 97), round((g * 7.31)::numeric % 5000, 2)"
                 " from generate_series(1, 2000) g")
@@ -204,7 +205,7 @@ def test_extract_brings_back_the_deleted_rows(acc: Accidents) -> None:
     src = acc.src
     xid = acc.xids["delete"]
     assert acc.find("--table", "public.invoices")["transactions"][0]["xid"] == xid
-    before = set(Path(tempfile.gettempdir()).glob("pitr-extract-*"))
+    before = set(Path(acc.env["TMPDIR"]).glob("pitr-extract-*"))
     out = json.loads(acc.pitr("extract", "--table", "public.invoices", "--target-xid", str(xid),
                               "--target-exclusive", "--into-table", "public.recovered", "--dbname", src.conninfo,
                               "--replay-timeout", "240", "--json").stdout)
@@ -217,7 +218,7 @@ def test_extract_brings_back_the_deleted_rows(acc: Accidents) -> None:
     src.sql("insert into invoices select r.* from recovered r where not exists (select 1 from invoices i"
             " where i.id = r.id)")
     assert src.scalar("select count(*) from invoices") == 2050
-    assert set(Path(tempfile.gettempdir()).glob("pitr-extract-*")) == before, "the throwaway copy was left"
+    assert set(Path(acc.env["TMPDIR"]).glob("pitr-extract-*")) == before, "the throwaway copy was left"
 
     again = acc.pitr("extract", "--table", "invoices", "--target-xid", str(xid), "--into-table", "recovered",
                      "--dbname", src.conninfo, check=False)
@@ -243,7 +244,7 @@ def test_extract_interrupted_leaves_nothing_behind(acc: Accidents) -> None:
     from tests.support.pg import as_pg_argv, pg_env
 
     out = acc.base / "interrupted.csv"
-    before = set(Path(tempfile.gettempdir()).glob("pitr-extract-*"))
+    before = set(Path(acc.env["TMPDIR"]).glob("pitr-extract-*"))
     proc = subprocess.Popen(as_pg_argv([acc.pitr_exe, "extract", "--table", "invoices", "--target-xid",
                                         str(acc.xids["delete"]), "--to", out, "--dbname", acc.src.conninfo]),
                             env=pg_env(acc.env), cwd="/tmp", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -251,7 +252,7 @@ def test_extract_interrupted_leaves_nothing_behind(acc: Accidents) -> None:
     deadline = time.monotonic() + 240
     server_pid = 0
     while time.monotonic() < deadline and proc.poll() is None:
-        new = set(Path(tempfile.gettempdir()).glob("pitr-extract-*")) - before
+        new = set(Path(acc.env["TMPDIR"]).glob("pitr-extract-*")) - before
         pid_file = next((d / "data" / "postmaster.pid" for d in new if (d / "data" / "postmaster.pid").exists()), None)
         try:
             server_pid = int(pid_file.read_text().split("\n", 1)[0]) if pid_file else 0
@@ -264,7 +265,7 @@ def test_extract_interrupted_leaves_nothing_behind(acc: Accidents) -> None:
     proc.send_signal(signal.SIGTERM)
     _stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "Traceback" not in stderr, stderr
-    assert set(Path(tempfile.gettempdir()).glob("pitr-extract-*")) == before, "the throwaway directory was left"
+    assert set(Path(acc.env["TMPDIR"]).glob("pitr-extract-*")) == before, "the throwaway directory was left"
     assert not out.exists()
     time.sleep(0.5)
     try:

@@ -11,7 +11,6 @@ import hashlib
 import json
 import struct
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from pitr.repo import envelope
 from pitr.repo.format import META_KEY, backup_data_key, manifest_key, wal_key
 from pitr.repo.manifest import FileEntry, Manifest, write_manifest
 from pitr.repo.meta import new_meta
-from pitr.storage.fs import FsStorage
 from pitr.storage.memory import MemoryStorage
 from pitr.storage.s3 import S3Storage
 from tests.support.maint import Repo, backup, data_keys, flip_byte, pg15_cluster, snapshot, start_repo
@@ -176,16 +174,6 @@ def test_backup_option_reads_only_that_backup_and_its_wal(mem: MemoryStorage) ->
 
 
 # --------------------------------------------------------------------------- real PostgreSQL
-
-@pytest.fixture
-def fs_repo(tmp_pg_dir: Path, pitr_exe: Path) -> Iterator[Repo]:
-    cluster = pg15_cluster(tmp_pg_dir)
-    root = tmp_pg_dir / "repo"
-    try:
-        yield start_repo(cluster, FsStorage(root), {"PITR_REPO": f"file://{root}"}, pitr_exe, root)
-    finally:
-        cluster.ensure_stopped()
-
 
 def problems_of(repo: Repo, *args: str) -> tuple[int, list[dict[str, str]], str]:
     r = repo.pitr("verify", "--json", *args)

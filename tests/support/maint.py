@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from pitr.pg import walname
 from pitr.repo.manifest import Manifest, read_manifest
 from pitr.storage.base import Storage
+from pitr.storage.fs import FsStorage
+from pitr.storage.s3 import S3Storage
 from tests.support.pg import PgCluster, chown_pg, pg_bin_dirs, run_as_postgres
+from tests.support.s3 import MotoServer
 
 ARCHIVE_CONF = "archive_mode = on\narchive_command = 'pitr wal-push %p'\n"
 
@@ -59,6 +64,30 @@ def start_repo(cluster: PgCluster, storage: Storage, env: dict[str, str], pitr_e
     assert r.returncode == 0, r.stderr
     cluster.sql("create table churn (id int, v text)")
     return repo
+
+
+def new_repo(kind: str, base: Path, moto: MotoServer | None, prefix: str = "prod") -> tuple[dict[str, str], Storage]:
+    """A repository of `kind` for one test set-up: "fs" is base/repo (`pitr init` creates it), "s3" a fresh
+    bucket on moto holding it under `prefix`. Returns how pitr reaches it (env) and the store to inspect it."""
+    if kind == "fs":
+        return {"PITR_REPO": f"file://{base / 'repo'}"}, FsStorage(base / "repo")
+    assert moto is not None, "an S3 repository needs the moto server"
+    bucket = moto.create_bucket(f"repo-{uuid.uuid4().hex[:16]}")
+    return {"PITR_REPO": f"s3://{bucket}/{prefix}"} | moto.env(), S3Storage(bucket, prefix, endpoint=moto.endpoint)
+
+
+def start_source(cluster: PgCluster, env: Mapping[str, str], pitr_exe: Path, extra_conf: str = "") -> PgCluster:
+    """initdb `cluster` archiving through `pitr wal-push` (+ extra_conf), start it with `env` (the repository)
+    and `pitr init` that repository; the cluster is stopped again if a step fails."""
+    cluster.initdb(f"archive_mode = on\narchive_command = '{pitr_exe} wal-push %p'\n" + extra_conf)
+    try:
+        cluster.start(env=env)
+        r = run_as_postgres([pitr_exe, "init", "--dbname", cluster.conninfo], env=env, cwd="/tmp", check=False)
+        assert r.returncode == 0, f"pitr init exited {r.returncode}\n{r.stdout}\n{r.stderr}"
+    except BaseException:
+        cluster.ensure_stopped()
+        raise
+    return cluster
 
 
 def backup(repo: Repo) -> Manifest:

@@ -9,9 +9,11 @@ import os
 import struct
 from pathlib import Path
 
+from pitr.ops.wal import archive
 from pitr.pg import walname
+from pitr.repo.envelope import Codec
 from pitr.repo.format import META_KEY
-from pitr.repo.meta import new_meta
+from pitr.repo.meta import new_meta, read_meta
 from pitr.storage.fs import FsStorage
 
 SEG = 16 * 1024 * 1024
@@ -37,3 +39,19 @@ def fs_repo(path: Path, sysid: int = SYSID) -> FsStorage:
 
 def names(first: int, count: int, tli: int = 1) -> list[str]:
     return [walname.seg_name(tli, first + i, SEG) for i in range(count)]
+
+
+def archived_cluster(base: Path, names: list[str], seeded: bool = False) -> Path:
+    """A fake cluster being recovered: base/data with an empty pg_wal, and base/repo holding `names` stored
+    the way wal-push stores them (originals kept in base/src; seeded: segment i made with seed=i).
+    Returns the data directory."""
+    pgdata = base / "data"
+    (pgdata / "pg_wal").mkdir(parents=True)
+    store = fs_repo(base / "repo")
+    meta = read_meta(store)
+    src = base / "src"
+    src.mkdir()
+    for i, n in enumerate(names):
+        (src / n).write_bytes(segment(n, seed=i if seeded else 0))
+        archive.push(store, meta, src / n, Codec("zstd", 1))
+    return pgdata
