@@ -26,6 +26,7 @@ from pitr.repo.manifest import list_backup_ids
 from pitr.storage.fs import FsStorage
 from pitr.storage.s3 import S3Storage
 from tests.conftest import PG_VERSIONS
+from tests.support.faults import kill_env
 from tests.support.maint import Repo, backup, start_repo
 from tests.support.pg import IS_ROOT, PgCluster, as_pg_argv, chown_pg, make_tmpdir, pg_bin_dirs, pg_env, rmtree_pg
 from tests.support.s3 import MotoServer
@@ -249,21 +250,22 @@ def test_sigint_mid_replay_leaves_nothing_behind(repo: Repo) -> None:
         pytest.skip("one variant is enough for the interrupt")
     before = drill_dirs(repo)
     n = len(records(repo))
-    env = pg_env(repo.cluster.env() | repo.env)
-    first = list_backup_ids(repo.storage)[0]  # the oldest backup: the longest replay
+    # the drill holds still right after it started its replay server (a test-only pause point), so the
+    # interrupt lands mid-replay however fast the replay itself is
+    pause = Path(repo.env["TMPDIR"]) / f"pause-{uuid.uuid4().hex}"
+    env = pg_env(repo.cluster.env() | repo.env | kill_env("pitr.pg.server:PrivateServer.start", "after", pause=pause))
+    first = list_backup_ids(repo.storage)[0]
     p = subprocess.Popen(as_pg_argv([repo.pitr_exe, "drill", "--no-amcheck", "--backup", first]), env=env, cwd="/tmp",
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            # the replay server: a postgres on the drill dir with restore's settings (not the checks' hba_file)
-            if [c for c in drill_servers(repo) if "hot_standby=on" in c and "hba_file" not in c]:
-                break
+        while not Path(f"{pause}.reached").exists():
             assert p.poll() is None, p.communicate()
+            if time.monotonic() > deadline:
+                pytest.fail("the drill never started its replay server")
             time.sleep(0.02)
-        else:
-            pytest.fail("the drill never started its replay server")
-        time.sleep(0.3)
+        # the replay server: a postgres on the drill dir with restore's settings (not the checks' hba_file)
+        assert [c for c in drill_servers(repo) if "hot_standby=on" in c and "hba_file" not in c]
         os.kill(p.pid, signal.SIGINT)  # setpriv execs: p.pid is pitr
         out, err = p.communicate(timeout=120)
     finally:
