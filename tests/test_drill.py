@@ -255,8 +255,11 @@ def test_sigint_mid_replay_leaves_nothing_behind(repo: Repo) -> None:
     pause = Path(repo.env["TMPDIR"]) / f"pause-{uuid.uuid4().hex}"
     env = pg_env(repo.cluster.env() | repo.env | kill_env("pitr.pg.server:PrivateServer.start", "after", pause=pause))
     first = list_backup_ids(repo.storage)[0]
+    # SIGINT at its default in the child: a pytest-xdist worker ignores SIGINT, and an ignored signal stays
+    # ignored across exec, so Python would never turn Ctrl-C into KeyboardInterrupt
     p = subprocess.Popen(as_pg_argv([repo.pitr_exe, "drill", "--no-amcheck", "--backup", first]), env=env, cwd="/tmp",
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not Path(f"{pause}.reached").exists():
