@@ -17,6 +17,7 @@ from pitr.ops.recovery.restore_plan import Target, make_plan
 from pitr.pg import walname
 from pitr.repo.chain import chain_problem, chain_problems, dependencies, parent_chain, root_of
 from pitr.repo.manifest import FileEntry, Manifest, read_manifests, write_manifest
+from pitr.repo.mapchain import chain_ids
 from pitr.storage.memory import MemoryStorage
 from tests.test_restore_plan import LINEAR, at, manifest
 
@@ -65,6 +66,22 @@ def test_whole_chain() -> None:
     assert root_of(I2, ids) == "B1" and root_of(F1, ids) == "B1"
     assert dependencies(I2, ids) == {"B1", "B2", "B3"}
     assert dependencies(F1, ids) == set()
+
+
+def test_a_lazy_lookup_walks_the_same_chain_once_per_ancestor() -> None:
+    ids = by_id(*ALL)
+    asked: list[str] = []
+
+    def lookup(bid: str) -> Manifest | None:
+        asked.append(bid)
+        return ids.get(bid)
+
+    assert [m.id for m in parent_chain(I2, lookup)] == ["B1", "B2", "B3", "B4"]
+    assert asked == ["B3", "B2", "B1"]
+    assert chain_ids(I2, ids.get) == {"B1", "B2", "B3", "B4"}
+    # a parent that cannot be looked up stays in the chain's IDs (a base there is "missing", not foreign)
+    assert chain_ids(I2, by_id(I1, I2).get) == {"B2", "B3", "B4"}
+    assert [m.id for m in parent_chain(I2, by_id(I1, I2).get)] == ["B3", "B4"]
 
 
 def test_missing_and_unreadable_parent_break_every_descendant() -> None:

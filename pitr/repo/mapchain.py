@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 
 from pitr.errors import IntegrityError, NotFoundError
 from pitr.repo import blockmap, envelope
+from pitr.repo.chain import Lookup, parent_chain
 from pitr.repo.format import backup_dir, is_backup_id
 from pitr.repo.manifest import FileEntry, Manifest, read_manifest
 from pitr.storage.base import Storage
-
-Lookup = Callable[[str], "Manifest | None"]
 
 
 def storage_lookup(storage: Storage, known: Collection[Manifest] = ()) -> Lookup:
@@ -47,12 +46,13 @@ def storage_lookup(storage: Storage, known: Collection[Manifest] = ()) -> Lookup
 
 
 def chain_ids(m: Manifest, lookup: Lookup) -> set[str]:
-    """m and its ancestors as far as they can be looked up (repo/chain.py judges whether that is whole)."""
-    out = {m.id}
-    cur: Manifest | None = m
-    while cur is not None and cur.type != "full" and isinstance(cur.parent, str) and cur.parent not in out:
-        out.add(cur.parent)
-        cur = lookup(cur.parent)
+    """m and its ancestors as far as they can be looked up (repo/chain.py judges whether that is whole),
+    and the parent the walk could not look up: a base there is then reported missing, not foreign."""
+    chain = parent_chain(m, lookup)
+    out = {x.id for x in chain}
+    root = chain[0]
+    if root.type != "full" and isinstance(root.parent, str):
+        out.add(root.parent)
     return out
 
 
