@@ -22,10 +22,9 @@ from pitr.repo.format import META_KEY, backup_data_key, manifest_key, started_ke
 from pitr.repo.manifest import Manifest, list_backup_ids, write_manifest
 from pitr.repo.meta import new_meta
 from pitr.storage.base import Storage
-from pitr.storage.fs import FsStorage
 from pitr.storage.memory import MemoryStorage
 from pitr.storage.s3 import S3Storage
-from tests.support.maint import Repo, backup, snapshot
+from tests.support.maint import Repo, backup, fs_repo, pitr_cli, snapshot
 from tests.support.pg import PgCluster
 from tests.support.s3 import MotoServer
 
@@ -232,23 +231,11 @@ def test_stale_backup_marker_is_not_honoured() -> None:
 
 def test_dry_run_shows_the_backup_in_progress(tmp_path: Path) -> None:
     """`expire --dry-run` names the running backup, where it runs and what it holds back (CLI, fs repo)."""
-    import os
-    import subprocess
-    import sys
-
-    fs = FsStorage(tmp_path / "repo")
-    fs.create()
-    fs.put(META_KEY, new_meta(1, 15, SEG).to_json())
-    for n in range(1, 13):
-        fs.put(wal_key(seg(1, n)), b"x")
-    for bid, start in (("B1", 2), ("B3", 8)):
-        write_manifest(fs, manifest(bid, 1, start, start + 1))
+    fs = fs_repo(tmp_path / "repo", [manifest(bid, 1, start, start + 1) for bid, start in (("B1", 2), ("B3", 8))], 12)
     lsn = walname.format_lsn(6 * SEG + 40)
     fs.put(started_key("B2y"), json.dumps({"pid": 4242, "host": "db1", "started": "2026-11-29T10:00:00Z",
                                            "start_lsn": lsn}).encode())
-    env = {"PATH": os.environ["PATH"], "HOME": "/tmp", "PITR_CONFIG": "/dev/null", "PITR_REPO": str(fs.root)}
-    r = subprocess.run([str(Path(sys.executable).parent / "pitr"), "expire", "--retain-full", "1", "--dry-run"],
-                       env=env, capture_output=True, text=True, timeout=60)
+    r = pitr_cli(fs, "expire", "--retain-full", "1", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert (f"running B2y  in progress since 2026-11-29T10:00:00Z on db1 pid 4242: it needs WAL from {lsn} on"
             in r.stdout)

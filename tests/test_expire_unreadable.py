@@ -4,19 +4,15 @@ applied, no WAL is deleted, and expire exits 1 naming the backup."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from pitr.ops.admin.retention import Policy, apply, gather_and_plan
 from pitr.repo import drills
-from pitr.repo.format import META_KEY, backup_data_key, manifest_key, wal_key
-from pitr.repo.manifest import list_backup_ids, write_manifest
-from pitr.repo.meta import new_meta
-from pitr.storage.fs import FsStorage
-from tests.test_expire import SEG, Repo0, decisions, manifest, seg
+from pitr.repo.format import backup_data_key, manifest_key
+from pitr.repo.manifest import list_backup_ids
+from tests.support.maint import fs_repo, pitr_cli
+from tests.test_expire import Repo0, decisions, manifest
 
 
 def damaged(r: Repo0) -> Repo0:
@@ -55,17 +51,10 @@ def test_an_unreadable_backup_keeps_what_it_may_need_and_what_needs_it() -> None
 
 
 def test_the_cli_applies_the_rest_and_exits_1_naming_the_backup(tmp_path: Path) -> None:
-    fs = FsStorage(tmp_path / "repo")
-    fs.create()
-    fs.put(META_KEY, new_meta(1, 15, SEG).to_json())
-    for n in range(1, 21):
-        fs.put(wal_key(seg(1, n)), b"x")
-    for bid, start in (("B1", 2), ("B2", 5), ("B3", 8), ("B5", 14), ("B6", 17)):
-        write_manifest(fs, manifest(bid, 1, start, start + 1))
+    fs = fs_repo(tmp_path / "repo", [manifest(bid, 1, start, start + 1)
+                                     for bid, start in (("B1", 2), ("B2", 5), ("B3", 8), ("B5", 14), ("B6", 17))], 20)
     fs.put(manifest_key("B1"), b"garbage")  # the oldest one: nothing else depends on what it is
-    env = {"PATH": os.environ["PATH"], "HOME": "/tmp", "PITR_CONFIG": "/dev/null", "PITR_REPO": str(fs.root)}
-    exe = str(Path(sys.executable).parent / "pitr")
-    r = subprocess.run([exe, "expire", "--retain-full", "1"], env=env, capture_output=True, text=True, timeout=60)
+    r = pitr_cli(fs, "expire", "--retain-full", "1")
     assert r.returncode == 1, r.stdout + r.stderr
     assert "Traceback" not in r.stderr and "internal error" not in r.stderr
     assert "B1" in r.stderr and "pitr verify" in r.stderr
