@@ -182,3 +182,36 @@ def test_cli_refuses_a_backup_whose_chain_is_broken(tmp_path: Path) -> None:
     assert r.returncode == 1, r
     assert f"backup {incr} cannot be restored: backup {incr} builds on backup {full}, which is missing" in r.stderr
     assert "Traceback" not in r.stderr and not dest.exists()
+
+
+@pytest.mark.parametrize("parent", ["20261102T000000F", "20261103T000000F", "B1", "20261101T000000F/../x", 7])
+def test_a_hand_edited_parent_that_is_not_an_older_backup_is_refused(tmp_path: Path, parent: object) -> None:
+    """The incr's own ID, a newer one (a walk forward in time, or a loop), something that is no backup ID:
+    restore refuses the manifest in one sentence naming the parent, before it creates anything."""
+    import json
+
+    from pitr.repo import envelope
+    from pitr.repo.format import META_KEY, manifest_key
+    from pitr.repo.meta import new_meta
+    from pitr.storage.fs import FsStorage
+
+    full, incr, newer = "20261101T000000F", "20261102T000000F", "20261103T000000F"
+    fs = FsStorage(tmp_path / "repo")
+    fs.create()
+    fs.put(META_KEY, new_meta(7, 15, 16 << 20).to_json())
+    for m in (dataclasses.replace(F1, id=full), dataclasses.replace(I1, id=incr, parent=full, type="diff"),
+              dataclasses.replace(I1, id=newer, parent=incr)):
+        write_manifest(fs, dataclasses.replace(m, system_identifier=7))
+    d = json.loads(envelope.decode(fs.get(manifest_key(incr)), "test manifest"))
+    d["parent"] = parent
+    fs.put(manifest_key(incr), envelope.encode(json.dumps(d).encode(), envelope.Codec("zstd", 3)))
+    env = {"PATH": os.environ["PATH"], "HOME": "/tmp", "PITR_CONFIG": "/dev/null", "PITR_REPO": str(fs.root)}
+    dest = tmp_path / "restored"
+    r = subprocess.run([str(Path(sys.executable).parent / "pitr"), "restore", "-D", str(dest), "--backup", incr,
+                        "--dry-run"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r
+    assert (f"manifest of backup {incr} is unsafe to use: its parent {parent!r} is not the ID of an older backup"
+            in r.stderr), r.stderr
+    assert "Traceback" not in r.stderr and not dest.exists()
+    good, bad = read_manifests(fs)  # the others still read
+    assert [m.id for m in good] == [full, newer] and list(bad) == [incr]

@@ -142,13 +142,13 @@ def test_retain_days_keeps_the_window_and_the_backup_before_it() -> None:
 
 
 def test_incremental_chain_stays_with_a_kept_child() -> None:
+    b1, b2, b3, b4 = (f"20240601T00000{n}F" for n in range(1, 5))  # real IDs: a parent is an older one
     r = Repo0().wal(1, 1, 12)
-    r.backup(manifest("B1", 1, 2, 2)).backup(manifest("B2", 1, 5, 5, type="incr", parent="B1"))
-    r.backup(manifest("B3", 1, 8, 8, type="incr", parent="B2"))
-    assert decisions(r.plan(Policy(retain_full=1))) == {"B1": "keep", "B2": "keep", "B3": "keep"}
-    r.backup(manifest("B4", 1, 10, 10))
-    assert decisions(r.plan(Policy(retain_full=1))) == {"B1": "expire", "B2": "expire", "B3": "expire",
-                                                        "B4": "keep"}
+    r.backup(manifest(b1, 1, 2, 2)).backup(manifest(b2, 1, 5, 5, type="incr", parent=b1))
+    r.backup(manifest(b3, 1, 8, 8, type="incr", parent=b2))
+    assert decisions(r.plan(Policy(retain_full=1))) == {b1: "keep", b2: "keep", b3: "keep"}
+    r.backup(manifest(b4, 1, 10, 10))
+    assert decisions(r.plan(Policy(retain_full=1))) == {b1: "expire", b2: "expire", b3: "expire", b4: "keep"}
 
 
 def test_timelines_history_partial_and_backup_files() -> None:
