@@ -17,6 +17,7 @@ from pitr.ops.recovery.restore_plan import Target, make_plan
 from pitr.pg import walname
 from pitr.repo.chain import chain_problem, chain_problems, dependencies, parent_chain, root_of
 from pitr.repo.manifest import FileEntry, Manifest, read_manifests, write_manifest
+from pitr.repo.mapchain import chain_ids
 from pitr.storage.memory import MemoryStorage
 from tests.test_restore_plan import LINEAR, at, manifest
 
@@ -65,6 +66,22 @@ def test_whole_chain() -> None:
     assert root_of(I2, ids) == "B1" and root_of(F1, ids) == "B1"
     assert dependencies(I2, ids) == {"B1", "B2", "B3"}
     assert dependencies(F1, ids) == set()
+
+
+def test_a_lazy_lookup_walks_the_same_chain_once_per_ancestor() -> None:
+    ids = by_id(*ALL)
+    asked: list[str] = []
+
+    def lookup(bid: str) -> Manifest | None:
+        asked.append(bid)
+        return ids.get(bid)
+
+    assert [m.id for m in parent_chain(I2, lookup)] == ["B1", "B2", "B3", "B4"]
+    assert asked == ["B3", "B2", "B1"]
+    assert chain_ids(I2, ids.get) == {"B1", "B2", "B3", "B4"}
+    # a parent that cannot be looked up stays in the chain's IDs (a base there is "missing", not foreign)
+    assert chain_ids(I2, by_id(I1, I2).get) == {"B2", "B3", "B4"}
+    assert [m.id for m in parent_chain(I2, by_id(I1, I2).get)] == ["B3", "B4"]
 
 
 def test_missing_and_unreadable_parent_break_every_descendant() -> None:
@@ -165,3 +182,36 @@ def test_cli_refuses_a_backup_whose_chain_is_broken(tmp_path: Path) -> None:
     assert r.returncode == 1, r
     assert f"backup {incr} cannot be restored: backup {incr} builds on backup {full}, which is missing" in r.stderr
     assert "Traceback" not in r.stderr and not dest.exists()
+
+
+@pytest.mark.parametrize("parent", ["20261102T000000F", "20261103T000000F", "B1", "20261101T000000F/../x", 7])
+def test_a_hand_edited_parent_that_is_not_an_older_backup_is_refused(tmp_path: Path, parent: object) -> None:
+    """The incr's own ID, a newer one (a walk forward in time, or a loop), something that is no backup ID:
+    restore refuses the manifest in one sentence naming the parent, before it creates anything."""
+    import json
+
+    from pitr.repo import envelope
+    from pitr.repo.format import META_KEY, manifest_key
+    from pitr.repo.meta import new_meta
+    from pitr.storage.fs import FsStorage
+
+    full, incr, newer = "20261101T000000F", "20261102T000000F", "20261103T000000F"
+    fs = FsStorage(tmp_path / "repo")
+    fs.create()
+    fs.put(META_KEY, new_meta(7, 15, 16 << 20).to_json())
+    for m in (dataclasses.replace(F1, id=full), dataclasses.replace(I1, id=incr, parent=full, type="diff"),
+              dataclasses.replace(I1, id=newer, parent=incr)):
+        write_manifest(fs, dataclasses.replace(m, system_identifier=7))
+    d = json.loads(envelope.decode(fs.get(manifest_key(incr)), "test manifest"))
+    d["parent"] = parent
+    fs.put(manifest_key(incr), envelope.encode(json.dumps(d).encode(), envelope.Codec("zstd", 3)))
+    env = {"PATH": os.environ["PATH"], "HOME": "/tmp", "PITR_CONFIG": "/dev/null", "PITR_REPO": str(fs.root)}
+    dest = tmp_path / "restored"
+    r = subprocess.run([str(Path(sys.executable).parent / "pitr"), "restore", "-D", str(dest), "--backup", incr,
+                        "--dry-run"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r
+    assert (f"manifest of backup {incr} is unsafe to use: its parent {parent!r} is not the ID of an older backup"
+            in r.stderr), r.stderr
+    assert "Traceback" not in r.stderr and not dest.exists()
+    good, bad = read_manifests(fs)  # the others still read
+    assert [m.id for m in good] == [full, newer] and list(bad) == [incr]

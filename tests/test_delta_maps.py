@@ -11,6 +11,7 @@ import struct
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pitr.errors import IntegrityError
@@ -18,6 +19,7 @@ from pitr.ops.proof.verify import VerifyOptions, verify
 from pitr.repo import blockmap, envelope
 from pitr.repo.format import MAP2_MANIFEST_FORMAT, META_KEY
 from pitr.repo.manifest import FileEntry, Manifest, write_manifest
+from pitr.repo.mapchain import MapCache
 from pitr.repo.meta import new_meta
 from pitr.storage.memory import MemoryStorage
 from tests.test_incr_blocks import BS, Chain
@@ -190,6 +192,54 @@ def test_verify_checks_the_effective_maps_of_a_delta_chain(tmp_path: Path) -> No
     res = verify(c.storage, VerifyOptions())
     probs = [p for p in res.problems if p.object.startswith("backups/")]
     assert [p.kind for p in probs] == ["block-map"] and "SHA-256 its manifest" in probs[0].detail, probs
+
+
+class CountingStorage(MemoryStorage):
+    """Memory storage that records every ranged read (verify reads block maps that way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ranges: list[tuple[str, int]] = []
+
+    def get_range(self, key: str, start: int, length: int | None = None) -> bytes:
+        self.ranges.append((key, start))
+        return super().get_range(key, start, length)
+
+
+@pytest.mark.parametrize("depth", [4, 7])
+def test_verify_reads_each_map_of_a_chain_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, depth: int) -> None:
+    """Each delta of REL builds on the one before; verify resolves them all, reading each map once
+    (it used to resolve every map down to the full anew: depth * (depth + 1) / 2 reads)."""
+    monkeypatch.setattr("tests.test_incr_blocks.IDS", tuple(f"202601{d:02d}T000000F" for d in range(1, 10)))
+    storage = CountingStorage()
+    c = Chain(tmp_path, envelope.Codec("none", 0), storage)
+    c.write(REL, os.urandom(16 * BS))
+    c.write("base/5/16385", os.urandom(10 * BS), mtime=time.time() - 3600)
+    ms = [c.backup()]
+    for k in range(1, depth):
+        c.patch(REL, k, os.urandom(BS))
+        ms.append(c.backup())
+    assert [entry(m).map["base"] for m in ms[1:]] == [m.id for m in ms[:-1]]  # type: ignore[index]
+    maps = {(f"backups/{m.id}/{entry(m).map['object']}", entry(m).map["offset"]) for m in ms}  # type: ignore[index]
+    assert len(maps) == depth
+    c.storage.put(META_KEY, new_meta(1, 15, 16 << 20).to_json())
+    storage.ranges.clear()
+    res = verify(c.storage, VerifyOptions(jobs=3))
+    assert not [p for p in res.problems if p.object.startswith("backups/")], res.problems
+    assert sorted(r for r in storage.ranges if r in maps) == sorted(maps)
+
+
+def test_the_map_cache_is_bounded_and_used_only_within_its_chain() -> None:
+    def bmap() -> blockmap.BlockMap:
+        return blockmap.BlockMap(BS, np.zeros(10, dtype=[("hash", "S16"), ("source", "<u2"), ("ordinal", "<u4")]))
+
+    cache = MapCache(max_bytes=3 * bmap().records.nbytes)
+    for k in range(5):
+        cache.put(("B", None, str(k)), bmap(), frozenset({"A"}))
+    assert [k for k in range(5) if cache.get(("B", None, str(k)), {"A", "B"})] == [2, 3, 4]  # the oldest out
+    assert cache.get(("B", None, "4"), {"B"}) is None  # resolved through A, which this chain does not have
+    cache.put(("C", None, "big"), blockmap.BlockMap(BS, np.zeros(40, dtype=bmap().records.dtype)), frozenset())
+    assert cache.get(("C", None, "big"), {"C"}) is None  # larger than the whole budget: not kept
 
 
 # --------------------------------------------------------------------------- an older chain (format 1)

@@ -278,3 +278,43 @@ def test_sigint_mid_replay_leaves_nothing_behind(repo: Repo) -> None:
     assert "drill interrupted" in err and "Traceback" not in err
     assert drill_dirs(repo) == before and not drill_servers(repo)
     assert len(records(repo)) == n
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or only its zombie (killed; PID 1 of a container may never reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_hung_pg_amcheck_fails_the_drill_within_its_bound(repo: Repo, tmp_pg_dir: Path) -> None:
+    """A pg_amcheck that never ends (here a script that sleeps, in a --pg-bin of the real binaries) is
+    killed with its children at --amcheck-timeout: the drill fails the amcheck step, saying so, and
+    leaves nothing running."""
+    if repo.fs_root is None or repo.cluster.major != 15:
+        pytest.skip("one variant is enough for the amcheck bound")
+    before = drill_dirs(repo)
+    n = len(records(repo))
+    fake = tmp_pg_dir / "bin"
+    fake.mkdir()
+    for exe in pg_bin_dirs()["15"].iterdir():
+        if exe.name != "pg_amcheck":
+            (fake / exe.name).symlink_to(exe)
+    (fake / "pg_amcheck").write_text(f"#!/bin/sh\necho $$ > {tmp_pg_dir}/amcheck.pid\nsleep 600 &\n"
+                                     f"echo $! > {tmp_pg_dir}/sleep.pid\nwait\n")
+    os.chmod(fake / "pg_amcheck", 0o755)
+    chown_pg(fake, recursive=True)
+    r = repo.pitr("drill", "--json", "--pg-bin", str(fake), "--amcheck-timeout", "3", "--replay-timeout", "240",
+                  timeout=200)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "failed (amcheck)" in r.stderr and "Traceback" not in r.stderr
+    rec = json.loads(r.stdout)
+    [step] = [s for s in rec["steps"] if s["name"] == "amcheck"]
+    assert step["passed"] is False
+    assert step["message"].startswith("pg_amcheck did not finish within 3s and was stopped"), step
+    assert 3 <= step["seconds"] < 20
+    pids = [int((tmp_pg_dir / f).read_text()) for f in ("amcheck.pid", "sleep.pid")]
+    assert all(_gone(pid) for pid in pids), pids
+    assert records(repo)[-1]["passed"] is False and len(records(repo)) == n + 1
+    assert drill_dirs(repo) == before and not drill_servers(repo)

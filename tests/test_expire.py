@@ -22,10 +22,9 @@ from pitr.repo.format import META_KEY, backup_data_key, manifest_key, started_ke
 from pitr.repo.manifest import Manifest, list_backup_ids, write_manifest
 from pitr.repo.meta import new_meta
 from pitr.storage.base import Storage
-from pitr.storage.fs import FsStorage
 from pitr.storage.memory import MemoryStorage
 from pitr.storage.s3 import S3Storage
-from tests.support.maint import Repo, backup, snapshot
+from tests.support.maint import Repo, backup, fs_repo, pitr_cli, snapshot
 from tests.support.pg import PgCluster
 from tests.support.s3 import MotoServer
 
@@ -143,13 +142,13 @@ def test_retain_days_keeps_the_window_and_the_backup_before_it() -> None:
 
 
 def test_incremental_chain_stays_with_a_kept_child() -> None:
+    b1, b2, b3, b4 = (f"20240601T00000{n}F" for n in range(1, 5))  # real IDs: a parent is an older one
     r = Repo0().wal(1, 1, 12)
-    r.backup(manifest("B1", 1, 2, 2)).backup(manifest("B2", 1, 5, 5, type="incr", parent="B1"))
-    r.backup(manifest("B3", 1, 8, 8, type="incr", parent="B2"))
-    assert decisions(r.plan(Policy(retain_full=1))) == {"B1": "keep", "B2": "keep", "B3": "keep"}
-    r.backup(manifest("B4", 1, 10, 10))
-    assert decisions(r.plan(Policy(retain_full=1))) == {"B1": "expire", "B2": "expire", "B3": "expire",
-                                                        "B4": "keep"}
+    r.backup(manifest(b1, 1, 2, 2)).backup(manifest(b2, 1, 5, 5, type="incr", parent=b1))
+    r.backup(manifest(b3, 1, 8, 8, type="incr", parent=b2))
+    assert decisions(r.plan(Policy(retain_full=1))) == {b1: "keep", b2: "keep", b3: "keep"}
+    r.backup(manifest(b4, 1, 10, 10))
+    assert decisions(r.plan(Policy(retain_full=1))) == {b1: "expire", b2: "expire", b3: "expire", b4: "keep"}
 
 
 def test_timelines_history_partial_and_backup_files() -> None:
@@ -232,23 +231,11 @@ def test_stale_backup_marker_is_not_honoured() -> None:
 
 def test_dry_run_shows_the_backup_in_progress(tmp_path: Path) -> None:
     """`expire --dry-run` names the running backup, where it runs and what it holds back (CLI, fs repo)."""
-    import os
-    import subprocess
-    import sys
-
-    fs = FsStorage(tmp_path / "repo")
-    fs.create()
-    fs.put(META_KEY, new_meta(1, 15, SEG).to_json())
-    for n in range(1, 13):
-        fs.put(wal_key(seg(1, n)), b"x")
-    for bid, start in (("B1", 2), ("B3", 8)):
-        write_manifest(fs, manifest(bid, 1, start, start + 1))
+    fs = fs_repo(tmp_path / "repo", [manifest(bid, 1, start, start + 1) for bid, start in (("B1", 2), ("B3", 8))], 12)
     lsn = walname.format_lsn(6 * SEG + 40)
     fs.put(started_key("B2y"), json.dumps({"pid": 4242, "host": "db1", "started": "2026-11-29T10:00:00Z",
                                            "start_lsn": lsn}).encode())
-    env = {"PATH": os.environ["PATH"], "HOME": "/tmp", "PITR_CONFIG": "/dev/null", "PITR_REPO": str(fs.root)}
-    r = subprocess.run([str(Path(sys.executable).parent / "pitr"), "expire", "--retain-full", "1", "--dry-run"],
-                       env=env, capture_output=True, text=True, timeout=60)
+    r = pitr_cli(fs, "expire", "--retain-full", "1", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert (f"running B2y  in progress since 2026-11-29T10:00:00Z on db1 pid 4242: it needs WAL from {lsn} on"
             in r.stdout)

@@ -4,19 +4,15 @@ the kept full backups, and --dry-run says who needs what."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from pitr.errors import StorageError
 from pitr.ops.admin.retention import Policy, apply, gather_and_plan
-from pitr.repo.format import META_KEY, backup_data_key, manifest_key, wal_key
-from pitr.repo.manifest import FileEntry, list_backup_ids, write_manifest
-from pitr.repo.meta import new_meta
-from pitr.storage.fs import FsStorage
+from pitr.repo.format import backup_data_key, manifest_key
+from pitr.repo.manifest import FileEntry, list_backup_ids
+from tests.support.maint import fs_repo, pitr_cli
 from tests.test_expire import NOW, Recording, Repo0, days_ago, decisions, deleted_wal, manifest, seg
 
 # real backup IDs: manifests are read back through the validating reader (a parent is an older ID)
@@ -79,17 +75,9 @@ def test_a_backup_an_entry_takes_bytes_from_stays() -> None:
 
 
 def test_dry_run_says_who_needs_a_backup(tmp_path: Path) -> None:
-    fs = FsStorage(tmp_path / "repo")
-    fs.create()
-    fs.put(META_KEY, new_meta(1, 15, 16 << 20).to_json())
-    for n in range(1, 13):
-        fs.put(wal_key(seg(1, n)), b"x")
-    write_manifest(fs, manifest(B1, 1, 2, 2, days_ago(9)))
-    write_manifest(fs, manifest(B2, 1, 4, 4, days_ago(8), "incr", B1))
-    write_manifest(fs, manifest(B3, 1, 6, 6, days_ago(1), "incr", B2))
-    env = {"PATH": os.environ["PATH"], "HOME": "/tmp", "PITR_CONFIG": "/dev/null", "PITR_REPO": str(fs.root)}
-    r = subprocess.run([str(Path(sys.executable).parent / "pitr"), "expire", "--retain-days", "2", "--dry-run"],
-                       env=env, capture_output=True, text=True, timeout=60)
+    fs = fs_repo(tmp_path / "repo", [manifest(B1, 1, 2, 2, days_ago(9)), manifest(B2, 1, 4, 4, days_ago(8), "incr", B1),
+                                     manifest(B3, 1, 6, 6, days_ago(1), "incr", B2)], 12)
+    r = pitr_cli(fs, "expire", "--retain-days", "2", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert f"keep    {B1}  full" in r.stdout and f"needed by kept backup {B3}" in r.stdout
     assert f"keep    {B2}  incr" in r.stdout and f"needed by kept backup {B3}" in r.stdout

@@ -5,20 +5,14 @@ them); an unreadable record is never deleted; --dry-run shows the plan and delet
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from pitr.ops.admin.retention import Policy, apply
 from pitr.repo import drills
-from pitr.repo.format import META_KEY, wal_key
-from pitr.repo.manifest import write_manifest
-from pitr.repo.meta import new_meta
 from pitr.storage.base import Storage
-from pitr.storage.fs import FsStorage
-from tests.test_expire import SEG, linear, manifest, seg
+from tests.support.maint import fs_repo, pitr_cli
+from tests.test_expire import linear, manifest
 
 
 def record(did: str, backup: str | None, passed: bool) -> dict[str, Any]:
@@ -68,26 +62,17 @@ def test_records_of_expired_backups_go_but_the_newest_and_newest_passing_stay() 
 
 
 def test_dry_run_shows_the_records_and_deletes_nothing(tmp_path: Path) -> None:
-    fs = FsStorage(tmp_path / "repo")
-    fs.create()
-    fs.put(META_KEY, new_meta(1, 15, SEG).to_json())
-    for n in range(1, 13):
-        fs.put(wal_key(seg(1, n)), b"x")
-    for bid, start in (("B1", 2), ("B2", 5), ("B3", 8)):
-        write_manifest(fs, manifest(bid, 1, start, start + 1, "2024-06-29T12:00:00+00:00"))
+    fs = fs_repo(tmp_path / "repo", [manifest(bid, 1, start, start + 1, "2024-06-29T12:00:00+00:00")
+                                     for bid, start in (("B1", 2), ("B2", 5), ("B3", 8))], 12)
     with_drills(fs)
     before = sorted(p.name for p in (fs.root / "drills").iterdir())
-    env = {"PATH": os.environ["PATH"], "HOME": "/tmp", "PITR_CONFIG": "/dev/null", "PITR_REPO": str(fs.root)}
-    exe = str(Path(sys.executable).parent / "pitr")
-    r = subprocess.run([exe, "expire", "--retain-full", "2", "--dry-run"], env=env, capture_output=True, text=True,
-                       timeout=60)
+    r = pitr_cli(fs, "expire", "--retain-full", "2", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert f"delete  drill {OF_B1_PASSED}" in r.stdout and "B1" in r.stdout.split(OF_B1_PASSED, 1)[1].split("\n")[0]
     assert f"delete  drill {OLD_ORPHAN}" in r.stdout
     assert f"note: drill record {DAMAGED} cannot be read" in r.stdout
     assert sorted(p.name for p in (fs.root / "drills").iterdir()) == before
-    r = subprocess.run([exe, "expire", "--retain-full", "2", "--json"], env=env, capture_output=True, text=True,
-                       timeout=60)
+    r = pitr_cli(fs, "expire", "--retain-full", "2", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert {d["id"]: d["action"] for d in out["drills"]}[OF_B1_PASSED] == "delete"

@@ -68,6 +68,7 @@ def drill_cmd(
     pg_bin: PgBin = None,
     jobs: RestoreJobs = None,
     replay_timeout: Annotated[float | None, typer.Option("--replay-timeout", help="Fail the drill when replay takes longer.", show_default=False)] = None,
+    amcheck_timeout: Annotated[float | None, typer.Option("--amcheck-timeout", help="Fail the drill when pg_amcheck takes longer (default: 10 minutes plus 1 s per 8 MiB restored).", show_default=False)] = None,
     repo_as_of: Annotated[str | None, typer.Option("--repo-as-of", help="Drill from the versioned S3 bucket as it was at TS; the record is printed, not stored [env PITR_REPO_AS_OF].", show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="The drill record on stdout (docs/drill.md).")] = False,
 ) -> None:
@@ -85,6 +86,8 @@ def drill_cmd(
         raise UsageError("--random-target and an explicit target exclude each other")
     if replay_timeout is not None and replay_timeout <= 0:
         raise UsageError("--replay-timeout must be a positive number of seconds")
+    if amcheck_timeout is not None and not 0 < amcheck_timeout < float("inf"):
+        raise UsageError("--amcheck-timeout must be a positive number of seconds")
     checks = [c for c in (check or []) if c.strip()]
     if check_file:
         try:
@@ -102,7 +105,7 @@ def drill_cmd(
         random_target=random_target, jobs=s.jobs, pitr_argv=self_argv(), repo_url=s.location().url,
         s3_endpoint=_redact_url(s.s3_endpoint), config_path=os.path.abspath(s.config) if s.config else None,
         pg_bin=s.pg_bin, server_env=_server_env(s), prefetch=s.prefetch or DEFAULT_RESTORE_PREFETCH,
-        timeout=replay_timeout, repo_as_of=as_of.isoformat() if as_of else None)
+        timeout=replay_timeout, amcheck_timeout=amcheck_timeout, repo_as_of=as_of.isoformat() if as_of else None)
     show = sys.stderr.isatty() and not json_out
 
     def phase(msg: str) -> None:

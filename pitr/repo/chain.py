@@ -16,7 +16,7 @@ A chain is whole when, walking from a backup to its root:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -25,6 +25,8 @@ from pitr.repo.manifest import FileEntry, Manifest
 TYPES = ("full", "diff", "incr")
 PARENT_TYPES = {"diff": ("full",), "incr": TYPES}
 MAX_CHAIN = 10000  # a longer walk can only be a hostile loop of manifests
+
+Lookup = Callable[[str], "Manifest | None"]  # a manifest by ID, None when there is none (may read lazily)
 
 
 @dataclass(frozen=True)
@@ -102,15 +104,18 @@ def _link_problem(child: Manifest, by_id: Mapping[str, Manifest], unreadable: It
     return None
 
 
-def parent_chain(m: Manifest, by_id: Mapping[str, Manifest]) -> list[Manifest]:
-    """m's ancestors and m, root first, as far as they are present (no validation: see chain_problem)."""
+def parent_chain(m: Manifest, by_id: Mapping[str, Manifest] | Lookup) -> list[Manifest]:
+    """m's ancestors and m, root first, as far as they are present (no validation: see chain_problem).
+    by_id: the manifests by ID, or a lookup called once per ancestor (repo/mapchain reads them lazily)."""
+    lookup: Lookup = by_id.get if isinstance(by_id, Mapping) else by_id
     out = [m]
     seen = {m.id}
     cur = m
-    while cur.type != "full" and isinstance(cur.parent, str) and cur.parent in by_id and len(out) < MAX_CHAIN:
-        cur = by_id[cur.parent]
-        if cur.id in seen:
+    while cur.type != "full" and isinstance(cur.parent, str) and len(out) < MAX_CHAIN:
+        nxt = lookup(cur.parent)
+        if nxt is None or nxt.id in seen:
             break
+        cur = nxt
         seen.add(cur.id)
         out.append(cur)
     out.reverse()

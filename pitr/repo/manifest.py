@@ -212,11 +212,10 @@ class Manifest:
             why = self._incr_problem(f)
             if why:
                 return f"file entry {f.path!r} {why}"
-        # the parent is only looked up among the listed backups (never used as a key), so its form is
-        # checked loosely; ref and sources, which are read from, must be backup IDs
-        if self.parent is not None and (not isinstance(self.parent, str) or path_problem(self.parent)
-                                        or "/" in self.parent or self.parent == self.id):
-            return f"its parent {self.parent!r} is not the ID of another backup"
+        # a parent is an older backup's ID (IDs sort by time), like ref and sources: a chain walk then
+        # only goes back in time, and a hostile parent is refused here rather than followed
+        if self.parent is not None and (not is_backup_id(self.parent) or self.parent >= self.id):
+            return f"its parent {self.parent!r} is not the ID of an older backup"
         if len(vdirs) > 1:
             return f"its tablespaces have different version directories ({', '.join(sorted(vdirs))})"
         return None

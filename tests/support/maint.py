@@ -4,14 +4,18 @@ repository, backups through `pitr backup`, and ways to damage or fingerprint sto
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
+import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from pitr.pg import walname
-from pitr.repo.manifest import Manifest, read_manifest
+from pitr.repo.format import META_KEY, wal_key
+from pitr.repo.manifest import Manifest, read_manifest, write_manifest
+from pitr.repo.meta import new_meta
 from pitr.storage.base import Storage
 from pitr.storage.fs import FsStorage
 from pitr.storage.s3 import S3Storage
@@ -118,3 +122,23 @@ def snapshot(storage: Storage) -> dict[str, tuple[int, str]]:
 def pg15_cluster(base: Path, name: str = "pg") -> PgCluster:
     """A PostgreSQL 15 cluster (most maintenance tests need one version only)."""
     return PgCluster(pg_bin_dirs()["15"], base / name, name=name)
+
+
+def fs_repo(root: Path, manifests: Iterable[Manifest], wal_segments: int, seg_size: int = 16 << 20) -> FsStorage:
+    """A directory repository at root without PostgreSQL (expire's CLI tests): its meta (system 1,
+    PostgreSQL 15), timeline 1's segments 1..wal_segments with dummy contents, and the manifests."""
+    fs = FsStorage(root)
+    fs.create()
+    fs.put(META_KEY, new_meta(1, 15, seg_size).to_json())
+    for n in range(1, wal_segments + 1):
+        fs.put(wal_key(walname.seg_name(1, n, seg_size)), b"x")
+    for m in manifests:
+        write_manifest(fs, m)
+    return fs
+
+
+def pitr_cli(fs: FsStorage, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """This venv's `pitr args...` on the directory repository fs, with no configuration file."""
+    env = {"PATH": os.environ["PATH"], "HOME": "/tmp", "PITR_CONFIG": "/dev/null", "PITR_REPO": str(fs.root)}
+    return subprocess.run([str(Path(sys.executable).parent / "pitr"), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)

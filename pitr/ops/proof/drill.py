@@ -8,7 +8,8 @@ The recipe (docs/drill.md):
   3. serve     start the promoted copy again on a private socket, no TCP, trusting only that
                socket (its own pg_hba.conf), and wait until it accepts connections: the RTO
   4. amcheck   `pg_amcheck --all` of the backup's major version (heap and btree); a missing
-               binary is reported as skipped, never silently
+               binary is reported as skipped, never silently; one running past its bound
+               (--amcheck-timeout, default from the bytes restored) is killed and fails the step
   5. checks    each SQL check: at least one row, and the first column true in every row
   6. clean     stop the server and remove what the drill created (unless --keep), also on
                failure and interrupt (try/finally); then write the record, passed or failed
@@ -22,6 +23,7 @@ import os
 import pwd
 import random
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -43,6 +45,8 @@ from pitr.storage.base import Storage
 log = logging.getLogger("pitr.drill")
 RECORD_VERSION = drills.RECORD_VERSION
 READY_TIMEOUT = 300.0  # seconds for the promoted copy to accept connections again
+AMCHECK_MIN_SECONDS = 600.0  # pg_amcheck's default bound: this, plus a second per AMCHECK_RATE bytes restored
+AMCHECK_RATE = 8 << 20  # bytes a second: far below what a single-threaded heap and btree check manages
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class DrillOptions:
     server_env: Mapping[str, str] = field(default_factory=dict)
     prefetch: int | None = None
     timeout: float | None = None  # replay timeout (seconds)
+    amcheck_timeout: float | None = None  # seconds pg_amcheck may run (None: amcheck_bound of the bytes restored)
     repo_as_of: str | None = None  # --repo-as-of (UTC ISO): a read-only view of the past; the record is not stored
 
 
@@ -323,7 +328,7 @@ def run_drill(storage: Storage, opts: DrillOptions, on_phase: Callable[[str], No
         rec["rto_seconds"] = round(time.monotonic() - t0, 3)
         if opts.amcheck:
             phase("running pg_amcheck --all")
-            steps.append(_amcheck(srv, users))
+            steps.append(_amcheck(srv, users, opts.amcheck_timeout or amcheck_bound(rec["bytes_restored"])))
         else:
             steps.append(Step("amcheck", None, "skipped (--no-amcheck)"))
         for sql in opts.checks:
@@ -462,8 +467,31 @@ def run_check(srv: PrivateServer, users: list[str], dbname: str, sql: str) -> St
     return Step("check", True, f"{len(rows)} row(s), all true", secs, sql)
 
 
-def _amcheck(srv: PrivateServer, users: list[str]) -> Step:
-    """pg_amcheck --all (heap and btree) of the server's own version; skipped, and said so, when absent."""
+def amcheck_bound(bytes_restored: int | None) -> float:
+    """The default bound on pg_amcheck (seconds): AMCHECK_MIN_SECONDS, plus one per AMCHECK_RATE bytes restored."""
+    return AMCHECK_MIN_SECONDS + (bytes_restored or 0) / AMCHECK_RATE
+
+
+def _run_bounded(argv: list[str], env: Mapping[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """argv in a process group of its own, killed as a group when it outlives timeout (TimeoutExpired) or
+    the drill is interrupted: a hung pg_amcheck must neither hang the drill nor outlive it."""
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                          env=dict(env), start_new_session=True) as p:
+        try:
+            out, err = p.communicate(timeout=max(timeout, 0.001))
+        except BaseException:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except OSError:
+                pass  # gone already
+            p.communicate()
+            raise
+    return subprocess.CompletedProcess(argv, p.returncode, out, err)
+
+
+def _amcheck(srv: PrivateServer, users: list[str], timeout: float) -> Step:
+    """pg_amcheck --all (heap and btree) of the server's own version, within timeout seconds in all;
+    skipped, and said so, when absent."""
     exe = srv.bindir / "pg_amcheck"
     if not exe.is_file():
         return Step("amcheck", None, f"skipped: pg_amcheck is not installed in {srv.bindir} (install the "
@@ -476,9 +504,13 @@ def _amcheck(srv: PrivateServer, users: list[str]) -> Step:
         argv = [str(exe), "-h", str(srv.sockdir), "-p", str(srv.port), "-U", user, "--no-password", "--all",
                 "--install-missing"]
         try:
-            p = subprocess.run(argv, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+            p = _run_bounded(argv, env, t + timeout - time.monotonic())
         except OSError as e:
             return Step("amcheck", False, f"pg_amcheck could not run: {e.strerror}", time.monotonic() - t)
+        except subprocess.TimeoutExpired:
+            return Step("amcheck", False, f"pg_amcheck did not finish within {timeout:g}s and was stopped (a hung "
+                        "or very slow check: raise --amcheck-timeout, or skip it with --no-amcheck)",
+                        time.monotonic() - t)
         out = (p.stdout + p.stderr).strip()
         if p.returncode == 0:
             return Step("amcheck", True, "pg_amcheck --all found no corruption (heap and btree)",

@@ -34,12 +34,14 @@ from pitr.ops.proof.verify_blocks import (
     BLOCK_MAP,
     CHAIN,
     BlockSink,
+    MapOutcome,
     Piece,
     Work,
+    by_path,
     collect,
     expect_blocks,
     own_keys,
-    read_map,
+    read_maps,
 )
 from pitr.ops.wal.walreach import Histories, backup_needs, load_histories
 from pitr.pg import walheader, walname
@@ -521,13 +523,17 @@ def _read_objects(run: _Run, work: Work, wal_objects: list[ObjectInfo]) -> None:
 
 def _read_block_maps(run: _Run, work: Work, pool: ThreadPoolExecutor) -> None:
     maps = [t for t in work.maps.values() if t.key in run.stored]
-    map_futs = [pool.submit(read_map, run.storage, t) for t in maps]
-    for mfut, t in zip(map_futs, maps, strict=True):
-        try:
-            bs, recs = mfut.result()
-        except (IntegrityError, NotFoundError) as e:
-            run.res.problems.append(Problem(BLOCK_MAP, t.key, str(e)))
+    groups = by_path(maps)  # one path's chain of maps per thread, oldest first: each map is read once
+    group_futs = [pool.submit(read_maps, run.storage, g) for g in groups]
+    outcome: dict[int, MapOutcome] = {}
+    for gfut, g in zip(group_futs, groups, strict=True):
+        outcome.update((id(t), r) for t, r in zip(g, gfut.result(), strict=True))
+    for t in maps:
+        r = outcome[id(t)]
+        if isinstance(r, (IntegrityError, NotFoundError)):
+            run.res.problems.append(Problem(BLOCK_MAP, t.key, str(r)))
             continue
+        bs, recs = r
         why = expect_blocks(t, bs, recs, work)
         if why:
             run.res.problems.append(Problem(BLOCK_MAP, t.key, why))

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pitr.errors import IntegrityError, NotFoundError
 from pitr.repo import blockmap
 from pitr.repo.format import backup_dir
 from pitr.repo.manifest import FileEntry, Manifest, path_problem
-from pitr.repo.mapchain import Lookup, Resolver, chain_ids
+from pitr.repo.mapchain import Lookup, MapCache, Resolver, chain_ids
 from pitr.storage.base import Storage
 
 # kinds of problem (docs/maintenance.md), beside those of verify.py
@@ -118,6 +119,7 @@ class MapTask:
     chain: set[str] = field(default_factory=set)  # bases may be resolved (set by collect)
     index: dict[str, dict[str, FileEntry]] = field(default_factory=dict)  # shared: path -> entry per backup
     version: int = 2  # the map's format, once read_map has read it (which hash its blocks have)
+    cache: MapCache | None = None  # shared: effective maps already resolved (a delta's base, read once)
 
 
 @dataclass
@@ -131,6 +133,7 @@ class Work:
     known: set[str] = field(default_factory=set)  # IDs of the backups present (only those are read)
     files: int = 0  # entries checked through another entry's envelope (ref) or block by block (sources)
     index: dict[str, dict[str, FileEntry]] = field(default_factory=dict)  # path -> entry, per backup (map bases)
+    map_cache: MapCache = field(default_factory=MapCache)  # effective maps of this run, bounded
 
     def piece(self, home: str, obj: str, offset: int, length: int, backup: str, path: str, size: int) -> Piece:
         key = backup_dir(home) + obj
@@ -207,7 +210,7 @@ def collect(m: Manifest, by_id: dict[str, Manifest], work: Work) -> None:
                 chain = chain_ids(m, by_id.get)
             work.maps.setdefault((backup_dir(home) + loc[0], loc[1], loc[2]),
                                  MapTask(backup_dir(home) + loc[0], loc[1], loc[2], e, home, m.id, by_id.get, chain,
-                                         work.index))
+                                         work.index, cache=work.map_cache))
         elif sources is not None:
             work.manifest_problems.append((m.id, f"{label} has sources but no block map"))
 
@@ -217,10 +220,34 @@ def read_map(storage: Storage, t: MapTask) -> tuple[int, list[tuple[bytes, int, 
     effective map; IntegrityError (or NotFoundError) when it cannot be. Sets t.version."""
     e = t.entry
     what = f"the block map of {e.path} (backup {t.backup}) at offset {t.offset}"
-    resolver = Resolver(storage, t.lookup or (lambda _b: None), t.chain or {t.backup, t.home}, None, t.index)
+    resolver = Resolver(storage, t.lookup or (lambda _b: None), t.chain or {t.backup, t.home}, None, t.index,
+                        t.cache)
     bm = resolver.effective(t.home, e, what)
     t.version = bm.version
     return bm.block_size, list(zip(bm.hashes(), bm.sources(), bm.ordinals(), strict=True))
+
+
+MapOutcome = tuple[int, list[tuple[bytes, int, int]]] | IntegrityError | NotFoundError
+
+
+def by_path(tasks: list[MapTask]) -> list[list[MapTask]]:
+    """The tasks grouped by the path they map, each group oldest backup first (IDs sort by time): read
+    in that order by one thread, each delta finds its base's effective map in the cache."""
+    groups: dict[str, list[MapTask]] = {}
+    for t in tasks:
+        groups.setdefault(t.entry.path, []).append(t)
+    return [sorted(g, key=lambda t: (t.home, t.backup)) for g in groups.values()]
+
+
+def read_maps(storage: Storage, tasks: list[MapTask]) -> list[MapOutcome]:
+    """read_map of each task in turn: its result, or why its map cannot be read (any other error ends the run)."""
+    out: list[MapOutcome] = []
+    for t in tasks:
+        try:
+            out.append(read_map(storage, t))
+        except (IntegrityError, NotFoundError) as e:
+            out.append(e)
+    return out
 
 
 def expect_blocks(t: MapTask, bs: int, recs: list[tuple[bytes, int, int]], work: Work) -> str | None:
