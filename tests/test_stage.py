@@ -311,3 +311,39 @@ def test_one_liner_falls_back_at_once_when_nothing_is_staged(shell: str,
     assert rc == 7 and marker.read_text().split("\n")[:3] == [d.name, "wal-fetch", name]
     assert took < 1.5, took
     assert not (pgdata / "pg_wal" / "RECOVERYXLOG").exists()
+
+
+def test_a_stage_takes_no_crc_and_wal_fetch_still_checks_size_and_header(fake: tuple[Path, Path, list[str]]) -> None:
+    """In a stage the helper takes no CRC-32 (the shell rename re-checks nothing, so it would guard only
+    wal-fetch's few takes); wal-fetch's take from a stage still refuses a file of another size or with
+    another cluster's page header. The prefetch spool (not a stage) keeps its CRC."""
+    import zlib
+
+    from pitr.ops.wal import prefetch
+    from pitr.repo.meta import read_meta
+    from pitr.storage.fs import FsStorage
+
+    pgdata, repo, names = fake
+    src = repo.parent / "src"
+    storage = FsStorage(repo)
+    meta = read_meta(storage)
+    d = stage.prepare(pgdata, stage.new_token(), None)
+    assert d is not None
+    cfg = prefetch.PrefetchConfig(d, "fp", 3, 1, stage=True)
+    for n in names[:3]:
+        prefetch.fetch_one(storage, meta, cfg, n)
+        assert spool.read_marker(d / f"{n}.meta")["crc32"] == str(spool.NO_CRC)  # type: ignore[index]
+    dest = pgdata / "pg_wal" / "RECOVERYXLOG"
+    assert spool.take_prefetched(d, names[0], dest, "fp") is None
+    assert dest.read_bytes() == (src / names[0]).read_bytes()
+    os.truncate(d / names[1], 8192)
+    assert "is 8192 bytes" in (spool.take_prefetched(d, names[1], dest, "fp") or "")
+    (d / names[2]).write_bytes(walgen.segment(names[2], sysid=OTHER_SYSID))
+    assert "prefetched copy" in (spool.take_prefetched(d, names[2], dest, "fp") or "")
+    assert dest.read_bytes() == (src / names[0]).read_bytes() and not (d / names[2]).exists()
+
+    sp = pgdata / "pg_wal" / spool.PREFETCH_SPOOL
+    sp.mkdir()
+    prefetch.fetch_one(storage, meta, prefetch.PrefetchConfig(sp, "fp", 3, 1), names[3])
+    crc = spool.read_marker(sp / f"{names[3]}.meta")["crc32"]  # type: ignore[index]
+    assert crc == str(zlib.crc32((src / names[3]).read_bytes()))
