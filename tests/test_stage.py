@@ -263,8 +263,8 @@ def test_one_liner_waits_for_a_segment_being_staged(shell: str, staging: tuple[P
     pgdata, d, cmd, marker = staging
     name = walgen.names(3, 1)[0]
     data = walgen.segment(name)
-    (d / f".{name}.part").write_bytes(data)
-    t = _later(0.3, lambda: os.replace(d / f".{name}.part", d / name))
+    (d / spool.partial_name(name)).write_bytes(data)
+    t = _later(0.3, lambda: os.replace(d / spool.partial_name(name), d / name))
     rc, took = _run_timed(shell, pgdata, cmd, name)
     t.join()
     assert rc == 0 and not marker.exists(), marker.read_text() if marker.exists() else rc
@@ -279,7 +279,7 @@ def test_one_liner_falls_back_when_the_part_is_left_forever(shell: str,
     helper) answers, with its exit code and the stage token."""
     pgdata, d, cmd, marker = staging
     name = walgen.names(3, 1)[0]
-    (d / f".{name}.part").write_bytes(b"half a segment")
+    (d / spool.partial_name(name)).write_bytes(b"half a segment")
     rc, took = _run_timed(shell, pgdata, cmd, name)
     assert rc == 7 and marker.read_text().split("\n")[:3] == [d.name, "wal-fetch", name]
     assert 2.5 <= took < 20, took  # ~3 s of polling (more on a loaded host), then the fallback
@@ -292,8 +292,8 @@ def test_one_liner_falls_back_at_once_when_the_part_vanishes(shell: str,
     """The helper's fetch failed (it deletes its .part, no file): wal-fetch answers as soon as that is seen."""
     pgdata, d, cmd, marker = staging
     name = walgen.names(3, 1)[0]
-    (d / f".{name}.part").write_bytes(b"half a segment")
-    t = _later(0.3, lambda: (d / f".{name}.part").unlink())
+    (d / spool.partial_name(name)).write_bytes(b"half a segment")
+    t = _later(0.3, lambda: (d / spool.partial_name(name)).unlink())
     rc, took = _run_timed(shell, pgdata, cmd, name)
     t.join()
     assert rc == 7 and marker.exists()
@@ -306,7 +306,7 @@ def test_one_liner_falls_back_at_once_when_nothing_is_staged(shell: str,
     pgdata, d, cmd, marker = staging
     name = walgen.names(3, 1)[0]
     (d / walgen.names(4, 1)[0]).write_bytes(b"another segment")
-    (d / f".{walgen.names(5, 1)[0]}.part").write_bytes(b"another one being staged")
+    (d / spool.partial_name(walgen.names(5, 1)[0])).write_bytes(b"another one being staged")
     rc, took = _run_timed(shell, pgdata, cmd, name)
     assert rc == 7 and marker.read_text().split("\n")[:3] == [d.name, "wal-fetch", name]
     assert took < 1.5, took

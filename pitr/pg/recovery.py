@@ -55,6 +55,7 @@ def render_restore_command(pitr_argv: Sequence[str], repo: str | None = None, s3
         return fetch
     d = shell_word(STAGE_PATH.format(stage))
     take = f"mv -f {d}/%f %p 2>/dev/null"  # atomic (the stage is in pg_wal); only the helper renames into it
+    # .%f.part = ops/wal/spool.partial_name: the file the helper is writing (tests/test_stage.py ties them)
     # The helper renames .NAME.part to NAME in one step, so once the .part is gone the file is there
     # or its fetch failed: the second rename cannot miss a file renamed meanwhile, and a .part left
     # by a killed helper costs at most the bound before wal-fetch (which restarts the helper) runs.
