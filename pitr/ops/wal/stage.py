@@ -5,14 +5,16 @@ restore_command = 'mv -f S/%f %p 2>/dev/null || { n=0; while [ -e S/.%f.part ] &
 (S = pg_wal/pitr_stage/TOKEN; written by pg/recovery.render_restore_command)
 
 The prefetcher (ops/wal/prefetch.py) runs with the stage as its spool: it writes each file as a hidden
-temp file (.NAME.part), verifies it (envelope size and SHA-256, page header against the name and the
-cluster), then renames it to its name; restore_command renames it on to %p -- an atomic rename on
-one file system, no Python start. A segment the helper is still writing is waited for (its .part
-exists: poll until it is gone, ~3 s at most, then try the rename once more) rather than handed to
-a Python start that would only wait for the helper too. Anything not staged goes to
-`pitr wal-fetch`, which keeps every exit code guarantee (1 only when the repository proves the
-name absent, above 125 on hard failure) and restarts the helper if it died (a .part left by a
-killed helper costs the bound once: the new helper empties the stage).
+temp file, verifies it (envelope size and SHA-256, page header against the name and the cluster),
+then renames it to its name; restore_command renames it on to %p -- an atomic rename on one file
+system, no Python start. Anything not staged goes to `pitr wal-fetch`, which keeps every exit
+code guarantee (1 only when the repository proves the name absent, above 125 on hard failure)
+and restarts the helper if it died.
+
+A segment the helper is still writing is waited for (its .NAME.part exists: look again until it
+is gone, ~3 s at most, then try the rename once more) rather than handed to a Python start that
+would only wait for the helper too; a .part left by a killed helper costs that bound once (the
+helper wal-fetch starts empties the stage).
 
 Why a staged file is never stale or foreign:
   - TOKEN is new for every restore (and every `pitr restore-command`), and `restore` removes
