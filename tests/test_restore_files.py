@@ -129,8 +129,8 @@ def test_restore_as_postgres_through_the_cli(repo: Storage, work: Path, pitr_exe
     conf = (dest / "postgresql.auto.conf").read_text()
     # a restore fetches ahead by default: every call of this recovery gets the depth from the command, and
     # the segments staged ahead are taken by a shell rename (a new stage for each restore, mode 0700)
-    m = re.search(r"restore_command = 'mv -f pg_wal/pitr_stage/([0-9a-f]{16})/%f %p 2>/dev/null \|\| "
-                  rf"PITR_PREFETCH=8 PITR_STAGE=\1 {pitr_exe} --repo {work / 'repo'} wal-fetch %f %p'", conf)
+    m = re.search(r"restore_command = 'mv -f pg_wal/pitr_stage/([0-9a-f]{16})/%f %p 2>/dev/null \|\| \{ .* "
+                  rf"PITR_PREFETCH=8 PITR_STAGE=\1 {pitr_exe} --repo {work / 'repo'} wal-fetch %f %p; }}'", conf)
     assert m, conf
     d = dest / "pg_wal" / "pitr_stage" / m.group(1)
     assert d.is_dir() and os.listdir(d) == [] and d.stat().st_mode & 0o777 == 0o700
@@ -325,20 +325,23 @@ def test_range_reader_reads_across_chunks(work: Path) -> None:
     assert got == blob[100:800] and r.read(5) == b""
 
 
-def test_restore_command_survives_sh_and_guc_quoting(tmp_path: Path) -> None:
-    """A path with a space, a quote and a percent sign reaches the program intact via /bin/sh."""
+@pytest.mark.parametrize("stage", [None, "0123456789abcdef"])
+def test_restore_command_survives_sh_and_guc_quoting(tmp_path: Path, stage: str | None) -> None:
+    """A path with a space, a quote and a percent sign reaches the program intact via /bin/sh
+    (with a stage: through the one-liner's fallback, nothing being staged)."""
     odd = tmp_path / "it's 100% pitr"
     odd.mkdir()
     exe = odd / "pitr"
     exe.write_text('#!/bin/sh\nprintf "%s\\n" "prefetch=$PITR_PREFETCH"\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
     exe.chmod(0o755)
     cmd = render_restore_command([str(exe)], repo="s3://b/p q", s3_endpoint="http://127.0.0.1:9000",
-                                 config="/etc/pitr/x's.toml", prefetch=8)
+                                 config="/etc/pitr/x's.toml", prefetch=8, stage=stage)
     line = f"restore_command = {guc_quote(cmd)}"
     # undo the GUC literal the way PostgreSQL reads it, then its %-substitution
     value = line.split("= ", 1)[1][1:-1].replace("''", "'")
     value = value.replace("%f", "000000010000000000000002").replace("%p", "pg_wal/RECOVERYXLOG").replace("%%", "%")
-    out = subprocess.run(["/bin/sh", "-c", value], capture_output=True, text=True, check=True).stdout.splitlines()
+    out = subprocess.run(["/bin/sh", "-c", value], capture_output=True, text=True, check=True,
+                         cwd=tmp_path).stdout.splitlines()
     assert out == ["prefetch=8", "--repo", "s3://b/p q", "--s3-endpoint", "http://127.0.0.1:9000", "--config",
                    "/etc/pitr/x's.toml", "wal-fetch", "000000010000000000000002", "pg_wal/RECOVERYXLOG"]
 

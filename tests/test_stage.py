@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,7 +90,8 @@ def test_one_liner_takes_staged_segments_and_the_window_follows(fake: tuple[Path
     stage.prepare(pgdata, token, None)
     d = _start(pgdata, repo, token, names[0])
     cmd = _command(token)
-    assert cmd.startswith(f"mv -f pg_wal/pitr_stage/{token}/%f %p 2>/dev/null || PITR_PREFETCH=3 PITR_STAGE={token} ")
+    assert cmd.startswith(f"mv -f pg_wal/pitr_stage/{token}/%f %p 2>/dev/null || {{ n=0; while [ -e ")
+    assert f" || PITR_PREFETCH=3 PITR_STAGE={token} {PITR} wal-fetch %f %p; }}" in cmd
     for n in names:
         # nobody tells the helper what PostgreSQL took: the files vanishing from the stage move its window
         _wait(lambda n=n: (d / n).exists(), f"{n} was not staged")
@@ -208,8 +211,139 @@ def test_restore_command_prints_the_one_liner_with_a_new_stage(fake: tuple[Path,
     t1 = re.search(r"PITR_STAGE=([0-9a-f]{16}) ", one)
     t2 = re.search(r"PITR_STAGE=([0-9a-f]{16}) ", two)
     assert t1 and t2 and t1.group(1) != t2.group(1)
-    assert one.startswith(f"mv -f pg_wal/pitr_stage/{t1.group(1)}/%f %p 2>/dev/null || PITR_PREFETCH=8 ")
+    assert one.startswith(f"mv -f pg_wal/pitr_stage/{t1.group(1)}/%f %p 2>/dev/null || {{ n=0; while [ -e ")
+    assert f" || PITR_PREFETCH=8 PITR_STAGE={t1.group(1)} {PITR} --repo {repo} wal-fetch %f %p; }}" in one
     assert line("--prefetch", "0") == f"PITR_PREFETCH=0 {PITR} --repo {repo} wal-fetch %f %p"
     r = _restore_command(pgdata, one, names[0], _env(repo))
     assert r.returncode == 0, r.stderr
     assert (pgdata / "pg_wal" / "RECOVERYXLOG").read_bytes() == (src / names[0]).read_bytes()
+
+
+# --- the one-liner's wait for a segment the helper is still writing (no helper: the test plays it) ---
+
+# PostgreSQL runs restore_command with /bin/sh: dash on Debian/Ubuntu, bash on RHEL
+SHELLS: dict[str, str] = {}
+for _sh in ("/bin/sh", shutil.which("dash"), shutil.which("bash")):
+    if _sh:
+        SHELLS.setdefault(os.path.realpath(_sh), _sh)
+
+
+@pytest.fixture
+def staging(tmp_path: Path) -> tuple[Path, Path, str, Path]:
+    """(data directory, its stage, the one-liner, the fallback's marker): the fallback is a fake pitr
+    that records its arguments and exits 7, so a test sees whether and when wal-fetch would have run."""
+    pgdata = tmp_path / "pgdata"
+    token = stage.new_token()
+    d = stage.stage_dir(pgdata / "pg_wal", token)
+    d.mkdir(parents=True)
+    marker = tmp_path / "fallback-ran"
+    exe = tmp_path / "fake pitr"
+    exe.write_text(f'#!/bin/sh\nprintf "%s\\n" "$PITR_STAGE" "$@" > {shlex.quote(str(marker))}\nexit 7\n')
+    exe.chmod(0o755)
+    return pgdata, d, render_restore_command([str(exe)], prefetch=3, stage=token), marker
+
+
+def _run_timed(shell: str, pgdata: Path, cmd: str, name: str) -> tuple[int, float]:
+    value = cmd.replace("%f", name).replace("%p", "pg_wal/RECOVERYXLOG").replace("%%", "%")
+    t0 = time.monotonic()
+    r = subprocess.run([shell, "-c", value], cwd=pgdata, capture_output=True, text=True, timeout=60)
+    return r.returncode, time.monotonic() - t0
+
+
+def _later(delay: float, action) -> threading.Thread:  # type: ignore[no-untyped-def]
+    t = threading.Timer(delay, action)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("shell", list(SHELLS.values()))
+def test_one_liner_waits_for_a_segment_being_staged(shell: str, staging: tuple[Path, Path, str, Path]) -> None:
+    """The helper is still writing the segment PostgreSQL asks for: the one-liner waits for its rename
+    instead of starting wal-fetch (a Python start that would wait for the helper anyway)."""
+    pgdata, d, cmd, marker = staging
+    name = walgen.names(3, 1)[0]
+    data = walgen.segment(name)
+    (d / spool.partial_name(name)).write_bytes(data)
+    t = _later(0.3, lambda: os.replace(d / spool.partial_name(name), d / name))
+    rc, took = _run_timed(shell, pgdata, cmd, name)
+    t.join()
+    assert rc == 0 and not marker.exists(), marker.read_text() if marker.exists() else rc
+    assert (pgdata / "pg_wal" / "RECOVERYXLOG").read_bytes() == data
+    assert not (d / name).exists() and took >= 0.25
+
+
+@pytest.mark.parametrize("shell", list(SHELLS.values()))
+def test_one_liner_falls_back_when_the_part_is_left_forever(shell: str,
+                                                            staging: tuple[Path, Path, str, Path]) -> None:
+    """A helper killed mid-fetch leaves its .part: the wait is bounded, then wal-fetch (which restarts the
+    helper) answers, with its exit code and the stage token."""
+    pgdata, d, cmd, marker = staging
+    name = walgen.names(3, 1)[0]
+    (d / spool.partial_name(name)).write_bytes(b"half a segment")
+    rc, took = _run_timed(shell, pgdata, cmd, name)
+    assert rc == 7 and marker.read_text().split("\n")[:3] == [d.name, "wal-fetch", name]
+    assert 2.5 <= took < 20, took  # ~3 s of polling (more on a loaded host), then the fallback
+    assert not (pgdata / "pg_wal" / "RECOVERYXLOG").exists()
+
+
+@pytest.mark.parametrize("shell", list(SHELLS.values()))
+def test_one_liner_falls_back_at_once_when_the_part_vanishes(shell: str,
+                                                            staging: tuple[Path, Path, str, Path]) -> None:
+    """The helper's fetch failed (it deletes its .part, no file): wal-fetch answers as soon as that is seen."""
+    pgdata, d, cmd, marker = staging
+    name = walgen.names(3, 1)[0]
+    (d / spool.partial_name(name)).write_bytes(b"half a segment")
+    t = _later(0.3, lambda: (d / spool.partial_name(name)).unlink())
+    rc, took = _run_timed(shell, pgdata, cmd, name)
+    t.join()
+    assert rc == 7 and marker.exists()
+    assert 0.25 <= took < 2.0, took  # waited while the .part was there, not for the whole bound
+
+
+@pytest.mark.parametrize("shell", list(SHELLS.values()))
+def test_one_liner_falls_back_at_once_when_nothing_is_staged(shell: str,
+                                                            staging: tuple[Path, Path, str, Path]) -> None:
+    pgdata, d, cmd, marker = staging
+    name = walgen.names(3, 1)[0]
+    (d / walgen.names(4, 1)[0]).write_bytes(b"another segment")
+    (d / spool.partial_name(walgen.names(5, 1)[0])).write_bytes(b"another one being staged")
+    rc, took = _run_timed(shell, pgdata, cmd, name)
+    assert rc == 7 and marker.read_text().split("\n")[:3] == [d.name, "wal-fetch", name]
+    assert took < 1.5, took
+    assert not (pgdata / "pg_wal" / "RECOVERYXLOG").exists()
+
+
+def test_a_stage_takes_no_crc_and_wal_fetch_still_checks_size_and_header(fake: tuple[Path, Path, list[str]]) -> None:
+    """In a stage the helper takes no CRC-32 (the shell rename re-checks nothing, so it would guard only
+    wal-fetch's few takes); wal-fetch's take from a stage still refuses a file of another size or with
+    another cluster's page header. The prefetch spool (not a stage) keeps its CRC."""
+    import zlib
+
+    from pitr.ops.wal import prefetch
+    from pitr.repo.meta import read_meta
+    from pitr.storage.fs import FsStorage
+
+    pgdata, repo, names = fake
+    src = repo.parent / "src"
+    storage = FsStorage(repo)
+    meta = read_meta(storage)
+    d = stage.prepare(pgdata, stage.new_token(), None)
+    assert d is not None
+    cfg = prefetch.PrefetchConfig(d, "fp", 3, 1, stage=True)
+    for n in names[:3]:
+        prefetch.fetch_one(storage, meta, cfg, n)
+        assert spool.read_marker(d / f"{n}.meta")["crc32"] == str(spool.NO_CRC)  # type: ignore[index]
+    dest = pgdata / "pg_wal" / "RECOVERYXLOG"
+    assert spool.take_prefetched(d, names[0], dest, "fp") is None
+    assert dest.read_bytes() == (src / names[0]).read_bytes()
+    os.truncate(d / names[1], 8192)
+    assert "is 8192 bytes" in (spool.take_prefetched(d, names[1], dest, "fp") or "")
+    (d / names[2]).write_bytes(walgen.segment(names[2], sysid=OTHER_SYSID))
+    assert "prefetched copy" in (spool.take_prefetched(d, names[2], dest, "fp") or "")
+    assert dest.read_bytes() == (src / names[0]).read_bytes() and not (d / names[2]).exists()
+
+    sp = pgdata / "pg_wal" / spool.PREFETCH_SPOOL
+    sp.mkdir()
+    prefetch.fetch_one(storage, meta, prefetch.PrefetchConfig(sp, "fp", 3, 1), names[3])
+    crc = spool.read_marker(sp / f"{names[3]}.meta")["crc32"]  # type: ignore[index]
+    assert crc == str(zlib.crc32((src / names[3]).read_bytes()))

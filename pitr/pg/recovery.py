@@ -44,7 +44,8 @@ def render_restore_command(pitr_argv: Sequence[str], repo: str | None = None, s3
     Shell syntax: PostgreSQL runs restore_command through /bin/sh, so a leading assignment sets
     the prefetch depth for every call of this recovery whatever the server's environment says.
     With a stage token (ops/wal/stage.py) the command first tries to rename the staged, verified
-    file to %p and runs wal-fetch (PITR_STAGE=token) only when that fails.
+    file to %p; when it is not there but the helper is writing it (`.%f.part`), it waits, bounded,
+    until that file is gone, and tries once more; wal-fetch (PITR_STAGE=token) runs only when that fails.
     """
     env = restore_command_env(prefetch, repo_as_of, stage)
     words = [f"{k}={shell_word(v)}" for k, v in env.items()]
@@ -52,11 +53,20 @@ def render_restore_command(pitr_argv: Sequence[str], repo: str | None = None, s3
     fetch = " ".join(words + ["wal-fetch", "%f", "%p"])
     if not stage:
         return fetch
-    # the rename is atomic (the stage is in pg_wal); any failure of it falls through to wal-fetch
-    return f"mv -f {shell_word(STAGE_PATH.format(stage))}/%f %p 2>/dev/null || {fetch}"
+    d = shell_word(STAGE_PATH.format(stage))
+    take = f"mv -f {d}/%f %p 2>/dev/null"  # atomic (the stage is in pg_wal); only the helper renames into it
+    # .%f.part = ops/wal/spool.partial_name: the file the helper is writing (tests/test_stage.py ties them)
+    # The helper renames .NAME.part to NAME in one step, so once the .part is gone the file is there
+    # or its fetch failed: the second rename cannot miss a file renamed meanwhile, and a .part left
+    # by a killed helper costs at most the bound before wal-fetch (which restarts the helper) runs.
+    wait = (f"n=0; while [ -e {d}/.%f.part ] && [ $((n+=1)) -le {STAGE_WAIT_POLLS} ]; "
+            f"do sleep {STAGE_WAIT_SLEEP}; done")
+    return f"{take} || {{ {wait}; {take} || {fetch}; }}"
 
 
 STAGE_PATH = "pg_wal/pitr_stage/{}"  # = ops/wal/stage.relative_dir (pg imports nothing of ops)
+STAGE_WAIT_POLLS = 150  # x STAGE_WAIT_SLEEP: ~3 s at most for a segment being staged (docs/restore.md §5)
+STAGE_WAIT_SLEEP = "0.02"  # seconds between looks (GNU, BusyBox and BSD sleep take fractions)
 
 
 def restore_command_env(prefetch: int | None, repo_as_of: str | None, stage: str | None) -> dict[str, str]:

@@ -77,7 +77,7 @@ def fetch_one(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig, name: str) 
     tmp = cfg.spool / spool.partial_name(name)
     try:
         with src, open(tmp, "wb") as raw:
-            out = _CrcWriter(raw)
+            out = _CrcWriter(raw, skip=cfg.stage)
             t = envelope.decode_stream(src, out, f"archived {name}", max_size=meta.wal_segment_size)
         with open(tmp, "rb") as f:
             head = f.read(walheader.HEAD_BYTES)
@@ -96,14 +96,20 @@ def fetch_one(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig, name: str) 
 
 
 class _CrcWriter:
-    """Writes through, keeping a CRC-32 of what was written (the foreground's cheap re-check)."""
+    """Writes through, keeping a CRC-32 of what was written (the foreground's cheap re-check).
 
-    def __init__(self, out: BinaryIO) -> None:
+    skip: in a stage no CRC is taken (crc stays spool.NO_CRC): the shell rename hands most files
+    over without any re-check, so the CRC would guard only the few wal-fetch takes against a
+    change nothing in the stage's threat model can make (ops/wal/stage.py).
+    """
+
+    def __init__(self, out: BinaryIO, skip: bool = False) -> None:
         self._out = out
-        self.crc = 0
+        self.crc = spool.NO_CRC if skip else 0
 
     def write(self, b: bytes) -> int:
-        self.crc = zlib.crc32(b, self.crc)
+        if self.crc != spool.NO_CRC:
+            self.crc = zlib.crc32(b, self.crc)
         return self._out.write(b)
 
 

@@ -252,6 +252,9 @@ def helper_argv(python: str, global_args: list[str], command: str, args: Iterabl
 
 # --------------------------------------------------------------------------- prefetch
 
+NO_CRC = -1  # NAME.meta's crc32 when the prefetcher took none (a stage: ops/wal/stage.py); a CRC-32 is >= 0
+
+
 def take_prefetched(pdir: Path, name: str, dest: str | os.PathLike[str], fp: str) -> str | None:
     """Move a verified prefetched `name` to dest atomically.
 
@@ -279,7 +282,7 @@ def take_prefetched(pdir: Path, name: str, dest: str | os.PathLike[str], fp: str
                 # the bytes were verified against the envelope's SHA-256 when fetched; the CRC-32
                 # taken then proves they are still those bytes (no copy: the page cache is hashed)
                 with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                    why = "fails its checksum" if zlib.crc32(mm) != crc else walheader.problem(
+                    why = "fails its checksum" if crc != NO_CRC and zlib.crc32(mm) != crc else walheader.problem(
                         name, mm[: walheader.HEAD_BYTES], seg_size, sysid, size) if len(name) == 24 else None
     except FileNotFoundError:
         _discard(meta_path)
