@@ -11,7 +11,6 @@ PostgreSQL itself can start from the files the manifest describes and replay to 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import random
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
+import blake3
 import numpy as np
 import psycopg
 import pytest
@@ -37,7 +37,7 @@ from pitr.ops.base.backup_files import SourceFile
 from pitr.ops.base.backup_store import Pipeline, StoreOptions, is_internal_abort
 from pitr.pg import pagecheck
 from pitr.repo import envelope
-from pitr.repo.format import backup_dir, wal_key
+from pitr.repo.format import BLAKE3_MANIFEST_FORMAT, backup_dir, wal_key
 from pitr.repo.manifest import Manifest, list_backup_ids, read_manifest
 from pitr.storage.base import Storage
 from pitr.storage.fs import FsStorage
@@ -113,7 +113,8 @@ def _only_pg(request: pytest.FixtureRequest) -> None:
 
 
 def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """The file's BLAKE3: what a manifest entry binds since envelope version 2."""
+    return blake3.blake3(path.read_bytes()).hexdigest()
 
 
 def list_files(root: Path) -> set[str]:
@@ -171,7 +172,7 @@ def reconstruct(s: Setup, m: Manifest, dest: PgCluster, spc_new: dict[str, Path]
     for f in m.files:
         p = where(f.path)
         data = decode_file(s.storage, m, f.path)
-        assert len(data) == f.size and (f.size == 0 or hashlib.sha256(data).hexdigest() == f.sha256)
+        assert len(data) == f.size and (f.size == 0 or (f.sha256, f.blake3) == ("", blake3.blake3(data).hexdigest()))
         p.write_bytes(data)
         os.chmod(p, f.mode)
     (root / "backup_label").write_text(m.backup_label)
@@ -230,12 +231,13 @@ def test_backup_of_a_running_cluster(local: Setup, pg_version: str, cluster_fact
     m = read_manifest(local.storage, bid)
     files = {f.path: f for f in m.files}
     # files that cannot change under us are copied byte for byte, including the tablespace's
-    assert files[str(static_file.relative_to(pg.data))].sha256 == sha(static_file)
+    assert m.format == BLAKE3_MANIFEST_FORMAT  # an older pitr refuses it ("upgrade pitr") rather than misread it
+    assert files[str(static_file.relative_to(pg.data))].blake3 == sha(static_file)
     assert files[str(static_file.relative_to(pg.data))].size == static_file.stat().st_size > 8192 * 10
-    assert files[ts_rel].sha256 == sha(pg.data / ts_rel)
+    assert files[ts_rel].blake3 == sha(pg.data / ts_rel)
     assert [(t.oid, t.location) for t in m.tablespaces] == [(ts_rel.split("/")[1], str(spc))]
     assert m.tablespace_map and str(spc) in m.tablespace_map
-    assert files["PG_VERSION"].mode == 0o600 and files["PG_VERSION"].sha256 == sha(pg.data / "PG_VERSION")
+    assert files["PG_VERSION"].mode == 0o600 and files["PG_VERSION"].blake3 == sha(pg.data / "PG_VERSION")
     # every file that existed before the backup and still exists is in it, except what PostgreSQL skips
     skip_top = {"postmaster.pid", "postmaster.opts", "current_logfiles"}
     expected = set()
@@ -307,7 +309,7 @@ def test_backup_to_s3_streams_large_files_in_parts(cluster_factory: ClusterFacto
     assert len({f.object for f in small}) < len(small) / 50  # small files share bundle objects
     for f in small[:: max(1, len(small) // 20)]:
         data = decode_file(storage, m, f.path)
-        assert len(data) == f.size and hashlib.sha256(data).hexdigest() == f.sha256
+        assert len(data) == f.size and blake3.blake3(data).hexdigest() == f.blake3
     assert [b["id"] for b in s.info()["backups"]] == [bid]
 
 
@@ -507,7 +509,8 @@ def test_pipeline_bundles_streams_checks_pages_and_tolerates_changing_files(tmp_
         if e.object:
             body = storage.get_range(f"backups/B/{e.object}", e.offset, e.length)
             want = (tmp_path / e.path).read_bytes()[: e.size]
-            assert envelope.decode(body) == want and hashlib.sha256(want).hexdigest() == e.sha256
+            assert envelope.decode(body) == want and blake3.blake3(want).hexdigest() == e.blake3 and not e.sha256
+            assert body[4] == envelope.VERSION == 2
     assert res.raw_bytes == sum(e.size for e in got.values()) and done[-1] == res.raw_bytes
     assert res.stored_bytes == sum(len(storage.objects[k][0]) for k in objects)
 

@@ -12,12 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import blake3
 import pytest
 
 from pitr.errors import EXIT_FETCH_HARD
 from pitr.repo import envelope
 from pitr.repo.format import wal_key
 from pitr.storage.fs import FsStorage
+from tests.support.envelope_v1 import encode_v1
 from tests.support.walgen import SEG, SYSID, fs_repo, segment
 
 PITR = Path(sys.executable).parent / "pitr"
@@ -91,6 +93,33 @@ def test_conflicting_push_is_refused_and_overwrites_nothing(repo: FsStorage, seg
     r = pitr("wal-push", other / NAME, env={"PITR_REPO": str(repo.root)})
     assert_one_error(r, 1, f"the archive already holds a different {NAME}; nothing was overwritten")
     assert repo.get(wal_key(NAME)) == before
+
+
+def test_push_stores_envelope_version_2_with_the_segments_blake3(repo: FsStorage, seg_file: Path) -> None:
+    assert pitr("wal-push", seg_file, env={"PITR_REPO": str(repo.root)}).returncode == 0
+    stored = repo.get(wal_key(NAME))
+    raw = seg_file.read_bytes()
+    assert stored[:5] == b"PITR\x02" and stored[-48:] == len(raw).to_bytes(8, "big") + blake3.blake3(raw).digest() \
+        + b"PITR-END"
+
+
+def test_repush_over_a_segment_an_older_pitr_archived(repo: FsStorage, seg_file: Path, tmp_path: Path) -> None:
+    """The stored object is version 1 (SHA-256 trailer): the same bytes are "already archived" (exit
+    0, the object untouched), different bytes under that name are refused, overwriting nothing."""
+    old = encode_v1(seg_file.read_bytes(), "zstd", 3)
+    repo.put(wal_key(NAME), old)
+    r = pitr("-v", "wal-push", seg_file, env={"PITR_REPO": str(repo.root)})
+    assert r.returncode == 0 and "already archived with identical content" in r.stderr, r.stderr
+    assert repo.get(wal_key(NAME)) == old
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / NAME).write_bytes(segment(NAME, seed=1))
+    r = pitr("wal-push", other / NAME, env={"PITR_REPO": str(repo.root)})
+    assert_one_error(r, 1, f"the archive already holds a different {NAME}; nothing was overwritten")
+    assert repo.get(wal_key(NAME)) == old
+    dest = tmp_path / "RECOVERYXLOG"  # and it still fetches
+    assert pitr("--repo", repo.root, "wal-fetch", NAME, dest).returncode == 0
+    assert dest.read_bytes() == seg_file.read_bytes()
 
 
 @pytest.mark.parametrize(

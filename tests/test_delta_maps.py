@@ -11,17 +11,19 @@ import struct
 import time
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 
 from pitr.errors import IntegrityError
 from pitr.ops.proof.verify import VerifyOptions, verify
 from pitr.repo import blockmap, envelope
-from pitr.repo.format import MAP2_MANIFEST_FORMAT, META_KEY
+from pitr.repo.format import BLAKE3_MANIFEST_FORMAT, MAP2_MANIFEST_FORMAT, META_KEY
 from pitr.repo.manifest import FileEntry, Manifest, write_manifest
 from pitr.repo.mapchain import MapCache
 from pitr.repo.meta import new_meta
 from pitr.storage.memory import MemoryStorage
+from tests.support.envelope_v1 import encode_v1
 from tests.test_incr_blocks import BS, Chain
 
 REL = "base/5/16384"
@@ -50,7 +52,9 @@ def test_delta_chain_full_incr_incr_diff_restores_byte_for_byte(tmp_path: Path) 
     c.write("base/5/16385", os.urandom(30 * BS))
     c.write("base/5/16386", os.urandom(12 * BS))
     full = c.backup()
-    assert full.format == MAP2_MANIFEST_FORMAT  # an older pitr refuses it rather than misread its maps
+    # an older pitr refuses it rather than misread its maps (4) or its files' BLAKE3 digests (5)
+    assert full.format == BLAKE3_MANIFEST_FORMAT > MAP2_MANIFEST_FORMAT
+    assert all(e.blake3 and not e.sha256 for e in full.files)
     fm = entry(full).map
     assert fm and "base" not in fm and fm["sha256"] == hashlib.sha256(map_bytes(c, full)).hexdigest()
     assert map_bytes(c, full)[:8] == b"PITRBM2\0"
@@ -63,7 +67,7 @@ def test_delta_chain_full_incr_incr_diff_restores_byte_for_byte(tmp_path: Path) 
     c.write("base/5/16390", os.urandom(9 * BS))  # appeared
     i1 = c.backup()
     e1 = entry(i1)
-    assert e1.sha256 == "" and e1.map and e1.map["base"] == full.id
+    assert e1.sha256 == e1.blake3 == "" and e1.map and e1.map["base"] == full.id
     d = blockmap.parse_delta(map_bytes(c, i1), e1.size, len(e1.sources or []), BS, False)
     assert d.records["block"].tolist() == [3]  # only the changed block: not the file's 40
     g = entry(i1, "base/5/16385")
@@ -245,18 +249,30 @@ def test_the_map_cache_is_bounded_and_used_only_within_its_chain() -> None:
 # --------------------------------------------------------------------------- an older chain (format 1)
 
 def _as_format_1(c: Chain, m: Manifest) -> Manifest:
-    """m rewritten as a pitr before format 2 wrote it: whole blake2b maps with no SHA-256, format 1/3."""
+    """m (a full backup) rewritten as a pitr before format 2 wrote it: version-1 envelopes (SHA-256)
+    under `sha256` entries, whole blake2b maps with no SHA-256, format 1."""
+    written = [o.key for o in c.storage.list(f"backups/{m.id}/data/")]
     for e in m.files:
+        if e.object is not None:
+            env = c.storage.get_range(f"backups/{m.id}/{e.object}", e.offset, e.length)
+            raw = envelope.decode(env, max_size=e.size)
+            env = encode_v1(raw, c.codec.name, c.codec.level)
+            key = f"data/{700000 + len(list(c.storage.list(f'backups/{m.id}/data/'))):06d}"  # after the 000NNN
+            c.storage.put(f"backups/{m.id}/{key}", env)
+            e.object, e.offset, e.length = key, 0, len(env)
+            e.sha256, e.blake3 = hashlib.sha256(raw).hexdigest(), ""
         if e.map is None:
             continue
         data = (c.root / "src" / e.path).read_bytes()  # unchanged since m was taken (callers see to it)
         recs = b"".join(blockmap.RECORD_V1.pack(blockmap.block_hash_v1(data[b * BS:(b + 1) * BS]), 0, b)
                         for b in range(len(data) // BS))
         old = blockmap.HEADER_V1.pack(blockmap.MAGIC_V1, BS, len(data) // BS) + recs
-        env = envelope.encode(old, c.codec)
+        env = encode_v1(old, c.codec.name, c.codec.level)
         key = f"data/{800000 + len(list(c.storage.list(f'backups/{m.id}/data/'))):06d}"
         c.storage.put(f"backups/{m.id}/{key}", env)
         e.map = {"object": key, "offset": 0, "length": len(env)}
+    for key in written:  # every entry and map now lives in the rewritten objects
+        c.storage.delete(key)
     m.format = 1
     write_manifest(c.storage, m)
     out = Manifest.from_json(m.to_json())
@@ -268,18 +284,25 @@ def test_an_older_format_1_chain_restores_and_a_new_incr_builds_on_it(tmp_path: 
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     c = Chain(tmp_path)
     c.write(REL, os.urandom(30 * BS))
-    c.write("base/5/16385", os.urandom(10 * BS))
+    c.write("base/5/16385", os.urandom(10 * BS), mtime=time.time() - 3600)  # unchanged since: referenced
     old_full = _as_format_1(c, c.backup())
     assert map_bytes(c, old_full)[:8] == b"PITRBM1\0"
+    assert old_full.format == 1 and all(e.sha256 and not e.blake3 for e in old_full.files)
     restored(c, old_full, tmp_path / "r0")
     c.patch(REL, 4, os.urandom(BS))
     with caplog.at_level(logging.INFO, logger="pitr.backup"):
         inc = c.backup()  # the parent's maps are format 1 (blake2b): the changed file is stored whole
     assert f"block map of {REL} is of format 1 (blake2b); copying the file whole" in caplog.text
     e = entry(inc)
-    assert e.sources is None and e.sha256 == hashlib.sha256((tmp_path / "src" / REL).read_bytes()).hexdigest()
+    assert e.sources is None and e.sha256 == ""
+    assert e.blake3 == blake3.blake3((tmp_path / "src" / REL).read_bytes()).hexdigest()
     assert e.map and map_bytes(c, inc)[:8] == b"PITRBM2\0"
+    # a mixed chain: the unchanged file is the old full's (v1, sha256 entry), the changed one v2
+    assert entry(inc, "base/5/16385").ref == old_full.id and entry(inc, "base/5/16385").sha256
+    assert inc.format == BLAKE3_MANIFEST_FORMAT
     restored(c, inc, tmp_path / "r1")
+    c.storage.put(META_KEY, new_meta(1, 15, 16 << 20).to_json())
+    assert [p for p in verify(c.storage, VerifyOptions()).problems if p.object.startswith("backups/")] == []
     c.patch(REL, 8, os.urandom(BS))
     inc2 = c.backup()  # and the next one is a delta again
     assert entry(inc2).map["base"] == inc.id  # type: ignore[index]

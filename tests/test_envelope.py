@@ -7,12 +7,14 @@ import io
 import os
 import struct
 
+import blake3
 import pytest
 
 from pitr.errors import ConfigError, IntegrityError
 from pitr.repo import envelope
 from pitr.repo.envelope import Codec, decode, decode_stream, encode, encode_stream, parse_codec
 from tests.support.bomb import BOMB_RAW, bomb
+from tests.support.envelope_v1 import encode_v1
 
 CODECS = [Codec("none", 0), Codec("zstd", 3)]
 IDS = ["none", "zstd"]
@@ -47,14 +49,15 @@ def test_layout_matches_the_spec() -> None:
     """docs/repository-format.md describes these bytes; an independent reader can rely on them."""
     raw = b"hello pitr"
     blob = encode(raw, Codec("none", 0))
-    assert blob[:4] == b"PITR" and blob[4] == 1 and blob[5] == 0 and blob[6] == 0 and blob[7:16] == bytes(9)
+    assert blob[:4] == b"PITR" and blob[4] == 2 and blob[5] == 0 and blob[6] == 0 and blob[7:16] == bytes(9)
     assert blob[16:-48] == raw
     size, digest, end = struct.unpack(">Q32s8s", blob[-48:])
-    assert (size, digest, end) == (len(raw), hashlib.sha256(raw).digest(), b"PITR-END")
+    # version 2: the trailer holds BLAKE3-256 (blake3's default 32-byte output) of the raw bytes
+    assert (size, digest, end) == (len(raw), blake3.blake3(raw).digest(), b"PITR-END")
     z = encode(raw, Codec("zstd", 7))
     assert z[5] == 1 and z[6] == 7 and z[16:20] == b"\x28\xb5\x2f\xfd"  # one zstd frame follows
-    t = envelope.parse_trailer(z, "x")
-    assert t.size == len(raw) and t.sha256 == hashlib.sha256(raw).hexdigest()
+    t = envelope.parse_trailer(z, "x", version=envelope.parse_header(z, "x"))
+    assert t == envelope.Trailer(len(raw), blake3.blake3(raw).hexdigest(), "blake3")
 
 
 def test_zstd_compresses() -> None:
@@ -108,15 +111,81 @@ def test_appended_bytes_are_detected() -> None:
 def test_decode_stream_verify_only_returns_trailer() -> None:
     raw = sample(5000)
     t = decode_stream(io.BytesIO(encode(raw, Codec("zstd", 1))), None)
-    assert t.size == len(raw) and t.sha256 == hashlib.sha256(raw).hexdigest()
+    assert t.size == len(raw) and (t.algo, t.digest) == ("blake3", blake3.blake3(raw).hexdigest())
 
 
-def test_unknown_version_says_upgrade() -> None:
+@pytest.mark.parametrize("version", [0, 3, 255])
+def test_unknown_version_says_upgrade(version: int) -> None:
     blob = bytearray(encode(b"abc", Codec("none", 0)))
-    blob[4] = 2
-    with pytest.raises(IntegrityError, match="envelope version 2") as e:
-        decode(bytes(blob))
-    assert e.value.hint == "upgrade pitr"
+    blob[4] = version
+    for fn in (decode, stream_decode):
+        with pytest.raises(IntegrityError, match=f"envelope version {version}; this pitr reads versions 1, 2") as e:
+            fn(bytes(blob))
+        assert e.value.hint == "upgrade pitr"
+
+
+# --------------------------------------------------------------------------- version 1 (SHA-256), still read
+
+V1_CODECS = [("none", 0), ("zstd", 3)]
+
+
+@pytest.mark.parametrize(("codec", "level"), V1_CODECS, ids=IDS)
+@pytest.mark.parametrize("raw", [b"", b"x", sample()], ids=["empty", "one-byte", "200k"])
+def test_version_1_still_decodes(codec: str, level: int, raw: bytes) -> None:
+    """Objects an older pitr wrote (SHA-256 trailer) decode, whole and streamed, and say their algorithm."""
+    blob = encode_v1(raw, codec, level)
+    assert blob[4] == 1
+    assert decode(blob) == raw and stream_decode(blob, chunk=1000) == raw
+    t = decode_stream(io.BytesIO(blob), None)
+    assert t == envelope.Trailer(len(raw), hashlib.sha256(raw).hexdigest(), "sha256")
+    assert envelope.parse_trailer(blob, "x", version=envelope.parse_header(blob, "x")) == t
+
+
+@pytest.mark.parametrize(("codec", "level"), V1_CODECS, ids=IDS)
+def test_version_1_relabelled_2_fails(codec: str, level: int) -> None:
+    """A v1 object whose version byte says 2: its SHA-256 is no BLAKE3, so the checksum fails."""
+    raw = sample(5000)
+    bad = bytearray(encode_v1(raw, codec, level))
+    bad[4] = 2
+    with pytest.raises(IntegrityError, match="fails its checksum"):
+        decode(bytes(bad))
+    with pytest.raises(IntegrityError, match="fails its checksum"):
+        stream_decode(bytes(bad), chunk=512)
+
+
+@pytest.mark.parametrize("c", CODECS, ids=IDS)
+def test_version_2_relabelled_1_fails(c: Codec) -> None:
+    bad = bytearray(encode(sample(5000), c))
+    bad[4] = 1
+    with pytest.raises(IntegrityError, match="fails its checksum"):
+        decode(bytes(bad))
+    with pytest.raises(IntegrityError, match="fails its checksum"):
+        stream_decode(bytes(bad), chunk=512)
+
+
+def test_version_2_with_one_flipped_payload_byte_fails() -> None:
+    raw = sample(5000)
+    bad = bytearray(encode(raw, Codec("none", 0)))
+    bad[envelope.HEADER_SIZE + 100] ^= 0x01  # stored uncompressed: only the BLAKE3 can tell
+    with pytest.raises(IntegrityError, match="fails its checksum"):
+        decode(bytes(bad))
+    with pytest.raises(IntegrityError, match="fails its checksum"):
+        stream_decode(bytes(bad), chunk=512)
+
+
+@pytest.mark.parametrize(("codec", "level"), V1_CODECS, ids=IDS)
+def test_version_1_every_byte_corruption_is_detected(codec: str, level: int) -> None:
+    raw = sample(2000)
+    blob = encode_v1(raw, codec, level)
+    for i in range(len(blob)):
+        if i == 6:  # the advisory level byte (see test_every_byte_corruption_is_detected)
+            continue
+        bad = bytearray(blob)
+        bad[i] ^= 0x5A
+        with pytest.raises(IntegrityError):
+            decode(bytes(bad))
+        with pytest.raises(IntegrityError):
+            stream_decode(bytes(bad), chunk=512)
 
 
 @pytest.mark.parametrize(("spec", "want"), [("zstd", "zstd:3"), ("zstd:19", "zstd:19"), ("ZSTD:1", "zstd:1"),

@@ -226,6 +226,35 @@ def test_unknown_fields_are_ignored_at_every_level(repo: FsStorage, work: Path) 
         read_manifest(repo, BID)
 
 
+def _set_digest(field: str, value: object, fmt: int | None = None) -> Callable[[Manifest], None]:
+    def change(d: Manifest) -> None:
+        f = next(x for x in d["files"] if x["size"])
+        f[field] = value
+        if fmt is not None:
+            d["format"] = fmt
+    return change
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    (_set_digest("blake3", "AB" * 32), "has a blake3 digest that is not 64 lower-case hex digits"),
+    (_set_digest("blake3", "ab" * 31), "has a blake3 digest that is not 64 lower-case hex digits"),
+    (_set_digest("blake3", 7), "has a blake3 digest that is not 64 lower-case hex digits"),
+    (_set_digest("sha256", "xyz"), "has a sha256 digest that is not 64 lower-case hex digits"),
+    (_set_digest("sha256", "ab" * 32), "has both a sha256 and a blake3 digest"),
+    (_set_digest("blake3", "ab" * 32, 4), "has a blake3 digest in a manifest of format 4"),
+], ids=["upper-case", "short", "not-a-string", "sha256-not-hex", "both", "format-4"])
+def test_a_malformed_file_digest_is_refused(repo: FsStorage, work: Path, change: Callable[[Manifest], None],
+                                            why: str) -> None:
+    """Digests are validated like map.sha256, before anything is written; blake3 needs format 5 (an
+    older pitr, reading up to 4, must refuse such a manifest rather than see no digest)."""
+    rewrite(repo, change)
+    with pytest.raises(IntegrityError, match=f"manifest of backup {BID} is unsafe to use: file entry .*{why}"):
+        read_manifest(repo, BID)
+    with pytest.raises(RestoreError, match="no complete backup"):  # the only backup is unusable
+        run_restore(repo, opts(work / "data"))
+    assert not (work / "data").exists()
+
+
 # --------------------------------------------------------------------------- unreadable manifests (defect 5)
 
 def test_one_unreadable_manifest_does_not_block_the_others(work: Path, pitr_exe: Path) -> None:

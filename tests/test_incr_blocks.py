@@ -20,7 +20,7 @@ from pitr.ops.base.backup_incr import Base, BlockJobs, Parent, annotate, plan_fi
 from pitr.ops.base.backup_store import Pipeline, StoreOptions
 from pitr.ops.recovery.restore_files import Item, write_files
 from pitr.repo import blockmap, envelope
-from pitr.repo.format import is_backup_id
+from pitr.repo.format import MAX_MANIFEST_FORMAT, is_backup_id
 from pitr.repo.manifest import Manifest, write_manifest
 from pitr.storage.base import Storage
 from pitr.storage.memory import MemoryStorage
@@ -138,8 +138,8 @@ def test_hostile_parent_and_newer_format_are_refused() -> None:
     with pytest.raises(IntegrityError, match="parent"):
         _load(d)
     d = _incr_manifest()
-    d["format"] = 5
-    with pytest.raises(IntegrityError, match="reads up to 4"):
+    d["format"] = MAX_MANIFEST_FORMAT + 1
+    with pytest.raises(IntegrityError, match=f"uses format {MAX_MANIFEST_FORMAT + 1}; this pitr reads up to 5"):
         _load(d)
 
 

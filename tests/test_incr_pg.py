@@ -139,10 +139,10 @@ def test_backups_build_on_their_parents_and_store_little(chain: Chain) -> None:
     assert i2["stored_bytes"] < 0.15 * f["stored_bytes"], (i2["stored_bytes"], f["stored_bytes"])
     storage = FsStorage(c.base / "repo")
     m = read_manifest(storage, c.ids["I2"])
-    assert m.format == 4 and m.extra["chain"] == [c.ids["F"], c.ids["D"], c.ids["I2"]]
+    assert m.format == 5 and m.extra["chain"] == [c.ids["F"], c.ids["D"], c.ids["I2"]]  # blake3 entries (5)
     assert any(e.sources for e in m.files) and any(e.ref for e in m.files)
     mf = read_manifest(storage, c.ids["F"])
-    assert mf.format == 4 and any(e.map for e in mf.files)  # a full backup writes (format-2) block maps too
+    assert mf.format == 5 and any(e.map for e in mf.files)  # a full backup writes (format-2) block maps too
 
 
 def test_restore_the_newest_incr_and_then_delta_over_an_older_one(chain: Chain) -> None:

@@ -150,6 +150,16 @@ def test_wal_push_and_fetch_on_a_local_repo_import_nothing_heavy(tmp_path: Path)
     assert probe(["wal-fetch", "000000010000000000000009", str(tmp_path / "x")], env)["rc"] == 1
 
 
+def test_the_async_wal_quick_path_imports_no_hash_or_codec_library() -> None:
+    """asyncwal and the spool answer PostgreSQL from markers: standard library only (the stage's
+    NAME.meta records the envelope's digest, but nothing on this path hashes with it)."""
+    code = ("import sys, json\nimport pitr.cli.asyncwal, pitr.ops.wal.spool\n"
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'blake3', 'zstandard', 'numpy'})))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == []
+
+
 @pytest.mark.usefixtures("s3_bucket")
 def test_wal_push_on_s3_loads_boto3_but_no_ui(moto_server, s3_bucket: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The same probe sees boto3 when it is really used, so the local-repo check above can fail."""

@@ -269,6 +269,49 @@ def test_corrupt_object_is_detected(repo: Storage, work: Path) -> None:
     assert (dest / MARKER).exists() and not (dest / "global/pg_control").exists()
 
 
+def _rewrite_entry(storage: Storage, path: str, sha256: str, blake3: str) -> None:
+    from pitr.repo.manifest import read_manifest, write_manifest
+
+    bid = next(iter(storage.list("backups/"))).key.split("/")[1]
+    m = read_manifest(storage, bid)
+    e = next(x for x in m.files if x.path == path)
+    e.sha256, e.blake3 = sha256, blake3
+    m.format = max(m.format, 5) if blake3 else m.format
+    write_manifest(storage, m)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["blake3", "sha256"])
+@pytest.mark.parametrize("path", ["base/1/1259", "base/1/2608"], ids=["streamed", "bundled"])
+def test_a_tampered_or_relabelled_entry_digest_fails_the_restore(work: Path, legacy: bool, path: str) -> None:
+    """The entry's digest is wrong, or is the envelope's very digest under the other algorithm's field:
+    the restore fails (IntegrityError) and never looks complete."""
+    storage = FsStorage(work / "repo")
+    m = fake_repo(storage, FILES, modes=MODES, bundle_max=64 << 10, legacy=legacy)
+    e = next(x for x in m.files if x.path == path)
+    assert (e.sha256 != "", e.blake3 != "") == (legacy, not legacy)
+    for i, (sha, b3) in enumerate([(e.sha256 and "0" * 64, e.blake3 and "0" * 64), (e.blake3, e.sha256)]):
+        _rewrite_entry(storage, path, sha, b3)
+        dest = work / f"data-{i}"
+        with pytest.raises(IntegrityError, match=f"copy of {path} does not match its manifest entry"):
+            run_restore(storage, opts(dest))
+        assert (dest / MARKER).exists() and not (dest / "global/pg_control").exists()
+
+
+def test_a_backup_an_older_pitr_wrote_restores_and_delta_compares_by_sha256(work: Path) -> None:
+    """Version-1 envelopes and sha256 entries (format 1): restore, then --delta keeps what matches."""
+    storage = FsStorage(work / "repo")
+    m = fake_repo(storage, FILES, modes=MODES, bundle_max=64 << 10, legacy=True)
+    chown_pg(work / "repo", recursive=True)
+    assert m.format == 1 and all(not e.blake3 for e in m.files)
+    dest = work / "data"
+    run_restore(storage, opts(dest))
+    check_restored(dest)
+    (dest / "base/1/2608").write_bytes(os.urandom(20_000))  # same size, other bytes: only the digest tells
+    r = run_restore(storage, opts(dest, delta=True, target=Target("immediate")))
+    check_restored(dest)
+    assert r.files is not None and (r.files.files_written, r.files.files_kept) == (3, len(FILES) - 1 - 3)
+
+
 # --------------------------------------------------------------------------- tablespaces
 
 def test_tablespace_remap(work: Path) -> None:

@@ -13,6 +13,7 @@ import struct
 import uuid
 from pathlib import Path
 
+import blake3
 import pytest
 
 from pitr.pg import walname
@@ -22,6 +23,7 @@ from pitr.repo.manifest import FileEntry, Manifest, write_manifest
 from pitr.repo.meta import new_meta
 from pitr.storage.memory import MemoryStorage
 from pitr.storage.s3 import S3Storage
+from tests.support.envelope_v1 import encode_v1
 from tests.support.maint import Repo, backup, data_keys, flip_byte, pg15_cluster, snapshot, start_repo
 from tests.support.pg import PgCluster
 from tests.support.s3 import MotoServer
@@ -45,27 +47,33 @@ def seg(tli: int, n: int) -> str:
     return walname.seg_name(tli, n, SEG)
 
 
-def fake_backup(storage: MemoryStorage, bid: str, tli: int, start: int, stop: int) -> Manifest:
-    """Two bundled files in data/000000, one in data/000001, one empty file."""
+def fake_backup(storage: MemoryStorage, bid: str, tli: int, start: int, stop: int, legacy: bool = False) -> Manifest:
+    """Two bundled files in data/000000, one in data/000001, one empty file. legacy: as an older pitr
+    wrote it (version-1 envelopes, sha256 entries, format 1)."""
+
+    def entry(path: str, raw: bytes, obj: str, offset: int, env: bytes) -> FileEntry:
+        if legacy:
+            return FileEntry(path, len(raw), hashlib.sha256(raw).hexdigest(), 0o600, 0.0, obj, offset, len(env))
+        return FileEntry(path, len(raw), "", 0o600, 0.0, obj, offset, len(env), blake3=blake3.blake3(raw).hexdigest())
+
     files = []
     bundle = b""
     for i, raw in enumerate([b"alpha" * 100, b"beta" * 300]):
-        env = envelope.encode(raw, envelope.Codec("zstd", 1))
-        files.append(FileEntry(f"base/1/{i}", len(raw), hashlib.sha256(raw).hexdigest(), 0o600, 0.0,
-                               "data/000000", len(bundle), len(env)))
+        env = encode_v1(raw, "zstd", 1) if legacy else envelope.encode(raw, envelope.Codec("zstd", 1))
+        files.append(entry(f"base/1/{i}", raw, "data/000000", len(bundle), env))
         bundle += env
     storage.put(backup_data_key(bid, 0), bundle)
     raw = bytes(range(256)) * 64
-    env = envelope.encode(raw, envelope.Codec("none", 0))
-    files.append(FileEntry("base/1/big", len(raw), hashlib.sha256(raw).hexdigest(), 0o600, 0.0,
-                           "data/000001", 0, len(env)))
+    env = encode_v1(raw, "none") if legacy else envelope.encode(raw, envelope.Codec("none", 0))
+    files.append(entry("base/1/big", raw, "data/000001", 0, env))
     storage.put(backup_data_key(bid, 1), env)
     files.append(FileEntry("empty", 0, "", 0o600, 0.0, None))
     m = Manifest(id=bid, type="full", system_identifier=SYSID, pg_version=15, pg_version_num=150000,
                  wal_segment_size=SEG, timeline=tli, start_lsn=walname.format_lsn(start * SEG + 40),
                  stop_lsn=walname.format_lsn(stop * SEG + 4000), start_wal=seg(tli, start), stop_wal=seg(tli, stop),
                  start_time="2024-01-01T00:00:00+00:00", stop_time="2024-01-01T00:01:00+00:00", compress="zstd:1",
-                 backup_label="", tablespace_map=None, checksums_enabled=True, files=files, directories=[])
+                 backup_label="", tablespace_map=None, checksums_enabled=True, files=files, directories=[],
+                 format=1 if legacy else 5)
     write_manifest(storage, m)
     return m
 
@@ -116,13 +124,46 @@ def test_file_checksum_differs_from_manifest(mem: MemoryStorage) -> None:
     from pitr.repo.manifest import read_manifest
 
     m = read_manifest(mem, "B1")
-    m.files[2].sha256 = "0" * 64  # the envelope is intact, the manifest disagrees
+    m.files[2].blake3 = "0" * 64  # the envelope is intact, the manifest disagrees
     m.system_identifier = 42
     write_manifest(mem, m)
     got = run(mem)
     assert ("file-mismatch", "backups/B1/data/000001") in got
     assert ("manifest", manifest_key("B1")) in got
     assert len(got) == 2
+
+
+def test_a_backup_an_older_pitr_wrote_verifies_clean(mem: MemoryStorage) -> None:
+    """Version-1 envelopes under sha256 entries (format 1) beside the new backup: no problem; a
+    tampered sha256 entry is still a mismatch."""
+    from pitr.repo.manifest import read_manifest
+
+    fake_backup(mem, "B0", 1, 1, 2, legacy=True)
+    for n in (1, 2):  # its WAL archived by the older pitr too
+        mem.put(wal_key(seg(1, n)), encode_v1(segment(1, n), "zstd", 1))
+    assert run(mem) == []
+    m = read_manifest(mem, "B0")
+    assert m.format == 1 and all(not f.blake3 for f in m.files)
+    m.files[2].sha256 = "0" * 64
+    write_manifest(mem, m)
+    assert run(mem) == [("file-mismatch", "backups/B0/data/000001")]
+
+
+def test_file_digest_of_the_other_algorithm_is_a_mismatch(mem: MemoryStorage) -> None:
+    """An entry naming the trailer's very digest under the other algorithm's field does not bind the
+    object: a v2 object's BLAKE3 as `sha256`, a v1 object's SHA-256 as `blake3` are mismatches."""
+    from pitr.repo.manifest import read_manifest
+
+    m = read_manifest(mem, "B1")
+    m.files[2].sha256, m.files[2].blake3 = m.files[2].blake3, ""
+    write_manifest(mem, m)
+    assert run(mem) == [("file-mismatch", "backups/B1/data/000001")]
+    fake_backup(mem, "B0", 1, 1, 2, legacy=True)
+    m = read_manifest(mem, "B0")
+    m.files[2].sha256, m.files[2].blake3, m.format = "", m.files[2].sha256, 5
+    write_manifest(mem, m)
+    assert sorted(run(mem)) == [("file-mismatch", "backups/B0/data/000001"),
+                                ("file-mismatch", "backups/B1/data/000001")]
 
 
 def test_wal_header_history_and_placement(mem: MemoryStorage) -> None:

@@ -1,4 +1,5 @@
-"""pitr verify on diff/incr backups built object by object through the real envelope codec: a whole
+"""pitr verify on diff/incr backups built object by object as an older pitr wrote them (version-1
+envelopes, sha256 entries, format-1 block maps), decoded by the real envelope codec: a whole
 chain verifies clean; a broken chain, a missing referenced object, a damaged block map and a block
 that does not match its hash are each reported against the backup they concern, with --backup too."""
 
@@ -10,17 +11,16 @@ import struct
 
 from pitr.ops.proof.verify import VerifyOptions, VerifyResult, verify
 from pitr.pg import walname
-from pitr.repo import envelope
 from pitr.repo.format import META_KEY, backup_data_key, manifest_key
 from pitr.repo.manifest import FileEntry, Manifest, write_manifest
 from pitr.repo.meta import new_meta
 from pitr.storage.memory import MemoryStorage
+from tests.support.envelope_v1 import encode_v1
 
 SEG = 16 << 20
 BS = 8192
 FULL, INCR = "20261101T000000F", "20261102T000000F"
 DATA = "data/000000"
-ZSTD = envelope.Codec("zstd", 3)
 
 
 def block(tag: int) -> bytes:
@@ -45,13 +45,14 @@ def manifest(bid: str, typ: str, parent: str | None, day: int, files: list[FileE
 
 
 class Bundle:
-    """Envelopes appended into one data object; returns their (offset, length)."""
+    """Envelopes appended into one data object; returns their (offset, length). Version 1 (SHA-256),
+    as the older pitr that wrote format-1 maps (and sha256 entries) wrote them."""
 
     def __init__(self) -> None:
         self.data = bytearray()
 
     def add(self, raw: bytes) -> dict[str, object]:
-        env = envelope.encode(raw, ZSTD)
+        env = encode_v1(raw, "zstd", 3)
         loc = {"object": DATA, "offset": len(self.data), "length": len(env)}
         self.data += env
         return loc

@@ -1,8 +1,11 @@
-"""The object envelope: header | compressed payload | trailer (size + SHA-256 of the raw bytes).
+"""The object envelope: header | compressed payload | trailer (size + digest of the raw bytes).
 
-    header  16 bytes  b"PITR" | version u8 (1) | codec u8 (0 none, 1 zstd) | level i8 | 9 zero bytes
+    header  16 bytes  b"PITR" | version u8 (2) | codec u8 (0 none, 1 zstd) | level i8 | 9 zero bytes
     payload           the raw bytes through the codec (one zstd frame)
-    trailer 48 bytes  raw size u64 big-endian | SHA-256 of the raw bytes (32) | b"PITR-END"
+    trailer 48 bytes  raw size u64 big-endian | digest of the raw bytes (32) | b"PITR-END"
+
+The version names the digest: 1 SHA-256 (what older pitr wrote; still read), 2 BLAKE3-256 (what
+pitr writes: a tenth of SHA-256's cost on CPUs without SHA extensions, docs/performance.md).
 
 The trailer lets a writer stream (the checksum is known only at the end) and lets a reader
 learn an object's raw checksum with one ranged read of its last 48 bytes. Decoding always
@@ -23,7 +26,8 @@ from pitr.errors import ConfigError, IntegrityError
 
 MAGIC = b"PITR"
 END = b"PITR-END"
-VERSION = 1
+VERSION = 2  # what this pitr writes
+DIGESTS = {1: "sha256", 2: "blake3"}  # envelope version -> the digest its trailer holds (all this pitr reads)
 HEADER_SIZE = 16
 TRAILER_SIZE = 48
 _HEADER = struct.Struct(">4sBBb9s")
@@ -71,10 +75,42 @@ def parse_codec(spec: str) -> Codec:
     return Codec("zstd", lvl)
 
 
+class Hasher(Protocol):
+    """hashlib.sha256() or blake3.blake3(): what digests are taken with."""
+
+    def update(self, data: bytes | memoryview, /) -> object: ...
+
+    def digest(self) -> bytes: ...
+
+    def hexdigest(self) -> str: ...
+
+
+def hasher(algo: str) -> Hasher:
+    """A fresh hash of the named algorithm ("sha256" or "blake3", 32-byte output)."""
+    if algo == "blake3":
+        import blake3  # the quick archive path pays for it only when it hashes
+
+        return blake3.blake3()  # type: ignore[no-any-return]
+    if algo == "sha256":
+        return hashlib.sha256()
+    raise ValueError(f"unknown digest algorithm {algo!r}")
+
+
+def digest_of(algo: str, data: bytes | memoryview) -> bytes:
+    h = hasher(algo)
+    h.update(data)
+    return h.digest()
+
+
 @dataclass(frozen=True)
 class Trailer:
     size: int
-    sha256: str  # hex
+    digest: str  # hex, of the algorithm `algo`
+    algo: str  # "sha256" (envelope version 1) or "blake3" (version 2)
+
+    def matches(self, algo: str, digest: str, size: int) -> bool:
+        """The raw bytes this trailer describes are `size` bytes with that digest (of the same algorithm)."""
+        return self.algo == algo and self.digest == digest and self.size == size
 
 
 def header_bytes(codec: Codec) -> bytes:
@@ -85,31 +121,38 @@ def trailer_bytes(size: int, digest: bytes) -> bytes:
     return _TRAILER.pack(size, digest, END)
 
 
-def parse_trailer(data: bytes, what: str) -> Trailer:
+def parse_trailer(data: bytes, what: str, *, version: int) -> Trailer:
+    """The trailer at the end of data; `version` (from the object's header: parse_header) names its digest."""
     if len(data) < TRAILER_SIZE:
         raise IntegrityError(f"{what} is truncated (no envelope trailer)")
     size, digest, end = _TRAILER.unpack(data[-TRAILER_SIZE:])
     if end != END:
         raise IntegrityError(f"{what} is truncated or corrupt (bad envelope trailer)")
-    return Trailer(size, digest.hex())
+    return Trailer(size, digest.hex(), DIGESTS[version])
 
 
-def _parse_header(data: bytes, what: str) -> int:
+def parse_header(data: bytes, what: str) -> int:
+    """The envelope version of the object whose first bytes are data; IntegrityError if not one this pitr reads."""
+    return _parse_header(data, what)[0]
+
+
+def _parse_header(data: bytes, what: str) -> tuple[int, int]:
+    """(version, codec code) of a sound header."""
     if len(data) < HEADER_SIZE:
         raise IntegrityError(f"{what} is truncated (no envelope header)")
     magic, version, code, level, reserved = _HEADER.unpack(data[:HEADER_SIZE])
     if magic != MAGIC:
         raise IntegrityError(f"{what} is not a pitr object (bad magic)")
-    if version != VERSION:
-        raise IntegrityError(f"{what} uses envelope version {version}; this pitr reads version {VERSION}",
-                             "upgrade pitr")
+    if version not in DIGESTS:
+        raise IntegrityError(f"{what} uses envelope version {version}; this pitr reads versions "
+                             f"{', '.join(map(str, DIGESTS))}", "upgrade pitr")
     if code not in CODECS.values():
         raise IntegrityError(f"{what} uses an unknown codec {code}")
     # the level is advisory (decoding does not need it) but must be plausible; reserved bytes are zero
-    # in version 1, so a damaged header is caught even where it would not change the payload
+    # in versions 1 and 2, so a damaged header is caught even where it would not change the payload
     if (code == 0 and level != 0) or (code == 1 and not 1 <= level <= 22) or reserved != _RESERVED:
         raise IntegrityError(f"{what} has a corrupt envelope header")
-    return code
+    return version, code
 
 
 def _compressor(codec: Codec):  # type: ignore[no-untyped-def]
@@ -121,9 +164,9 @@ def _compressor(codec: Codec):  # type: ignore[no-untyped-def]
 def encode(raw: bytes | memoryview, codec: Codec, digest: bytes | None = None) -> bytes:
     """Envelope a whole in-memory object (WAL segments, manifests).
 
-    `digest` is raw's SHA-256 when the caller already has it (one pass over 16 MiB less)."""
+    `digest` is raw's BLAKE3 when the caller already has it (one pass over 16 MiB less)."""
     if digest is None:
-        digest = hashlib.sha256(raw).digest()
+        digest = digest_of(DIGESTS[VERSION], raw)
     body = _compressor(codec).compress(raw) if codec.code == 1 else bytes(raw)
     return header_bytes(codec) + body + trailer_bytes(len(raw), digest)
 
@@ -131,7 +174,7 @@ def encode(raw: bytes | memoryview, codec: Codec, digest: bytes | None = None) -
 def encode_stream(src: BinaryIO, codec: Codec, chunk: int = CHUNK) -> Iterator[bytes]:
     """Envelope a stream, yielding encoded pieces; reads src to its end. Memory: O(chunk)."""
     yield header_bytes(codec)
-    h = hashlib.sha256()
+    h = hasher(DIGESTS[VERSION])
     size = 0
     comp = _compressor(codec).compressobj() if codec.code == 1 else None
     while True:
@@ -199,20 +242,20 @@ def decode(data: bytes, what: str = "object", *, max_size: int = DEFAULT_MAX_SIZ
 
     The trailer is read first: a declared size over max_size is refused before any decompression,
     and decompression stops as soon as it passes the declared size."""
-    code = _parse_header(data, what)
-    trailer = parse_trailer(data, what)
+    version, code = _parse_header(data, what)
+    trailer = parse_trailer(data, what, version=version)
     if trailer.size > max_size:
         raise _too_large(what, max_size)
     body = memoryview(data)[HEADER_SIZE:-TRAILER_SIZE]
     inf = _Inflater(code, max_size, what, declared=trailer.size)
     raw = b"".join(inf.feed(body))
     inf.finish()
-    _verify(len(raw), hashlib.sha256(raw).hexdigest(), trailer, what)
+    _verify(len(raw), digest_of(trailer.algo, raw).hex(), trailer, what)
     return raw
 
 
-def _verify(size: int, sha: str, trailer: Trailer, what: str) -> None:
-    if size != trailer.size or sha != trailer.sha256:
+def _verify(size: int, digest: str, trailer: Trailer, what: str) -> None:
+    if size != trailer.size or digest != trailer.digest:
         raise IntegrityError(f"{what} fails its checksum: stored bytes are corrupt", _VERIFY_HINT)
 
 
@@ -317,12 +360,12 @@ def decode_stream(src: BinaryIO, dst: Sink | None, what: str = "object", chunk: 
 def decode_iter(src: BinaryIO, what: str = "object", chunk: int = CHUNK, *,
                 max_size: int = DEFAULT_MAX_SIZE, checksum: bool = True) -> Generator[bytes, None, Trailer]:
     """decode_stream as a generator the caller pulls raw pieces from (a block-incremental restore
-    reads several sources forward, a little at a time). The size (and with checksum the SHA-256)
+    reads several sources forward, a little at a time). The size (and with checksum the digest)
     is verified once the generator is exhausted; a caller that stops early, or passes
     checksum=False, checks what it assembled from the pieces itself."""
-    code = _parse_header(src.read(HEADER_SIZE), what)
+    version, code = _parse_header(src.read(HEADER_SIZE), what)
     inf = _Inflater(code, max_size, what)
-    h = hashlib.sha256() if checksum else None
+    h = hasher(DIGESTS[version]) if checksum else None
     pending = b""
     while True:
         buf = src.read(chunk)
@@ -336,7 +379,7 @@ def decode_iter(src: BinaryIO, what: str = "object", chunk: int = CHUNK, *,
             if h is not None:
                 h.update(out)
             yield out
-    trailer = parse_trailer(pending, what)
+    trailer = parse_trailer(pending, what, version=version)
     inf.finish()
-    _verify(inf.size, h.hexdigest() if h is not None else trailer.sha256, trailer, what)
+    _verify(inf.size, h.hexdigest() if h is not None else trailer.digest, trailer, what)
     return trailer

@@ -15,7 +15,10 @@ INCR_MANIFEST_FORMAT = 3
 # any manifest with a format-2 block map (BLAKE3, delta over a base, bound by map.sha256): an older
 # pitr would misread the maps (docs/repository-format.md §6.2.1)
 MAP2_MANIFEST_FORMAT = 4
-MAX_MANIFEST_FORMAT = 4  # the newest manifest format this pitr reads
+# any manifest with a `blake3` file digest (the file's envelope is version 2): an older pitr would see
+# no digest and refuse every file, or worse (docs/repository-format.md §6.2)
+BLAKE3_MANIFEST_FORMAT = 5
+MAX_MANIFEST_FORMAT = 5  # the newest manifest format this pitr reads
 META_KEY = "pitr.json"
 WAL_PREFIX = "wal/"
 HISTORY_PREFIX = "wal/history/"

@@ -1,8 +1,9 @@
 """A backup's manifest: the commit point of a backup (written last, deleted first).
 
 Stored at backups/<ID>/manifest as a zstd envelope of UTF-8 JSON. Lists every file with its
-size, SHA-256 and where its envelope sits (object key relative to the backup dir, offset and
-length inside that object: small files share "bundle" objects, large ones have their own).
+size, digest (BLAKE3; SHA-256 in entries older pitr wrote) and where its envelope sits (object key
+relative to the backup dir, offset and length inside that object: small files share "bundle"
+objects, large ones have their own).
 Schema: docs/repository-format.md.
 
 A manifest is untrusted input (anyone who can write to the repository can write one): reading it
@@ -23,7 +24,14 @@ from typing import Any
 
 from pitr.errors import IntegrityError, NotFoundError
 from pitr.repo import envelope
-from pitr.repo.format import BACKUP_PREFIX, FORMAT_VERSION, MAX_MANIFEST_FORMAT, is_backup_id, manifest_key
+from pitr.repo.format import (
+    BACKUP_PREFIX,
+    BLAKE3_MANIFEST_FORMAT,
+    FORMAT_VERSION,
+    MAX_MANIFEST_FORMAT,
+    is_backup_id,
+    manifest_key,
+)
 from pitr.storage.base import Storage
 
 log = logging.getLogger("pitr.manifest")
@@ -43,7 +51,7 @@ def manifest_cap(stored_size: int) -> int:
 class FileEntry:
     path: str  # relative to PGDATA ("base/1/1259", "pg_tblspc/16385/PG_15_202209061/5/16386")
     size: int  # raw bytes
-    sha256: str  # hex of the raw bytes ("" for size 0)
+    sha256: str  # hex of the raw bytes, for a file stored in a version-1 envelope (older pitr); else ""
     mode: int  # st_mode & 0o7777
     mtime: float
     object: str | None  # key relative to backups/<ID>/ ("data/000003"); None for an empty file
@@ -54,6 +62,27 @@ class FileEntry:
     ref: str | None = None  # byte-identical to the entry in backup `ref`, which holds object and map
     map: dict[str, Any] | None = None  # {"object", "offset", "length"}: the envelope of the block map
     sources: list[dict[str, Any]] | None = None  # where the blocks live: see Source; [0] is this entry's own
+    # the digest of a file stored in a version-2 envelope (format 5): at most one of sha256 and blake3 is set,
+    # neither for an empty file or a block-incremental entry (its block map is its integrity)
+    blake3: str = ""
+
+    @property
+    def algo(self) -> str:
+        """The algorithm of this entry's digest: its envelope's trailer must hold the same one."""
+        return "blake3" if self.blake3 else "sha256"
+
+    @property
+    def digest(self) -> str:
+        """Hex digest of the raw bytes ("" for none: an empty file or a block-incremental entry)."""
+        return self.blake3 or self.sha256
+
+    def set_digest(self, algo: str, digest: str) -> None:
+        """Record the digest an envelope's trailer holds, in the field of its algorithm."""
+        self.sha256, self.blake3 = (digest, "") if algo == "sha256" else ("", digest)
+
+    def digest_matches(self, trailer: envelope.Trailer) -> bool:
+        """The trailer describes exactly this entry's bytes, with the entry's own algorithm."""
+        return trailer.matches(self.algo, self.digest, self.size)
 
 
 SOURCE_KINDS = ("file", "blocks")
@@ -209,6 +238,9 @@ class Manifest:
                 return f"file entry {f.path!r} has a size, mode, offset or length that is not a whole number"
             if f.object is not None and (not isinstance(f.object, str) or path_problem(f.object)):
                 return f"file entry {f.path!r} names the object {f.object!r}, which is not a relative key"
+            why = self._digest_problem(f)
+            if why:
+                return f"file entry {f.path!r} {why}"
             why = self._incr_problem(f)
             if why:
                 return f"file entry {f.path!r} {why}"
@@ -218,6 +250,19 @@ class Manifest:
             return f"its parent {self.parent!r} is not the ID of an older backup"
         if len(vdirs) > 1:
             return f"its tablespaces have different version directories ({', '.join(sorted(vdirs))})"
+        return None
+
+    def _digest_problem(self, f: FileEntry) -> str | None:
+        """sha256 and blake3: "" or 64 lower-case hex digits, not both; blake3 only in format 5 or later."""
+        for name in ("sha256", "blake3"):
+            v = getattr(f, name)
+            if not isinstance(v, str) or (v and not _SHA256_HEX.fullmatch(v)):
+                return f"has a {name} digest that is not 64 lower-case hex digits"
+        if f.sha256 and f.blake3:
+            return "has both a sha256 and a blake3 digest"
+        if f.blake3 and (not isinstance(self.format, int) or self.format < BLAKE3_MANIFEST_FORMAT):
+            return f"has a blake3 digest in a manifest of format {self.format} (blake3 needs format " \
+                   f"{BLAKE3_MANIFEST_FORMAT})"
         return None
 
     def _incr_problem(self, f: FileEntry) -> str | None:

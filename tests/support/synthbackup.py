@@ -4,6 +4,9 @@ repository layout (manifest + envelopes, small files bundled, large ones alone) 
 It follows PostgreSQL's documented low-level backup API (pg_backup_start / copy / pg_backup_stop on
 one connection), so restore tests do not depend on the backup code they would otherwise share bugs
 with. Runs as root (reads the postgres-owned data dir directly).
+
+legacy=True writes what an older pitr wrote: envelope version 1 (SHA-256 trailers) and `sha256`
+entries in a format-1 manifest; otherwise envelope version 2 and `blake3` entries (format 5).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import blake3
 import psycopg
 
 from pitr.pg import walname
@@ -22,6 +26,7 @@ from pitr.repo import envelope
 from pitr.repo.format import backup_data_key
 from pitr.repo.manifest import DirEntry, FileEntry, Manifest, Tablespace, write_manifest
 from pitr.storage.base import Storage
+from tests.support.envelope_v1 import encode_v1
 
 SKIP_DIR_CONTENTS = {"pg_wal", "pg_replslot", "pg_dynshmem", "pg_notify", "pg_serial", "pg_snapshots",
                      "pg_stat_tmp", "pg_subtrans"}
@@ -32,8 +37,9 @@ BUNDLE_MAX = 1 << 20
 
 
 class _Writer:
-    def __init__(self, storage: Storage, backup_id: str, bundle_file_max: int = BUNDLE_FILE_MAX) -> None:
-        self.storage, self.id, self.bundle_file_max = storage, backup_id, bundle_file_max
+    def __init__(self, storage: Storage, backup_id: str, bundle_file_max: int = BUNDLE_FILE_MAX,
+                 legacy: bool = False) -> None:
+        self.storage, self.id, self.bundle_file_max, self.legacy = storage, backup_id, bundle_file_max, legacy
         self.n = 0
         self.bundle = bytearray()
         self.bundle_entries: list[FileEntry] = []
@@ -44,8 +50,18 @@ class _Writer:
         key = backup_data_key(self.id, self.n)
         return key, key.split("/", 2)[2]  # "data/000001"
 
+    @property
+    def format(self) -> int:
+        return 1 if self.legacy else 5
+
     def add(self, e: FileEntry, data: bytes) -> None:
-        env = envelope.encode(data, envelope.Codec("zstd", 1))
+        """Store data's envelope and bind its digest in e (hashed here, not taken from pitr's writer)."""
+        if self.legacy:
+            env = encode_v1(data, "zstd", 1)
+            e.sha256, e.blake3 = hashlib.sha256(data).hexdigest(), ""
+        else:
+            env = envelope.encode(data, envelope.Codec("zstd", 1))
+            e.sha256, e.blake3 = "", blake3.blake3(data).hexdigest()
         if len(data) <= self.bundle_file_max:
             e.offset, e.length = len(self.bundle), len(env)
             self.bundle += env
@@ -96,7 +112,8 @@ def _walk(root: Path, prefix: str, files: list[tuple[str, Path]], dirs: list[Dir
             files.append(((f"{relp.rstrip('/')}/{f}" if relp.rstrip("/") else f), base / f))
 
 
-def synth_backup(conninfo: str, pgdata: Path, storage: Storage, backup_id: str | None = None) -> Manifest:
+def synth_backup(conninfo: str, pgdata: Path, storage: Storage, backup_id: str | None = None, *,
+                 legacy: bool = False) -> Manifest:
     """Take an online backup of the cluster at pgdata (archive_command must reach `storage`)."""
     backup_id = backup_id or datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     t0 = time.monotonic()
@@ -115,7 +132,7 @@ def synth_backup(conninfo: str, pgdata: Path, storage: Storage, backup_id: str |
         dirs: list[DirEntry] = []
         tablespaces: list[Tablespace] = []
         _walk(pgdata, "", files, dirs, tablespaces)
-        w = _Writer(storage, backup_id)
+        w = _Writer(storage, backup_id, legacy=legacy)
         entries = []
         total = 0
         for rel, path in files:
@@ -124,8 +141,7 @@ def synth_backup(conninfo: str, pgdata: Path, storage: Storage, backup_id: str |
                 st = path.stat()
             except FileNotFoundError:
                 continue  # dropped during the backup: WAL replay knows
-            e = FileEntry(rel, len(data), hashlib.sha256(data).hexdigest() if data else "",
-                          stat.S_IMODE(st.st_mode), st.st_mtime, None)
+            e = FileEntry(rel, len(data), "", stat.S_IMODE(st.st_mode), st.st_mtime, None)
             if data:
                 w.add(e, data)
             entries.append(e)
@@ -145,14 +161,15 @@ def synth_backup(conninfo: str, pgdata: Path, storage: Storage, backup_id: str |
         start_time=start_time.astimezone(UTC).isoformat(), stop_time=stop_time.astimezone(UTC).isoformat(),
         compress="zstd:1", backup_label=label, tablespace_map=str(spcmap) if spcmap else None,
         checksums_enabled=checksums, files=entries, directories=dirs, tablespaces=tablespaces, bytes=total,
-        stored_bytes=w.stored, duration=time.monotonic() - t0, pitr_version="synth")
+        stored_bytes=w.stored, duration=time.monotonic() - t0, pitr_version="synth", format=w.format)
     write_manifest(storage, m)
     return m
 
 
 def fake_repo(storage: Storage, files: dict[str, bytes], *, modes: dict[str, int] | None = None,
               backup_id: str = "20260301T120000Z", segments: range = range(2, 6), sysid: int = 7000000000000000001,
-              tablespaces: dict[str, str] | None = None, bundle_max: int = BUNDLE_FILE_MAX) -> Manifest:
+              tablespaces: dict[str, str] | None = None, bundle_max: int = BUNDLE_FILE_MAX,
+              legacy: bool = False) -> Manifest:
     """A repository holding one backup of made-up files (no PostgreSQL), for file-level restore tests.
 
     The backup is consistent at segment 2 of timeline 1; `segments` are archived (content is not
@@ -165,11 +182,10 @@ def fake_repo(storage: Storage, files: dict[str, bytes], *, modes: dict[str, int
     for no in segments:
         storage.put(wal_key(walname.seg_name(1, no)), envelope.encode(b"wal", envelope.Codec("none", 0)))
     modes = modes or {}
-    w = _Writer(storage, backup_id, bundle_max)
+    w = _Writer(storage, backup_id, bundle_max, legacy)
     entries = []
     for rel, data in files.items():
-        e = FileEntry(rel, len(data), hashlib.sha256(data).hexdigest() if data else "", modes.get(rel, 0o600),
-                      1767225600.0, None)
+        e = FileEntry(rel, len(data), "", modes.get(rel, 0o600), 1767225600.0, None)
         if data:
             w.add(e, data)
         entries.append(e)
@@ -186,7 +202,7 @@ def fake_repo(storage: Storage, files: dict[str, bytes], *, modes: dict[str, int
         checksums_enabled=True, files=entries,
         directories=[DirEntry(".", 0o700)] + [DirEntry(d, 0o700) for d in dirs if not _is_ts_link(d, ts)],
         tablespaces=[Tablespace(o, loc) for o, loc in ts.items()], bytes=sum(len(v) for v in files.values()),
-        stored_bytes=w.stored)
+        stored_bytes=w.stored, format=w.format)
     write_manifest(storage, m)
     return m
 

@@ -30,7 +30,7 @@ from pitr.ops.base.backup_files import SourceFile
 from pitr.ops.base.backup_store import BlockJob
 from pitr.repo import blockmap
 from pitr.repo.chain import chain_problem, parent_chain
-from pitr.repo.format import INCR_MANIFEST_FORMAT, MAP2_MANIFEST_FORMAT
+from pitr.repo.format import BLAKE3_MANIFEST_FORMAT, INCR_MANIFEST_FORMAT, MAP2_MANIFEST_FORMAT
 from pitr.repo.manifest import FileEntry, Manifest, Source, read_manifests
 from pitr.repo.mapchain import Resolver
 from pitr.storage.base import Storage
@@ -129,7 +129,8 @@ def plan_files(files: list[SourceFile], parent: Parent | None, checksum: bool = 
         refs.append(FileEntry(f.rel, pe.size, pe.sha256, f.mode if f.mode >= 0 else pe.mode, pe.mtime, pe.object,
                               pe.offset, pe.length, list(pe.bad_pages), ref=pe.ref or parent.id,
                               map=dict(pe.map) if pe.map else None,
-                              sources=[dict(s) for s in pe.sources] if pe.sources else None))
+                              sources=[dict(s) for s in pe.sources] if pe.sources else None,
+                              blake3=pe.blake3))  # the parent's digest, of the parent's algorithm
     return read, refs, None
 
 
@@ -251,7 +252,7 @@ class IncrJob(_Blocks):
         return mb
 
     def finish(self, entry: FileEntry) -> None:
-        entry.sha256 = ""  # the effective map (checked block by block) is this entry's integrity
+        entry.sha256 = entry.blake3 = ""  # the effective map (checked block by block) is this entry's integrity
         if entry.map is not None:
             entry.map["sha256"] = self.map_sha
             entry.map["base"] = self.parent_id
@@ -265,9 +266,12 @@ class IncrJob(_Blocks):
 
 def annotate(m: Manifest, base: Base) -> None:
     """Type, parent, format 3 and the chain on a diff/incr manifest; the fall-back reason on a full one;
-    format 4 on any manifest with a format-2 block map (an older pitr must refuse it, not misread it)."""
+    format 4 on any manifest with a format-2 block map and 5 on any with a blake3 file digest (an older
+    pitr must refuse it, not misread it)."""
     if any(e.map and e.map.get("sha256") for e in m.files):
         m.format = max(m.format, MAP2_MANIFEST_FORMAT)
+    if any(e.blake3 for e in m.files):
+        m.format = max(m.format, BLAKE3_MANIFEST_FORMAT)
     if base.parent is None:
         if base.reason:
             m.extra["requested_type"] = base.requested

@@ -1,4 +1,4 @@
-"""Copy a backup's files into the repository: read -> SHA-256 + page checks -> zstd -> store.
+"""Copy a backup's files into the repository: read -> BLAKE3 + page checks -> zstd -> store.
 
 Pipeline over --jobs worker threads and bounded queues (zstd, hashlib, numpy and socket I/O
 release the GIL, so threads use every core):
@@ -85,7 +85,7 @@ class BlockJob(Protocol):
         ...
 
     def finish(self, entry: FileEntry) -> None:
-        """Complete the entry (its size, object and map are set): whole-file SHA-256, sources."""
+        """Complete the entry (its size, object and map are set): whole-file digest, sources."""
         ...
 
 
@@ -298,8 +298,9 @@ class Pipeline:
                 offset = self._bundle_blocks(job, f, data, mode, mtime, rel_key, offset, parts, entries)
                 continue
             env = envelope.encode(data, self.opts.codec)
-            sha = envelope.parse_trailer(env, f.rel).sha256
-            entries.append(FileEntry(f.rel, len(data), sha, mode, mtime, rel_key, offset, len(env)))
+            e = FileEntry(f.rel, len(data), "", mode, mtime, rel_key, offset, len(env))
+            _bind(e, envelope.parse_trailer(env, f.rel, version=envelope.VERSION))
+            entries.append(e)
             parts.append(env)
             offset += len(env)
         bad = checks.run()  # one vector pass over every page of the bundle
@@ -318,7 +319,7 @@ class Pipeline:
         e = FileEntry(f.rel, len(data), "", mode, mtime, None)
         if keep:  # a block-incremental file with no changed block stores no envelope
             env = envelope.encode(keep, self.opts.codec)
-            e.sha256 = envelope.parse_trailer(env, f.rel).sha256
+            _bind(e, envelope.parse_trailer(env, f.rel, version=envelope.VERSION))
             e.object, e.offset, e.length = rel_key, offset, len(env)
             parts.append(env)
             offset += len(env)
@@ -350,10 +351,11 @@ class Pipeline:
                 self.storage.put(key, body)  # type: ignore[arg-type]
             finally:
                 reader.close()
-        t = envelope.parse_trailer(body.tail, f.rel)
+        t = envelope.parse_trailer(body.tail, f.rel, version=envelope.VERSION)
         mode, mtime = st.st_mode & 0o7777, st.st_mtime
-        entry = FileEntry(f.rel, t.size, t.sha256, mode, mtime, f"data/{unit.number:06d}", 0, body.emitted,
+        entry = FileEntry(f.rel, t.size, "", mode, mtime, f"data/{unit.number:06d}", 0, body.emitted,
                           _bad(reader.checker))
+        _bind(entry, t)
         self._record([entry], body.emitted)
 
 
@@ -390,13 +392,19 @@ class Pipeline:
             finally:
                 reader.close()
         length = int(seen["length"])  # type: ignore[call-overload]
-        t = envelope.parse_trailer(seen["tail"], f.rel)  # type: ignore[arg-type]
-        e = FileEntry(f.rel, reader.raw, t.sha256, st.st_mode & 0o7777, st.st_mtime, rel_key, 0, length,
+        t = envelope.parse_trailer(seen["tail"], f.rel, version=envelope.VERSION)  # type: ignore[arg-type]
+        e = FileEntry(f.rel, reader.raw, "", st.st_mode & 0o7777, st.st_mtime, rel_key, 0, length,
                       _bad(reader.checker))
+        _bind(e, t)
         if "map" in seen:
             e.map = {"object": rel_key, "offset": length, "length": seen["map"]}
         job.finish(e)
         self._record([e], body.emitted)
+
+
+def _bind(e: FileEntry, t: envelope.Trailer) -> None:
+    """The entry records the digest its envelope's trailer holds (restore and verify compare the two)."""
+    e.set_digest(t.algo, t.digest)
 
 
 def _bad(checker: PageChecker | None) -> list[int]:

@@ -2,9 +2,9 @@
 
 Read-only. One listing of wal/ and one of backups/, then:
 1. objects: every WAL object and every backup data object is streamed through the envelope
-   decoder (size + SHA-256) by `jobs` threads, CHUNK bytes at a time, so memory stays bounded
+   decoder (size + digest) by `jobs` threads, CHUNK bytes at a time, so memory stays bounded
    whatever the object size. A WAL segment's first page header is compared with its name and
-   the repository's cluster; each file a manifest lists is compared (size, SHA-256) with the
+   the repository's cluster; each file a manifest lists is compared (size, digest) with the
    envelope at its object/offset/length.
 2. manifests: each backup's manifest against the objects under its directory (missing, extra)
    and against the repository metadata (cluster, segment size).
@@ -20,7 +20,6 @@ block maps, backup data objects, by `jobs` threads), _finish (count, sort).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -55,7 +54,7 @@ from pitr.storage.base import ObjectInfo, Storage
 
 log = logging.getLogger("pitr.verify")
 
-EMPTY_SHA = hashlib.sha256(b"").hexdigest()
+EMPTY_DIGESTS = {a: envelope.digest_of(a, b"").hex() for a in ("sha256", "blake3")}  # an empty file's trailer
 HEAD_KEEP = 8192  # decoded bytes kept of a WAL object: the first page (header + zero check)
 HISTORY_MAX = 1 << 20
 # objects of a backup directory that are not data: the manifest, and the in-progress marker
@@ -68,7 +67,7 @@ WAL_HEADER = "wal-header"  # a segment's page header disagrees with its name, si
 WAL_MISSING = "wal-missing"  # a segment some backup needs is not archived
 HISTORY_MISSING = "history-missing"  # a timeline > 1 has segments but no .history file
 OBJECT_MISSING = "object-missing"  # a manifest names an object that is not stored
-FILE_MISMATCH = "file-mismatch"  # an envelope decodes but not to the size/SHA-256 the manifest says
+FILE_MISMATCH = "file-mismatch"  # an envelope decodes but not to the size/digest the manifest says
 EXTRA = "extra"  # an object under a backup's directory that its manifest does not reference
 MANIFEST = "manifest"  # a manifest that is unreadable or disagrees with the repository
 MISPLACED = "misplaced"  # a WAL object under a key other than the one its name maps to
@@ -215,7 +214,7 @@ def check_wal_object(storage: Storage, info: ObjectInfo, meta: RepoMeta) -> _Out
 
 def check_data_object(storage: Storage, key: str, pieces: list[Piece]) -> _Outcome:
     """Stream one backup data object once, decoding each piece's envelope in offset order: a file
-    stored whole against its size and SHA-256, and the blocks block maps expect against their hashes."""
+    stored whole against its size and digest, and the blocks block maps expect against their hashes."""
     out = _Outcome()
     pieces = sorted(pieces, key=lambda e: (e.offset, e.length))
     try:
@@ -251,12 +250,12 @@ def check_data_object(storage: Storage, key: str, pieces: list[Piece]) -> _Outco
                 pos = e.offset + e.length
                 out.files += e.file
                 if t is not None and e.exact:
-                    want_sha = e.sha256 or (EMPTY_SHA if e.file_size == 0 else "")
-                    if t.size != e.file_size or t.sha256 != want_sha:
+                    want = e.digest or (EMPTY_DIGESTS[e.algo] if e.file_size == 0 else "")
+                    if not t.matches(e.algo, want, e.file_size):
                         out.problems.append(Problem(
                             FILE_MISMATCH, key,
-                            f"file {e.path} decodes to {t.size} bytes (sha256 {t.sha256[:16]}…), the manifest says "
-                            f"{e.file_size} bytes (sha256 {(e.sha256 or '-')[:16]}…)"))
+                            f"file {e.path} decodes to {t.size} bytes ({t.algo} {t.digest[:16]}…), the manifest says "
+                            f"{e.file_size} bytes ({e.algo} {(e.digest or '-')[:16]}…)"))
                 if t is not None and sink is not None:
                     out.problems.extend(_block_problems(key, e, sink))
     except IntegrityError as err:  # an encrypted object failing authentication while skipped or drained

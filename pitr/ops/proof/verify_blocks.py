@@ -1,14 +1,14 @@
 """What `pitr verify` reads for each backup, chains and block maps included.
 
 Every file entry becomes one or more *pieces*: an envelope at (object, offset, length) in some
-backup's directory, with what its decoded bytes must be — the size and SHA-256 of a file stored
+backup's directory, with what its decoded bytes must be — the size and digest of a file stored
 whole, and/or the content hash of given blocks (ordinal -> BLAKE3 or, in format-1 maps, blake2b,
 from effective block maps: repo/mapchain, the same resolution restore uses). Pieces
 are grouped by object, merged when several entries name the same envelope (a file referenced
 whole by later backups, a parent's blocks reused by an incremental), so each object is streamed
 once, in offset order, by verify.check_data_object.
 
-- a plain entry: its own envelope must decode to its size and SHA-256; with a `map`, each block
+- a plain entry: its own envelope must decode to its size and digest; with a `map`, each block
   must also match the map's hash (the next incremental trusts those hashes).
 - a `ref` entry: the backup it names must hold an entry of the same path with the same content
   and location; its envelope (and map) are checked in that backup's directory.
@@ -47,8 +47,9 @@ class Piece:
     offset: int
     length: int
     size: int  # the most it may decode to (the largest size of a file read from it)
-    sha256: str | None = None  # the whole file's SHA-256, or None
-    exact: bool = False  # a file stored whole: it must decode to file_size bytes with sha256
+    digest: str | None = None  # the whole file's digest (hex), or None
+    algo: str = "sha256"  # of digest: the envelope's trailer must hold the same algorithm
+    exact: bool = False  # a file stored whole: it must decode to file_size bytes with that digest
     file_size: int = 0
     file: bool = False  # counts as a checked file
     block_size: int = 0
@@ -186,10 +187,11 @@ def collect(m: Manifest, by_id: dict[str, Manifest], work: Work) -> None:
             if holder is None:
                 continue  # reported as a broken chain
             theirs = next((x for x in holder.files if x.path == e.path), None)
-            mine = (e.size, e.sha256, e.object, e.offset, e.length, getattr(e, "map", None),
+            mine = (e.size, e.sha256, e.blake3, e.object, e.offset, e.length, getattr(e, "map", None),
                     getattr(e, "sources", None))
-            if theirs is None or mine != (theirs.size, theirs.sha256, theirs.object, theirs.offset, theirs.length,
-                                          getattr(theirs, "map", None), getattr(theirs, "sources", None)):
+            if theirs is None or mine != (theirs.size, theirs.sha256, theirs.blake3, theirs.object, theirs.offset,
+                                          theirs.length, getattr(theirs, "map", None),
+                                          getattr(theirs, "sources", None)):
                 work.manifest_problems.append((m.id, f"file {e.path} refers to backup {ref}, whose entry for it "
                                                      f"{'does not exist' if theirs is None else 'differs'}"))
                 continue
@@ -204,7 +206,7 @@ def collect(m: Manifest, by_id: dict[str, Manifest], work: Work) -> None:
             if e.object is None:
                 continue
             p = work.piece(home, e.object, e.offset, e.length, m.id, e.path, e.size)
-            p.sha256, p.exact, p.file, p.file_size = e.sha256, True, True, e.size
+            p.digest, p.algo, p.exact, p.file, p.file_size = e.digest, e.algo, True, True, e.size
         if loc is not None:
             if chain is None:
                 chain = chain_ids(m, by_id.get)

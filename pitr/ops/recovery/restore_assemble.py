@@ -4,14 +4,13 @@ The entry's block map says, for every block, which source holds it and at which 
 source envelope is decoded forward exactly once (ordinals increase within a source, which the
 map parser enforces), so the blocks are written in file order while every source is streamed:
 memory is one ranged-read window per source plus one run of blocks, whatever the file's size.
-What proves the assembly right: for an entry written with a format-2 map (`sha256` empty), every
+What proves the assembly right: for an entry written with a format-2 map (no file digest), every
 block's BLAKE3 against the effective map, and the size; for an older entry, the assembled file's
-size and SHA-256 (sources are not hashed again on their own).
+size and digest, of the entry's algorithm (sources are not hashed again on their own).
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from typing import BinaryIO, Protocol
 
@@ -105,7 +104,7 @@ def assemble(e: FileEntry, home: str, bmap: blockmap.BlockMap, open_range: OpenR
     chunk = max(256 << 10, window // max(1, len(used)))
     streams: dict[int, _SourceStream] = {}
     readers: list[Reader] = []
-    h = hashlib.sha256() if e.sha256 else None
+    h = envelope.hasher(e.algo) if e.digest else None
     hash_fn, want, hs = bmap.hash_fn, bmap.hash_bytes(), blockmap.HASH_SIZE
     bs = bmap.block_size
     written = 0
@@ -139,7 +138,7 @@ def assemble(e: FileEntry, home: str, bmap: blockmap.BlockMap, open_range: OpenR
     finally:
         for r in readers:
             r.close()
-    if written != e.size or (h is not None and h.hexdigest() != e.sha256):
-        raise IntegrityError(f"{what} does not match its manifest entry once assembled (size or SHA-256)",
+    if written != e.size or (h is not None and h.hexdigest() != e.digest):
+        raise IntegrityError(f"{what} does not match its manifest entry once assembled (size or {e.algo} digest)",
                              "run `pitr verify`; restore from another backup with --backup")
     return sum(getattr(r, "bytes_read", 0) for r in readers)

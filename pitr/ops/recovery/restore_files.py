@@ -1,10 +1,10 @@
-"""The restore's file pipeline: ranged reads of envelopes -> decode + verify SHA-256 -> write.
+"""The restore's file pipeline: ranged reads of envelopes -> decode + verify the digest -> write.
 
 `jobs` workers each run one Task at a time. A Task is either a run of small neighbouring envelopes
 in one object (fetched with a single ranged read, decoded from memory) or one large envelope,
 fetched in CHUNK ranges with the next range read ahead while the current one is decoded, so
 network, decompression (zstd releases the GIL) and disk overlap. Memory stays bounded by
-jobs x 2 x CHUNK whatever the database size. With --delta a file whose size and SHA-256 (for a
+jobs x 2 x CHUNK whatever the database size. With --delta a file whose size and digest (for a
 block-incremental entry of format 2: every block's hash in its effective map) already match is
 kept (its mode, owner and mtime fixed) instead of fetched. An entry of a diff/incr backup either
 refers whole to an older backup's object (`ref`: read from backups/<ref>/) or is assembled from
@@ -17,7 +17,6 @@ that before it writes pg_control, so nothing startable exists before the data is
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import threading
@@ -261,7 +260,7 @@ class FileWriter:
 
     def _matches(self, it: Item, home: str) -> bool:
         e = it.entry
-        if e.sha256 or e.size == 0 or not e.sources:
+        if e.digest or e.size == 0 or not e.sources:
             return _matches(it.dest, e)
         try:  # a block-incremental entry of format 2: compare block by block with its effective map
             st = os.lstat(it.dest)
@@ -291,8 +290,8 @@ class FileWriter:
         what = f"backup {self.backup_id}'s copy of {e.path}"
         with self._open(it) as f:
             trailer = envelope.decode_stream(src, f, what, chunk=DECODE_CHUNK, max_size=e.size)  # type: ignore[arg-type]
-            if trailer.size != e.size or trailer.sha256 != e.sha256:
-                raise IntegrityError(f"{what} does not match its manifest entry (size or SHA-256)",
+            if not e.digest_matches(trailer):  # size, digest and the digest's algorithm
+                raise IntegrityError(f"{what} does not match its manifest entry (size or {e.algo} digest)",
                                      "run `pitr verify`; restore from another backup with --backup")
             f.flush()
             if self.fsync:
@@ -340,11 +339,11 @@ def _matches(dest: Path, e: FileEntry) -> bool:
         return False
     if e.size == 0:
         return True
-    h = hashlib.sha256()
+    h = envelope.hasher(e.algo)
     with open(dest, "rb") as f:
         while buf := f.read(1 << 20):
             h.update(buf)
-    return h.hexdigest() == e.sha256
+    return h.hexdigest() == e.digest
 
 
 def write_files(storage: Storage, m: Manifest, items: list[Item], jobs: int, owner: tuple[int, int] | None,

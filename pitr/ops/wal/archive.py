@@ -1,6 +1,6 @@
 """Push one WAL archive file to the repository, and fetch one back (archive/restore_command).
 
-push: validate (name, size, page header vs name and cluster) -> envelope (zstd + SHA-256) ->
+push: validate (name, size, page header vs name and cluster) -> envelope (zstd + BLAKE3) ->
 conditional put -> on "exists", compare checksums: identical is success, different is a
 conflict and nothing is overwritten. fetch: stream-decode into a temp file beside DEST, verify
 checksum, size and header, then rename into place, so PostgreSQL never sees a partial file.
@@ -9,7 +9,6 @@ checksum, size and header, then rename into place, so PostgreSQL never sees a pa
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import time
@@ -132,24 +131,45 @@ def push(storage: Storage, meta: RepoMeta, path: Path, codec: envelope.Codec) ->
             raise WalFileError(f"refusing to archive {path.name}: the file {why}",
                                "only archive this cluster's WAL into this repository")
     key = wal_key(w.name)
-    digest = hashlib.sha256(data).digest()
-    sha = digest.hex()
+    mine = _Digests(data, envelope.digest_of(envelope.DIGESTS[envelope.VERSION], data))
     # history files compress to nothing worth having and are read by humans in a pinch
-    body = envelope.encode(data, codec if w.kind != "history" else envelope.Codec("none", 0), digest)
+    body = envelope.encode(data, codec if w.kind != "history" else envelope.Codec("none", 0), mine.written)
     try:
         storage.put(key, body, if_absent=True)
     except AlreadyExistsError:
-        return _compare_existing(storage, key, w.name, sha, len(data), len(body))
+        return _compare_existing(storage, key, w.name, mine, len(body))
     if not storage.conditional_writes_trusted:
-        _read_back(storage, key, w.name, sha, len(data))
+        _read_back(storage, key, w.name, mine)
     return PushResult(w.name, key, "stored", len(data), len(body))
 
 
-def _read_back(storage: Storage, key: str, name: str, sha: str, size: int) -> None:
+class _Digests:
+    """The pushed bytes' digest in the algorithm an archived object's trailer holds: the one just
+    written (hashed once, for the envelope), or SHA-256 for a version-1 object an older pitr wrote."""
+
+    def __init__(self, data: bytes, written: bytes) -> None:
+        self.data, self.written, self.size = data, written, len(data)
+
+    def same(self, t: envelope.Trailer) -> bool:
+        if t.size != self.size:
+            return False
+        algo = envelope.DIGESTS[envelope.VERSION]
+        mine = self.written if t.algo == algo else envelope.digest_of(t.algo, self.data)
+        return t.digest == mine.hex()
+
+
+def _stored_trailer(storage: Storage, key: str, name: str) -> envelope.Trailer:
+    """The trailer of an archived object (two ranged reads: its header names the trailer's digest)."""
+    what = f"archived {name}"
+    version = envelope.parse_header(storage.get_range(key, 0, envelope.HEADER_SIZE), what)
+    return envelope.parse_trailer(storage.get_range(key, -envelope.TRAILER_SIZE), what, version=version)
+
+
+def _read_back(storage: Storage, key: str, name: str, mine: _Digests) -> None:
     """On a store whose conditional create is not atomic (accepted with allow_unsafe_store), a
     racing writer may have replaced our object: acknowledge only what the store holds now."""
-    t = envelope.parse_trailer(storage.get_range(key, -envelope.TRAILER_SIZE), f"archived {name}")
-    if t.sha256 != sha or t.size != size:
+    t = _stored_trailer(storage, key, name)
+    if not mine.same(t):
         raise ConflictError(
             f"another writer stored a different {name} at the same moment, and the store kept theirs",
             "two clusters may be archiving into one repository; the store cannot refuse the second "
@@ -157,19 +177,19 @@ def _read_back(storage: Storage, key: str, name: str, sha: str, size: int) -> No
         )
 
 
-def _compare_existing(storage: Storage, key: str, name: str, sha: str, size: int, stored: int) -> PushResult:
+def _compare_existing(storage: Storage, key: str, name: str, mine: _Digests, stored: int) -> PushResult:
     for attempt in range(5):
         try:
-            t = envelope.parse_trailer(storage.get_range(key, -envelope.TRAILER_SIZE), f"archived {name}")
+            t = _stored_trailer(storage, key, name)
             break
         except NotFoundError:
             # a racing conditional write has not completed yet
             time.sleep(0.2 * (attempt + 1))
     else:
         raise StorageError(f"{name} is reported as existing but cannot be read back")
-    if t.sha256 == sha and t.size == size:
+    if mine.same(t):
         log.info("%s was already archived with identical content", name)
-        return PushResult(name, key, "already-archived", size, stored)
+        return PushResult(name, key, "already-archived", mine.size, stored)
     raise ConflictError(
         f"the archive already holds a different {name}; nothing was overwritten",
         "two clusters may be archiving into one repository, or this cluster was restored without a new "

@@ -2,7 +2,7 @@
 
 Started on demand by `pitr wal-fetch` when `prefetch` > 0 and gone when idle or when recovery
 ended. It reads the spool's `want` file (the name PostgreSQL asked for last) and keeps the next
-`count` segments of the same timeline in the spool: each is stream-decoded (size and SHA-256
+`count` segments of the same timeline in the spool: each is stream-decoded (size and digest
 checked against the envelope trailer), its first page header checked against its name and the
 cluster, renamed into place, and described by NAME.meta, which the foreground checks again before
 it hands the file over. Files outside the window (consumed, skipped, other timelines) are deleted.
@@ -91,7 +91,7 @@ def fetch_one(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig, name: str) 
         tmp.unlink(missing_ok=True)
         raise
     spool.write_marker(cfg.spool / f"{name}.meta", {
-        "fp": cfg.fingerprint, "size": str(t.size), "sha256": t.sha256, "crc32": str(out.crc),
+        "fp": cfg.fingerprint, "size": str(t.size), "digest": f"{t.algo}:{t.digest}", "crc32": str(out.crc),
         "sysid": str(meta.system_identifier), "seg_size": str(meta.wal_segment_size)})
 
 

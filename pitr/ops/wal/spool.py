@@ -15,9 +15,9 @@ pg_wal and base backups skip pg_wal's contents):
     pushd.stop    asks the running helper to exit (its settings are outdated)
 
 Prefetch (spool dir default `pg_wal/pitr_prefetch`):
-    NAME          a segment fetched ahead, verified against its envelope trailer (size, SHA-256)
+    NAME          a segment fetched ahead, verified against its envelope trailer (size, digest)
                   and page header; NAME.meta (written after it) holds the fingerprint, the size,
-                  the trailer's SHA-256, a CRC-32 of the bytes written and the cluster identity;
+                  the trailer's digest, a CRC-32 of the bytes written and the cluster identity;
                   size, CRC-32 and header are checked again before the file goes to PostgreSQL
     want          PostgreSQL's latest request: "NAME STAMP". The prefetcher fetches NAME first
                   (any archive file, history files too) and the segments after it; when it
@@ -279,7 +279,7 @@ def take_prefetched(pdir: Path, name: str, dest: str | os.PathLike[str], fp: str
             if actual != size or (size == 0 and len(name) == 24):
                 why: str | None = f"is {actual} bytes, not {size}"
             else:
-                # the bytes were verified against the envelope's SHA-256 when fetched; the CRC-32
+                # the bytes were verified against the envelope's digest when fetched; the CRC-32
                 # taken then proves they are still those bytes (no copy: the page cache is hashed)
                 with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                     why = "fails its checksum" if crc != NO_CRC and zlib.crc32(mm) != crc else walheader.problem(

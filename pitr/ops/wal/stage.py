@@ -5,7 +5,7 @@ restore_command = 'mv -f S/%f %p 2>/dev/null || { n=0; while [ -e S/.%f.part ] &
 (S = pg_wal/pitr_stage/TOKEN; written by pg/recovery.render_restore_command)
 
 The prefetcher (ops/wal/prefetch.py) runs with the stage as its spool: it writes each file as a hidden
-temp file, verifies it (envelope size and SHA-256, page header against the name and the cluster),
+temp file, verifies it (envelope size and digest, page header against the name and the cluster),
 then renames it to its name; restore_command renames it on to %p -- an atomic rename on one file
 system, no Python start. Anything not staged goes to `pitr wal-fetch`, which keeps every exit
 code guarantee (1 only when the repository proves the name absent, above 125 on hard failure)
