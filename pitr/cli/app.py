@@ -13,6 +13,7 @@ from pitr.cli import backup, helpcmd, info, keys, maintenance, proof, restore, s
 from pitr.cli.common import GlobalOpts, hoist_globals, is_verbose, log_exit, report_error, setup_logging
 from pitr.cli.helpdoc import PitrGroup, dress
 from pitr.errors import PitrError
+from pitr.memtune import pin_mmap_threshold
 
 app = typer.Typer(
     name="pitr",
@@ -45,6 +46,7 @@ def main_callback(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
 ) -> None:
     setup_logging(verbose, quiet)
+    pin_mmap_threshold()  # backups, restores and the helpers move large buffers between threads
     ctx.obj = GlobalOpts({"repo": repo, "config": config, "s3_endpoint": s3_endpoint, "log_file": log_file})
 
 

@@ -1,0 +1,33 @@
+"""Keep glibc from holding freed large buffers: pin malloc's mmap threshold (one call per process).
+
+pitr moves data in large buffers (16 MiB S3 parts, 1–16 MiB pieces) handed between threads. glibc
+raises its mmap threshold each time such a buffer is freed (up to 32 MiB), so later ones come from
+the per-thread heaps instead, and a heap keeps the memory after free() wherever a live allocation
+sits above it. With several threads the process's RSS then grows with the number of large files
+(277 MiB for an S3 backup at pgbench scale 500 against 184 at scale 50; docs/performance.md).
+Setting M_MMAP_THRESHOLD explicitly turns that adjustment off: buffers of 4 MiB and more are
+mapped and unmapped, and go back to the system the moment they are freed. Smaller ones (the 1 MiB
+read chunks) stay on the heap, where reuse is cheap.
+"""
+
+from __future__ import annotations
+
+_M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
+THRESHOLD = 4 << 20
+_done = False
+
+
+def pin_mmap_threshold() -> bool:
+    """Set glibc's mmap threshold once; False where the C library is not glibc (nothing to do)."""
+    global _done
+    if _done:
+        return True
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # musl, macOS: no mallopt, and no such heap policy
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    _done = bool(mallopt(_M_MMAP_THRESHOLD, THRESHOLD))
+    return _done
