@@ -272,8 +272,10 @@ def helper_main(command: str, global_args: list[str], pos: list[str], opts: dict
     import logging
 
     from pitr.cli.common import setup_logging
+    from pitr.memtune import pin_mmap_threshold
 
     setup_logging(1, False)
+    pin_mmap_threshold()  # the helpers' worker threads pass 16 MiB segments and S3 parts around
     for h in logging.getLogger("pitr").handlers:
         h.setFormatter(logging.Formatter(f"%(asctime)s pitr {command[1:]}[{os.getpid()}]: %(message)s"))
     if command == PUSH_HELPER and len(pos) == 2:
