@@ -87,12 +87,17 @@ def test_push_fetch_round_trip_with_relative_path_and_options_anywhere(
 def test_conflicting_push_is_refused_and_overwrites_nothing(repo: FsStorage, seg_file: Path, tmp_path: Path) -> None:
     assert pitr("wal-push", seg_file, env={"PITR_REPO": str(repo.root)}).returncode == 0
     before = repo.get(wal_key(NAME))
+    assert_different_push_refused(repo, tmp_path, before)
+
+
+def assert_different_push_refused(repo: FsStorage, tmp_path: Path, stored: bytes) -> None:
+    """Another segment under NAME is refused in one sentence and the stored object stays as it was."""
     other = tmp_path / "other"
     other.mkdir()
     (other / NAME).write_bytes(segment(NAME, seed=1))
     r = pitr("wal-push", other / NAME, env={"PITR_REPO": str(repo.root)})
     assert_one_error(r, 1, f"the archive already holds a different {NAME}; nothing was overwritten")
-    assert repo.get(wal_key(NAME)) == before
+    assert repo.get(wal_key(NAME)) == stored
 
 
 def test_push_stores_envelope_version_2_with_the_segments_blake3(repo: FsStorage, seg_file: Path) -> None:
@@ -111,12 +116,7 @@ def test_repush_over_a_segment_an_older_pitr_archived(repo: FsStorage, seg_file:
     r = pitr("-v", "wal-push", seg_file, env={"PITR_REPO": str(repo.root)})
     assert r.returncode == 0 and "already archived with identical content" in r.stderr, r.stderr
     assert repo.get(wal_key(NAME)) == old
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / NAME).write_bytes(segment(NAME, seed=1))
-    r = pitr("wal-push", other / NAME, env={"PITR_REPO": str(repo.root)})
-    assert_one_error(r, 1, f"the archive already holds a different {NAME}; nothing was overwritten")
-    assert repo.get(wal_key(NAME)) == old
+    assert_different_push_refused(repo, tmp_path, old)
     dest = tmp_path / "RECOVERYXLOG"  # and it still fetches
     assert pitr("--repo", repo.root, "wal-fetch", NAME, dest).returncode == 0
     assert dest.read_bytes() == seg_file.read_bytes()
