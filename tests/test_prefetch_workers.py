@@ -98,27 +98,3 @@ def test_prefetch_jobs_out_of_range_is_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"prefetch_jobs must be between 0 and 64, not 65 "
                                           r"\(set by environment variable PITR_PREFETCH_JOBS\)"):
         load_settings({}, env={"PITR_REPO": str(tmp_path), "PITR_PREFETCH_JOBS": "65"})
-
-
-def test_every_file_is_on_disk_before_it_gets_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # PostgreSQL fsyncs each file restore_command hands it before replaying on; the helper fsyncs it
-    # first (beside replay), so that wait is not in series with replay (docs/performance.md)
-    import os
-
-    synced: set[str] = set()
-    named: list[tuple[str, bool]] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        synced.add(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        named.append((os.path.basename(dst), os.path.basename(src) in synced))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(prefetch.os, "fsync", fsync)
-    monkeypatch.setattr(prefetch.os, "replace", replace)
-    _, names, _ = _prefetch_all(tmp_path, {"PITR_PREFETCH": "8"}, remote=False)
-    segs = [(n, ok) for n, ok in named if n in names]
-    assert len(segs) == 8 and all(ok for _, ok in segs), segs

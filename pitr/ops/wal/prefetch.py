@@ -79,11 +79,6 @@ def fetch_one(storage: Storage, meta: RepoMeta, cfg: PrefetchConfig, name: str) 
         with src, open(tmp, "wb") as raw:
             out = _CrcWriter(raw, skip=cfg.stage)
             t = envelope.decode_stream(src, out, f"archived {name}", max_size=meta.wal_segment_size)
-            # PostgreSQL fsyncs every file restore_command hands it (durable_rename into pg_wal) before
-            # replaying on: with the pages already on disk that fsync is quick, and the wait for the
-            # disk happens here, beside replay, instead of in series with it
-            raw.flush()
-            os.fsync(raw.fileno())
         with open(tmp, "rb") as f:
             head = f.read(walheader.HEAD_BYTES)
         why = None
