@@ -201,7 +201,7 @@ class EncodedReader:
 
     def __init__(self, pieces: Iterator[bytes]) -> None:
         self._it = pieces
-        self._left = b""  # the unread rest of the last piece
+        self._left: bytes | memoryview = b""  # the unread rest of the last piece (a view of it)
         self._eof = False
         self.emitted = 0
         self.tail = b""
@@ -219,7 +219,7 @@ class EncodedReader:
         return piece
 
     def read(self, n: int = -1) -> bytes:
-        parts = [self._left] if self._left else []
+        parts: list[bytes | memoryview] = [self._left] if len(self._left) else []
         have = len(self._left)
         self._left = b""
         while n < 0 or have < n:
@@ -230,9 +230,11 @@ class EncodedReader:
                 continue
             parts.append(piece)
             have += len(piece)
-        out = b"".join(parts) if len(parts) != 1 else parts[0]
-        if 0 <= n < len(out):
-            out, self._left = out[:n], out[n:]
+        if 0 <= n < have:  # split the last piece by views: what is returned is the one copy (the join)
+            last = memoryview(parts[-1])
+            cut = len(last) - (have - n)
+            parts[-1], self._left = last[:cut], last[cut:]
+        out = parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
         self.emitted += len(out)
         return out
 
