@@ -53,7 +53,7 @@ class Settings:
     s3_region: str | None = None
     s3_addressing: str = "auto"  # auto | path | virtual ; auto = path style for custom endpoints
     s3_ca_bundle: str | None = None
-    s3_part_size_mb: int = 16
+    s3_part_size_mb: int = 8  # 2 jobs x (2 in flight + 1 being read) x 8 MiB keeps an S3 backup under 200 MB
     # accept a store that fails the atomic conditional-create test (init, check --storage)
     allow_unsafe_store: bool = False
     pgdata: str | None = None

@@ -94,7 +94,7 @@ class S3Storage(Storage):
         region: str | None = None,
         addressing: str = "auto",
         ca_bundle: str | None = None,
-        part_size: int = 16 * MiB,
+        part_size: int = 8 * MiB,
         max_connections: int = 10,
         max_attempts: int = 4,
         trust_conditional: bool = True,
