@@ -177,13 +177,10 @@ def test_racing_large_if_absent_writers_exactly_one_wins(store: Storage) -> None
     """Streams over the S3 part size (multipart there).
 
     On S3 the guarantee is the server's: both writers pass the existence check and race to
-    complete with If-None-Match, which AWS evaluates atomically. Moto checks it non-atomically
-    (check, then assemble and store), so against moto this race has two winners; what the client
-    controls (the condition is sent and the loser's upload aborted) is checked by
-    test_s3_multipart_completion_is_conditional instead.
+    complete with If-None-Match, which AWS evaluates atomically. Moto alone checks it
+    non-atomically; the test server serialises conditional writes (tests/support/moto_proc.py)
+    so it keeps AWS's promise and this race runs against it too.
     """
-    if isinstance(getattr(store, "inner", store), S3Storage):
-        pytest.skip("moto evaluates If-None-Match non-atomically; see the docstring")
     n = 3
     barrier = threading.Barrier(n)
     payloads = [os.urandom(6 * MiB) for _ in range(n)]

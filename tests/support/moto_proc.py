@@ -4,6 +4,11 @@ Signals: SIGUSR1 closes the listener and drops open connections (simulated outag
 listens again on the same port, SIGTERM/SIGINT exit. Objects survive outages because moto's
 state lives in this process. `--gunicorn` serves the same app under gunicorn's threaded
 keep-alive worker instead (benchmarks; no outage support). Exits when its parent dies.
+
+Moto checks If-None-Match / If-Match and then stores, with other requests' threads in between,
+so two racing conditional creates can both be acknowledged (seen in CI: `pitr init`'s
+conformance test found 2 of 8). AWS evaluates the condition atomically; `atomic_conditions`
+serialises conditional writes so the stand-in keeps that promise too.
 """
 
 from __future__ import annotations
@@ -19,6 +24,23 @@ import time
 from typing import Any
 
 SIGNALS = {signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT}
+CONDITIONS = ("HTTP_IF_NONE_MATCH", "HTTP_IF_MATCH")
+
+
+def atomic_conditions(app: Any) -> Any:
+    """Wrap a WSGI app so conditional PUTs/POSTs (create, multipart completion) run one at a time.
+
+    The response is built inside moto's call (a list), so holding the lock across the call covers
+    the check and the store."""
+    lock = threading.Lock()
+
+    def wrapped(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("REQUEST_METHOD") in ("PUT", "POST") and any(h in environ for h in CONDITIONS):
+            with lock:
+                return list(app(environ, start_response))
+        return app(environ, start_response)
+
+    return wrapped
 
 
 def _watch_parent(parent: int) -> None:
@@ -37,6 +59,7 @@ class _Listener:
         self.server = ThreadedMotoServer(host, port, verbose=False)
         self.server.start()
         srv: Any = self.server._server
+        srv.app = atomic_conditions(srv.app)
         self.conns: set[socket.socket] = set()
         lock = threading.Lock()
         process, shutdown = srv.process_request, srv.shutdown_request
@@ -90,7 +113,7 @@ def run_gunicorn(host: str, port: int, threads: int) -> None:
                 self.cfg.set(key, value)
 
         def load(self) -> Any:
-            return DomainDispatcherApplication(create_backend_app)
+            return atomic_conditions(DomainDispatcherApplication(create_backend_app))
 
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     App().run()
