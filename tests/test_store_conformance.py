@@ -25,6 +25,7 @@ from pitr.ops.admin.storecheck import conformance
 from pitr.ops.wal import archive
 from pitr.pg import walname
 from pitr.pg.conn import ServerInfo
+from pitr.repo import envelope
 from pitr.repo.envelope import Codec, encode
 from pitr.repo.format import META_KEY, wal_key
 from pitr.repo.meta import new_meta, read_meta
@@ -32,6 +33,7 @@ from pitr.storage.fs import FsStorage
 from pitr.storage.memory import MemoryStorage
 from pitr.storage.s3 import S3Storage
 from tests.support import s3rver
+from tests.support.envelope_v1 import encode_v1
 from tests.support.s3 import MotoServer
 from tests.support.walgen import SEG, SYSID, segment
 
@@ -151,6 +153,46 @@ def test_untrusted_store_detects_a_lost_race_by_reading_back(tmp_path: Path) -> 
     st.put(META_KEY, new_meta(SYSID, 15, SEG).to_json())
     with pytest.raises(ConflictError, match=f"another writer stored a different {NAME} at the same moment"):
         archive.push(st, read_meta(st), seg_file(tmp_path, 1), Codec())
+
+
+class Counting(MemoryStorage):
+    """Counts ranged reads: what a re-push or an untrusted store's read-back costs in requests."""
+
+    def __init__(self, trusted: bool = True) -> None:
+        super().__init__()
+        self.conditional_writes_trusted = trusted
+        self.ranges: list[tuple[int, int | None]] = []
+
+    def get_range(self, key: str, start: int, length: int | None = None) -> bytes:
+        self.ranges.append((start, length))
+        return super().get_range(key, start, length)
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["repush", "read-back"])
+def test_checking_an_archived_segment_reads_its_trailer_once(tmp_path: Path, trusted: bool) -> None:
+    """The same bytes archived by this pitr are recognised from the trailer alone (one ranged
+    read); an older pitr's object (SHA-256) or a different segment costs the header too, and the
+    different one is still refused."""
+    st = Counting(trusted)
+    st.put(META_KEY, new_meta(SYSID, 15, SEG).to_json())
+    meta = read_meta(st)
+    seg = seg_file(tmp_path, 1)
+    first = archive.push(st, meta, seg, Codec())
+    assert first.status == "stored"
+    assert len(st.ranges) == (0 if trusted else 1)
+    st.ranges.clear()
+    assert archive.push(st, meta, seg, Codec()).status == "already-archived"
+    assert st.ranges == [(-envelope.TRAILER_SIZE, None)]
+
+    st.put(wal_key(NAME), encode_v1(seg.read_bytes()))  # as an older pitr archived it
+    st.ranges.clear()
+    assert archive.push(st, meta, seg, Codec()).status == "already-archived"
+    assert len(st.ranges) == 2
+    before = st.get(wal_key(NAME))
+    st.ranges.clear()
+    with pytest.raises(ConflictError, match=f"already holds a different {NAME}"):
+        archive.push(st, meta, seg_file(tmp_path, 2), Codec())
+    assert len(st.ranges) == 2 and st.get(wal_key(NAME)) == before
 
 
 # --------------------------------------------------------------------------- honest stores

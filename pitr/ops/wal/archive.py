@@ -158,18 +158,28 @@ class _Digests:
         return t.digest == mine.hex()
 
 
-def _stored_trailer(storage: Storage, key: str, name: str) -> envelope.Trailer:
-    """The trailer of an archived object (two ranged reads: its header names the trailer's digest)."""
+def _stored_matches(storage: Storage, key: str, name: str, mine: _Digests) -> bool:
+    """Whether the archived object holds the pushed bytes, judged by its trailer.
+
+    One ranged read in the common case: the trailer is read as this pitr writes it (BLAKE3), and
+    the header, which names the digest, is read only when that does not match (an object an older
+    pitr wrote, a different segment, or something that is not a pitr object at all; the header's
+    complaint comes first then, as it names the problem best)."""
     what = f"archived {name}"
+    tail = storage.get_range(key, -envelope.TRAILER_SIZE)
+    try:
+        if mine.same(envelope.parse_trailer(tail, what, version=envelope.VERSION)):
+            return True
+    except IntegrityError:
+        pass
     version = envelope.parse_header(storage.get_range(key, 0, envelope.HEADER_SIZE), what)
-    return envelope.parse_trailer(storage.get_range(key, -envelope.TRAILER_SIZE), what, version=version)
+    return mine.same(envelope.parse_trailer(tail, what, version=version))
 
 
 def _read_back(storage: Storage, key: str, name: str, mine: _Digests) -> None:
     """On a store whose conditional create is not atomic (accepted with allow_unsafe_store), a
     racing writer may have replaced our object: acknowledge only what the store holds now."""
-    t = _stored_trailer(storage, key, name)
-    if not mine.same(t):
+    if not _stored_matches(storage, key, name, mine):
         raise ConflictError(
             f"another writer stored a different {name} at the same moment, and the store kept theirs",
             "two clusters may be archiving into one repository; the store cannot refuse the second "
@@ -180,14 +190,14 @@ def _read_back(storage: Storage, key: str, name: str, mine: _Digests) -> None:
 def _compare_existing(storage: Storage, key: str, name: str, mine: _Digests, stored: int) -> PushResult:
     for attempt in range(5):
         try:
-            t = _stored_trailer(storage, key, name)
+            same = _stored_matches(storage, key, name, mine)
             break
         except NotFoundError:
             # a racing conditional write has not completed yet
             time.sleep(0.2 * (attempt + 1))
     else:
         raise StorageError(f"{name} is reported as existing but cannot be read back")
-    if mine.same(t):
+    if same:
         log.info("%s was already archived with identical content", name)
         return PushResult(name, key, "already-archived", mine.size, stored)
     raise ConflictError(
