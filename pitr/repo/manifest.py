@@ -76,9 +76,10 @@ class FileEntry:
         """Hex digest of the raw bytes ("" for none: an empty file or a block-incremental entry)."""
         return self.blake3 or self.sha256
 
-    def set_digest(self, algo: str, digest: str) -> None:
-        """Record the digest an envelope's trailer holds, in the field of its algorithm."""
-        self.sha256, self.blake3 = (digest, "") if algo == "sha256" else ("", digest)
+    def bind(self, trailer: envelope.Trailer) -> None:
+        """Record the digest the entry's envelope trailer holds, in the field of its algorithm
+        (restore and verify compare the two: digest_matches)."""
+        self.sha256, self.blake3 = (trailer.digest, "") if trailer.algo == "sha256" else ("", trailer.digest)
 
     def digest_matches(self, trailer: envelope.Trailer) -> bool:
         """The trailer describes exactly this entry's bytes, with the entry's own algorithm."""

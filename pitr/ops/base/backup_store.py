@@ -299,7 +299,7 @@ class Pipeline:
                 continue
             env = envelope.encode(data, self.opts.codec)
             e = FileEntry(f.rel, len(data), "", mode, mtime, rel_key, offset, len(env))
-            _bind(e, envelope.parse_trailer(env, f.rel, version=envelope.VERSION))
+            e.bind(envelope.parse_trailer(env, f.rel, version=envelope.VERSION))
             entries.append(e)
             parts.append(env)
             offset += len(env)
@@ -319,7 +319,7 @@ class Pipeline:
         e = FileEntry(f.rel, len(data), "", mode, mtime, None)
         if keep:  # a block-incremental file with no changed block stores no envelope
             env = envelope.encode(keep, self.opts.codec)
-            _bind(e, envelope.parse_trailer(env, f.rel, version=envelope.VERSION))
+            e.bind(envelope.parse_trailer(env, f.rel, version=envelope.VERSION))
             e.object, e.offset, e.length = rel_key, offset, len(env)
             parts.append(env)
             offset += len(env)
@@ -355,7 +355,7 @@ class Pipeline:
         mode, mtime = st.st_mode & 0o7777, st.st_mtime
         entry = FileEntry(f.rel, t.size, "", mode, mtime, f"data/{unit.number:06d}", 0, body.emitted,
                           _bad(reader.checker))
-        _bind(entry, t)
+        entry.bind(t)
         self._record([entry], body.emitted)
 
 
@@ -395,16 +395,11 @@ class Pipeline:
         t = envelope.parse_trailer(seen["tail"], f.rel, version=envelope.VERSION)  # type: ignore[arg-type]
         e = FileEntry(f.rel, reader.raw, "", st.st_mode & 0o7777, st.st_mtime, rel_key, 0, length,
                       _bad(reader.checker))
-        _bind(e, t)
+        e.bind(t)
         if "map" in seen:
             e.map = {"object": rel_key, "offset": length, "length": seen["map"]}
         job.finish(e)
         self._record([e], body.emitted)
-
-
-def _bind(e: FileEntry, t: envelope.Trailer) -> None:
-    """The entry records the digest its envelope's trailer holds (restore and verify compare the two)."""
-    e.set_digest(t.algo, t.digest)
 
 
 def _bad(checker: PageChecker | None) -> list[int]:
