@@ -332,15 +332,19 @@ class _Inflater:
             raise IntegrityError(f"{self.what} fails its checksum: stored bytes are corrupt", _VERIFY_HINT)
 
     def _check_frame_header(self, view: memoryview) -> None:
-        # a frame that declares its content size is refused up front when that is over the cap
-        import zstandard
+        _check_declared(bytes(view[:18]), self.max_size, self.what)
 
-        try:
-            declared = zstandard.frame_content_size(bytes(view[:18]))
-        except zstandard.ZstdError:
-            return  # too short or malformed: decompression reports it
-        if declared > self.max_size:
-            raise _too_large(self.what, self.max_size)
+
+def _check_declared(head: bytes, max_size: int, what: str) -> None:
+    """A frame that declares its content size is refused up front when that is over the cap."""
+    import zstandard
+
+    try:
+        declared = zstandard.frame_content_size(head)
+    except zstandard.ZstdError:
+        return  # too short or malformed: decompression reports it
+    if declared > max_size:
+        raise _too_large(what, max_size)
 
 
 def decode_stream(src: BinaryIO, dst: Sink | None, what: str = "object", chunk: int = CHUNK, *,
@@ -364,24 +368,82 @@ def decode_iter(src: BinaryIO, what: str = "object", chunk: int = CHUNK, *,
     """decode_stream as a generator the caller pulls raw pieces from (a block-incremental restore
     reads several sources forward, a little at a time). The size (and with checksum the digest)
     is verified once the generator is exhausted; a caller that stops early, or passes
-    checksum=False, checks what it assembled from the pieces itself."""
+    checksum=False, checks what it assembled from the pieces itself.
+
+    Each piece is at most `chunk` raw bytes whatever the payload holds: zstd's stream reader
+    decompresses into a buffer of that size, so a bomb is stopped at the cap with memory to
+    spare and real data goes through in a few calls per MiB (feeding zstd input in pieces small
+    enough to bound its output, as _Inflater does for in-memory objects, costs ~20,000 calls per
+    16 MiB WAL segment: 153 ms of CPU per segment against 85, of which zstd itself takes ~50; docs/performance.md)."""
     version, code = _parse_header(src.read(HEADER_SIZE), what)
-    inf = _Inflater(code, max_size, what)
+    body = _Body(src, chunk)
     h = hasher(DIGESTS[version]) if checksum else None
-    pending = b""
-    while True:
-        buf = src.read(chunk)
-        if not buf:
-            break
-        pending += buf
-        if len(pending) <= TRAILER_SIZE:
-            continue
-        body, pending = pending[:-TRAILER_SIZE], pending[-TRAILER_SIZE:]
-        for out in inf.feed(body):
-            if h is not None:
-                h.update(out)
-            yield out
-    trailer = parse_trailer(pending, what, version=version)
-    inf.finish()
-    _verify(inf.size, h.hexdigest() if h is not None else trailer.digest, trailer, what)
+    size = 0
+    for out in _payload(body, code, chunk, max_size, what):
+        size += len(out)
+        if size > max_size:
+            raise _too_large(what, max_size)
+        if h is not None:
+            h.update(out)
+        yield out
+    trailer = parse_trailer(body.tail(what), what, version=version)
+    _verify(size, h.hexdigest() if h is not None else trailer.digest, trailer, what)
     return trailer
+
+
+def _payload(body: _Body, code: int, chunk: int, max_size: int, what: str) -> Iterator[bytes]:
+    """The raw bytes of an envelope's payload, at most `chunk` at a time."""
+    if code == 0:
+        yield from iter(lambda: body.read(chunk), b"")
+        return
+    import zstandard
+
+    _check_declared(body.peek(18), max_size, what)
+    reader = zstandard.ZstdDecompressor().stream_reader(body, read_size=chunk,  # type: ignore[arg-type]
+                                                        read_across_frames=False, closefd=False)
+    while True:
+        try:
+            out = reader.read(chunk)
+        except zstandard.ZstdError as e:
+            # damage, or bytes after the frame that are not one (a frame cut short decodes short,
+            # and the trailer's size refuses it)
+            raise IntegrityError(f"{what} is corrupt: its payload does not decompress ({e})", _VERIFY_HINT) from None
+        if not out:
+            return
+        yield out
+
+
+class _Body:
+    """The payload of an envelope being streamed: src's bytes after the header, less the last
+    TRAILER_SIZE bytes, which are held back (tail()) until src ends."""
+
+    def __init__(self, src: BinaryIO, chunk: int) -> None:
+        self._src, self._chunk = src, chunk
+        self._pending = b""
+        self._eof = False
+
+    def _fill(self, want: int) -> int:
+        """Payload bytes available now (reading src until `want` are, or it ends)."""
+        while not self._eof and len(self._pending) - TRAILER_SIZE < want:
+            buf = self._src.read(max(self._chunk, want))
+            if not buf:
+                self._eof = True
+            else:
+                self._pending = self._pending + buf if self._pending else bytes(buf)
+        return max(len(self._pending) - TRAILER_SIZE, 0)
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._chunk if n is None or n < 0 else n
+        k = min(self._fill(n), n)
+        out, self._pending = self._pending[:k], self._pending[k:]
+        return out
+
+    def peek(self, n: int) -> bytes:
+        k = min(self._fill(n), n)
+        return self._pending[:k]
+
+    def tail(self, what: str) -> bytes:
+        """The trailer: the last bytes of src, once the decoder has read the payload to its end."""
+        if self._fill(1):
+            raise IntegrityError(f"{what} is corrupt (the compressed payload is not exactly one zstd frame)")
+        return self._pending

@@ -116,8 +116,8 @@ def assemble(e: FileEntry, home: str, bmap: blockmap.BlockMap, open_range: OpenR
             r = open_range(s.backup, s.object, s.offset, s.length, chunk)
             readers.append(r)
             sw = f"{what} (source {i}: backup {s.backup}, {s.object})"
-            # the cap keeps zstd's output per call in proportion to what is still needed (codec._Inflater);
-            # nothing past the last block used is pulled, so the slack only absorbs the last call
+            # each piece is at most DECODE_CHUNK raw bytes (envelope.decode_iter); nothing past the last
+            # block used is pulled, so the cap's slack only absorbs the last piece
             need = (int(rec["ordinal"][rec["source"] == i].max()) + 1) * bmap.block_size
             pieces = envelope.decode_iter(r, sw, DECODE_CHUNK, max_size=need + (64 << 20),  # type: ignore[arg-type]
                                           checksum=False)
