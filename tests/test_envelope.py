@@ -108,6 +108,24 @@ def test_appended_bytes_are_detected() -> None:
         decode(blob + blob)
 
 
+@pytest.mark.parametrize("chunk", [100, envelope.CHUNK])
+def test_streamed_payload_is_the_frame_and_nothing_that_changes_it(chunk: int) -> None:
+    """A stream decode (wal-fetch, restore) reads the payload through zstd's stream reader: junk
+    after the frame, a second frame and a frame cut short all fail; a zstd skippable frame after
+    the data is passed over, as it cannot change a byte of the output (docs/repository-format.md)."""
+    raw = sample(150_000)
+    blob = encode(raw, Codec("zstd", 3))
+    cut, end = envelope.HEADER_SIZE, len(blob) - envelope.TRAILER_SIZE
+    head, frame, trailer = blob[:cut], blob[cut:end], blob[end:]
+    skippable = struct.pack("<II", 0x184D2A50, 4) + b"note"
+    assert stream_decode(head + frame + skippable + trailer, chunk) == raw
+    for bad in (frame + b"xyz", frame + frame, frame[:-3]):
+        with pytest.raises(IntegrityError):
+            stream_decode(head + bad + trailer, chunk)
+        with pytest.raises(IntegrityError):
+            decode(head + bad + trailer)
+
+
 def test_decode_stream_verify_only_returns_trailer() -> None:
     raw = sample(5000)
     t = decode_stream(io.BytesIO(encode(raw, Codec("zstd", 1))), None)
