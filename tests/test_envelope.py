@@ -126,6 +126,39 @@ def test_streamed_payload_is_the_frame_and_nothing_that_changes_it(chunk: int) -
             decode(head + bad + trailer)
 
 
+def _frame_with_window(raw: bytes, window_log: int) -> bytes:
+    """raw as one zstd frame of unknown content size whose header asks for a 2**window_log window."""
+    import zstandard
+
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=window_log)
+    out = io.BytesIO()
+    w = zstandard.ZstdCompressor(compression_params=params).stream_writer(out, closefd=False)
+    w.write(raw)
+    w.flush(zstandard.FLUSH_FRAME)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("chunk", [4096, envelope.CHUNK])
+def test_a_frame_asking_for_a_huge_window_is_refused(chunk: int) -> None:
+    """zstd would allocate the window a frame declares (up to 128 MiB by default) for every decode
+    running at once; pitr's writers (levels 1-19) never need more than 8 MiB."""
+    import zstandard
+
+    raw = sample(300_000)
+    blob = encode(raw, Codec("zstd", 3))
+    cut, end = envelope.HEADER_SIZE, len(blob) - envelope.TRAILER_SIZE
+    for window_log, ok in ((23, True), (24, True), (25, False), (27, False)):
+        frame = _frame_with_window(raw, window_log)
+        assert zstandard.get_frame_parameters(frame).window_size == 1 << window_log
+        forged = blob[:cut] + frame + blob[end:]  # the trailer's size and digest are right
+        if ok:
+            assert decode(forged) == raw and stream_decode(forged, chunk) == raw
+            continue
+        for fn in (decode, lambda b: stream_decode(b, chunk)):
+            with pytest.raises(IntegrityError, match="does not decompress"):
+                fn(forged)
+
+
 def test_decode_stream_verify_only_returns_trailer() -> None:
     raw = sample(5000)
     t = decode_stream(io.BytesIO(encode(raw, Codec("zstd", 1))), None)

@@ -9,6 +9,7 @@ repository instead); wal-fetch's exit codes are unchanged (1 = not in the archiv
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -104,6 +105,43 @@ def test_damaged_or_misnamed_prefetched_files_are_not_used(restore_dir: tuple[Pa
     r = _fetch(pgdata, env, after)
     assert r.returncode == 1, r.stderr
     assert not dest.exists()
+
+
+def _helper_pid(pdir: Path) -> int:
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"_wal-prefetch" in argv and os.fsencode(os.path.abspath(pdir)) in argv:
+            return int(proc.name)
+    raise AssertionError(f"no prefetcher runs for {pdir}")
+
+
+def test_a_served_segment_is_not_fetched_again_by_a_late_prefetcher(
+        restore_dir: tuple[Path, Path, list[str]]) -> None:
+    """On a loaded machine the prefetcher may read a request only after wal-fetch took the file it had
+    ready: it must move on, not fetch that segment again (a wasted fetch, a file left behind)."""
+    pgdata, repo, names = restore_dir
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PITR_")}
+    env |= {"PITR_REPO": str(repo), "PITR_PREFETCH": "2"}
+    pdir = pgdata / "pg_wal" / spool.PREFETCH_SPOOL
+    src = repo.parent / "src"
+    assert _fetch(pgdata, env, names[0]).returncode == 0
+    _wait_prefetched(pdir, names[1:3])
+    pid = _helper_pid(pdir)
+    os.kill(pid, signal.SIGSTOP)  # the load, made certain
+    try:
+        r = _fetch(pgdata, env, names[1])
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert r.returncode == 0, r.stderr
+    assert (pgdata / "pg_wal" / "RECOVERYXLOG").read_bytes() == (src / names[1]).read_bytes()
+    _wait_prefetched(pdir, [names[3]])  # the window moved on past names[1]
+    time.sleep(0.5)
+    assert not (pdir / names[1]).exists()
+    _stop_helpers(pdir, spool.PREFETCHD)
+    assert "4 segments prefetched" in (pdir / f"{spool.PREFETCHD}.log").read_text()  # names[0..3], once each
 
 
 # --------------------------------------------------------------------------- recovery on a real server

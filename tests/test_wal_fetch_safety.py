@@ -90,6 +90,7 @@ def make_site(request: pytest.FixtureRequest) -> Iterator[object]:
         base = make_tmpdir("pitr-vanish-")
         pgdata = base / "data"
         (pgdata / "pg_wal").mkdir(parents=True)
+        (pgdata / "recovery.signal").touch()  # in archive recovery: wal-fetch may start a prefetcher
         names = walgen.names(5, count)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PITR_", "AWS_", "_PITR"))}
         env |= {"PITR_CONFIG": "/dev/null", "PITR_FETCH_RETRIES": "0", "PITR_PREFETCH": str(prefetch)}
@@ -237,6 +238,27 @@ def test_idle_prefetch_helper_exits(make_site) -> None:  # type: ignore[no-untyp
     assert log.count("exiting (idle)") == 2, log
     assert not (site.pdir / "want").exists()
     assert spool.helper_state(site.pdir, spool.PREFETCHD) is None
+
+
+def test_no_prefetcher_is_started_once_recovery_ended(make_site) -> None:  # type: ignore[no-untyped-def]
+    """PostgreSQL removes recovery.signal, then asks for the parent timeline's history file: a helper
+    started by that call could not see recovery end and would linger (CI failure of 2026-11-30)."""
+    site: Site = make_site("fs", count=2, prefetch=2)
+    r = site.fetch(site.names[0])
+    assert r.returncode == 0, r.stderr
+    _wait_prefetched(site.pdir, site.names[1:])
+    (site.pgdata / "recovery.signal").unlink()  # recovery ends: the running prefetcher leaves
+    deadline = time.monotonic() + 10
+    while spool.helper_state(site.pdir, spool.PREFETCHD) is not None:
+        assert time.monotonic() < deadline, "the prefetcher did not exit when recovery ended"
+        time.sleep(0.05)
+    assert "exiting (recovery ended)" in (site.pdir / "prefetch.log").read_text()
+    for name in ("00000002.history", site.names[1]):  # the last calls: fetched directly, nothing left running
+        r = site.fetch(name)
+        assert r.returncode == (1 if name.endswith("history") else 0), r.stderr
+        assert spool.helper_state(site.pdir, spool.PREFETCHD) is None
+    stored = (site.base / "repo" / wal_key(site.names[1])).read_bytes()
+    assert site.dest.read_bytes() == envelope.decode(stored, "stored")
 
 
 # --------------------------------------------------------------------------- defect 14 and DEST errors

@@ -102,8 +102,11 @@ def _quick_fetch(argv: list[str]) -> int | None:
     if not os.path.isdir(pdir):
         return None  # never prefetched here: the normal path decides whether to start
     fp = globalargs.fingerprint(glob, os.environ)
-    stamp = spool.write_want(pdir, name)  # first: the prefetcher keeps `name` and moves on past it
-    state, why = spool.ask_prefetcher(pdir, name, dest, fp, stamp)
+    ready = spool.take_ready(pdir, name, dest, fp)
+    if ready is None:
+        stamp = spool.write_want(pdir, name)  # first: the prefetcher keeps `name` and moves on past it
+        ready = spool.ask_prefetcher(pdir, name, dest, fp, stamp)
+    state, why = ready
     if state == "served":
         _ensure_prefetcher(glob, pdir)
         return 0
@@ -216,15 +219,18 @@ def serve_prefetched(settings: Settings, name: str, dest: str) -> int | None:
     try:
         glob = _global_args()
         fp = globalargs.fingerprint(glob, os.environ)
-        stamp = spool.write_want(pdir, name)
         if STAGE_ENV in os.environ and spool.helper_state(pdir, spool.PREFETCHD) not in (None, fp):
             # restore_command takes staged files unasked: a helper with other settings must go (it
             # empties the stage as it exits); the next call starts one with these
             spool.request_stop(pdir, spool.PREFETCHD)
-        # start the helper now if needed and let it answer: its start-up costs what importing
-        # boto3 here would, and every later call finds it warm
-        started = _ensure_prefetcher(glob, pdir)
-        state, why = spool.ask_prefetcher(pdir, name, dest, fp, stamp, grace=15.0 if started else 0.0)
+        ready = spool.take_ready(pdir, name, dest, fp)
+        if ready is None:
+            stamp = spool.write_want(pdir, name)
+            # start the helper now if needed and let it answer: its start-up costs what importing
+            # boto3 here would, and every later call finds it warm
+            started = _ensure_prefetcher(glob, pdir)
+            ready = spool.ask_prefetcher(pdir, name, dest, fp, stamp, grace=15.0 if started else 0.0)
+        state, why = ready
     except OSError:
         return None
     if state == "served":
@@ -257,8 +263,9 @@ def _dest_dir_exists(dest: str) -> bool:
 
 
 def _ensure_prefetcher(glob: list[str], pdir: Path) -> bool:
-    """Start the prefetcher unless one runs; True when this call started it."""
-    if spool.helper_state(pdir, spool.PREFETCHD) is not None:
+    """Start the prefetcher unless one runs or recovery is not on (cwd is the data directory);
+    True when this call started it."""
+    if spool.helper_state(pdir, spool.PREFETCHD) is not None or not spool.in_archive_recovery(Path.cwd()):
         return False
     spool.start_helper(spool.helper_argv(sys.executable, glob, PREFETCH_HELPER, [os.path.abspath(pdir), os.getcwd()]),
                        pdir / f"{spool.PREFETCHD}.log")

@@ -35,6 +35,9 @@ _RESERVED = bytes(9)
 _TRAILER = struct.Struct(">Q32s8s")
 CODECS = {"none": 0, "zstd": 1}
 CHUNK = 1 << 20
+# the largest zstd window a payload may need: pitr writes levels 1-19 (windows of at most 8 MiB);
+# zstd's own limit (128 MiB) would let a hostile frame make every decode running at once allocate that
+MAX_WINDOW = 1 << 24
 # decode caps when the caller names none; every pitr caller names the size it allows
 DEFAULT_MAX_SIZE = 1 << 30
 _VERIFY_HINT = "run `pitr verify` to find every damaged object"
@@ -287,7 +290,7 @@ class _Inflater:
         if code == 1:
             import zstandard
 
-            self._dobj = zstandard.ZstdDecompressor().decompressobj()
+            self._dobj = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompressobj()
 
     def feed(self, body: bytes | memoryview) -> Iterator[bytes]:
         """Raw bytes for this piece of payload; IntegrityError on damage or past the cap."""
@@ -299,7 +302,7 @@ class _Inflater:
         view = memoryview(body)
         if self._first and len(view):
             self._first = False
-            self._check_frame_header(view)
+            _check_declared(bytes(view[:18]), self.max_size, self.what)
         pos = 0
         while pos < len(view):
             if self._dobj.eof:  # payload continues past the end of the frame
@@ -330,10 +333,6 @@ class _Inflater:
             raise _too_large(self.what, self.max_size)
         if self.size > self.limit:  # past the trailer's own size: corrupt, whatever the cap
             raise IntegrityError(f"{self.what} fails its checksum: stored bytes are corrupt", _VERIFY_HINT)
-
-    def _check_frame_header(self, view: memoryview) -> None:
-        _check_declared(bytes(view[:18]), self.max_size, self.what)
-
 
 def _check_declared(head: bytes, max_size: int, what: str) -> None:
     """A frame that declares its content size is refused up front when that is over the cap."""
@@ -399,7 +398,7 @@ def _payload(body: _Body, code: int, chunk: int, max_size: int, what: str) -> It
     import zstandard
 
     _check_declared(body.peek(18), max_size, what)
-    reader = zstandard.ZstdDecompressor().stream_reader(body, read_size=chunk,  # type: ignore[arg-type]
+    reader = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).stream_reader(body, read_size=chunk,  # type: ignore[arg-type]
                                                         read_across_frames=False, closefd=False)
     while True:
         try:

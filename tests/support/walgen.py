@@ -42,11 +42,12 @@ def names(first: int, count: int, tli: int = 1) -> list[str]:
 
 
 def archived_cluster(base: Path, names: list[str], seeded: bool = False) -> Path:
-    """A fake cluster being recovered: base/data with an empty pg_wal, and base/repo holding `names` stored
-    the way wal-push stores them (originals kept in base/src; seeded: segment i made with seed=i).
-    Returns the data directory."""
+    """A fake cluster being recovered: base/data with an empty pg_wal and recovery.signal, and base/repo
+    holding `names` stored the way wal-push stores them (originals kept in base/src; seeded: segment i
+    made with seed=i). Returns the data directory."""
     pgdata = base / "data"
     (pgdata / "pg_wal").mkdir(parents=True)
+    (pgdata / "recovery.signal").touch()  # wal-fetch starts a prefetcher only during archive recovery
     store = fs_repo(base / "repo")
     meta = read_meta(store)
     src = base / "src"

@@ -201,7 +201,7 @@ class _Prefetcher:
         if not req or req[1] == self.handled:
             return
         self.handled = req[1]
-        self.requests += req[1].startswith("ask")  # wal-fetch's (stage.start_helper writes "stage-")
+        self.requests += not req[1].startswith("stage-")  # every wal-fetch call's (stage.start_helper's is not)
         rname = req[0]
         if not req[1].startswith("done") and not (self.cfg.spool / f"{rname}.meta").exists():
             if rname in self._busy():
@@ -294,13 +294,12 @@ def clear(spool_dir: Path, want: bool = True) -> None:
 
 def keep_going_checks(pgdata: Path, spool_dir: Path) -> Callable[[], str | None]:
     """Stop once recovery is over (PostgreSQL removes recovery.signal/standby.signal at its end)."""
-    signals = [pgdata / "recovery.signal", pgdata / "standby.signal"]
-    in_recovery = any(p.exists() for p in signals)
+    in_recovery = spool.in_archive_recovery(pgdata)
 
     def check() -> str | None:
         if spool.stop_requested(spool_dir, spool.PREFETCHD):
             return "asked to stop"
-        if in_recovery and not any(p.exists() for p in signals):
+        if in_recovery and not spool.in_archive_recovery(pgdata):
             return "recovery ended"
         return None
 

@@ -43,6 +43,19 @@ PREFETCHD = "prefetch"
 
 # --------------------------------------------------------------------------- locations
 
+RECOVERY_SIGNALS = ("recovery.signal", "standby.signal")
+
+
+def in_archive_recovery(pgdata: Path) -> bool:
+    """Whether PostgreSQL is in archive recovery in pgdata (it runs restore_command there).
+
+    PostgreSQL removes the signal file when recovery ends, *before* it fetches the parent timeline's
+    history file for the new one: a prefetcher started by that last call would never see recovery
+    end, so none is started without a signal file (pg_rewind's restore_command fetches directly).
+    """
+    return any(os.path.exists(pgdata / s) for s in RECOVERY_SIGNALS)
+
+
 def archive_spool_dir(spool_path: str | None, wal_path: str | os.PathLike[str]) -> Path:
     """Where markers for this cluster live: spool_path/archive, else pg_wal/pitr_spool."""
     if spool_path:
@@ -361,6 +374,22 @@ def is_archive_name(name: str) -> bool:
 def answer(pdir: Path, name: str, stamp: str, verdict: str) -> None:
     """The prefetcher's answer to request `stamp` when it has no file to give: missing | failed."""
     write_marker(pdir / f"{name}.{verdict}", {"stamp": stamp})
+
+
+def take_ready(pdir: Path, name: str, dest: str | os.PathLike[str], fp: str) -> tuple[str, str | None] | None:
+    """Serve name at once when its verified file is already in place, else None (ask the prefetcher).
+
+    The request is recorded as already served first: an "ask" would make a prefetcher that reads
+    it only after the file was taken (a loaded machine) fetch the segment again. States as
+    ask_prefetcher's; a file that turns out unusable means fetching directly.
+    """
+    if not os.path.exists(pdir / f"{name}.meta"):
+        return None
+    write_want(pdir, name, served=True)  # the prefetcher moves on past name and keeps it until taken
+    why = take_prefetched(pdir, name, dest, fp)
+    if why is None:
+        return "served", None
+    return ("rejected", why) if why != "absent" else ("direct", None)
 
 
 def ask_prefetcher(pdir: Path, name: str, dest: str | os.PathLike[str], fp: str, stamp: str,
