@@ -9,6 +9,7 @@ repository instead); wal-fetch's exit codes are unchanged (1 = not in the archiv
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -141,7 +142,9 @@ def test_a_served_segment_is_not_fetched_again_by_a_late_prefetcher(
     time.sleep(0.5)
     assert not (pdir / names[1]).exists()
     _stop_helpers(pdir, spool.PREFETCHD)
-    assert "4 segments prefetched" in (pdir / f"{spool.PREFETCHD}.log").read_text()  # names[0..3], once each
+    # names[0..3] once each (names[0] itself only if the helper started in time to answer it)
+    fetched = re.findall(r"(\d+) segments prefetched", (pdir / f"{spool.PREFETCHD}.log").read_text())
+    assert fetched and int(fetched[-1]) <= 4, fetched
 
 
 # --------------------------------------------------------------------------- recovery on a real server
