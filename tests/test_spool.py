@@ -9,6 +9,7 @@ trusted; the helper's errors reach PostgreSQL through the next call.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -111,6 +112,26 @@ def test_lookahead_ack_without_heavy_imports_and_stale_markers(fake_pgdata: tupl
     assert r.returncode == 1
     assert "not initialized" in r.stderr
     assert not list(other.rglob(b))
+
+
+def test_debug_log_level_shows_each_push_time(fake_pgdata: tuple[Path, Path]) -> None:
+    """A DBA tracing archive lag sets log_level = debug: the async archiver's log then has each push's time."""
+    pgdata, repo = fake_pgdata
+    env = _env(PITR_REPO=str(repo), PITR_ARCHIVE_ASYNC="true", PITR_LOG_LEVEL="debug")
+    names = walgen.names(9, 2)
+    _queue(pgdata, names)
+    r = subprocess.run([PITR, "wal-push", f"pg_wal/{names[0]}"], cwd=pgdata, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    sdir = pgdata / "pg_wal" / spool.ARCHIVE_SPOOL
+    deadline = time.monotonic() + 30
+    while not (sdir / f"{names[1]}.ok").exists():
+        assert time.monotonic() < deadline, "the look-ahead segment was not pushed"
+        time.sleep(0.05)
+    _stop_helpers(sdir)
+    log = (sdir / "pushd.log").read_text()
+    for n in names:
+        assert re.search(rf"{n}: push ended after \d+ ms, \d in flight", log), log
 
 
 def test_call_waiting_for_a_busy_helper_stays_light_and_acks_only_once_stored(

@@ -296,7 +296,7 @@ def helper_main(command: str, global_args: list[str], pos: list[str], opts: dict
 def _push_helper(glob: list[str], pg_wal: Path, sdir: Path, opts: dict[str, str]) -> int:
     import logging
 
-    from pitr.cli.common import open_log_file
+    from pitr.cli.common import helper_log_level, open_log_file
     from pitr.cli.repoopen import open_repo
     from pitr.config import load_settings
     from pitr.errors import PitrError
@@ -314,6 +314,7 @@ def _push_helper(glob: list[str], pg_wal: Path, sdir: Path, opts: dict[str, str]
     try:
         settings = load_settings(opts)
         open_log_file(settings.log_file, "wal-push-daemon", [])  # its pushes/fetches beside the callers' lines
+        helper_log_level(settings.log_level)  # debug: each push's time (where archive lag comes from)
         jobs = max(1, settings.archive_push_jobs)
         storage = open_repo(settings, max_connections=jobs + 2)
         meta = read_meta(storage)

@@ -97,6 +97,12 @@ def apply_log_level(setting: str) -> None:
         _set_level(getattr(logging, setting.upper()))
 
 
+def helper_log_level(setting: str) -> None:
+    """The helpers log at info into their own log file; at debug when the log_level setting asks."""
+    if setting == "debug":
+        _set_level(logging.DEBUG)
+
+
 _STDERR: logging.Handler | None = None
 _FILE: _AppendLines | None = None
 

@@ -88,6 +88,7 @@ class _Pusher:
         self.status_dir = cfg.pg_wal / "archive_status"
         self.done: set[str] = set()  # acknowledged by us or a predecessor with the same settings
         self.inflight: dict[Future[tuple[str, str]], str] = {}
+        self.started: dict[str, float] = {}  # name -> when its push began (the debug log's latency)
         self.retry_at: dict[str, float] = {}
         self.not_before = 0.0  # back-off after storage failures, for every file
         self.failures = 0  # storage failures in a row
@@ -138,13 +139,18 @@ class _Pusher:
                 self.done.add(name)
                 continue
             self.inflight[self.pool.submit(push_one, self.storage, self.meta, self.cfg, name)] = name
+            self.started[name] = time.monotonic()
 
     def settle(self) -> None:
         """Wait briefly for pushes to end and record each; storage failures in a row back every file off."""
         finished, _ = wait(list(self.inflight), timeout=self.cfg.poll * 5, return_when=FIRST_COMPLETED)
         for fut in finished:
             name = self.inflight.pop(fut)
+            began = self.started.pop(name, None)
             self.failures = self._record(fut, name)
+            if began is not None and log.isEnabledFor(logging.DEBUG):  # where archive lag comes from
+                log.debug("%s: push ended after %.0f ms, %d in flight", name, (time.monotonic() - began) * 1e3,
+                          len(self.inflight))
             if self.failures:
                 self.not_before = time.monotonic() + min(10.0, 0.5 * 2 ** min(self.failures - 1, 5))
 
