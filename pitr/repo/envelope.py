@@ -334,6 +334,7 @@ class _Inflater:
         if self.size > self.limit:  # past the trailer's own size: corrupt, whatever the cap
             raise IntegrityError(f"{self.what} fails its checksum: stored bytes are corrupt", _VERIFY_HINT)
 
+
 def _check_declared(head: bytes, max_size: int, what: str) -> None:
     """A frame that declares its content size is refused up front when that is over the cap."""
     import zstandard
@@ -398,8 +399,9 @@ def _payload(body: _Body, code: int, chunk: int, max_size: int, what: str) -> It
     import zstandard
 
     _check_declared(body.peek(18), max_size, what)
-    reader = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).stream_reader(body, read_size=chunk,  # type: ignore[arg-type]
-                                                        read_across_frames=False, closefd=False)
+    dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
+    reader = dctx.stream_reader(body, read_size=chunk,  # type: ignore[arg-type]
+                                read_across_frames=False, closefd=False)
     while True:
         try:
             out = reader.read(chunk)
