@@ -14,7 +14,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,6 +24,10 @@ from pitr.errors import ConfigError
 DEFAULT_CONFIG = Path("/etc/pitr/pitr.toml")
 PREFETCH_MAX = 64  # segments; each helper round scans this window, so a huge value only burns CPU and disk
 S3_PART_MIN_MB, S3_PART_MAX_MB = 5, 5120  # S3's own limits on a multipart part
+# archived WAL when neither wal_compress nor compress is set: zstd level 1 compresses pgbench WAL about
+# twice as fast as level 3 for ~3 % more bytes (decoding is as fast), and a push's CPU is taken on the
+# primary while it writes the next segment (docs/performance.md, "Sixth session")
+WAL_COMPRESS_DEFAULT = "zstd:1"
 WAL_WAIT_MAX = 43200.0  # 12 h: stays below expire's 24 h limit for an in-progress backup's marker
 
 
@@ -59,6 +63,9 @@ class Settings:
     pgdata: str | None = None
     dbname: str | None = None
     compress: str = "zstd:3"
+    # codec for archived WAL; unset: `compress` where that is set, else WAL_COMPRESS_DEFAULT (resolved
+    # when loaded, so a loaded Settings always holds the codec wal-push uses)
+    wal_compress: str | None = None
     jobs: int = 2
     log_level: str = "warning"  # debug | info | warning | error (-v / -q override it)
     # also append log records (timestamped, at least info) to this file: cron and systemd runs
@@ -93,6 +100,10 @@ class Settings:
 
     def location(self) -> RepoLocation:
         return parse_repo_url(self.repo)
+
+    def wal_codec(self) -> str:
+        """The codec spec archived WAL is stored with (wal_compress as load_settings resolved it)."""
+        return self.wal_compress or self.compress
 
 
 _FIELDS = {f.name: f for f in fields(Settings) if f.name not in ("extra",)}
@@ -216,6 +227,8 @@ def load_settings(options: Mapping[str, Any] | None = None, env: Mapping[str, st
     merged["config"] = cfg_path
     s = Settings(**merged)
     _validate(s, sources)
+    if s.wal_compress is None:
+        s = replace(s, wal_compress=s.compress if "compress" in sources else WAL_COMPRESS_DEFAULT)
     return s
 
 
@@ -257,11 +270,14 @@ def _validate(s: Settings, sources: Mapping[str, str]) -> None:
         raise bad("log_file", s.log_file, "must be an absolute path", "write it from / (e.g. /var/log/pitr/pitr.log)")
     if s.wal_wait_timeout <= 0:
         raise bad("wal_wait_timeout", s.wal_wait_timeout, "must be a number of seconds above 0")
-    if not _valid_compress(s.compress):
-        where = sources.get("compress", "default")
-        known = s.compress.strip().lower().partition(":")[0] in ("zstd", "none")
+    for key in ("compress", "wal_compress"):
+        spec = getattr(s, key)
+        if spec is None or _valid_compress(spec):
+            continue
+        where = sources.get(key, "default")
+        known = spec.strip().lower().partition(":")[0] in ("zstd", "none")
         what = "an invalid compression level in" if known else "unknown compression"
-        raise ConfigError(f"compress has {what} {s.compress!r} (set by {where}); it must be zstd, zstd:LEVEL "
+        raise ConfigError(f"{key} has {what} {spec!r} (set by {where}); it must be zstd, zstd:LEVEL "
                           "(LEVEL 1 to 19) or none", f"correct the {where}")
     endpoint = (s.s3_endpoint or "").strip()  # empty = unset (AWS)
     m = _URL.fullmatch(endpoint) if endpoint else None

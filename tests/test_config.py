@@ -20,8 +20,23 @@ def write(path: Path, text: str) -> Path:
 def test_defaults_without_any_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(config, "DEFAULT_CONFIG", tmp_path / "absent.toml")
     s = load_settings({}, env={})
-    assert s == Settings()
+    assert s == Settings(wal_compress=config.WAL_COMPRESS_DEFAULT)
     assert s.compress == "zstd:3" and s.fetch_retries == 3 and s.config is None
+    assert s.wal_codec() == "zstd:1"
+
+
+@pytest.mark.parametrize(("env", "toml", "wal"), [
+    ({}, "", config.WAL_COMPRESS_DEFAULT),                          # neither set: WAL's own default
+    ({"PITR_COMPRESS": "none"}, "", "none"),                        # compress set: WAL follows it
+    ({}, 'compress = "zstd:7"\n', "zstd:7"),
+    ({"PITR_COMPRESS": "zstd:9", "PITR_WAL_COMPRESS": "zstd:2"}, "", "zstd:2"),  # its own setting wins
+    ({}, 'compress = "none"\nwal_compress = "zstd"\n', "zstd"),
+])
+def test_wal_compress_follows_compress_when_only_that_is_set(
+        tmp_path: Path, env: dict[str, str], toml: str, wal: str) -> None:
+    cfg = write(tmp_path / "pitr.toml", toml)
+    s = load_settings({}, env={"PITR_CONFIG": str(cfg)} | env)
+    assert s.wal_compress == wal and s.wal_codec() == wal
 
 
 def test_precedence_option_env_file_default(tmp_path: Path) -> None:
@@ -217,6 +232,9 @@ def test_out_of_range_values_name_their_source(tmp_path: Path) -> None:
     ({"PITR_S3_ENDPOINT": "http://minio:0"}, "port number outside 1 to 65535"),
     ({"PITR_S3_REGION": "us east 1"}, "s3_region"),
     ({"PITR_COMPRESS": "zstd:0"}, "invalid compression level"),
+    ({"PITR_WAL_COMPRESS": "lz4"}, "wal_compress has unknown compression 'lz4' .set by environment variable "
+                                   "PITR_WAL_COMPRESS"),
+    ({"PITR_WAL_COMPRESS": "zstd:20"}, "wal_compress has an invalid compression level"),
     ({"PITR_RETAIN_DAYS": "nan"}, "finite number"),
     ({"PITR_STANDBY_STALL_TIMEOUT": "-1"}, "standby_stall_timeout must be between 0 and 3600"),
 ])

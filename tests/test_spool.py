@@ -23,6 +23,7 @@ from pitr.cli import globalargs
 from pitr.ops.wal import archive, spool
 from pitr.pg import walname
 from pitr.repo.envelope import Codec
+from pitr.repo.format import wal_key
 from pitr.repo.meta import read_meta
 from pitr.storage.s3 import S3Storage
 from tests.support import walgen
@@ -132,6 +133,37 @@ def test_debug_log_level_shows_each_push_time(fake_pgdata: tuple[Path, Path]) ->
     log = (sdir / "pushd.log").read_text()
     for n in names:
         assert re.search(rf"{n}: push ended after \d+ ms, \d in flight", log), log
+
+
+def test_wal_is_stored_with_wal_compress_by_the_helper_and_in_the_foreground(
+        fake_pgdata: tuple[Path, Path]) -> None:
+    """zstd level 1 unless wal_compress (or compress) says otherwise, as the envelope header records it."""
+    pgdata, repo = fake_pgdata
+    store = walgen.FsStorage(repo)
+
+    def codec_and_level(name: str) -> tuple[int, int]:
+        head = store.get_range(wal_key(name), 0, 16)
+        return head[5], head[6]
+
+    a, b, c, d = walgen.names(20, 4)
+    _queue(pgdata, [a, b])  # queued: the async helper pushes them
+    r = subprocess.run([PITR, "wal-push", f"pg_wal/{a}"], cwd=pgdata, env=_env(PITR_REPO=str(repo)),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 30
+    while not (pgdata / "pg_wal" / spool.ARCHIVE_SPOOL / f"{b}.ok").exists():  # b: only the helper pushes it
+        assert time.monotonic() < deadline, "the look-ahead segment was not pushed"
+        time.sleep(0.05)
+    assert codec_and_level(a) == codec_and_level(b) == (1, 1)
+    for name, env, want in ((c, {"PITR_COMPRESS": "zstd:5"}, (1, 5)), (d, {"PITR_WAL_COMPRESS": "none"}, (0, 0))):
+        (pgdata / "pg_wal" / name).write_bytes(walgen.segment(name))  # not queued: pushed in the foreground
+        r = subprocess.run([PITR, "wal-push", f"pg_wal/{name}"], cwd=pgdata, env=_env(PITR_REPO=str(repo)) | env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert codec_and_level(name) == want
+        out = pgdata / f"back-{name}"
+        archive.fetch(store, read_meta(store), name, out)
+        assert out.read_bytes() == (pgdata / "pg_wal" / name).read_bytes()
 
 
 def test_call_waiting_for_a_busy_helper_stays_light_and_acks_only_once_stored(

@@ -318,7 +318,7 @@ def _push_helper(glob: list[str], pg_wal: Path, sdir: Path, opts: dict[str, str]
         jobs = max(1, settings.archive_push_jobs)
         storage = open_repo(settings, max_connections=jobs + 2)
         meta = read_meta(storage)
-        cfg = pushd.PushdConfig(pg_wal, sdir, fp, jobs, parse_codec(settings.compress))
+        cfg = pushd.PushdConfig(pg_wal, sdir, fp, jobs, parse_codec(settings.wal_codec()))
         log.info("started: %d jobs into %s", jobs, storage.display)
         stats = pushd.serve(storage, meta, cfg, pushd.keep_going_checks(
             cfg, pg_wal.parent, lambda: globalargs.fingerprint(glob, os.environ)))

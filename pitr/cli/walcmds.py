@@ -31,7 +31,7 @@ def run_wal_push(settings: Settings, path: str) -> int:
     try:
         storage = open_repo(settings)
         meta = read_meta(storage)
-        r = archive.push(storage, meta, Path(path), parse_codec(settings.compress))
+        r = archive.push(storage, meta, Path(path), parse_codec(settings.wal_codec()))
         log.info("%s %s (%d -> %d bytes)", r.name, r.status, r.raw_size, r.stored_size)
         return 0
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - one sentence on stderr, never a bare traceback
