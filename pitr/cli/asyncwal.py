@@ -102,11 +102,7 @@ def _quick_fetch(argv: list[str]) -> int | None:
     if not os.path.isdir(pdir):
         return None  # never prefetched here: the normal path decides whether to start
     fp = globalargs.fingerprint(glob, os.environ)
-    ready = spool.take_ready(pdir, name, dest, fp)
-    if ready is None:
-        stamp = spool.write_want(pdir, name)  # first: the prefetcher keeps `name` and moves on past it
-        ready = spool.ask_prefetcher(pdir, name, dest, fp, stamp)
-    state, why = ready
+    state, why = spool.take_or_ask(pdir, name, dest, fp)
     if state == "served":
         _ensure_prefetcher(glob, pdir)
         return 0
@@ -223,14 +219,9 @@ def serve_prefetched(settings: Settings, name: str, dest: str) -> int | None:
             # restore_command takes staged files unasked: a helper with other settings must go (it
             # empties the stage as it exits); the next call starts one with these
             spool.request_stop(pdir, spool.PREFETCHD)
-        ready = spool.take_ready(pdir, name, dest, fp)
-        if ready is None:
-            stamp = spool.write_want(pdir, name)
-            # start the helper now if needed and let it answer: its start-up costs what importing
-            # boto3 here would, and every later call finds it warm
-            started = _ensure_prefetcher(glob, pdir)
-            ready = spool.ask_prefetcher(pdir, name, dest, fp, stamp, grace=15.0 if started else 0.0)
-        state, why = ready
+        # start the helper now if needed and let it answer: its start-up costs what importing
+        # boto3 here would, and every later call finds it warm
+        state, why = spool.take_or_ask(pdir, name, dest, fp, lambda: _ensure_prefetcher(glob, pdir))
     except OSError:
         return None
     if state == "served":

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from pitr.pg import walheader
@@ -39,6 +39,7 @@ ARCHIVE_SPOOL = "pitr_spool"
 PREFETCH_SPOOL = "pitr_prefetch"
 PUSHD = "pushd"
 PREFETCHD = "prefetch"
+STARTING_GRACE = 15.0  # seconds a helper just started gets to take its lock before a request gives up on it
 
 
 # --------------------------------------------------------------------------- locations
@@ -390,6 +391,19 @@ def take_ready(pdir: Path, name: str, dest: str | os.PathLike[str], fp: str) -> 
     if why is None:
         return "served", None
     return ("rejected", why) if why != "absent" else ("direct", None)
+
+
+def take_or_ask(pdir: Path, name: str, dest: str | os.PathLike[str], fp: str,
+                start_helper: Callable[[], bool] | None = None) -> tuple[str, str | None]:
+    """take_ready, else ask_prefetcher: what wal-fetch does with a spool. start_helper runs once
+    the request is written (the helper it may start must find it) and says whether it started
+    one, which is then given time to take its lock. States as ask_prefetcher's."""
+    ready = take_ready(pdir, name, dest, fp)
+    if ready is not None:
+        return ready
+    stamp = write_want(pdir, name)  # first: the prefetcher keeps `name` and moves on past it
+    started = start_helper() if start_helper is not None else False
+    return ask_prefetcher(pdir, name, dest, fp, stamp, grace=STARTING_GRACE if started else 0.0)
 
 
 def ask_prefetcher(pdir: Path, name: str, dest: str | os.PathLike[str], fp: str, stamp: str,
