@@ -347,3 +347,33 @@ def test_a_stage_takes_no_crc_and_wal_fetch_still_checks_size_and_header(fake: t
     prefetch.fetch_one(storage, meta, prefetch.PrefetchConfig(sp, "fp", 3, 1), names[3])
     crc = spool.read_marker(sp / f"{names[3]}.meta")["crc32"]  # type: ignore[index]
     assert crc == str(zlib.crc32((src / names[3]).read_bytes()))
+
+
+def test_the_helper_waits_while_its_starter_runs_then_goes_idle(fake: tuple[Path, Path, list[str]]) -> None:
+    """restore --replay starts the helper while it still writes the files (minutes at scale): it must not
+    exit idle and empty the stage meanwhile; once the request is not its starter's it idles out as usual."""
+    pgdata, repo, names = fake
+    token = stage.new_token()
+    d = stage.prepare(pgdata, token, None)
+    assert d is not None
+    proc = stage.start_helper([PITR], _env(repo) | {"PITR_PREFETCH": "3", "PITR_STAGE": token,
+                                                    "_PITR_PREFETCH_IDLE_EXIT": "0.5"}, d, pgdata, None, names[0])
+    assert stage.wait_started(d, proc=proc), (d / "prefetch.log").read_text()
+    _wait(lambda: all((d / n).exists() for n in names[:4]), "the first segments were not staged")
+    time.sleep(2.5)  # five idle periods: this process (its starter) still runs
+    assert spool.helper_state(d, spool.PREFETCHD) is not None and proc.poll() is None
+    assert all((d / n).exists() for n in names[:4])
+    # a request PostgreSQL's wal-fetch made (its stamp is not the starter's): idle rules apply again
+    spool.write_want(d, names[0], served=True)
+    proc.wait(15)
+    assert "exiting (idle)" in (d / "prefetch.log").read_text()
+    assert not [f for f in os.listdir(d) if len(f) == 24]  # it empties the stage on its way out
+
+
+def test_starter_alive_reads_only_start_helpers_stamp() -> None:
+    assert stage.starter_alive(f"{stage.STARTER_STAMP}{os.getpid()}-1")
+    assert not stage.starter_alive(f"ask-{os.getpid()}-1") and not stage.starter_alive(f"done-{os.getpid()}-1")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    assert not stage.starter_alive(f"{stage.STARTER_STAMP}{dead.pid}-1")
+    assert not stage.starter_alive(f"{stage.STARTER_STAMP}x-1") and not stage.starter_alive(stage.STARTER_STAMP)

@@ -189,3 +189,32 @@ def _helper_pids(d: Path) -> list[int]:
         if b"_wal-prefetch" in argv and str(d).encode() in argv:
             out.append(int(pid))
     return out
+
+
+def test_a_restore_that_fails_while_writing_stops_the_helper_it_started(pg_bindir: Path, pitr_exe: Path) -> None:
+    """restore --replay starts the stage's helper before it writes the files (it stages while they are
+    written); a restore that fails while writing them (a corrupt object in the repository) stops it: no
+    helper left running on the failed directory, nothing left staged."""
+    from pitr.storage.fs import FsStorage
+    from tests.support.maint import flip_byte
+    from tests.support.pg import chown_pg
+
+    s = source("fs", pg_bindir, pitr_exe, None)
+    storage = FsStorage(s.base / "repo")
+    obj = max((o for o in storage.list("backups/") if "/data/" in o.key), key=lambda o: o.size)
+    flip_byte(storage, obj.key, obj.size // 2)
+    chown_pg(s.base / "repo", recursive=True)
+    dest = PgCluster(s.src.bindir, s.base / f"f-{uuid.uuid4().hex[:6]}", name="f")
+    try:
+        p = s.pitr("restore", "--pgdata", dest.data, "--archive-mode", "off", "--replay", check=False)
+        assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+        (d,) = _stages(dest)
+        log = (d / "prefetch.log").read_text()
+        assert "started:" in log and "exiting (asked to stop)" in log, log
+        assert _helper_pids(d) == []
+        assert not [f for f in os.listdir(d) if len(f) == 24]
+        assert not (dest.data / "global" / "pg_control").exists()
+    finally:
+        flip_byte(storage, obj.key, obj.size // 2)
+        chown_pg(s.base / "repo", recursive=True)
+        rmtree_pg(dest.base)

@@ -7,16 +7,19 @@ The recipe, in order (docs/restore.md):
                writable, an owner that is not root, enough free space
   3. mark      write `pitr-restore.incomplete` first (with --delta, remove pg_control too), so an
                interrupted restore never looks complete or startable
+     stage     with --replay (prefetch > 0): the WAL stage, its helper started now, as the server's
+               user, so the first segments are staged while the files are written (ops/wal/stage.py)
   4. files     --jobs workers fetch, verify and write every file (restore_files)
   5. finish    backup_label, tablespace_map, recovery settings + recovery.signal, syncfs, then
                global/pg_control LAST; remove the marker
   6. replay    with --replay, run PostgreSQL until it reaches the target (restore_replay)
 run_restore reads as that list, one function per step sharing one _Job: _plan, _check, then _write
-(_mark, _write_files, _configure, _write_control), _replay.
+(_mark, _start_stage, _write_files, _configure, _write_control), _replay.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -41,7 +44,7 @@ from pitr.ops.recovery.restore_dest import (
 )
 from pitr.ops.recovery.restore_files import FileStats, Item, sync_filesystems, write_files
 from pitr.ops.recovery.restore_plan import Plan, Target, make_plan, resolve_name
-from pitr.ops.recovery.restore_replay import ReplayResult, ReplaySpec, StageHelper, replay
+from pitr.ops.recovery.restore_replay import ReplayResult, ReplaySpec, StageHelper, replay, start_stage_helper
 from pitr.ops.wal import stage
 from pitr.pg import walname
 from pitr.pg.layout import CONTROL_FILE
@@ -172,6 +175,7 @@ class _Job:
     owner: tuple[int, int] | None = None  # who the written files belong to (check_destination)
     left_out: dict[int, str] = field(default_factory=dict)  # --db-include: {oid: name} not restored
     t_files: float = 0.0  # when the file writing began (FileStats.seconds counts from here)
+    helper: StageHelper | None = None  # --replay: the stage's helper, started before the files are written
 
     @property
     def m(self) -> Manifest:
@@ -218,13 +222,19 @@ def _check(job: _Job) -> None:
 
 
 def _write(job: _Job) -> FileStats:
-    """Steps 3-5: mark, write every file, finish with pg_control last."""
+    """Steps 3-5: mark, (with --replay) start the stage's helper, write every file, finish with pg_control last."""
     try:
         removed = _mark(job)
+        _start_stage(job)
         stats = _write_files(job, removed)
         _configure(job)
         _write_control(job, stats)
-    except OSError as e:  # disk full, I/O error, permissions changed under us: the environment, not a bug
+    except BaseException as e:
+        if job.helper is not None:  # a failed restore leaves no helper behind
+            stage.stop(stage.stage_dir(job.layout.pgdata / "pg_wal", job.helper.token), proc=job.helper.running)
+        if not isinstance(e, OSError):
+            raise
+        # disk full, I/O error, permissions changed under us: the environment, not a bug
         where = f" ({e.filename})" if e.filename else ""
         raise RestoreError(f"the restore into {job.layout.pgdata} failed: {e.strerror or e}{where}",
                            "fix the cause and restore again (with --delta to keep what was written); until then "
@@ -246,6 +256,28 @@ def _mark(job: _Job) -> int:
         removed = clean_for_delta(m, layout)
     prepare_tree(m, layout, job.owner, dir_mode)
     return removed
+
+
+def _start_stage(job: _Job) -> None:
+    """Step 3b (--replay with prefetch): the stage, and its helper started now, as the server's user: it
+    boots and stages the first segments while the files are written, so PostgreSQL's first requests
+    find them (ops/wal/stage.py). It reads the repository only, and nothing in the data directory
+    but its stage; it does not go idle while this restore runs (stage.starter_alive)."""
+    if not (job.token and job.opts.replay):
+        return
+    pgdata = job.layout.pgdata
+    stage.prepare(pgdata, job.token, job.owner)  # earlier stages go: never served to this recovery
+    h = _stage_helper(job)
+    job.helper = dataclasses.replace(h, running=start_stage_helper(h, job.opts.server_env, pgdata, job.owner))
+
+
+def _stage_helper(job: _Job) -> StageHelper:
+    """How restore_command would start the stage's helper: pitr, its global options and assignments."""
+    opts = job.opts
+    assert job.token is not None
+    return StageHelper(job.token, [*opts.pitr_argv, *restore_command_globals(opts.repo_url, opts.s3_endpoint,
+                                                                             opts.config_path)],
+                       restore_command_env(opts.prefetch, opts.repo_as_of, job.token), job.plan.wal_first)
 
 
 def _write_files(job: _Job, removed: int) -> FileStats:
@@ -277,7 +309,8 @@ def _configure(job: _Job) -> None:
         (pgdata / "tablespace_map").unlink(missing_ok=True)
     for name in ("recovery.conf", "postmaster.pid", "postmaster.opts"):
         (pgdata / name).unlink(missing_ok=True)
-    stage.prepare(pgdata, job.token, owner)  # earlier stages go: never served to this recovery
+    if job.helper is None:  # else _start_stage prepared it, and its helper is filling it
+        stage.prepare(pgdata, job.token, owner)  # earlier stages go: never served to this recovery
     write_recovery(pgdata, job.settings, owner)
     sync_filesystems(job.layout.roots())  # every file and directory entry durable before pg_control
 
@@ -306,10 +339,7 @@ def _replay(job: _Job) -> ReplayResult:
     """Step 6 (--replay): run PostgreSQL on the directory until it reaches the target."""
     opts, plan = job.opts, job.plan
     job.phase("starting PostgreSQL to replay WAL to the target")
-    helper = None
-    if job.token:  # the stage's helper runs before PostgreSQL asks for its first segment
-        helper = StageHelper(job.token, [*opts.pitr_argv, *restore_command_globals(
-            opts.repo_url, opts.s3_endpoint, opts.config_path)], restore_command_env(
-            opts.prefetch, opts.repo_as_of, job.token), plan.wal_first)
+    # the stage's helper (started with the file writing) runs before PostgreSQL asks for its first segment
+    helper = job.helper or (_stage_helper(job) if job.token else None)
     return replay(job.storage, plan, job.layout.pgdata, job.owner, ReplaySpec(
         opts.action, opts.archive_mode, opts.replay_timeout, opts.pg_bin, opts.server_env, helper))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -22,7 +23,7 @@ from pathlib import Path
 from pitr.errors import RestoreError
 from pitr.ops.recovery.restore_dest import MARKER
 from pitr.ops.recovery.restore_plan import Plan
-from pitr.ops.wal import stage
+from pitr.ops.wal import spool, stage
 from pitr.pg import walname
 from pitr.pg.server import PrivateServer
 from pitr.repo.format import wal_key
@@ -60,6 +61,7 @@ class StageHelper:
     argv: Sequence[str]  # pitr and its global options, as in restore_command
     env: Mapping[str, str]  # restore_command's assignments (PITR_PREFETCH, PITR_STAGE, ...)
     first: str  # the first segment recovery reads
+    running: subprocess.Popen[bytes] | None = None  # started already, while restore wrote the files
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,13 @@ class ReplaySpec:
     pg_bin: str | None
     env: Mapping[str, str]
     stage: StageHelper | None = None
+
+
+def start_stage_helper(helper: StageHelper, env: Mapping[str, str], pgdata: Path,
+                       owner: tuple[int, int] | None) -> subprocess.Popen[bytes]:
+    """Start the stage's prefetcher as restore_command would start it (env: the server's)."""
+    return stage.start_helper(helper.argv, {**env, **helper.env}, stage.stage_dir(pgdata / "pg_wal", helper.token),
+                              pgdata, owner, helper.first)
 
 
 def server_settings(pg_version: int) -> dict[str, str]:
@@ -106,8 +115,10 @@ def replay(storage: Storage, plan: Plan, pgdata: Path, owner: tuple[int, int] | 
     sdir = stage.stage_dir(pgdata / "pg_wal", opts.stage.token) if opts.stage else None
     try:
         if opts.stage and sdir:
-            stage.start_helper(opts.stage.argv, {**opts.env, **opts.stage.env}, sdir, pgdata, owner, opts.stage.first)
-            stage.wait_started(sdir)  # else the first wal-fetch starts one: slower, as safe
+            proc = opts.stage.running
+            if proc is None or proc.poll() is not None and spool.helper_state(sdir, spool.PREFETCHD) is None:
+                proc = start_stage_helper(opts.stage, opts.env, pgdata, owner)  # not started, or gone
+            stage.wait_started(sdir, proc=proc)  # else the first wal-fetch starts one: slower, as safe
         srv.start()
         while True:
             st = srv.read_log()

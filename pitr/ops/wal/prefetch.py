@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pitr.errors import IntegrityError, NotFoundError, PitrError
-from pitr.ops.wal import spool
+from pitr.ops.wal import spool, stage
 from pitr.ops.wal.archive import confirm_missing
 from pitr.pg import walheader, walname
 from pitr.repo import envelope
@@ -160,7 +160,10 @@ class _Prefetcher:
             if self.inflight:
                 self.collect()
                 continue
-            if reason is None and now - self.last_change > self.cfg.idle_exit:
+            # idle, unless the request is still the starter's and it runs: restore --replay starts the
+            # helper while it writes the files, which may take longer than idle_exit
+            if (reason is None and now - self.last_change > self.cfg.idle_exit
+                    and not (req and stage.starter_alive(req[1]))):
                 reason = "idle"
             if reason is not None:
                 # what a user checks: files restore_command took straight from the spool (a stage's
@@ -201,7 +204,7 @@ class _Prefetcher:
         if not req or req[1] == self.handled:
             return
         self.handled = req[1]
-        self.requests += not req[1].startswith("stage-")  # every wal-fetch call's (stage.start_helper's is not)
+        self.requests += not req[1].startswith(stage.STARTER_STAMP)  # wal-fetch's (stage.start_helper's is not)
         rname = req[0]
         if not req[1].startswith("done") and not (self.cfg.spool / f"{rname}.meta").exists():
             if rname in self._busy():
@@ -293,14 +296,20 @@ def clear(spool_dir: Path, want: bool = True) -> None:
 
 
 def keep_going_checks(pgdata: Path, spool_dir: Path) -> Callable[[], str | None]:
-    """Stop once recovery is over (PostgreSQL removes recovery.signal/standby.signal at its end)."""
-    in_recovery = spool.in_archive_recovery(pgdata)
+    """Stop once recovery is over (PostgreSQL removes recovery.signal/standby.signal at its end).
+
+    Recovery counts as begun once a signal file has been seen: restore --replay starts the stage's
+    helper before it writes recovery.signal.
+    """
+    seen = [spool.in_archive_recovery(pgdata)]
 
     def check() -> str | None:
         if spool.stop_requested(spool_dir, spool.PREFETCHD):
             return "asked to stop"
-        if in_recovery and not spool.in_archive_recovery(pgdata):
+        now = spool.in_archive_recovery(pgdata)
+        if seen[0] and not now:
             return "recovery ended"
+        seen[0] = now
         return None
 
     return check

@@ -32,8 +32,12 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pitr.pg import walheader
+
+if TYPE_CHECKING:
+    import subprocess
 
 ARCHIVE_SPOOL = "pitr_spool"
 PREFETCH_SPOOL = "pitr_prefetch"
@@ -230,14 +234,14 @@ def publish_fingerprint(fd: int, fp: str) -> None:
 
 
 def start_helper(argv: Sequence[str], log: Path, *, env: Mapping[str, str] | None = None, cwd: Path | None = None,
-                 owner: tuple[int, int] | None = None, log_mode: int = 0o666) -> None:
+                 owner: tuple[int, int] | None = None, log_mode: int = 0o666) -> subprocess.Popen[bytes]:
     """Start a helper process detached (own session, no inherited stdio, output appended to log), not waited for.
 
     The one starter of pitr's background helpers (async archiver, prefetcher, stage helper). A log
     over 1 MiB is started afresh. env/cwd default to this process's; owner (uid, gid) is the user
     the helper runs as when we are root, and owns the log; log_mode is the new log's mode (umask applies).
     """
-    import subprocess
+    import subprocess  # here: wal-push's quick path imports this module and never starts a helper
 
     log.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -252,9 +256,10 @@ def start_helper(argv: Sequence[str], log: Path, *, env: Mapping[str, str] | Non
     try:
         if owner is not None:
             os.fchown(fd, *owner)
-        subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, close_fds=True,
-                         start_new_session=True, env=None if env is None else dict(env),
-                         cwd=None if cwd is None else str(cwd), **kw)  # type: ignore[call-overload]
+        # returned for a starter that must know whether it is still booting (stage.stop); others drop it
+        return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, close_fds=True,
+                                start_new_session=True, env=None if env is None else dict(env),
+                                cwd=None if cwd is None else str(cwd), **kw)  # type: ignore[call-overload,no-any-return]
     finally:
         os.close(fd)
 

@@ -45,9 +45,14 @@ import stat
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pitr.ops.wal import spool
 
+if TYPE_CHECKING:
+    import subprocess  # wal-fetch's fallback imports this module: subprocess only where a helper is started
+
+STARTER_STAMP = "stage-"  # start_helper's request stamp: stage-PID-NS (PID: the process that started it)
 STAGE_DIR = "pitr_stage"  # in pg_wal; PostgreSQL ignores sub-directories there, base backups skip it
 ENV = "PITR_STAGE"  # names this recovery's stage in restore_command (the token only, not a path)
 _HEX = frozenset("0123456789abcdef")
@@ -124,29 +129,47 @@ def problem(d: Path) -> str | None:
 
 
 def start_helper(argv: Sequence[str], env: Mapping[str, str], d: Path, pgdata: Path,
-                 owner: tuple[int, int] | None, first: str | None) -> None:
+                 owner: tuple[int, int] | None, first: str | None) -> subprocess.Popen[bytes]:
     """Start the prefetcher on stage d before PostgreSQL, as restore_command would, as the server's user.
 
     argv is `pitr [global options]` exactly as restore_command runs it and env the server's
     environment with restore_command's assignments, so the helper's settings (and fingerprint)
-    are those of every later wal-fetch. `first` is the first segment recovery will ask for.
+    are those of every later wal-fetch. `first` is the first segment recovery will ask for; its
+    request names this process (STARTER_STAMP): the helper does not go idle while we run, since
+    `restore --replay` starts it while it still writes the files, long before PostgreSQL asks.
     """
     if first:  # where recovery starts: staged first, then the segments after it (not counted as a request)
         tmp = d / f".want.{os.getpid()}"
-        tmp.write_text(f"{first} stage-{os.getpid()}-{time.monotonic_ns()}")
+        tmp.write_text(f"{first} {STARTER_STAMP}{os.getpid()}-{time.monotonic_ns()}")
         if owner is not None:
             os.chown(tmp, *owner)
         os.replace(tmp, d / "want")
-    spool.start_helper([*argv, "_wal-prefetch", str(d), str(pgdata)], d / f"{spool.PREFETCHD}.log", env=env,
-                       cwd=pgdata, owner=owner, log_mode=0o600)
+    return spool.start_helper([*argv, "_wal-prefetch", str(d), str(pgdata)], d / f"{spool.PREFETCHD}.log",
+                              env=env, cwd=pgdata, owner=owner, log_mode=0o600)
 
 
-def wait_started(d: Path, timeout: float = 15.0) -> bool:
-    """True once the helper holds its lock (it then answers PostgreSQL's first requests)."""
+def starter_alive(stamp: str) -> bool:
+    """Whether the request stamp is start_helper's and the process that wrote it still runs."""
+    if not stamp.startswith(STARTER_STAMP):
+        return False
+    try:
+        os.kill(int(stamp[len(STARTER_STAMP):].split("-")[0]), 0)
+    except PermissionError:  # alive, another user's (restore runs as root, the helper as postgres)
+        return True
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def wait_started(d: Path, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> bool:
+    """True once the helper holds its lock (it then answers PostgreSQL's first requests); False at
+    the time-out, or at once when proc (the helper started) has exited without it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if spool.helper_state(d, spool.PREFETCHD) is not None:
             return True
+        if proc is not None and proc.poll() is not None:
+            return spool.helper_state(d, spool.PREFETCHD) is not None
         time.sleep(0.02)
     return False
 
@@ -159,14 +182,32 @@ def helper_dirs(pgdata: Path) -> list[Path]:
         return []
 
 
-def stop(d: Path, timeout: float = 10.0) -> None:
-    """Ask the helper working in stage d to exit (it empties the stage) and wait for it, bounded."""
+def stop(d: Path, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Ask the helper working in stage d to exit (it empties the stage) and wait for it, bounded.
+
+    proc: the helper start_helper started, maybe still booting (no lock yet): waited for until it
+    holds its lock or has exited, so a helper that was starting is not left running.
+    """
+    if proc is not None:
+        deadline = time.monotonic() + timeout
+        while (proc.poll() is None and spool.helper_state(d, spool.PREFETCHD) is None
+               and time.monotonic() < deadline):
+            time.sleep(0.02)
     if spool.helper_state(d, spool.PREFETCHD) is None:
+        if proc is not None:
+            proc.poll()
         return
     spool.request_stop(d, spool.PREFETCHD)
     deadline = time.monotonic() + timeout
     while spool.helper_state(d, spool.PREFETCHD) is not None and time.monotonic() < deadline:
         time.sleep(0.05)
+    if proc is not None:
+        import subprocess
+
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))  # reaped: it is our child
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def counts(d: Path) -> tuple[int, int] | None:
