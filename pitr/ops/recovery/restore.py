@@ -230,8 +230,7 @@ def _write(job: _Job) -> FileStats:
         _configure(job)
         _write_control(job, stats)
     except BaseException as e:
-        if job.helper is not None:  # a failed restore leaves no helper behind
-            stage.stop(stage.stage_dir(job.layout.pgdata / "pg_wal", job.helper.token), proc=job.helper.running)
+        _stop_stage(job)  # a failed restore leaves no helper behind
         if not isinstance(e, OSError):
             raise
         # disk full, I/O error, permissions changed under us: the environment, not a bug
@@ -341,5 +340,14 @@ def _replay(job: _Job) -> ReplayResult:
     job.phase("starting PostgreSQL to replay WAL to the target")
     # the stage's helper (started with the file writing) runs before PostgreSQL asks for its first segment
     helper = job.helper or (_stage_helper(job) if job.token else None)
-    return replay(job.storage, plan, job.layout.pgdata, job.owner, ReplaySpec(
-        opts.action, opts.archive_mode, opts.replay_timeout, opts.pg_bin, opts.server_env, helper))
+    try:
+        return replay(job.storage, plan, job.layout.pgdata, job.owner, ReplaySpec(
+            opts.action, opts.archive_mode, opts.replay_timeout, opts.pg_bin, opts.server_env, helper))
+    except BaseException:
+        _stop_stage(job)  # replay stops it once the server ran; not when refusing to start one (no binaries)
+        raise
+
+
+def _stop_stage(job: _Job) -> None:
+    if job.helper is not None:
+        stage.stop(stage.stage_dir(job.layout.pgdata / "pg_wal", job.helper.token), proc=job.helper.running)

@@ -113,9 +113,9 @@ def replay(storage: Storage, plan: Plan, pgdata: Path, owner: tuple[int, int] | 
     point: tuple[object, ...] | None = None
     timed_out = False
     sdir = stage.stage_dir(pgdata / "pg_wal", opts.stage.token) if opts.stage else None
+    proc = opts.stage.running if opts.stage else None
     try:
         if opts.stage and sdir:
-            proc = opts.stage.running
             if proc is None or proc.poll() is not None and spool.helper_state(sdir, spool.PREFETCHD) is None:
                 proc = start_stage_helper(opts.stage, opts.env, pgdata, owner)  # not started, or gone
             stage.wait_started(sdir, proc=proc)  # else the first wal-fetch starts one: slower, as safe
@@ -138,7 +138,7 @@ def replay(storage: Storage, plan: Plan, pgdata: Path, owner: tuple[int, int] | 
     finally:
         srv.stop()
         if sdir:
-            stage.stop(sdir)  # it stops by itself at the end of recovery; not when paused at the target
+            stage.stop(sdir, proc=proc)  # it stops by itself at the end of recovery; not when paused at the target
         shutil.rmtree(sockdir, ignore_errors=True)
     st = srv.read_log()
     last_lsn = (str(point[0]) if point and point[0] else None) or st.redo_done_lsn

@@ -87,8 +87,7 @@ class _Pusher:
         self.stats = PushdStats()
         self.status_dir = cfg.pg_wal / "archive_status"
         self.done: set[str] = set()  # acknowledged by us or a predecessor with the same settings
-        self.inflight: dict[Future[tuple[str, str]], str] = {}
-        self.started: dict[str, float] = {}  # name -> when its push began (the debug log's latency)
+        self.inflight: dict[Future[tuple[str, str]], tuple[str, float]] = {}  # -> (name, when its push began)
         self.retry_at: dict[str, float] = {}
         self.not_before = 0.0  # back-off after storage failures, for every file
         self.failures = 0  # storage failures in a row
@@ -129,7 +128,7 @@ class _Pusher:
 
     def submit(self, now: float, ready: list[str]) -> None:
         """Start pushes of ready files not stored yet, keeping at most 2 x jobs in flight."""
-        busy = set(self.inflight.values())
+        busy = {n for n, _ in self.inflight.values()}
         for name in ready:
             if len(self.inflight) >= self.cfg.jobs * 2:
                 break
@@ -138,17 +137,16 @@ class _Pusher:
             if spool.acknowledged(self.cfg.spool, self.cfg.pg_wal / name, self.cfg.fingerprint):
                 self.done.add(name)
                 continue
-            self.inflight[self.pool.submit(push_one, self.storage, self.meta, self.cfg, name)] = name
-            self.started[name] = time.monotonic()
+            fut = self.pool.submit(push_one, self.storage, self.meta, self.cfg, name)
+            self.inflight[fut] = (name, time.monotonic())
 
     def settle(self) -> None:
         """Wait briefly for pushes to end and record each; storage failures in a row back every file off."""
         finished, _ = wait(list(self.inflight), timeout=self.cfg.poll * 5, return_when=FIRST_COMPLETED)
         for fut in finished:
-            name = self.inflight.pop(fut)
-            began = self.started.pop(name, None)
+            name, began = self.inflight.pop(fut)
             self.failures = self._record(fut, name)
-            if began is not None and log.isEnabledFor(logging.DEBUG):  # where archive lag comes from
+            if log.isEnabledFor(logging.DEBUG):  # where archive lag comes from
                 log.debug("%s: push ended after %.0f ms, %d in flight", name, (time.monotonic() - began) * 1e3,
                           len(self.inflight))
             if self.failures:
