@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -368,6 +369,7 @@ def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, 
     storage = None
     if staged:
         prefetch.clear(pdir, want=False)  # whatever an earlier helper left: only this one's files are served
+        (pdir / stage.EXITED).unlink(missing_ok=True)  # the one-liner may ask us (docs/restore.md §5)
     try:
         settings = load_settings(opts)
         open_log_file(settings.log_file, "wal-prefetch", [])  # its pushes/fetches beside the callers' lines
@@ -394,5 +396,8 @@ def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, 
         return 1
     finally:
         prefetch.clear(pdir)
+        if staged:
+            with contextlib.suppress(OSError):  # the stage may be gone (restore removed it)
+                (pdir / stage.EXITED).touch()  # before the lock goes: a successor removes it after taking it
         if storage is not None:
             storage.close()

@@ -226,7 +226,7 @@ def render_text(r: Any) -> str:
             out.append(f"  new timeline               {rp.new_timeline}{hist}")
         if rp.stage is not None:
             out.append(f"  restore_command            {rp.stage[0]} segments from the stage, "
-                       f"{rp.stage[1]} through wal-fetch")
+                       f"{rp.stage[1]} through wal-fetch, {rp.stage[2]} answered in the shell")
         out.append(f"  replay took {human_duration(rp.seconds)}; PostgreSQL was stopped cleanly; server log {rp.log_file}")
         for n in rp.notes:
             out.append(f"  note: {n}")

@@ -42,7 +42,7 @@ class ReplayResult:
     seconds: float
     history_archived: bool | None = None
     notes: list[str] = field(default_factory=list)
-    stage: tuple[int, int] | None = None  # (segments taken from the stage, requests through wal-fetch)
+    stage: tuple[int, int, int] | None = None  # (segments from the stage, through wal-fetch, asked in the shell)
 
     def to_json(self) -> dict[str, object]:
         return {"reached": self.reached, "action": self.action, "stop_reason": self.stop_reason,
@@ -50,7 +50,8 @@ class ReplayResult:
                 "new_timeline": self.new_timeline, "server_log": self.log_file, "seconds": round(self.seconds, 3),
                 "history_archived": self.history_archived, "notes": self.notes,
                 "restore_command": None if self.stage is None else {
-                    "from_stage": self.stage[0], "through_wal_fetch": self.stage[1]}}
+                    "from_stage": self.stage[0], "through_wal_fetch": self.stage[1],
+                    "answered_in_shell": self.stage[2]}}
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,10 @@ log = logging.getLogger("pitr.prefetch")
 
 IDLE_EXIT = 30.0  # seconds without a new request before the prefetcher exits
 MISSING_RECHECK = 5.0  # a segment not yet archived is looked for again after this long
+RECOVERY_ENDED = "recovery ended"
+# after recovery ended, requests are answered this long still: PostgreSQL removes the signal file
+# before its last probes (the new timeline's history, the parent's), which the one-liner asks us
+END_GRACE = 3.0
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,8 @@ class _Prefetcher:
         self.base: str | None = None  # the segment the window follows: the latest request or file taken
         self.ready: set[str] = set()  # segments fetched ahead and in place (taken when they vanish)
         self.taken = self.requests = self.fetched = 0
+        self.shell_asks = 0  # requests the stage's one-liner made itself (stage.SHELL_STAMP): no Python start
+        self.ending_at = 0.0  # after recovery ended: requests are still answered until then
         self.handled: str | None = None  # stamp of the request already taken care of
         self.last_change = time.monotonic()
         self.next_prune = 0.0
@@ -150,15 +156,22 @@ class _Prefetcher:
             wanted = window(self.base, self.cfg.count, self.meta.wal_segment_size)
             if moved or now >= self.next_prune:
                 self.prune(now, req, moved, wanted)
+            if reason is None or now < self.ending_at:
+                self.request(req)  # also in the grace after recovery ended: its last history probes
             if reason is None:
-                self.request(req)
                 self.fill_window(now, wanted)
             if now >= next_check:  # before the wait below: fetches in flight must not starve this check
                 next_check = now + 1.0
                 if reason is None:
                     reason = keep_going()
+                    if reason == RECOVERY_ENDED:
+                        self.ending_at = now + END_GRACE
             if self.inflight:
                 self.collect()
+                continue
+            if reason is not None and now < self.ending_at and not spool.stop_requested(self.cfg.spool,
+                                                                                         spool.PREFETCHD):
+                time.sleep(self.cfg.poll)
                 continue
             # idle, unless the request is still the starter's and it runs: restore --replay starts the
             # helper while it writes the files, which may take longer than idle_exit
@@ -168,7 +181,8 @@ class _Prefetcher:
             if reason is not None:
                 # what a user checks: files restore_command took straight from the spool (a stage's
                 # one-liner) against requests that went through wal-fetch
-                log.info("%d prefetched segments taken, %d requests through wal-fetch", self.taken, self.requests)
+                log.info("%d prefetched segments taken, %d requests through wal-fetch, %d answered in the shell",
+                         self.taken, self.requests, self.shell_asks)
                 return reason, self.fetched
             time.sleep(self.cfg.poll)
 
@@ -204,13 +218,21 @@ class _Prefetcher:
         if not req or req[1] == self.handled:
             return
         self.handled = req[1]
-        self.requests += not req[1].startswith(stage.STARTER_STAMP)  # wal-fetch's (stage.start_helper's is not)
+        if req[1].startswith(stage.SHELL_STAMP):
+            self.shell_asks += 1
+        elif not req[1].startswith(stage.STARTER_STAMP):  # wal-fetch's (stage.start_helper's is not a request)
+            self.requests += 1
         rname = req[0]
-        if not req[1].startswith("done") and not (self.cfg.spool / f"{rname}.meta").exists():
+        if not req[1].startswith("done") and not self._in_place(rname):
             if rname in self._busy():
                 self.asked[rname] = req[1]  # answered when that fetch ends, not by a 120 s time-out
             else:
                 self._submit(rname, req[1])
+
+    def _in_place(self, name: str) -> bool:
+        """Whether name is fetched and waiting (in a stage, a file the one-liner took leaves its .meta behind:
+        PostgreSQL asking for it again needs it fetched again)."""
+        return (self.cfg.spool / f"{name}.meta").exists() and (not self.cfg.stage or (self.cfg.spool / name).exists())
 
     def fill_window(self, now: float, wanted: list[str]) -> None:
         """Start look-ahead fetches for the window's segments, at most cfg.jobs at once."""
@@ -308,7 +330,7 @@ def keep_going_checks(pgdata: Path, spool_dir: Path) -> Callable[[], str | None]
             return "asked to stop"
         now = spool.in_archive_recovery(pgdata)
         if seen[0] and not now:
-            return "recovery ended"
+            return RECOVERY_ENDED
         seen[0] = now
         return None
 

@@ -53,6 +53,8 @@ if TYPE_CHECKING:
     import subprocess  # wal-fetch's fallback imports this module: subprocess only where a helper is started
 
 STARTER_STAMP = "stage-"  # start_helper's request stamp: stage-PID-NS (PID: the process that started it)
+SHELL_STAMP = "sh-"  # the one-liner's own request stamp: sh-.ask.XXXXXXXX (its mktemp file's name)
+EXITED = "prefetch.exited"  # written by the helper as it exits, removed as it starts: the one-liner asks no dead helper
 STAGE_DIR = "pitr_stage"  # in pg_wal; PostgreSQL ignores sub-directories there, base backups skip it
 ENV = "PITR_STAGE"  # names this recovery's stage in restore_command (the token only, not a path)
 _HEX = frozenset("0123456789abcdef")
@@ -210,13 +212,17 @@ def stop(d: Path, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = 
             pass
 
 
-def counts(d: Path) -> tuple[int, int] | None:
-    """(segments restore_command took from the stage, requests through wal-fetch) from the helper's log."""
+def counts(d: Path) -> tuple[int, int, int] | None:
+    """(segments restore_command took from the stage, requests through wal-fetch, requests the one-liner
+    made itself) from the helper's log, summed over the helpers that worked in the stage."""
     import re
 
     try:
         text = (d / f"{spool.PREFETCHD}.log").read_text(errors="replace")
     except OSError:
         return None
-    found = re.findall(r"(\d+) prefetched segments taken, (\d+) requests through wal-fetch", text)
-    return (sum(int(a) for a, _ in found), sum(int(b) for _, b in found)) if found else None
+    found = re.findall(r"(\d+) prefetched segments taken, (\d+) requests through wal-fetch, "
+                       r"(\d+) answered in the shell", text)
+    if not found:
+        return None
+    return sum(int(f[0]) for f in found), sum(int(f[1]) for f in found), sum(int(f[2]) for f in found)
