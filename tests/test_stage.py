@@ -470,3 +470,31 @@ def test_one_liner_names_the_helpers_files() -> None:
     from pitr.pg import recovery
 
     assert f"{spool.PREFETCHD}.lock" == recovery.STAGE_LOCK and recovery.STAGE_EXITED == stage.EXITED
+
+
+@pytest.mark.parametrize("change", ["config", "server"])
+def test_the_helper_leaves_when_its_settings_or_server_change(change: str,
+                                                               fake: tuple[Path, Path, list[str]]) -> None:
+    """The one-liner asks the helper without wal-fetch's settings check, so the helper leaves by itself when
+    its config file is edited or the server it serves restarted (possibly with another environment), and
+    says so (prefetch.exited): the one-liner's next miss goes to wal-fetch, which starts a current helper."""
+    pgdata, repo, names = fake
+    conf = repo.parent / "pitr.toml"
+    conf.write_text(f'repo = "file://{repo}"\n')
+    (pgdata / "postmaster.pid").write_text("4242\n/data\n")
+    token = stage.new_token()
+    d = stage.prepare(pgdata, token, None)
+    assert d is not None
+    env = {k: v for k, v in _env(repo).items() if k != "PITR_REPO"} | {"PITR_PREFETCH": "3", "PITR_STAGE": token}
+    proc = stage.start_helper([PITR, "--config", str(conf)], env, d, pgdata, None, names[0])
+    assert stage.wait_started(d, proc=proc), (d / "prefetch.log").read_text()
+    _wait(lambda: (d / names[1]).exists(), "not staged")
+    time.sleep(1.2)  # the helper has seen this server and these settings
+    if change == "config":
+        conf.write_text(f'repo = "file://{repo}"\ncompress = "zstd:1"\n')
+    else:
+        (pgdata / "postmaster.pid").write_text("4343\n/data\n")
+    proc.wait(15)
+    log = (d / "prefetch.log").read_text()
+    assert ("settings changed" if change == "config" else "the server restarted") in log, log
+    assert (d / stage.EXITED).exists() and not (d / names[1]).exists()

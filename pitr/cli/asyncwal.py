@@ -383,7 +383,13 @@ def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, 
         checks = prefetch.keep_going_checks(pgdata, pdir)
 
         def keep_going() -> str | None:
-            return checks() or (None if not staged or pdir.is_dir() else "the stage was removed")
+            if not staged:
+                return checks()
+            if not pdir.is_dir():
+                return "the stage was removed"
+            # the one-liner asks us without wal-fetch's fingerprint check: leave when our settings are
+            # outdated (a config file edited), so that its next wal-fetch starts a helper with the new ones
+            return checks() or (None if globalargs.fingerprint(glob, os.environ) == fp else "settings changed")
 
         reason, fetched = prefetch.serve(storage, meta, cfg, keep_going)
         log.info("exiting (%s): %d segments prefetched", reason, fetched)

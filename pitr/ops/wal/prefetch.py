@@ -310,6 +310,15 @@ def _prune(spool_dir: Path, keep: set[str]) -> None:
             pass
 
 
+def _postmaster_pid(pgdata: Path) -> str | None:
+    """The PID line of pgdata's postmaster.pid (None while no server runs there)."""
+    try:
+        with open(pgdata / "postmaster.pid") as f:
+            return f.readline().strip() or None
+    except OSError:
+        return None
+
+
 def clear(spool_dir: Path, want: bool = True) -> None:
     """Remove every prefetched file (on exit: nothing will use them); want=False keeps the request."""
     _prune(spool_dir, set())
@@ -324,6 +333,7 @@ def keep_going_checks(pgdata: Path, spool_dir: Path) -> Callable[[], str | None]
     helper before it writes recovery.signal.
     """
     seen = [spool.in_archive_recovery(pgdata)]
+    server = [_postmaster_pid(pgdata)]
 
     def check() -> str | None:
         if spool.stop_requested(spool_dir, spool.PREFETCHD):
@@ -332,6 +342,12 @@ def keep_going_checks(pgdata: Path, spool_dir: Path) -> Callable[[], str | None]
         if seen[0] and not now:
             return RECOVERY_ENDED
         seen[0] = now
+        pid = _postmaster_pid(pgdata)
+        if server[0] and pid and pid != server[0]:
+            # a new server may run with another environment (restore_command's settings): the next
+            # wal-fetch starts a helper with its own; until then the one-liner does not ask us
+            return "the server restarted"
+        server[0] = server[0] or pid
         return None
 
     return check
