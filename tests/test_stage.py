@@ -481,7 +481,10 @@ def test_the_helper_leaves_when_its_settings_or_server_change(change: str,
     pgdata, repo, names = fake
     conf = repo.parent / "pitr.toml"
     conf.write_text(f'repo = "file://{repo}"\n')
-    (pgdata / "postmaster.pid").write_text("4242\n/data\n")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    # left by a server that died (restore --replay starts the helper before it removes the file): no server
+    (pgdata / "postmaster.pid").write_text(f"{dead.pid}\n/data\n")
     token = stage.new_token()
     d = stage.prepare(pgdata, token, None)
     assert d is not None
@@ -489,12 +492,19 @@ def test_the_helper_leaves_when_its_settings_or_server_change(change: str,
     proc = stage.start_helper([PITR, "--config", str(conf)], env, d, pgdata, None, names[0])
     assert stage.wait_started(d, proc=proc), (d / "prefetch.log").read_text()
     _wait(lambda: (d / names[1]).exists(), "not staged")
-    time.sleep(1.2)  # the helper has seen this server and these settings
-    if change == "config":
-        conf.write_text(f'repo = "file://{repo}"\ncompress = "zstd:1"\n')
-    else:
-        (pgdata / "postmaster.pid").write_text("4343\n/data\n")
-    proc.wait(15)
+    (pgdata / "postmaster.pid").write_text(f"{os.getpid()}\n/data\n")  # the server starts
+    time.sleep(2.5)  # the helper has seen this server (not a restart: the file before named a dead one)
+    assert proc.poll() is None, (d / "prefetch.log").read_text()
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        if change == "config":
+            conf.write_text(f'repo = "file://{repo}"\ncompress = "zstd:1"\n')
+        else:
+            (pgdata / "postmaster.pid").write_text(f"{other.pid}\n/data\n")  # another server now
+        proc.wait(15)
+    finally:
+        other.kill()
+        other.wait()
     log = (d / "prefetch.log").read_text()
     assert ("settings changed" if change == "config" else "the server restarted") in log, log
     assert (d / stage.EXITED).exists() and not (d / names[1]).exists()

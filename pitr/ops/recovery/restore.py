@@ -349,5 +349,9 @@ def _replay(job: _Job) -> ReplayResult:
 
 
 def _stop_stage(job: _Job) -> None:
+    """Stop the helper _start_stage started (on a failure: never hiding the error being raised)."""
     if job.helper is not None:
-        stage.stop(stage.stage_dir(job.layout.pgdata / "pg_wal", job.helper.token), proc=job.helper.running)
+        try:
+            stage.stop(stage.stage_dir(job.layout.pgdata / "pg_wal", job.helper.token), proc=job.helper.running)
+        except OSError as e:
+            log.warning("could not stop the stage's helper: %s", e)

@@ -311,12 +311,17 @@ def _prune(spool_dir: Path, keep: set[str]) -> None:
 
 
 def _postmaster_pid(pgdata: Path) -> str | None:
-    """The PID line of pgdata's postmaster.pid (None while no server runs there)."""
+    """The PID of the server running in pgdata (None while none runs: no postmaster.pid, or one left
+    by a server that died -- restore --replay starts the stage's helper before it removes that)."""
     try:
         with open(pgdata / "postmaster.pid") as f:
-            return f.readline().strip() or None
-    except OSError:
+            pid = f.readline().strip()
+        os.kill(int(pid), 0)
+    except PermissionError:  # alive, another user's
+        return pid
+    except (OSError, ValueError):
         return None
+    return pid
 
 
 def clear(spool_dir: Path, want: bool = True) -> None:
