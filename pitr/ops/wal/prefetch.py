@@ -316,12 +316,9 @@ def _postmaster_pid(pgdata: Path) -> str | None:
     try:
         with open(pgdata / "postmaster.pid") as f:
             pid = f.readline().strip()
-        os.kill(int(pid), 0)
-    except PermissionError:  # alive, another user's
-        return pid
-    except (OSError, ValueError):
+    except OSError:
         return None
-    return pid
+    return pid if pid.isdigit() and spool.pid_alive(int(pid)) else None
 
 
 def clear(spool_dir: Path, want: bool = True) -> None:

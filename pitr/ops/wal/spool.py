@@ -61,6 +61,17 @@ def in_archive_recovery(pgdata: Path) -> bool:
     return any(os.path.exists(pgdata / s) for s in RECOVERY_SIGNALS)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process pid exists (another user's included: restore runs as root, helpers as postgres)."""
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True
+    except (OSError, ValueError, OverflowError):
+        return False
+    return pid > 0
+
+
 def archive_spool_dir(spool_path: str | None, wal_path: str | os.PathLike[str]) -> Path:
     """Where markers for this cluster live: spool_path/archive, else pg_wal/pitr_spool."""
     if spool_path:

@@ -152,15 +152,8 @@ def start_helper(argv: Sequence[str], env: Mapping[str, str], d: Path, pgdata: P
 
 def starter_alive(stamp: str) -> bool:
     """Whether the request stamp is start_helper's and the process that wrote it still runs."""
-    if not stamp.startswith(STARTER_STAMP):
-        return False
-    try:
-        os.kill(int(stamp[len(STARTER_STAMP):].split("-")[0]), 0)
-    except PermissionError:  # alive, another user's (restore runs as root, the helper as postgres)
-        return True
-    except (ValueError, OSError):
-        return False
-    return True
+    pid = stamp[len(STARTER_STAMP):].split("-")[0]
+    return stamp.startswith(STARTER_STAMP) and pid.isdigit() and spool.pid_alive(int(pid))
 
 
 def wait_started(d: Path, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> bool:
