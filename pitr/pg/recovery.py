@@ -61,25 +61,12 @@ def render_restore_command(pitr_argv: Sequence[str], repo: str | None = None, s3
     # by a killed helper costs at most the bound before wal-fetch (which restarts the helper) runs.
     wait = (f"n=0; while [ -e {d}/.%f.part ] && [ $((n+=1)) -le {STAGE_WAIT_POLLS} ]; "
             f"do sleep {STAGE_WAIT_SLEEP}; done")
-    # Not staged (a history probe, the end of the archive, a file not staged yet): ask the running
-    # helper without a Python start. The request's stamp is a fresh mktemp name, so an answer is to
-    # this call only: the file it stages is taken, its "missing" (proven after the request, as for
-    # wal-fetch) exits 1; a failure, a helper gone (prefetch.exited) or the bound fall to wal-fetch.
-    # No `%` but %f/%p here: PostgreSQL 16+ refuses other placeholders.
-    me = "sh-${t##*/}"
-    ask = (f"[ -e {d}/{STAGE_LOCK} ] && [ ! -e {d}/{STAGE_EXITED} ] && t=$(mktemp {d}/.ask.XXXXXXXX) && "
-           f"echo \"%f {me}\" > \"$t\" && mv -f \"$t\" {d}/want && n=0 && "
-           f"while [ $((n+=1)) -le {STAGE_WAIT_POLLS} ]; do {take} && exit 0; "
-           f"{{ read a < {d}/%f.missing; }} 2>/dev/null && [ \"$a\" = \"stamp={me}\" ] && exit 1; "
-           f"[ -e {d}/%f.failed ] || [ -e {d}/{STAGE_EXITED} ] && break; sleep {STAGE_WAIT_SLEEP}; done; false")
-    return f"{take} || {{ {wait}; {take} || {{ {ask}; }} || {fetch}; }}"
+    return f"{take} || {{ {wait}; {take} || {fetch}; }}"
 
 
 STAGE_PATH = "pg_wal/pitr_stage/{}"  # = ops/wal/stage.relative_dir (pg imports nothing of ops)
 STAGE_WAIT_POLLS = 150  # x STAGE_WAIT_SLEEP: ~3 s at most for a segment being staged (docs/restore.md §5)
 STAGE_WAIT_SLEEP = "0.02"  # seconds between looks (GNU, BusyBox and BSD sleep take fractions)
-STAGE_LOCK = "prefetch.lock"  # = spool.PREFETCHD's lock: a helper ran in the stage
-STAGE_EXITED = "prefetch.exited"  # = ops/wal/stage.EXITED: ... and has exited since
 
 
 def restore_command_env(prefetch: int | None, repo_as_of: str | None, stage: str | None) -> dict[str, str]:
