@@ -93,7 +93,7 @@ def test_one_liner_takes_staged_segments_and_the_window_follows(fake: tuple[Path
     d = _start(pgdata, repo, token, names[0])
     cmd = _command(token)
     assert cmd.startswith(f"mv -f pg_wal/pitr_stage/{token}/%f %p 2>/dev/null || {{ n=0; while [ -e ")
-    assert f" || PITR_PREFETCH=3 PITR_STAGE={token} {PITR} wal-fetch %f %p; }}" in cmd
+    assert f" *) PITR_PREFETCH=3 PITR_STAGE={token} {PITR} wal-fetch %f %p ;; esac; }}; }}" in cmd
     for n in names:
         # nobody tells the helper what PostgreSQL took: the files vanishing from the stage move its window
         _wait(lambda n=n: (d / n).exists(), f"{n} was not staged")
@@ -102,12 +102,13 @@ def test_one_liner_takes_staged_segments_and_the_window_follows(fake: tuple[Path
         assert (pgdata / "pg_wal" / "RECOVERYXLOG").read_bytes() == (src / n).read_bytes()
         assert not (d / n).exists()
     assert (stat_mode := os.stat(d).st_mode & 0o777) == 0o700, oct(stat_mode)
-    # past the end of the archive, and a history probe: wal-fetch answers, 1 and nothing created
+    # past the end of the archive, and a history probe: the one-liner asks the helper itself (no Python
+    # start), which proves the names absent after the request: 1 and nothing created
     for absent in (walgen.names(13, 1)[0], "00000002.history"):
         r = _restore_command(pgdata, cmd, absent, _env(repo))
         assert r.returncode == 1, r.stderr
         assert not (pgdata / "pg_wal" / "RECOVERYXLOG").exists()
-    assert _counts(d) == (len(names), 2, 0)
+    assert _counts(d) == (len(names), 0, 2)
     assert not [e for e in os.listdir(d) if len(e) >= 24 and not e.startswith("prefetch")]  # emptied on exit
 
 
@@ -190,8 +191,8 @@ def test_exit_codes_are_wal_fetchs(fake: tuple[Path, Path, list[str]]) -> None:
     assert _restore_command(pgdata, cmd, beyond, _env(repo)).returncode == 1
     assert _restore_command(pgdata, cmd, "00000009.history", _env(repo)).returncode == 1
     shutil.move(repo, repo.with_name("repo.gone"))
-    # the helper still runs but cannot prove the name absent: it answers "failed" to wal-fetch, which
-    # cannot read the repository either
+    # the helper still runs but cannot prove the name absent: it answers "failed", the one-liner goes to
+    # wal-fetch, which cannot read the repository either
     r = _restore_command(pgdata, cmd, beyond, _env(repo) | {"PITR_FETCH_RETRIES": "0"})
     assert r.returncode > 125, r.stderr
     stage.stop(d)
@@ -219,7 +220,7 @@ def test_restore_command_prints_the_one_liner_with_a_new_stage(fake: tuple[Path,
     t2 = re.search(r"PITR_STAGE=([0-9a-f]{16}) ", two)
     assert t1 and t2 and t1.group(1) != t2.group(1)
     assert one.startswith(f"mv -f pg_wal/pitr_stage/{t1.group(1)}/%f %p 2>/dev/null || {{ n=0; while [ -e ")
-    assert f" || PITR_PREFETCH=8 PITR_STAGE={t1.group(1)} {PITR} --repo {repo} wal-fetch %f %p; }}" in one
+    assert f" *) PITR_PREFETCH=8 PITR_STAGE={t1.group(1)} {PITR} --repo {repo} wal-fetch %f %p ;; esac; }}; }}" in one
     assert line("--prefetch", "0") == f"PITR_PREFETCH=0 {PITR} --repo {repo} wal-fetch %f %p"
     r = _restore_command(pgdata, one, names[0], _env(repo))
     assert r.returncode == 0, r.stderr
@@ -253,7 +254,10 @@ def staging(tmp_path: Path) -> tuple[Path, Path, str, Path]:
 def _run_timed(shell: str, pgdata: Path, cmd: str, name: str) -> tuple[int, float]:
     value = cmd.replace("%f", name).replace("%p", "pg_wal/RECOVERYXLOG").replace("%%", "%")
     t0 = time.monotonic()
-    r = subprocess.run([shell, "-c", value], cwd=pgdata, capture_output=True, text=True, timeout=60)
+    # embedded in a script that goes on after it, as a wrapper would: no outcome may leave the script
+    script = f'{value}\nrc=$?; echo "after $rc"; exit $rc'
+    r = subprocess.run([shell, "-c", script], cwd=pgdata, capture_output=True, text=True, timeout=60)
+    assert r.stdout.splitlines()[-1:] == [f"after {r.returncode}"], (r.stdout, r.stderr)
     return r.returncode, time.monotonic() - t0
 
 
@@ -384,6 +388,91 @@ def test_starter_alive_reads_only_start_helpers_stamp() -> None:
     dead.wait()
     assert not stage.starter_alive(f"{stage.STARTER_STAMP}{dead.pid}-1")
     assert not stage.starter_alive(f"{stage.STARTER_STAMP}x-1") and not stage.starter_alive(stage.STARTER_STAMP)
+
+
+def _helper_answers(d: Path, name: str, verdict: str | None, data: bytes = b"", stale: bool = False,
+                    ) -> threading.Thread:
+    """Play the helper for the one-liner's own request: wait for it in `want`, then stage `data` under
+    name, or answer `verdict` to its stamp (stale: to another stamp first, then stage the file)."""
+    def play() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            req = spool.read_want(d)
+            if req and req[0] == name and req[1].startswith(stage.SHELL_STAMP):
+                break
+            time.sleep(0.01)
+        else:
+            return
+        if stale:
+            spool.answer(d, name, "sh-.ask.someoneelse", "missing")
+            time.sleep(0.3)
+        if verdict:
+            spool.answer(d, name, req[1], verdict)
+        else:
+            (d / spool.partial_name(name)).write_bytes(data)
+            os.replace(d / spool.partial_name(name), d / name)
+
+    t = threading.Thread(target=play)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("shell", list(SHELLS.values()))
+def test_one_liner_asks_a_running_helper_itself(shell: str, staging: tuple[Path, Path, str, Path]) -> None:
+    """A name not staged while a helper runs (its lock is there): the one-liner writes its own request and
+    takes what the helper stages for it, or exits 1 on the helper's "missing" to that very request;
+    a "missing" answered to another request is not taken as its own."""
+    pgdata, d, cmd, marker = staging
+    (d / "prefetch.lock").touch()
+    name, hist = walgen.names(3, 1)[0], "00000002.history"
+    data = walgen.segment(name)
+    t = _helper_answers(d, name, None, data)
+    rc, _ = _run_timed(shell, pgdata, cmd, name)
+    t.join()
+    assert rc == 0 and not marker.exists() and (pgdata / "pg_wal" / "RECOVERYXLOG").read_bytes() == data
+    (pgdata / "pg_wal" / "RECOVERYXLOG").unlink()
+    t = _helper_answers(d, hist, "missing")
+    rc, took = _run_timed(shell, pgdata, cmd, hist)
+    t.join()
+    assert rc == 1 and not marker.exists() and not (pgdata / "pg_wal" / "RECOVERYXLOG").exists()
+    assert took < 2.0, took
+    t = _helper_answers(d, hist, None, b"1\t0/3000000\tno recovery target specified\n", stale=True)
+    rc, took = _run_timed(shell, pgdata, cmd, hist)
+    t.join()
+    assert rc == 0 and not marker.exists() and took >= 0.25
+    assert (pgdata / "pg_wal" / "RECOVERYXLOG").read_bytes().startswith(b"1\t0/3000000")
+
+
+@pytest.mark.parametrize("shell", list(SHELLS.values()))
+def test_one_liner_leaves_it_to_wal_fetch_when_the_helper_fails_or_is_gone(
+        shell: str, staging: tuple[Path, Path, str, Path]) -> None:
+    """The helper answers "failed" (it cannot prove the name absent), has exited (prefetch.exited), or is
+    dead without a word (its lock left behind): wal-fetch answers -- at once, at once, after the bound."""
+    pgdata, d, cmd, marker = staging
+    name = walgen.names(3, 1)[0]
+    (d / "prefetch.lock").touch()
+    t = _helper_answers(d, name, "failed")
+    rc, took = _run_timed(shell, pgdata, cmd, name)
+    t.join()
+    assert rc == 7 and marker.read_text().split("\n")[:3] == [d.name, "wal-fetch", name] and took < 2.0, took
+    marker.unlink()
+    (d / f"{name}.failed").unlink()
+    (d / "prefetch.exited").touch()
+    rc, took = _run_timed(shell, pgdata, cmd, name)
+    assert rc == 7 and marker.exists() and took < 1.0, took
+    assert spool.read_want(d)[1].startswith(stage.SHELL_STAMP)  # type: ignore[index]  # the earlier ask's
+    marker.unlink()
+    (d / "prefetch.exited").unlink()
+    rc, took = _run_timed(shell, pgdata, cmd, name)
+    assert rc == 7 and marker.exists() and 2.5 <= took < 20, took
+    assert not (pgdata / "pg_wal" / "RECOVERYXLOG").exists()
+
+
+def test_one_liner_names_the_helpers_files() -> None:
+    """The one-liner's lock and exit markers are the helper's (pg/recovery.py cannot import ops/)."""
+    from pitr.pg import recovery
+
+    assert f"{spool.PREFETCHD}.lock" == recovery.STAGE_LOCK and recovery.STAGE_EXITED == stage.EXITED
 
 
 @pytest.mark.parametrize("change", ["config", "server"])

@@ -129,6 +129,8 @@ def test_replay_takes_most_segments_from_the_stage(src: Source) -> None:
     # what is not staged in time goes through wal-fetch (the helper answers it); on a loaded machine
     # the helper falls behind more often, yet most segments come from the stage
     assert taken > s.segments / 2 and asked < taken, rp["restore_command"]
+    # the history probes and the end of the archive: asked of the helper by the one-liner, no Python start
+    assert rp["restore_command"]["answered_in_shell"] >= 2, rp["restore_command"]
     dest.append_conf()
     dest.start(env={})
     try:

@@ -369,7 +369,7 @@ def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, 
     storage = None
     if staged:
         prefetch.clear(pdir, want=False)  # whatever an earlier helper left: only this one's files are served
-        (pdir / stage.EXITED).unlink(missing_ok=True)  # a running helper is here (docs/restore.md §5)
+        (pdir / stage.EXITED).unlink(missing_ok=True)  # the one-liner may ask us (docs/restore.md §5)
     try:
         settings = load_settings(opts)
         open_log_file(settings.log_file, "wal-prefetch", [])  # its pushes/fetches beside the callers' lines
@@ -387,8 +387,8 @@ def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, 
                 return checks()
             if not pdir.is_dir():
                 return "the stage was removed"
-            # leave when our settings are outdated (a config file edited): the next wal-fetch starts a
-            # helper with the new ones (it also stops one whose fingerprint differs, when it is asked)
+            # the one-liner asks us without wal-fetch's fingerprint check: leave when our settings are
+            # outdated (a config file edited), so that its next wal-fetch starts a helper with the new ones
             return checks() or (None if globalargs.fingerprint(glob, os.environ) == fp else "settings changed")
 
         reason, fetched = prefetch.serve(storage, meta, cfg, keep_going)

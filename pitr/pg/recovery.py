@@ -61,12 +61,26 @@ def render_restore_command(pitr_argv: Sequence[str], repo: str | None = None, s3
     # by a killed helper costs at most the bound before wal-fetch (which restarts the helper) runs.
     wait = (f"n=0; while [ -e {d}/.%f.part ] && [ $((n+=1)) -le {STAGE_WAIT_POLLS} ]; "
             f"do sleep {STAGE_WAIT_SLEEP}; done")
-    return f"{take} || {{ {wait}; {take} || {fetch}; }}"
+    # Not staged (a history probe, the end of the archive, a file not staged yet): ask the running
+    # helper without a Python start. The request's stamp is a fresh mktemp name, so an answer is to
+    # this call only: the file it stages is taken (0), its "missing" (proven after the request, as for
+    # wal-fetch) is 1; a failure, a helper gone (prefetch.exited) or the bound are 2: wal-fetch answers.
+    # A subshell, so that no `exit` leaves a script this line is embedded in (a wrapper, a gate).
+    # No `%` but %f/%p here: PostgreSQL 16+ refuses other placeholders.
+    me = "sh-${t##*/}"
+    ask = (f"( [ -e {d}/{STAGE_LOCK} ] && [ ! -e {d}/{STAGE_EXITED} ] && t=$(mktemp {d}/.ask.XXXXXXXX) && "
+           f"echo \"%f {me}\" > \"$t\" && mv -f \"$t\" {d}/want || exit 2; n=0; "
+           f"while [ $((n+=1)) -le {STAGE_WAIT_POLLS} ]; do {take} && exit 0; "
+           f"{{ read a < {d}/%f.missing; }} 2>/dev/null && [ \"$a\" = \"stamp={me}\" ] && exit 1; "
+           f"[ -e {d}/%f.failed ] || [ -e {d}/{STAGE_EXITED} ] && exit 2; sleep {STAGE_WAIT_SLEEP}; done; exit 2 )")
+    return f"{take} || {{ {wait}; {take} || {{ {ask}; case $? in 0) ;; 1) false ;; *) {fetch} ;; esac; }}; }}"
 
 
 STAGE_PATH = "pg_wal/pitr_stage/{}"  # = ops/wal/stage.relative_dir (pg imports nothing of ops)
 STAGE_WAIT_POLLS = 150  # x STAGE_WAIT_SLEEP: ~3 s at most for a segment being staged (docs/restore.md §5)
 STAGE_WAIT_SLEEP = "0.02"  # seconds between looks (GNU, BusyBox and BSD sleep take fractions)
+STAGE_LOCK = "prefetch.lock"  # = spool.PREFETCHD's lock: a helper ran in the stage
+STAGE_EXITED = "prefetch.exited"  # = ops/wal/stage.EXITED: ... and has exited since
 
 
 def restore_command_env(prefetch: int | None, repo_as_of: str | None, stage: str | None) -> dict[str, str]:

@@ -117,7 +117,7 @@ def replay(storage: Storage, plan: Plan, pgdata: Path, owner: tuple[int, int] | 
     proc = opts.stage.running if opts.stage else None
     try:
         if opts.stage and sdir:
-            if proc is None or proc.poll() is not None and spool.helper_state(sdir, spool.PREFETCHD) is None:
+            if proc is None or (proc.poll() is not None and spool.helper_state(sdir, spool.PREFETCHD) is None):
                 proc = start_stage_helper(opts.stage, opts.env, pgdata, owner)  # not started, or gone
             stage.wait_started(sdir, proc=proc)  # else the first wal-fetch starts one: slower, as safe
         srv.start()

@@ -39,7 +39,7 @@ IDLE_EXIT = 30.0  # seconds without a new request before the prefetcher exits
 MISSING_RECHECK = 5.0  # a segment not yet archived is looked for again after this long
 RECOVERY_ENDED = "recovery ended"
 # after recovery ended, requests are answered this long still: PostgreSQL removes the signal file
-# before its last probes (the new timeline's history, the parent's), which wal-fetch asks us
+# before its last probes (the new timeline's history, the parent's), which the one-liner asks us
 END_GRACE = 3.0
 
 
@@ -141,7 +141,7 @@ class _Prefetcher:
         self.base: str | None = None  # the segment the window follows: the latest request or file taken
         self.ready: set[str] = set()  # segments fetched ahead and in place (taken when they vanish)
         self.taken = self.requests = self.fetched = 0
-        self.shell_asks = 0  # reserved for a one-liner that asks us itself (withdrawn, docs/performance.md): 0
+        self.shell_asks = 0  # requests the stage's one-liner made itself (stage.SHELL_STAMP): no Python start
         self.ending_at = 0.0  # after recovery ended: requests are still answered until then
         self.handled: str | None = None  # stamp of the request already taken care of
         self.last_change = time.monotonic()
@@ -218,13 +218,21 @@ class _Prefetcher:
         if not req or req[1] == self.handled:
             return
         self.handled = req[1]
-        self.requests += not req[1].startswith(stage.STARTER_STAMP)  # wal-fetch's (start_helper's is not)
+        if req[1].startswith(stage.SHELL_STAMP):
+            self.shell_asks += 1
+        elif not req[1].startswith(stage.STARTER_STAMP):  # wal-fetch's (stage.start_helper's is not a request)
+            self.requests += 1
         rname = req[0]
-        if not req[1].startswith("done") and not (self.cfg.spool / f"{rname}.meta").exists():
+        if not req[1].startswith("done") and not self._in_place(rname):
             if rname in self._busy():
                 self.asked[rname] = req[1]  # answered when that fetch ends, not by a 120 s time-out
             else:
                 self._submit(rname, req[1])
+
+    def _in_place(self, name: str) -> bool:
+        """Whether name is fetched and waiting (in a stage, a file the one-liner took leaves its .meta behind:
+        PostgreSQL asking for it again needs it fetched again)."""
+        return (self.cfg.spool / f"{name}.meta").exists() and (not self.cfg.stage or (self.cfg.spool / name).exists())
 
     def fill_window(self, now: float, wanted: list[str]) -> None:
         """Start look-ahead fetches for the window's segments, at most cfg.jobs at once."""

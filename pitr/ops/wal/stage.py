@@ -53,7 +53,8 @@ if TYPE_CHECKING:
     import subprocess  # wal-fetch's fallback imports this module: subprocess only where a helper is started
 
 STARTER_STAMP = "stage-"  # start_helper's request stamp: stage-PID-NS (PID: the process that started it)
-EXITED = "prefetch.exited"  # the helper writes it as it exits, removes it as it starts (for the withdrawn ask)
+SHELL_STAMP = "sh-"  # the one-liner's own request stamp: sh-.ask.XXXXXXXX (its mktemp file's name)
+EXITED = "prefetch.exited"  # written by the helper as it exits, removed as it starts: the one-liner asks no dead helper
 STAGE_DIR = "pitr_stage"  # in pg_wal; PostgreSQL ignores sub-directories there, base backups skip it
 ENV = "PITR_STAGE"  # names this recovery's stage in restore_command (the token only, not a path)
 _HEX = frozenset("0123456789abcdef")
