@@ -223,6 +223,7 @@ class _Prefetcher:
         elif not req[1].startswith(stage.STARTER_STAMP):  # wal-fetch's (stage.start_helper's is not a request)
             self.requests += 1
         rname = req[0]
+        log.debug("request for %s (%s)", rname, req[1])
         if not req[1].startswith("done") and not self._in_place(rname):
             if rname in self._busy():
                 self.asked[rname] = req[1]  # answered when that fetch ends, not by a 120 s time-out
@@ -266,7 +267,9 @@ class _Prefetcher:
             except NotFoundError:
                 self.missing[name] = time.monotonic() + MISSING_RECHECK
                 if stamp:
-                    spool.answer(self.cfg.spool, name, stamp, _verdict_on_miss(self.storage, self.meta, name))
+                    verdict = _verdict_on_miss(self.storage, self.meta, name)
+                    spool.answer(self.cfg.spool, name, stamp, verdict)
+                    log.debug("%s not archived: answered %s (%s)", name, verdict, stamp)
             except (PitrError, OSError) as e:
                 log.warning("prefetching %s failed: %s", name, e)
                 self.failed[name] = time.monotonic() + 2.0
