@@ -130,7 +130,8 @@ def test_restore_as_postgres_through_the_cli(repo: Storage, work: Path, pitr_exe
     # a restore fetches ahead by default: every call of this recovery gets the depth from the command, and
     # the segments staged ahead are taken by a shell rename (a new stage for each restore, mode 0700)
     m = re.search(r"restore_command = 'mv -f pg_wal/pitr_stage/([0-9a-f]{16})/%f %p 2>/dev/null \|\| \{ .* "
-                  rf"PITR_PREFETCH=8 PITR_STAGE=\1 {pitr_exe} --repo {work / 'repo'} wal-fetch %f %p ;; esac; }}; }}'", conf)
+                  rf"PITR_PREFETCH=8 PITR_STAGE=\1 {pitr_exe} --repo {work / 'repo'} wal-fetch %f %p ;; esac; }}; }}'",
+                  conf)
     assert m, conf
     d = dest / "pg_wal" / "pitr_stage" / m.group(1)
     assert d.is_dir() and os.listdir(d) == [] and d.stat().st_mode & 0o777 == 0o700

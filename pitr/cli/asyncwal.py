@@ -392,7 +392,8 @@ def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, 
             return checks() or (None if globalargs.fingerprint(glob, os.environ) == fp else "settings changed")
 
         reason, fetched = prefetch.serve(storage, meta, cfg, keep_going)
-        log.info("exiting (%s): %d segments prefetched", reason, fetched)
+        # its CPU (all threads): what staging ahead costs beside replay on the same cores (docs/performance.md)
+        log.info("exiting (%s): %d segments prefetched, %.2f s of CPU", reason, fetched, time.process_time())
         return 0
     except PitrError as e:
         log.error("cannot prefetch: %s", e)  # wal-fetch itself still works without us
