@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections import deque
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
@@ -394,7 +395,8 @@ def decode_iter(src: BinaryIO, what: str = "object", chunk: int = CHUNK, *,
 def _payload(body: _Body, code: int, chunk: int, max_size: int, what: str) -> Iterator[bytes]:
     """The raw bytes of an envelope's payload, at most `chunk` at a time."""
     if code == 0:
-        yield from iter(lambda: body.read(chunk), b"")
+        while out := bytes(body.read(chunk)):
+            yield out
         return
     import zstandard
 
@@ -416,35 +418,51 @@ def _payload(body: _Body, code: int, chunk: int, max_size: int, what: str) -> It
 
 class _Body:
     """The payload of an envelope being streamed: src's bytes after the header, less the last
-    TRAILER_SIZE bytes, which are held back (tail()) until src ends."""
+    TRAILER_SIZE bytes, which are held back (tail()) until src ends.
+
+    read() hands out views of the pieces src returned, without copying them (a copy of each MiB,
+    twice, was ~a third of decoding a WAL segment: fresh buffers fault their pages in); a read
+    may return fewer bytes than asked, as a raw stream's may."""
 
     def __init__(self, src: BinaryIO, chunk: int) -> None:
         self._src, self._chunk = src, chunk
-        self._pending = b""
+        self._pieces: deque[memoryview] = deque()  # read from src, not handed out yet
+        self._held = 0  # bytes in _pieces
         self._eof = False
 
     def _fill(self, want: int) -> int:
         """Payload bytes available now (reading src until `want` are, or it ends)."""
-        while not self._eof and len(self._pending) - TRAILER_SIZE < want:
+        while not self._eof and self._held - TRAILER_SIZE < want:
             buf = self._src.read(max(self._chunk, want))
             if not buf:
                 self._eof = True
             else:
-                self._pending = self._pending + buf if self._pending else bytes(buf)
-        return max(len(self._pending) - TRAILER_SIZE, 0)
+                self._pieces.append(memoryview(buf).cast("B"))
+                self._held += len(buf)
+        return max(self._held - TRAILER_SIZE, 0)
 
-    def read(self, n: int = -1) -> bytes:
+    def read(self, n: int = -1) -> memoryview:
         n = self._chunk if n is None or n < 0 else n
-        k = min(self._fill(n), n)
-        out, self._pending = self._pending[:k], self._pending[k:]
+        k = min(self._fill(n), n, len(self._pieces[0]) if self._pieces else 0)
+        if k == 0:
+            return memoryview(b"")
+        head = self._pieces[0]
+        out = head[:k]
+        if k == len(head):
+            self._pieces.popleft()
+        else:
+            self._pieces[0] = head[k:]
+        self._held -= k
         return out
 
     def peek(self, n: int) -> bytes:
         k = min(self._fill(n), n)
-        return self._pending[:k]
+        if k == 0:
+            return b""
+        return bytes(self._pieces[0][:k]) if len(self._pieces[0]) >= k else b"".join(self._pieces)[:k]
 
     def tail(self, what: str) -> bytes:
         """The trailer: the last bytes of src, once the decoder has read the payload to its end."""
         if self._fill(1):
             raise IntegrityError(f"{what} is corrupt (the compressed payload is not exactly one zstd frame)")
-        return self._pending
+        return b"".join(self._pieces)
