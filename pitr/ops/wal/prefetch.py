@@ -146,6 +146,7 @@ class _Prefetcher:
         self.handled: str | None = None  # stamp of the request already taken care of
         self.last_change = time.monotonic()
         self.next_prune = 0.0
+        self.sp = os.fspath(cfg.spool) + os.sep  # the loop's file checks, without a Path per look (its hot path)
 
     def run(self, keep_going: Callable[[], str | None]) -> tuple[str, int]:
         reason: str | None = None
@@ -191,12 +192,12 @@ class _Prefetcher:
 
     def follow(self) -> tuple[tuple[str, str] | None, bool]:
         """PostgreSQL's latest request, and whether the window moved (new request, or files taken)."""
-        req = spool.read_want(self.cfg.spool)
+        req = spool.read_want(self.sp)
         want = req[0] if req else None
         moved = req != self.last_req
         if moved and want and len(want) == 24:  # a history request does not move the window
             self.base = want
-        gone = {n for n in self.ready if not os.path.exists(self.cfg.spool / n)} if self.cfg.stage else set()
+        gone = {n for n in self.ready if not os.path.exists(self.sp + n)} if self.cfg.stage else set()
         if gone:  # taken by restore_command from a stage (or by the foreground, after its request)
             self.ready -= gone
             self.taken += len(gone)
@@ -233,16 +234,18 @@ class _Prefetcher:
     def _in_place(self, name: str) -> bool:
         """Whether name is fetched and waiting (in a stage, a file the one-liner took leaves its .meta behind:
         PostgreSQL asking for it again needs it fetched again)."""
-        return (self.cfg.spool / f"{name}.meta").exists() and (not self.cfg.stage or (self.cfg.spool / name).exists())
+        return os.path.exists(f"{self.sp}{name}.meta") and (not self.cfg.stage or os.path.exists(self.sp + name))
 
     def fill_window(self, now: float, wanted: list[str]) -> None:
         """Start look-ahead fetches for the window's segments, at most cfg.jobs at once."""
-        busy = self._busy()
         window_busy = sum(1 for _, st in self.inflight.values() if st is None)
+        if window_busy >= self.cfg.jobs:
+            return
+        busy = self._busy()
         for name in wanted:
             if window_busy >= self.cfg.jobs:
                 break
-            if name in busy or (self.cfg.spool / f"{name}.meta").exists():
+            if name in busy or name in self.ready or os.path.exists(f"{self.sp}{name}.meta"):
                 continue
             if self.missing.get(name, 0.0) > now or self.failed.get(name, 0.0) > now:
                 continue

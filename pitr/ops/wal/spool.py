@@ -371,10 +371,12 @@ def write_want(pdir: Path, name: str, served: bool = False) -> str:
     return stamp
 
 
-def read_want(pdir: Path) -> tuple[str, str] | None:
-    """(name, stamp) of the latest request, or None."""
+def read_want(pdir: str | Path) -> tuple[str, str] | None:
+    """(name, stamp) of the latest request, or None. (The prefetcher reads it every turn of its loop:
+    bytes, no Path, no text layer.)"""
     try:
-        name, _, stamp = (pdir / "want").read_text().strip().partition(" ")
+        with open(os.path.join(pdir, "want"), "rb") as f:
+            name, _, stamp = f.read(512).decode(errors="replace").strip().partition(" ")
     except OSError:
         return None
     return (name, stamp) if name else None
