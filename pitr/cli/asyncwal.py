@@ -337,7 +337,7 @@ def _idle_exit() -> float:
 def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, str]) -> int:
     import logging
 
-    from pitr.cli.common import open_log_file
+    from pitr.cli.common import helper_log_level, open_log_file
     from pitr.cli.repoopen import open_repo, parse_as_of
     from pitr.config import load_settings
     from pitr.errors import PitrError
@@ -373,6 +373,7 @@ def _prefetch_helper(glob: list[str], pdir: Path, pgdata: Path, opts: dict[str, 
     try:
         settings = load_settings(opts)
         open_log_file(settings.log_file, "wal-prefetch", [])  # its pushes/fetches beside the callers' lines
+        helper_log_level(settings.log_level)  # debug: each request and each "not archived" answer
         jobs = prefetch.fetch_workers(settings.prefetch, settings.prefetch_jobs, settings.jobs,
                                       settings.location().kind == "s3")
         # a restore --repo-as-of reads the bucket's past (PITR_REPO_AS_OF in restore_command)
