@@ -34,6 +34,7 @@ QUICK_WAIT_LIMIT = 60.0  # then the normal path supervises the helper (WAIT_LIMI
 # private, for tests only: the prefetcher's idle time-out in seconds (default prefetch.IDLE_EXIT)
 IDLE_EXIT_ENV = "_PITR_PREFETCH_IDLE_EXIT"
 STAGE_ENV = "PITR_STAGE"  # = stage.ENV (ops/wal/stage.py): restore_command's stage token
+ARCHIVE_TOKEN_ENV = "PITR_ARCHIVE_TOKEN"  # set by archive_command's one-liner (pg/archive_command.py)
 
 
 def quick(argv: list[str]) -> int | None:
@@ -302,6 +303,7 @@ def _push_helper(glob: list[str], pg_wal: Path, sdir: Path, opts: dict[str, str]
         return 0  # another helper is running
     fp = globalargs.fingerprint(glob, os.environ)  # before the settings are read (see globalargs.fingerprint)
     spool.publish_fingerprint(fd, fp)
+    (sdir / spool.PUSHD_EXITED).unlink(missing_ok=True)  # the one-liner waits for us again
     storage = None
     try:
         settings = load_settings(opts)
@@ -310,10 +312,16 @@ def _push_helper(glob: list[str], pg_wal: Path, sdir: Path, opts: dict[str, str]
         jobs = max(1, settings.archive_push_jobs)
         storage = open_repo(settings, max_connections=jobs + 2)
         meta = read_meta(storage)
-        cfg = pushd.PushdConfig(pg_wal, sdir, fp, jobs, parse_codec(settings.wal_codec()))
-        log.info("started: %d jobs into %s", jobs, storage.display)
-        stats = pushd.serve(storage, meta, cfg, pushd.keep_going_checks(
-            cfg, pg_wal.parent, lambda: globalargs.fingerprint(glob, os.environ)))
+
+        def current_fp() -> str:
+            return globalargs.fingerprint(glob, os.environ)
+
+        token = _shell_token(glob)
+        cfg = pushd.PushdConfig(pg_wal, sdir, fp, jobs, parse_codec(settings.wal_codec()), shell_token=token,
+                                shell_ok=pushd.shell_ok_check(pg_wal.parent, fp, current_fp) if token else None)
+        log.info("started: %d jobs into %s%s", jobs, storage.display,
+                 " (archive_command's one-liner acknowledges from the shell)" if cfg.shell_ok else "")
+        stats = pushd.serve(storage, meta, cfg, pushd.keep_going_checks(cfg, pg_wal.parent, current_fp))
         log.info("exiting (%s): %d pushed, %d failed", stats.reason, stats.pushed, stats.failed)
         return 0
     except PitrError as e:
@@ -321,8 +329,26 @@ def _push_helper(glob: list[str], pg_wal: Path, sdir: Path, opts: dict[str, str]
         log.error("cannot start: %s", e)
         return 1
     finally:
+        with contextlib.suppress(OSError):
+            (sdir / spool.PUSHD_EXITED).touch()  # before the lock goes: a successor removes it after taking it
         if storage is not None:
             storage.close()
+
+
+def _shell_token(glob: list[str]) -> str | None:
+    """The one-liner's token when this helper was started by its fallback with the options it names."""
+    import logging
+
+    token = os.environ.get(ARCHIVE_TOKEN_ENV)
+    if not token:
+        return None
+    if token != globalargs.archive_token(glob):
+        logging.getLogger("pitr").warning(
+            "%s does not match the options archive_command passes pitr (edited by hand?): every file is "
+            "acknowledged through `pitr wal-push`; print the line again with `pitr archive-command`",
+            ARCHIVE_TOKEN_ENV)
+        return None
+    return token
 
 
 def _idle_exit() -> float:

@@ -56,6 +56,18 @@ def fingerprint(global_args: list[str], env: Mapping[str, str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def archive_token(global_args: list[str]) -> str:
+    """The archive one-liner's token: a digest of the global options its fallback passes pitr.
+
+    `pitr archive-command` writes it into the line, the async archiver computes it from its own
+    options: a helper started with other options (another repository) never writes a marker the
+    line accepts. The environment and the config file are the helper's own checks (pushd)."""
+    import hashlib
+
+    args = [a for a in global_args if not is_log_flag(a)]
+    return hashlib.sha256("\0".join(["pitr-archive-1", *args]).encode()).hexdigest()[:16]
+
+
 def is_log_flag(arg: str) -> bool:
     """-v, -q, -vv, --verbose, --quiet: flags that change only logging, never where WAL goes."""
     return arg in ("--verbose", "--quiet") or (len(arg) > 1 and arg[0] == "-" and arg[1] != "-"

@@ -75,7 +75,7 @@ def drill_cmd(
     """Prove the repository restores: restore into a throwaway directory, replay to TARGET, run pg_amcheck
     and the checks, remove it, and record the result in the repository. Exit 0 only when all passed."""
     from pitr.cli.repoopen import open_repo, parse_as_of
-    from pitr.cli.restore import DEFAULT_RESTORE_PREFETCH, _redact_url, _server_env, self_argv
+    from pitr.cli.restore import DEFAULT_RESTORE_PREFETCH, _server_env, redact_url, self_argv
     from pitr.errors import DrillError
     from pitr.ops.proof.drill import DrillOptions, run_drill, split_statements
     from pitr.ops.recovery.restore_plan import parse_target
@@ -103,7 +103,7 @@ def drill_cmd(
         target=tgt, backup_id=backup, checks=checks, check_db=check_db, amcheck=not no_amcheck,
         pgdata=Path(pgdata).expanduser().absolute() if pgdata else None, keep=keep,
         random_target=random_target, jobs=s.jobs, pitr_argv=self_argv(), repo_url=s.location().url,
-        s3_endpoint=_redact_url(s.s3_endpoint), config_path=os.path.abspath(s.config) if s.config else None,
+        s3_endpoint=redact_url(s.s3_endpoint), config_path=os.path.abspath(s.config) if s.config else None,
         pg_bin=s.pg_bin, server_env=_server_env(s), prefetch=s.prefetch or DEFAULT_RESTORE_PREFETCH,
         timeout=replay_timeout, amcheck_timeout=amcheck_timeout, repo_as_of=as_of.isoformat() if as_of else None)
     show = sys.stderr.isatty() and not json_out

@@ -40,7 +40,7 @@ def parse_tablespace_map(values: list[str] | None) -> dict[str, Path]:
     return out
 
 
-def _redact_url(url: str | None) -> str | None:
+def redact_url(url: str | None) -> str | None:
     """Drop any user:password@ from an endpoint URL (restore_command is readable through SHOW)."""
     if not url or "@" not in url:
         return url
@@ -81,7 +81,7 @@ def restore_command_cmd(
         raise UsageError(f"--prefetch must be a number of segments from 0 to {PREFETCH_MAX}, not {prefetch}")
     n = prefetch if prefetch is not None else (s.prefetch or DEFAULT_RESTORE_PREFETCH)
     # a new stage token each time: a stage belongs to one restore_command (docs/restore.md §5)
-    cmd = render_restore_command(self_argv(), s.location().url, _redact_url(s.s3_endpoint),
+    cmd = render_restore_command(self_argv(), s.location().url, redact_url(s.s3_endpoint),
                                  os.path.abspath(s.config) if s.config else None, n,
                                  stage=stage.new_token() if n > 0 else None)
     emit(f"restore_command = {guc_quote(cmd)}")
@@ -136,7 +136,7 @@ def restore_cmd(
         pgdata=Path(s.pgdata).expanduser().absolute(), target=tgt, timeline=parse_timeline(target_timeline),
         backup_id=backup, action=parse_action(target_action), jobs=s.jobs, delta=delta, dry_run=dry_run,
         archive_mode=archive_mode, tablespace_map=parse_tablespace_map(tablespace_map),
-        pitr_argv=self_argv(), repo_url=s.location().url, s3_endpoint=_redact_url(s.s3_endpoint),
+        pitr_argv=self_argv(), repo_url=s.location().url, s3_endpoint=redact_url(s.s3_endpoint),
         config_path=os.path.abspath(s.config) if s.config else None, replay=replay,
         replay_timeout=replay_timeout, pg_bin=s.pg_bin, server_env=_server_env(s),
         # a restore replays a long run of WAL: fetch ahead unless told otherwise (docs/restore.md)

@@ -95,7 +95,7 @@ def extract_cmd(
     from pathlib import Path
 
     from pitr.cli.repoopen import open_repo
-    from pitr.cli.restore import DEFAULT_RESTORE_PREFETCH, _redact_url, _server_env, _sigterm, self_argv
+    from pitr.cli.restore import DEFAULT_RESTORE_PREFETCH, _server_env, _sigterm, redact_url, self_argv
     from pitr.ops.recovery.restore import RestoreOptions
     from pitr.ops.recovery.restore_plan import make_exclusive, parse_target
     from pitr.ops.surgical.extract import ExtractOptions, run_extract
@@ -119,7 +119,7 @@ def extract_cmd(
     database = db or _current_db(s.dbname)
     ro = RestoreOptions(
         pgdata=Path("/nonexistent"), target=tgt, backup_id=backup, jobs=s.jobs, pitr_argv=self_argv(),
-        repo_url=s.location().url, s3_endpoint=_redact_url(s.s3_endpoint),
+        repo_url=s.location().url, s3_endpoint=redact_url(s.s3_endpoint),
         config_path=os.path.abspath(s.config) if s.config else None, pg_bin=s.pg_bin,
         server_env=_server_env(s), prefetch=s.prefetch or DEFAULT_RESTORE_PREFETCH)
     opts = ExtractOptions(table=table, db=database, target=tgt,

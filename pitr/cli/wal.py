@@ -90,7 +90,39 @@ def wal_fetch_cmd(
     raise typer.Exit(walcmds.run_wal_fetch(s, name, dest))
 
 
+def archive_command_cmd(ctx: typer.Context) -> None:
+    """Print an archive_command line that acknowledges the async archiver's work from the shell (no Python start per file)."""
+    import logging
+    import os
+
+    from pitr.cli.common import GlobalOpts
+    from pitr.cli.globalargs import archive_token
+    from pitr.cli.restore import redact_url, self_argv
+    from pitr.pg.archive_command import render_archive_command
+    from pitr.pg.recovery import guc_quote
+
+    s = settings_of(ctx)
+    obj = ctx.find_object(GlobalOpts)
+    given = obj.values if obj else {}
+    # the options given here, made absolute (archive_command runs in the data directory), never a secret
+    glob: list[str] = []
+    for key, opt in (("repo", "--repo"), ("s3_endpoint", "--s3-endpoint"), ("config", "--config"),
+                     ("log_file", "--log-file")):
+        val = given.get(key)
+        if not val:
+            continue
+        if key == "repo" and "://" not in val or key == "config":
+            val = os.path.abspath(os.path.expanduser(val))
+        glob += [opt, (redact_url(val) or val) if key == "s3_endpoint" else val]
+    spool_dir = os.path.join(os.path.abspath(s.spool_path), "archive") if s.spool_path else None
+    if not s.archive_async:
+        logging.getLogger("pitr").warning("archive_async is off here: the line then runs `pitr wal-push` for "
+                                          "every file (the server's own settings decide)")
+    emit(f"archive_command = {guc_quote(render_archive_command(self_argv(), glob, archive_token(glob), spool_dir))}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("init")(init_cmd)
+    app.command("archive-command")(archive_command_cmd)
     app.command("wal-push")(wal_push_cmd)
     app.command("wal-fetch")(wal_fetch_cmd)

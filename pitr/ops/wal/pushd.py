@@ -40,6 +40,10 @@ class PushdConfig:
     codec: Codec
     idle_exit: float = IDLE_EXIT
     poll: float = 0.01
+    # archive_command's one-liner (pg/archive_command.py): NAME.ok also carries `sh=TOKEN:identity`
+    # when shell_ok() says this helper's settings and server are still the ones it started with
+    shell_token: str | None = None
+    shell_ok: Callable[[], bool] | None = None
 
 
 @dataclass
@@ -62,14 +66,14 @@ def ready_files(status_dir: Path) -> list[str]:
     return sorted(names, key=lambda n: (not n.endswith(".history"), n))
 
 
-def push_one(storage: Storage, meta: RepoMeta, cfg: PushdConfig, name: str) -> tuple[str, str]:
-    """Push pg_wal/name; returns (file identity, status). Raises PitrError/OSError/_Changed."""
+def push_one(storage: Storage, meta: RepoMeta, cfg: PushdConfig, name: str) -> tuple[os.stat_result, str]:
+    """Push pg_wal/name; returns (the file's stat, status). Raises PitrError/OSError/_Changed."""
     path = cfg.pg_wal / name
-    before = spool.file_identity(os.stat(path))
+    st = os.stat(path)
     r = archive.push(storage, meta, path, cfg.codec)
-    if spool.file_identity(os.stat(path)) != before:
+    if spool.file_identity(os.stat(path)) != spool.file_identity(st):
         raise _Changed(name)
-    return before, r.status
+    return st, r.status
 
 
 def serve(storage: Storage, meta: RepoMeta, cfg: PushdConfig,
@@ -87,7 +91,8 @@ class _Pusher:
         self.stats = PushdStats()
         self.status_dir = cfg.pg_wal / "archive_status"
         self.done: set[str] = set()  # acknowledged by us or a predecessor with the same settings
-        self.inflight: dict[Future[tuple[str, str]], tuple[str, float]] = {}  # -> (name, when its push began)
+        # -> (name, when its push began)
+        self.inflight: dict[Future[tuple[os.stat_result, str]], tuple[str, float]] = {}
         self.retry_at: dict[str, float] = {}
         self.not_before = 0.0  # back-off after storage failures, for every file
         self.failures = 0  # storage failures in a row
@@ -152,11 +157,11 @@ class _Pusher:
             if self.failures:
                 self.not_before = time.monotonic() + min(10.0, 0.5 * 2 ** min(self.failures - 1, 5))
 
-    def _record(self, fut: Future[tuple[str, str]], name: str) -> int:
+    def _record(self, fut: Future[tuple[os.stat_result, str]], name: str) -> int:
         """Record one finished push as .ok or .error; returns the count of storage failures in a row."""
         cfg = self.cfg
         try:
-            identity, status = fut.result()
+            st, status = fut.result()
         except FileNotFoundError:
             return self.failures  # PostgreSQL archived or removed it meanwhile
         except _Changed:
@@ -168,7 +173,10 @@ class _Pusher:
             log.warning("pushing %s failed: %s", name, e)
             self.retry_at[name] = time.monotonic() + 2.0
             return self.failures + 1 if isinstance(e, StorageError) else self.failures
-        spool.write_ok(cfg.spool, name, cfg.fingerprint, identity, status)
+        shell = None
+        if cfg.shell_token and cfg.shell_ok is not None and cfg.shell_ok():
+            shell = f"{cfg.shell_token}:{spool.shell_identity(st)}"
+        spool.write_ok(cfg.spool, name, cfg.fingerprint, spool.file_identity(st), status, shell)
         self.retry_at.pop(name, None)
         self.done.add(name)
         self.stats.pushed += 1
@@ -196,6 +204,23 @@ def _cleanup(spool_dir: Path, ready: set[str], done: set[str]) -> None:
     for name in list(done):
         if not os.path.exists(spool_dir / f"{name}.ok"):
             done.discard(name)  # a caller found the marker stale and removed it: push again
+
+
+def shell_ok_check(pgdata: Path, fingerprint: str, current_fp: Callable[[], str]) -> Callable[[], bool] | None:
+    """Whether a marker may carry the one-liner's line now (None: never, no server runs in pgdata).
+
+    The one-liner cannot compute the settings fingerprint that a Python caller compares, so this
+    helper vouches for it at each marker: the config file is unchanged (current_fp) and the server
+    that started it, whose environment its own is, still runs. A restart or an edit takes the line
+    to `pitr wal-push`, which stops an outdated helper."""
+    server = spool.server_identity(pgdata)
+    if server is None:
+        return None
+
+    def check() -> bool:
+        return current_fp() == fingerprint and spool.server_identity(pgdata) == server
+
+    return check
 
 
 def keep_going_checks(cfg: PushdConfig, pgdata: Path, current_fp: Callable[[], str]) -> Callable[[], str | None]:

@@ -8,11 +8,14 @@ Async archiving (spool dir default `pg_wal/pitr_spool`; PostgreSQL ignores sub-d
 pg_wal and base backups skip pg_wal's contents):
     NAME.ok       the helper stored NAME durably; binds the settings fingerprint and the file's
                   identity (device, inode, size, mtime) so a stale or foreign marker never
-                  acknowledges different bytes or another repository
+                  acknowledges different bytes or another repository; its `sh=TOKEN:IDENTITY` line
+                  is what `pitr archive-command`'s one-liner checks (pg/archive_command.py)
     NAME.error    the helper's last failure for NAME (message, hint), reported once by the next call
     pushd.error   the helper could not start (bad settings, repository unreachable, ...)
     pushd.lock    flock held by the running helper; its content is that helper's fingerprint
     pushd.stop    asks the running helper to exit (its settings are outdated)
+    pushd.exited  written by a helper as it exits, removed by the next once it holds the lock: the
+                  one-liner waits for NAME.ok only while a helper runs
 
 Prefetch (spool dir default `pg_wal/pitr_prefetch`):
     NAME          a segment fetched ahead, verified against its envelope trailer (size, digest)
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
 ARCHIVE_SPOOL = "pitr_spool"
 PREFETCH_SPOOL = "pitr_prefetch"
 PUSHD = "pushd"
+PUSHD_EXITED = "pushd.exited"
 PREFETCHD = "prefetch"
 STARTING_GRACE = 15.0  # seconds a helper just started gets to take its lock before a request gives up on it
 
@@ -92,6 +96,24 @@ def file_identity(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
+def shell_identity(st: os.stat_result) -> str:
+    """file_identity as GNU `stat -c %d:%i:%s:%.9Y` prints it (the archive one-liner compares the two)."""
+    sec, nsec = divmod(st.st_mtime_ns, 1_000_000_000)
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{sec}.{nsec:09d}"
+
+
+def server_identity(pgdata: Path) -> str | None:
+    """Which server runs in pgdata: postmaster.pid's PID and start time, None when none runs.
+
+    A server's environment is fixed for its life, so a helper that still sees the server it was
+    started under still has the environment the archive one-liner's fallback would have."""
+    try:
+        lines = (pgdata / "postmaster.pid").read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return f"{lines[0]}:{lines[2]}" if len(lines) > 2 and lines[0].strip() else None
+
+
 def write_marker(path: Path, fields: Mapping[str, str]) -> None:
     """Write key=value lines atomically (temp + rename): a reader sees all of it or nothing."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -125,9 +147,12 @@ def acknowledged(spool: Path, wal_path: str | os.PathLike[str], fp: str) -> bool
     return m.get("file") == file_identity(st)
 
 
-def write_ok(spool: Path, name: str, fp: str, identity: str, status: str) -> None:
-    write_marker(spool / f"{name}.ok", {"fp": fp, "file": identity, "status": status,
-                                         "time": f"{time.time():.3f}"})
+def write_ok(spool: Path, name: str, fp: str, identity: str, status: str, shell: str | None = None) -> None:
+    """NAME.ok; `shell` (TOKEN:shell_identity) adds the line the archive one-liner accepts."""
+    fields = {"fp": fp, "file": identity, "status": status, "time": f"{time.time():.3f}"}
+    if shell:
+        fields["sh"] = shell
+    write_marker(spool / f"{name}.ok", fields)
     try:
         (spool / f"{name}.error").unlink()
     except FileNotFoundError:
