@@ -135,3 +135,28 @@ def test_cli_refuses_a_foreign_history_with_one_sentence(repo: FsStorage, tmp_pa
     assert lines[0].startswith("pitr: error: refusing to archive 00000005.history: the file is not the history")
     assert len(lines) <= 2 and "Traceback" not in r.stderr
     assert repo.stat(wal_key(p.name)) is None
+
+
+def test_the_archivers_reused_buffer_stores_each_file_exactly(repo: FsStorage, tmp_path: Path) -> None:
+    """The async archiver reads segments into one buffer per thread: each stored object holds its own
+    file's bytes (never the previous file's), a short or an oversized file is refused and nothing stored."""
+    meta = read_meta(repo)
+    buf = archive.thread_buffer(meta.wal_segment_size)
+    first, second = "000000010000000000000031", "000000010000000000000032"
+    for name, seed in ((first, 1), (second, 2)):
+        (tmp_path / name).write_bytes(segment(name, seed=seed))
+        assert archive.push(repo, meta, tmp_path / name, Codec("zstd", 1), buf).status == "stored"
+    partial = f"{'000000010000000000000033'}.partial"
+    (tmp_path / partial).write_bytes(segment(partial[:24], seed=3)[: meta.wal_segment_size])
+    archive.push(repo, meta, tmp_path / partial, Codec("zstd", 1), buf)
+    for name in (first, second, partial):
+        out = tmp_path / f"back-{name}"
+        archive.fetch(repo, meta, name, out)
+        assert out.read_bytes() == (tmp_path / name).read_bytes(), name
+    big, short = "000000010000000000000034", "000000010000000000000035"
+    (tmp_path / big).write_bytes(segment(big) + b"x")
+    (tmp_path / short).write_bytes(segment(short)[: 1 << 20])
+    for name, size in ((big, meta.wal_segment_size + 1), (short, 1 << 20)):
+        with pytest.raises(WalFileError, match=f"is {size} bytes, not the cluster's WAL segment size"):
+            archive.push(repo, meta, tmp_path / name, Codec("zstd", 1), buf)
+        assert repo.stat(wal_key(name)) is None

@@ -28,7 +28,7 @@ HEAD_BYTES = 8192  # what callers pass of a segment: the first page (header + th
 SegmentHeader = namedtuple("SegmentHeader", "magic info tli pageaddr sysid seg_size blcksz")
 
 
-def read_header(data: bytes) -> SegmentHeader | None:
+def read_header(data: bytes | memoryview) -> SegmentHeader | None:
     """The long page header, or None when the bytes do not start with one."""
     if len(data) < LONG_HEADER_SIZE:
         return None
@@ -38,7 +38,8 @@ def read_header(data: bytes) -> SegmentHeader | None:
     return SegmentHeader(magic, info, tli, pageaddr, sysid, seg_size, blcksz)
 
 
-def problem(name: str, data: bytes, seg_size: int, sysid: int | None, size: int | None = None) -> str | None:
+def problem(name: str, data: bytes | memoryview, seg_size: int, sysid: int | None,
+            size: int | None = None) -> str | None:
     """Why `data` is not a valid segment `name` of this cluster, or None when it is.
 
     `data` is the whole segment or its first bytes (HEAD_BYTES are enough) with `size` the whole

@@ -70,7 +70,7 @@ def push_one(storage: Storage, meta: RepoMeta, cfg: PushdConfig, name: str) -> t
     """Push pg_wal/name; returns (the file's stat, status). Raises PitrError/OSError/_Changed."""
     path = cfg.pg_wal / name
     st = os.stat(path)
-    r = archive.push(storage, meta, path, cfg.codec)
+    r = archive.push(storage, meta, path, cfg.codec, archive.thread_buffer(meta.wal_segment_size))
     if spool.file_identity(os.stat(path)) != spool.file_identity(st):
         raise _Changed(name)
     return st, r.status
