@@ -47,6 +47,7 @@ class PushResult:
     status: str  # "stored" | "already-archived"
     raw_size: int
     stored_size: int
+    store_seconds: float = 0.0  # in storage.put (and its read-back): where a slow disk or endpoint shows
 
 
 _thread = threading.local()
@@ -173,13 +174,14 @@ def push(storage: Storage, meta: RepoMeta, path: Path, codec: envelope.Codec,
     mine = _Digests(data, envelope.digest_of(envelope.DIGESTS[envelope.VERSION], data))
     # history files compress to nothing worth having and are read by humans in a pinch
     body = envelope.encode(data, codec if w.kind != "history" else envelope.Codec("none", 0), mine.written)
+    began = time.monotonic()
     try:
         storage.put(key, body, if_absent=True)
     except AlreadyExistsError:
         return _compare_existing(storage, key, w.name, mine, len(body))
     if not storage.conditional_writes_trusted:
         _read_back(storage, key, w.name, mine)
-    return PushResult(w.name, key, "stored", len(data), len(body))
+    return PushResult(w.name, key, "stored", len(data), len(body), time.monotonic() - began)
 
 
 class _Digests:
