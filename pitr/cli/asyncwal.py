@@ -275,7 +275,12 @@ def helper_main(command: str, global_args: list[str], pos: list[str], opts: dict
     from pitr.memtune import pin_mmap_threshold
 
     setup_logging(1, False)
-    pin_mmap_threshold()  # the helpers' worker threads pass 16 MiB segments and S3 parts around
+    if command != PUSH_HELPER:
+        pin_mmap_threshold()  # the prefetcher's worker threads pass 16 MiB segments and S3 parts around
+    # not the async archiver: each push allocates ~16 MiB for zstd's output and joins the envelope, and
+    # mapping those anew every time (what the pinned threshold does) costs page faults and, with several
+    # pushing threads in one process, waits on each other's mappings: a file-repository backlog drained at
+    # 7.6-8.3 segments/s pinned, 10.6 not (docs/performance.md, ninth session); its RSS stays ~80 MiB
     for h in logging.getLogger("pitr").handlers:
         h.setFormatter(logging.Formatter(f"%(asctime)s pitr {command[1:]}[{os.getpid()}]: %(message)s"))
     if command == PUSH_HELPER and len(pos) == 2:

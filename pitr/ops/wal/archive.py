@@ -56,10 +56,10 @@ _thread = threading.local()
 def thread_buffer(size: int) -> memoryview:
     """This thread's page-aligned buffer of `size` bytes, kept for the thread's life (the async archiver).
 
-    Reading a 16 MiB segment into a fresh bytes object costs ~20 ms of CPU where reading it into a
-    mapped buffer read before costs ~4.5 (docs/performance.md, ninth session): the fresh object's
-    pages fault in one by one (the helpers map every buffer of 4 MiB and more anew, memtune.py) and
-    it starts 16 bytes past a cache line. A push must not keep a view of it once it returns."""
+    Reading a 16 MiB segment into a fresh bytes object costs up to ~20 ms of CPU where reading it
+    into a mapped buffer read before costs ~4.5 (docs/performance.md, ninth session): a freshly
+    mapped object's pages fault in one by one (memtune.py) and it starts 16 bytes past a cache line.
+    A push must not keep a view of it once it returns."""
     buf: memoryview | None = getattr(_thread, "buf", None)
     if buf is None or len(buf) != size:
         buf = memoryview(mmap.mmap(-1, size))
