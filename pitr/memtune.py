@@ -8,6 +8,9 @@ sits above it. With several threads the process's RSS then grows with the number
 Setting M_MMAP_THRESHOLD explicitly turns that adjustment off: buffers of 4 MiB and more are
 mapped and unmapped, and go back to the system the moment they are freed. Smaller ones (the 1 MiB
 read chunks) stay on the heap, where reuse is cheap.
+
+The async archiver does not pin it (cli/asyncwal.helper_main): each of its pushes allocates and
+frees ~16 MiB buffers, and mapping them anew each time made its threads wait on each other.
 """
 
 from __future__ import annotations

@@ -203,6 +203,18 @@ def test_shell_acknowledgement_needs_the_same_settings_and_server(site: tuple[Pa
     assert pushd.shell_ok_check(pgdata, fp, lambda: fp) is None  # no server: never
 
 
+def test_a_restarted_server_retires_the_archiver(site: tuple[Path, Path]) -> None:
+    """Its environment may differ: the helper leaves, and the next call starts one with the new one."""
+    pgdata, _ = site
+    cfg = pushd.PushdConfig(pgdata / "pg_wal", pgdata / "pg_wal" / spool.ARCHIVE_SPOOL, "a" * 32, 1, None)  # type: ignore[arg-type]
+    check = pushd.keep_going_checks(cfg, pgdata, lambda: "a" * 32)
+    assert check() is None
+    (pgdata / "postmaster.pid").write_text(f"{os.getpid() + 1}\n{pgdata}\n1700000999\n5432\n")
+    assert check() == "the server restarted"
+    (pgdata / "postmaster.pid").unlink()
+    assert check() == "the server is not running"
+
+
 def test_rendered_line_survives_postgres_substitution_and_quoting() -> None:
     spool_dir = "/srv/pitr spool/archive"
     line = render_archive_command(["/opt/pitr/bin/pitr"], ["--config", "/etc/pitr/a b.toml"], "0123456789abcdef",

@@ -228,14 +228,20 @@ def shell_ok_check(pgdata: Path, fingerprint: str, current_fp: Callable[[], str]
 
 
 def keep_going_checks(cfg: PushdConfig, pgdata: Path, current_fp: Callable[[], str]) -> Callable[[], str | None]:
-    """The reasons to stop early: the server stopped, settings changed, or a caller asked us to."""
-    had_server = (pgdata / "postmaster.pid").exists()
+    """The reasons to stop early: the server stopped or restarted, settings changed, or a caller asked us to.
+
+    A restarted server may have another environment: the next archive_command starts a helper with it
+    (and the one-liner's acknowledgements, which this helper stops vouching for, come back)."""
+    server = spool.server_identity(pgdata)
+    had_server = server is not None or (pgdata / "postmaster.pid").exists()
 
     def check() -> str | None:
         if spool.stop_requested(cfg.spool, spool.PUSHD):
             return "asked to stop"
         if had_server and not (pgdata / "postmaster.pid").exists():
             return "the server is not running"
+        if server is not None and spool.server_identity(pgdata) not in (server, None):
+            return "the server restarted"
         if current_fp() != cfg.fingerprint:
             return "the settings changed"
         return None
