@@ -67,16 +67,6 @@ def _starts(count: Path) -> int:
     return len(count.read_text().splitlines())
 
 
-def _stop_helper(sdir: Path) -> None:
-    if not sdir.is_dir():
-        return
-    spool.request_stop(sdir, spool.PUSHD)
-    deadline = time.monotonic() + 15
-    while spool.helper_state(sdir, spool.PUSHD) is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert spool.helper_state(sdir, spool.PUSHD) is None, "helper did not stop"
-
-
 @pytest.fixture
 def site() -> Iterator[tuple[Path, Path]]:
     """(pgdata with pg_wal/archive_status and a postmaster.pid, initialised fs repo); no server."""
@@ -86,14 +76,11 @@ def site() -> Iterator[tuple[Path, Path]]:
     (pgdata / "postmaster.pid").write_text(f"{os.getpid()}\n{pgdata}\n1700000000\n5432\n")
     walgen.fs_repo(base / "repo")
     yield pgdata, base / "repo"
-    _stop_helper(pgdata / "pg_wal" / spool.ARCHIVE_SPOOL)
+    walgen.stop_helper(pgdata / "pg_wal" / spool.ARCHIVE_SPOOL)
     rmtree_pg(base)
 
 
-def _queue(pgdata: Path, names: list[str], seed: int = 0) -> None:
-    for n in names:
-        (pgdata / "pg_wal" / n).write_bytes(walgen.segment(n, seed=seed))
-        (pgdata / "pg_wal" / "archive_status" / f"{n}.ready").touch()
+_queue = walgen.queue_ready
 
 
 def _run(line: str, pgdata: Path, name: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -265,4 +252,4 @@ def test_archive_command_prints_a_line_pitr_check_accepts(cluster_factory, tmp_p
     r = run_as_postgres([PITR, "--repo", f"file://{root}", "check"], env=env | c.env(), cwd="/tmp", check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     c.stop()
-    _stop_helper(c.data / "pg_wal" / spool.ARCHIVE_SPOOL)
+    walgen.stop_helper(c.data / "pg_wal" / spool.ARCHIVE_SPOOL)

@@ -23,7 +23,7 @@ from pitr.ops.wal import prefetch, spool
 from tests.support import walgen
 from tests.support.pg import PgCluster, make_tmpdir, rmtree_pg, run_as_postgres
 from tests.support.s3 import MotoServer
-from tests.test_spool import _stop_helpers
+from tests.support.walgen import stop_helper as _stop_helpers
 
 PITR = str(Path(sys.executable).parent / "pitr")
 

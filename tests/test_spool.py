@@ -38,17 +38,6 @@ def _env(**extra: str) -> dict[str, str]:
     return env | extra
 
 
-def _stop_helpers(sdir: Path, helper: str = spool.PUSHD) -> None:
-    """Tests stop what they start: ask the helper to exit and wait until its lock is free."""
-    if not sdir.is_dir():
-        return
-    spool.request_stop(sdir, helper)
-    deadline = time.monotonic() + 15
-    while spool.helper_state(sdir, helper) is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert spool.helper_state(sdir, helper) is None, "helper did not stop"
-
-
 # --------------------------------------------------------------------------- without a server
 
 @pytest.fixture
@@ -59,14 +48,11 @@ def fake_pgdata() -> Iterator[tuple[Path, Path]]:
     (pgdata / "pg_wal" / "archive_status").mkdir(parents=True)
     walgen.fs_repo(base / "repo")
     yield pgdata, base / "repo"
-    _stop_helpers(pgdata / "pg_wal" / spool.ARCHIVE_SPOOL)
+    walgen.stop_helper(pgdata / "pg_wal" / spool.ARCHIVE_SPOOL)
     rmtree_pg(base)
 
 
-def _queue(pgdata: Path, names: list[str], seed: int = 0) -> None:
-    for n in names:
-        (pgdata / "pg_wal" / n).write_bytes(walgen.segment(n, seed=seed))
-        (pgdata / "pg_wal" / "archive_status" / f"{n}.ready").touch()
+_queue = walgen.queue_ready
 
 
 def test_lookahead_ack_without_heavy_imports_and_stale_markers(fake_pgdata: tuple[Path, Path]) -> None:
@@ -129,7 +115,7 @@ def test_debug_log_level_shows_each_push_time(fake_pgdata: tuple[Path, Path]) ->
     while not (sdir / f"{names[1]}.ok").exists():
         assert time.monotonic() < deadline, "the look-ahead segment was not pushed"
         time.sleep(0.05)
-    _stop_helpers(sdir)
+    walgen.stop_helper(sdir)
     log = (sdir / "pushd.log").read_text()
     for n in names:
         assert re.search(rf"{n}: push ended after \d+ ms, \d in flight", log), log
@@ -271,7 +257,7 @@ def test_async_archiving_keeps_up_under_pgbench(cluster_factory, moto_server: Mo
     assert "started: 2 jobs" in log  # the helper did the pushing
     assert c.scalar("select failed_count from pg_stat_archiver") == 0
     c.stop()
-    _stop_helpers(c.data / "pg_wal" / spool.ARCHIVE_SPOOL)
+    walgen.stop_helper(c.data / "pg_wal" / spool.ARCHIVE_SPOOL)
 
 
 @pytest.mark.slow
@@ -302,4 +288,4 @@ def test_outage_never_acknowledges_unstored_and_catches_up(cluster_factory, moto
     c.wait_archived(last, timeout=120)
     _check_archive(c, moto_server, s3_bucket, first, last)
     c.stop()
-    _stop_helpers(sdir)
+    walgen.stop_helper(sdir)

@@ -34,7 +34,7 @@ from pitr.storage.base import Storage
 from tests.support import walgen
 from tests.support.pg import make_tmpdir, rmtree_pg, run_as_postgres
 from tests.support.s3 import MotoServer
-from tests.test_spool import _stop_helpers
+from tests.support.walgen import stop_helper as _stop_helpers
 
 PITR = str(Path(sys.executable).parent / "pitr")
 IDLE_ENV = "_PITR_PREFETCH_IDLE_EXIT"  # private knob of cli/asyncwal.py, for tests

@@ -7,14 +7,34 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from pathlib import Path
 
-from pitr.ops.wal import archive
+from pitr.ops.wal import archive, spool
 from pitr.pg import walname
 from pitr.repo.envelope import Codec
 from pitr.repo.format import META_KEY
 from pitr.repo.meta import new_meta, read_meta
 from pitr.storage.fs import FsStorage
+
+
+def stop_helper(sdir: Path, helper: str = spool.PUSHD) -> None:
+    """Tests stop what they start: ask the helper working in sdir to exit and wait until its lock is free."""
+    if not sdir.is_dir():
+        return
+    spool.request_stop(sdir, helper)
+    deadline = time.monotonic() + 15
+    while spool.helper_state(sdir, helper) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert spool.helper_state(sdir, helper) is None, "helper did not stop"
+
+
+def queue_ready(pgdata: Path, names: list[str], seed: int = 0) -> None:
+    """Put segments in pgdata/pg_wal with their archive_status/NAME.ready, as PostgreSQL queues them."""
+    for n in names:
+        (pgdata / "pg_wal" / n).write_bytes(segment(n, seed=seed))
+        (pgdata / "pg_wal" / "archive_status" / f"{n}.ready").touch()
+
 
 SEG = 16 * 1024 * 1024
 SYSID = 7300000000000000001
