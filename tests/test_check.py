@@ -68,7 +68,8 @@ def test_wrong_archive_command_is_one_clear_line(repo: Repo, tmp_path: Path) -> 
         fail = lines(r.stdout, "FAIL")
         assert fail == ["FAIL  archive_command: is '/bin/true', which does not archive with pitr; "
                         "set archive_command = 'pitr wal-push %p' (PITR_REPO or the config file naming this "
-                        "repository) and reload the server (SELECT pg_reload_conf())"]
+                        "repository; on a busy server the line `pitr archive-command` prints) and reload the "
+                        "server (SELECT pg_reload_conf())"]
         assert len(lines(r.stdout, "ok")) == 3  # the other points were still checked
         assert "check failed on 1 point(s): archive_command" in r.stderr
 

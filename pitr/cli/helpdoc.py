@@ -61,6 +61,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
              "pitr init --encrypt        # key from encryption_key_file or PITR_ENCRYPTION_PASSPHRASE"),
     "wal-push": ("archive_command = 'pitr wal-push %p'        # postgresql.conf",
                  "pitr --log-file /var/log/pitr/pitr.log wal-push %p   # with a log for the archiver"),
+    "archive-command": ("pitr --config /etc/pitr/pitr.toml archive-command   # paste its line into postgresql.conf",),
     "wal-fetch": ("restore_command = 'pitr wal-fetch %f %p'   # postgresql.conf (pitr restore writes it)",),
     "backup": ("pitr backup --jobs 4", "pitr backup --json | jq -r .id"),
     "restore-point": ("pitr restore-point before_upgrade",),

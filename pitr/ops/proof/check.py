@@ -103,8 +103,8 @@ def same_repo(a: RepoLocation, b: RepoLocation) -> bool:
 
 def judge_archive_command(command: str, ours: RepoLocation) -> tuple[bool, str, str]:
     """(ok, what was found, fix) for an archive_command value."""
-    fix = "set archive_command = 'pitr wal-push %p' (PITR_REPO or the config file naming this repository) " \
-          "and reload the server (SELECT pg_reload_conf())"
+    fix = "set archive_command = 'pitr wal-push %p' (PITR_REPO or the config file naming this repository; " \
+          "on a busy server the line `pitr archive-command` prints) and reload the server (SELECT pg_reload_conf())"
     shown = redact(command)  # the value is readable by anyone who runs check; its secrets are not shown
     shown = shown if len(shown) <= 120 else shown[:117] + "..."
     if not command.strip() or command.strip() == "(disabled)":
