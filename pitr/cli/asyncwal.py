@@ -34,7 +34,6 @@ QUICK_WAIT_LIMIT = 60.0  # then the normal path supervises the helper (WAIT_LIMI
 # private, for tests only: the prefetcher's idle time-out in seconds (default prefetch.IDLE_EXIT)
 IDLE_EXIT_ENV = "_PITR_PREFETCH_IDLE_EXIT"
 STAGE_ENV = "PITR_STAGE"  # = stage.ENV (ops/wal/stage.py): restore_command's stage token
-ARCHIVE_TOKEN_ENV = "PITR_ARCHIVE_TOKEN"  # set by archive_command's one-liner (pg/archive_command.py)
 
 
 def quick(argv: list[str]) -> int | None:
@@ -344,14 +343,15 @@ def _shell_token(glob: list[str]) -> str | None:
     """The one-liner's token when this helper was started by its fallback with the options it names."""
     import logging
 
-    token = os.environ.get(ARCHIVE_TOKEN_ENV)
+    from pitr.pg.archive_command import TOKEN_ENV
+
+    token = os.environ.get(TOKEN_ENV)
     if not token:
         return None
     if token != globalargs.archive_token(glob):
         logging.getLogger("pitr").warning(
             "%s does not match the options archive_command passes pitr (edited by hand?): every file is "
-            "acknowledged through `pitr wal-push`; print the line again with `pitr archive-command`",
-            ARCHIVE_TOKEN_ENV)
+            "acknowledged through `pitr wal-push`; print the line again with `pitr archive-command`", TOKEN_ENV)
         return None
     return token
 

@@ -99,21 +99,17 @@ def archive_command_cmd(ctx: typer.Context) -> None:
     from pitr.cli.globalargs import archive_token
     from pitr.cli.restore import redact_url, self_argv
     from pitr.pg.archive_command import render_archive_command
-    from pitr.pg.recovery import guc_quote
+    from pitr.pg.recovery import guc_quote, restore_command_globals
 
     s = settings_of(ctx)
     obj = ctx.find_object(GlobalOpts)
     given = obj.values if obj else {}
     # the options given here, made absolute (archive_command runs in the data directory), never a secret
-    glob: list[str] = []
-    for key, opt in (("repo", "--repo"), ("s3_endpoint", "--s3-endpoint"), ("config", "--config"),
-                     ("log_file", "--log-file")):
-        val = given.get(key)
-        if not val:
-            continue
-        if key == "repo" and "://" not in val or key == "config":
-            val = os.path.abspath(os.path.expanduser(val))
-        glob += [opt, (redact_url(val) or val) if key == "s3_endpoint" else val]
+    repo, config, log_file = given.get("repo"), given.get("config"), given.get("log_file")
+    glob = restore_command_globals(os.path.abspath(os.path.expanduser(repo)) if repo and "://" not in repo else repo,
+                                   redact_url(given.get("s3_endpoint")),
+                                   os.path.abspath(os.path.expanduser(config)) if config else None)
+    glob += ["--log-file", log_file] if log_file else []
     spool_dir = os.path.join(os.path.abspath(s.spool_path), "archive") if s.spool_path else None
     if not s.archive_async:
         logging.getLogger("pitr").warning("archive_async is off here: the line then runs `pitr wal-push` for "

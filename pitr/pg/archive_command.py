@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from pitr.pg.recovery import shell_word
 
-TOKEN_ENV = "PITR_ARCHIVE_TOKEN"  # = cli/asyncwal.ARCHIVE_TOKEN_ENV
+TOKEN_ENV = "PITR_ARCHIVE_TOKEN"  # the async archiver reads it (cli/asyncwal._shell_token)
 DEFAULT_SPOOL = "pg_wal/pitr_spool"  # = ops/wal/spool.ARCHIVE_SPOOL under pg_wal (archive_command runs in PGDATA)
 EXITED = "pushd.exited"  # = spool.PUSHD_EXITED
 LOCK = "pushd.lock"  # = spool.PUSHD's lock

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import os
 import threading
 import time
@@ -62,6 +61,8 @@ def thread_buffer(size: int) -> memoryview:
     A push must not keep a view of it once it returns."""
     buf: memoryview | None = getattr(_thread, "buf", None)
     if buf is None or len(buf) != size:
+        import mmap  # the helper's only: wal-push in the foreground never imports it
+
         buf = memoryview(mmap.mmap(-1, size))
         _thread.buf = buf
     return buf
