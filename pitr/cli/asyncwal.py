@@ -271,11 +271,13 @@ def helper_main(command: str, global_args: list[str], pos: list[str], opts: dict
     import logging
 
     from pitr.cli.common import setup_logging
-    from pitr.memtune import pin_mmap_threshold
+    from pitr.memtune import keep_heap_top
 
     setup_logging(1, False)
     if command != PUSH_HELPER:
-        pin_mmap_threshold()  # the prefetcher's worker threads pass 16 MiB segments and S3 parts around
+        # the prefetcher's worker threads pass 16 MiB segments and S3 parts around (pinned threshold), and
+        # each turns over 1 MiB pieces all the time (a heap top kept, not faulted in again per piece)
+        keep_heap_top()
     # not the async archiver: each push allocates ~16 MiB for zstd's output and joins the envelope, and
     # mapping those anew every time (what the pinned threshold does) costs page faults and, with several
     # pushing threads in one process, waits on each other's mappings: a file-repository backlog drained at
