@@ -12,9 +12,9 @@ read chunks) stay on the heap, where reuse is cheap.
 Setting it also freezes glibc's trim threshold at its 128 KiB default (the two adjust together), so
 a heap gives back the free memory at its top after almost every free() of a 1 MiB piece and faults
 it in again at the next allocation. keep_heap_top() raises that threshold for a process whose threads
-turn over such pieces all the time: the WAL prefetcher decoding segments with 8 threads took ~2,000
-page faults and 43-47 ms of CPU per segment with the threshold frozen against 1-2 faults and 29-31 ms
-with it raised (docs/performance.md, tenth session); its peak RSS stayed ~50 MiB.
+turn over such pieces all the time: decoding WAL segments on 8 threads took 840-2,140 page faults
+and 38-47 ms of CPU per segment with the threshold frozen, against a few faults and 29-32 ms with it
+raised (docs/performance.md, tenth session); the peak RSS stayed ~50 MiB.
 
 The async archiver does not pin it (cli/asyncwal.helper_main): each of its pushes allocates and
 frees ~16 MiB buffers, and mapping them anew each time made its threads wait on each other.
