@@ -29,29 +29,27 @@ HEAP_TOP = 32 << 20  # free memory a heap keeps at its top: several threads' 1 M
 _done = False
 
 
-def pin_mmap_threshold() -> bool:
-    """Set glibc's mmap threshold once; False where the C library is not glibc (nothing to do)."""
-    global _done
-    if _done:
-        return True
+def _mallopt(param: int, value: int) -> bool:
+    """glibc's mallopt(param, value); False where the C library has none (musl, macOS: no such heap policy)."""
     try:
         import ctypes
 
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # musl, macOS: no mallopt, and no such heap policy
+    except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    _done = bool(mallopt(_M_MMAP_THRESHOLD, THRESHOLD))
+    return bool(mallopt(param, value))
+
+
+def pin_mmap_threshold() -> bool:
+    """Set glibc's mmap threshold once; False where the C library is not glibc (nothing to do)."""
+    global _done
+    if not _done:
+        _done = _mallopt(_M_MMAP_THRESHOLD, THRESHOLD)
     return _done
 
 
 def keep_heap_top(size: int = HEAP_TOP) -> bool:
     """After pin_mmap_threshold: let each heap keep up to `size` of free memory at its top (glibc's trim
     threshold) instead of returning it to the system at each free(); False where there is no glibc."""
-    if not pin_mmap_threshold():
-        return False
-    import ctypes
-
-    mallopt = ctypes.CDLL(None).mallopt
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(_M_TRIM_THRESHOLD, size))
+    return pin_mmap_threshold() and _mallopt(_M_TRIM_THRESHOLD, size)

@@ -105,10 +105,12 @@ def archive_command_cmd(ctx: typer.Context) -> None:
     obj = ctx.find_object(GlobalOpts)
     given = obj.values if obj else {}
     # the options given here, made absolute (archive_command runs in the data directory), never a secret
-    repo, config, log_file = given.get("repo"), given.get("config"), given.get("log_file")
-    glob = restore_command_globals(os.path.abspath(os.path.expanduser(repo)) if repo and "://" not in repo else repo,
-                                   redact_url(given.get("s3_endpoint")),
-                                   os.path.abspath(os.path.expanduser(config)) if config else None)
+    def absolute(path: str | None) -> str | None:
+        return os.path.abspath(os.path.expanduser(path)) if path else None
+
+    repo, log_file = given.get("repo"), given.get("log_file")
+    glob = restore_command_globals(repo if repo and "://" in repo else absolute(repo),
+                                   redact_url(given.get("s3_endpoint")), absolute(given.get("config")))
     glob += ["--log-file", log_file] if log_file else []
     spool_dir = os.path.join(os.path.abspath(s.spool_path), "archive") if s.spool_path else None
     if not s.archive_async:
